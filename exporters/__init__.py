@@ -1,0 +1,1 @@
+"""mixdeploy: exporters step."""

@@ -1,0 +1,64 @@
+"""Reading a local checkpoint into a model, with errors that say what is wrong."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import MixdeployError
+
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .pth/.pt/.safetensors file: a bare state_dict or a training checkpoint holding one."""
+    path = Path(path)
+    if not path.exists():
+        raise MixdeployError(f"checkpoint {path} does not exist; pass the path of a .pth, .pt or .safetensors file")
+    if path.is_dir():
+        raise MixdeployError(f"checkpoint {path} is a directory; pass the weights file inside it (.pth, .pt or .safetensors)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MixdeployError(
+            f"checkpoint {path} cannot be read as PyTorch weights ({first[:160]}); "
+            "pass a state_dict saved with torch.save or a .safetensors file"
+        ) from None
+    for key in WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MixdeployError(
+            f"checkpoint {path} holds no state_dict (looked at the top level and under {', '.join(WRAPPER_KEYS)})"
+        )
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Load `state` into `model` strictly; a mismatch names the first missing and unexpected keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = [f"checkpoint {source} does not fit {arch}"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[0]!r}")
+        raise MixdeployError("; ".join(parts) + "; is it a checkpoint of another architecture?")
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise MixdeployError(
+                f"checkpoint {source} does not fit {arch}: {key} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state)

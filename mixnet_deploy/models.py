@@ -1,0 +1,105 @@
+"""Loading a model by name: timm's MixNets and MixConv drop-ins of other timm models."""
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from torch import nn
+
+from .checkpoint import apply_state_dict, read_state_dict
+from .dropin import replace_depthwise
+from .errors import MixdeployError
+from .preprocess import PreprocessConfig
+
+MIXNETS = (
+    "mixnet_s", "mixnet_m", "mixnet_l", "mixnet_xl", "mixnet_xxl",
+    "tf_mixnet_s", "tf_mixnet_m", "tf_mixnet_l",
+)
+DROPIN_PREFIX = "mixconv_"
+DROPIN_EXAMPLES = ("mixconv_mobilenetv2_100",)
+DROPIN_KERNELS = (3, 5, 7, 9)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with what later steps need to know about it."""
+
+    name: str
+    module: nn.Module
+    preprocess: PreprocessConfig
+    labels: list[str] | None
+    weights: str  # "random-init", "pretrained" or the checkpoint path
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights == "random-init"
+
+
+def known_models() -> tuple[str, ...]:
+    """Names accepted everywhere a MODEL is asked for (drop-ins: 'mixconv_' + any timm model)."""
+    return MIXNETS + DROPIN_EXAMPLES
+
+
+def _check_name(name: str) -> None:
+    import timm
+
+    base = name.removeprefix(DROPIN_PREFIX)
+    if name in MIXNETS or (name.startswith(DROPIN_PREFIX) and base in timm.list_models()):
+        return
+    close = difflib.get_close_matches(name, known_models(), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known_models())}"
+    raise MixdeployError(f"unknown model {name!r}; {hint} (a MixConv drop-in is 'mixconv_' + a timm model name)")
+
+
+def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name.startswith(DROPIN_PREFIX):
+        model = timm.create_model(name.removeprefix(DROPIN_PREFIX), **kwargs)
+        if replace_depthwise(model, DROPIN_KERNELS) == 0:
+            raise MixdeployError(f"{name}: the timm model has no depthwise convolution to replace with MixConv")
+        return model
+    if not pretrained:
+        return timm.create_model(name, **kwargs)
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    advice = f"download the {name} weights on a connected machine and pass the file with --checkpoint PATH"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise MixdeployError(f"cannot download pretrained {name}: {host} is unreachable (offline?); {advice}") from None
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # hub and network errors come in many types
+        raise MixdeployError(f"downloading pretrained {name} failed ({type(exc).__name__}); {advice}") from None
+
+
+def _labels(num_classes: int) -> list[str] | None:
+    if num_classes != 1000:
+        return None
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(num_classes)]
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False) -> LoadedModel:
+    """Build `name` in eval mode: random-init, timm's pretrained weights, or a local checkpoint."""
+    _check_name(name)
+    if checkpoint is not None and pretrained:
+        raise MixdeployError("pass either --pretrained or --checkpoint, not both")
+    state = read_state_dict(checkpoint) if checkpoint is not None else None
+    num_classes = None
+    if state is not None:
+        head = [k for k in ("classifier.weight", "head.fc.weight", "fc.weight") if k in state]
+        num_classes = state[head[0]].shape[0] if head else None
+    module = _build(name, num_classes, pretrained)
+    if state is not None:
+        apply_state_dict(module, state, str(checkpoint), name)
+    module.eval()
+    weights = str(checkpoint) if checkpoint is not None else "pretrained" if pretrained else "random-init"
+    return LoadedModel(name, module, PreprocessConfig.from_model(module), _labels(module.num_classes), weights)

@@ -1,0 +1,1 @@
+"""mixdeploy: quantization step."""

@@ -1,0 +1,71 @@
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, assert_usage_error
+
+
+def test_info_json_has_counted_params_and_macs(run_cli):
+    result = run_cli("info", "mixnet_s", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert 4.0e6 < report["params"] < 4.2e6 and 250e6 < report["macs"] < 262e6
+    assert report["weights"] == "random-init"
+    assert report["preprocess"]["input_size"] == [3, 224, 224]
+    assert any(layer["kernel_sizes"] == [3, 5, 7, 9, 11] for layer in report["mixconv_layers"])
+
+
+def test_info_table_says_random_init(run_cli):
+    result = run_cli("info", "mixnet_m")
+    assert result.code == 0
+    assert "random-init" in result.out and "MixConv layers" in result.out and "3,5,7,9" in result.out
+
+
+def test_console_script_runs():
+    exe = os.path.join(os.path.dirname(sys.executable), "mixdeploy")
+    proc = subprocess.run([exe, "info", "nixmet_s"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "did you mean mixnet_s" in proc.stderr
+
+
+def test_unknown_model_suggests_closest(run_cli):
+    assert_usage_error(run_cli("info", "mixnet_ss"), "unknown model 'mixnet_ss'", "mixnet_s")
+
+
+def test_missing_checkpoint(run_cli, tmp_path):
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", tmp_path / "nope.pth"), "does not exist")
+
+
+def test_directory_as_checkpoint(run_cli, tmp_path):
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", tmp_path), "is a directory")
+
+
+def test_corrupt_checkpoint(run_cli, tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"this is not a zip file nor a pickle" * 10)
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", path), "cannot be read")
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", bad), "cannot be read")
+
+
+def test_checkpoint_of_another_architecture(run_cli, tmp_path):
+    import timm
+
+    path = tmp_path / "mbv2.pth"
+    torch.save({"state_dict": timm.create_model("mobilenetv2_100").state_dict()}, path)
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", path), "does not fit mixnet_s", "missing keys, first")
+    s_path = tmp_path / "s.pth"
+    torch.save(timm.create_model("mixnet_s").state_dict(), s_path)
+    assert_usage_error(run_cli("info", "mixnet_m", "--checkpoint", s_path), "does not fit mixnet_m")
+
+
+def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    assert_usage_error(run_cli("info", "mixnet_s", "--pretrained"), "unreachable", "--checkpoint PATH")
+
+
+def test_unknown_option_is_one_line(run_cli):
+    assert_usage_error(run_cli("info", "mixnet_s", "--bogus"), "--bogus")

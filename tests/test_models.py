@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from mixnet_deploy import count, load_model
+from mixnet_deploy.complexity import mixconv_groups
+from mixnet_deploy.models import MIXNETS
+
+# MixNet paper, Table 2: params, multiply-adds at 224 x 224
+PAPER = {"mixnet_s": (4.1e6, 256e6), "mixnet_m": (5.0e6, 360e6), "mixnet_l": (7.3e6, 565e6)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_counted_figures_match_paper_table_2(name):
+    loaded = load_model(name)
+    stats = count(loaded.module, loaded.preprocess.input_size)
+    params, macs = PAPER[name]
+    assert abs(stats.params - params) / params < 0.02, stats.params
+    assert abs(stats.macs - macs) / macs < 0.02, stats.macs
+    assert stats.conv_macs < stats.macs
+    assert any(layer.kind == "depthwise" and len(layer.kernel_sizes) >= 3 for layer in stats.mixconv_layers)
+
+
+@pytest.mark.parametrize("name", MIXNETS)
+def test_every_named_mixnet_builds_and_runs(name):
+    loaded = load_model(name)
+    assert loaded.random_init and not loaded.module.training
+    assert loaded.preprocess.input_size[0] == 3 and loaded.labels and len(loaded.labels) == 1000
+    with torch.no_grad():
+        y = loaded.module(torch.randn(1, *loaded.preprocess.input_size))
+    assert y.shape == (1, 1000) and torch.isfinite(y).all()
+
+
+def test_tf_variant_carries_its_own_preprocessing():
+    assert load_model("tf_mixnet_s").preprocess.interpolation == "bicubic"
+    assert load_model("mixnet_s").preprocess.crop_pct == 0.875
+
+
+def test_mobilenetv2_dropin_replaces_every_depthwise_conv():
+    loaded = load_model("mixconv_mobilenetv2_100")
+    depthwise = [m for m in loaded.module.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    mixconvs = [m for m in loaded.module.modules() if mixconv_groups(m) is not None]
+    assert len(mixconvs) == 17  # MobileNetV2 has 17 depthwise convs
+    assert all(mixconv_groups(m)[0].in_channels == c.in_channels for m in mixconvs for c in mixconv_groups(m)[:1])
+    assert len(depthwise) == sum(len(mixconv_groups(m)) for m in mixconvs)
+    with torch.no_grad():
+        assert loaded.module(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+    stats = count(loaded.module, (3, 224, 224))
+    assert {tuple(layer.kernel_sizes) for layer in stats.mixconv_layers} == {(3, 5, 7, 9)}
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "state_dict_ema", "model_ema"])
+def test_checkpoint_round_trip(tmp_path, wrapper):
+    source = load_model("mixnet_s")
+    state = source.module.state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(state if wrapper is None else {wrapper: state, "epoch": 3}, path)
+    loaded = load_model("mixnet_s", checkpoint=path)
+    assert loaded.weights == str(path) and not loaded.random_init
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), source.module(x))
+
+
+def test_safetensors_checkpoint_with_other_class_count(tmp_path):
+    from safetensors.torch import save_file
+
+    import timm
+
+    model = timm.create_model("mixnet_s", num_classes=10).eval()
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(path))
+    loaded = load_model("mixnet_s", checkpoint=path)
+    assert loaded.module.num_classes == 10 and loaded.labels is None
