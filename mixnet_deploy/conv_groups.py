@@ -1,0 +1,103 @@
+"""Every conv-like layer as a list of independent conv groups with static padding.
+
+A plain Conv2d is one group; a MixConv (ours or timm's MixedConv2d) is one group per kernel
+size. Padding is resolved to static (top, bottom, left, right) pads for the traced input size,
+which turns timm's run-time TF-'same' padding (Conv2dSame) into plain numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .complexity import mixconv_groups
+
+Pads = tuple[int, int, int, int]  # top, bottom, left, right
+
+
+@dataclass
+class ConvGroup:
+    """One convolution over a contiguous channel range; groups == in_ch for depthwise, else 1."""
+
+    weight: torch.Tensor  # (out, in / groups, kh, kw)
+    bias: torch.Tensor  # (out,)
+    stride: int
+    dilation: int
+    pads: Pads
+    depthwise: bool
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[0] if self.depthwise else self.weight.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel(self) -> int:
+        return self.weight.shape[-1]
+
+    def dense(self) -> "ConvGroup":
+        """The same conv with dilation expanded into a zero-filled kernel (dilation 1)."""
+        if self.dilation == 1:
+            return self
+        k = self.dilation * (self.kernel - 1) + 1
+        weight = self.weight.new_zeros(*self.weight.shape[:2], k, k)
+        weight[..., :: self.dilation, :: self.dilation] = self.weight
+        return replace(self, weight=weight, dilation=1)
+
+
+def _same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def static_pads(conv: nn.Conv2d, hw: tuple[int, int]) -> Pads:
+    """Pads of `conv` at input size `hw`: its own symmetric padding, or timm's TF-'same' (Conv2dSame)."""
+    from timm.layers import Conv2dSame
+
+    if isinstance(conv, Conv2dSame):
+        top, bottom = _same_pads(hw[0], conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        left, right = _same_pads(hw[1], conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        return top, bottom, left, right
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return 0, 0, 0, 0
+        raise ValueError(f"padding={conv.padding!r} is not supported; use numbers")
+    ph, pw = conv.padding
+    return ph, ph, pw, pw
+
+
+def to_groups(module: nn.Module, hw: tuple[int, int]) -> list[ConvGroup] | None:
+    """The conv groups of a Conv2d or MixConv at input size `hw`, or None for other modules."""
+    convs = mixconv_groups(module)
+    if convs is None and isinstance(module, nn.Conv2d):
+        convs = [module]
+    if convs is None:
+        return None
+    groups = []
+    for conv in convs:
+        square = conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+        depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+        if not square or conv.dilation[0] != conv.dilation[1] or (conv.groups != 1 and not depthwise):
+            return None
+        weight = conv.weight.detach().clone()
+        bias = conv.bias.detach().clone() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+        groups.append(ConvGroup(weight, bias, conv.stride[0], conv.dilation[0], static_pads(conv, hw), depthwise))
+    return groups
+
+
+def fold_batchnorm(groups: list[ConvGroup], bn: nn.BatchNorm2d) -> list[ConvGroup]:
+    """Fold an eval-mode BatchNorm that follows the concatenated groups into each group's conv."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias.detach() - bn.running_mean * scale
+    folded, start = [], 0
+    for g in groups:
+        s = scale[start:start + g.out_channels]
+        b = shift[start:start + g.out_channels]
+        folded.append(replace(g, weight=g.weight * s.view(-1, 1, 1, 1), bias=g.bias * s + b))
+        start += g.out_channels
+    return folded

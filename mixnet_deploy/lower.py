@@ -1,0 +1,248 @@
+"""Lowering: a torch -> torch rewrite of a loaded model into its deploy graph, always verified.
+
+BatchNorm is folded into the convolution before it (into every group of a MixConv), padding
+becomes static, and every MixConv is rebuilt from its plan choice out of deploy_modules.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .complexity import mixconv_groups
+from .conv_groups import ConvGroup, fold_batchnorm, to_groups
+from .deploy_modules import BlockConv, DeployConv, LoweredMixConv
+from .errors import MixdeployError
+from .parity import ParityReport, compare
+from .plan import POINTWISE_CHOICES, DepthwiseChoice, Plan, depthwise_candidates
+
+TOLERANCE = 1e-5  # max abs error relative to max |reference|
+
+
+class LoweringError(MixdeployError):
+    """The lowered module does not compute what the original computes."""
+
+    exit_code = 1
+
+
+@dataclass
+class LayerInfo:
+    """A layer that takes a plan choice, with the shapes the cost model needs."""
+
+    name: str
+    kind: str  # "depthwise" or "pointwise"
+    channels: list[int]
+    kernels: list[int]  # effective (dilation expanded)
+    stride: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    candidates: list[str]
+
+
+@dataclass
+class Lowered:
+    """The deploy module, the plan it was built from, and its verification."""
+
+    module: nn.Module
+    plan: Plan
+    layers: list[LayerInfo]
+    parity: ParityReport
+
+
+@dataclass
+class _Site:
+    name: str
+    groups: list[ConvGroup]
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    bn: str | None = None
+
+
+def _discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[_Site]:
+    """Run the model once: every conv-like layer, its input size, and the BatchNorm fed by it."""
+    inner = {id(c) for m in model.modules() for c in (mixconv_groups(m) or [])}
+    sites: dict[int, _Site] = {}
+    produced_by: dict[int, _Site] = {}
+    handles = []
+
+    def conv_hook(name):
+        def hook(mod, inp, out):
+            groups = to_groups(mod, tuple(inp[0].shape[-2:]))
+            if groups is not None:
+                site = _Site(name, groups, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
+                sites[id(mod)] = site
+                produced_by[id(out)] = site
+        return hook
+
+    def bn_hook(name):
+        def hook(mod, inp, out):
+            site = produced_by.pop(id(inp[0]), None)
+            if site is not None and site.bn is None:
+                site.bn = name
+        return hook
+
+    for name, mod in model.named_modules():
+        if id(mod) in inner:
+            continue
+        if mixconv_groups(mod) is not None or isinstance(mod, nn.Conv2d):
+            handles.append(mod.register_forward_hook(conv_hook(name)))
+        elif isinstance(mod, nn.BatchNorm2d):
+            handles.append(mod.register_forward_hook(bn_hook(name)))
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, *input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(sites.values())
+
+
+def _kind(groups: list[ConvGroup]) -> str | None:
+    if groups[0].depthwise and (len(groups) > 1 or groups[0].dense().kernel > 3):
+        return "depthwise"
+    if len(groups) > 1 and all(g.kernel == 1 and not g.depthwise for g in groups):
+        return "pointwise"
+    return None
+
+
+def layer_info(site: _Site) -> LayerInfo | None:
+    """What the planner needs to know of a site (None: a site with nothing to choose)."""
+    kind = _kind(site.groups)
+    if kind is None:
+        return None
+    kernels = [g.dense().kernel for g in site.groups]
+    candidates = depthwise_candidates(kernels) if kind == "depthwise" else list(POINTWISE_CHOICES)
+    return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], kernels, site.groups[0].stride,
+                     site.in_hw, site.out_hw, candidates)
+
+
+def _conv(g: ConvGroup) -> DeployConv:
+    return DeployConv(g.weight, g.bias, g.stride, g.dilation, g.pads, g.in_channels if g.depthwise else 1)
+
+
+def _merge(groups: list[ConvGroup]) -> ConvGroup:
+    """Depthwise groups as one conv of the largest kernel, smaller kernels zero-padded and centred."""
+    dense = [g.dense() for g in groups]
+    k = max(g.kernel for g in dense)
+    weights, pads = [], set()
+    for g in dense:
+        o = (k - g.kernel) // 2
+        weights.append(nn.functional.pad(g.weight, (o, o, o, o)))
+        pads.add((g.pads[0] + o, g.pads[1] + o, g.pads[2] + o, g.pads[3] + o))
+    if len(pads) != 1 or len({g.stride for g in dense}) != 1:
+        raise MixdeployError("these MixConv groups cannot share one kernel (different strides or padding)")
+    return replace(dense[0], weight=torch.cat(weights), bias=torch.cat([g.bias for g in dense]), pads=pads.pop())
+
+
+def _depthwise(site: _Site, choice: DepthwiseChoice) -> nn.Module:
+    runs: list[list[ConvGroup]] = []
+    for g in site.groups:
+        mergeable = g.dense().kernel <= choice.merge
+        if runs and mergeable and runs[-1][-1].dense().kernel <= choice.merge:
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+    segments = []
+    for run in runs:
+        g = _merge(run) if len(run) > 1 else run[0]
+        if choice.block and g.dense().kernel > choice.block:
+            g = g.dense()
+            segments.append(BlockConv(g.weight, g.bias, g.stride, g.pads, choice.block, site.in_hw))
+        else:
+            segments.append(_conv(g))
+    return LoweredMixConv([sum(g.in_channels for g in run) for run in runs], segments)
+
+
+def _pointwise(groups: list[ConvGroup], choice: str) -> nn.Module:
+    ins = [g.in_channels for g in groups]
+    outs = [g.out_channels for g in groups]
+    first = groups[0]
+    if choice == "split":
+        return LoweredMixConv(ins, [_conv(g) for g in groups])
+    bias = torch.cat([g.bias for g in groups])
+    if choice == "grouped" and len(set(ins)) == 1 and len(set(outs)) == 1:
+        return DeployConv(torch.cat([g.weight for g in groups]), bias, first.stride, 1, first.pads, len(groups))
+    weight = first.weight.new_zeros(sum(outs), sum(ins), 1, 1)  # block-diagonal: exact for uneven splits too
+    r = c = 0
+    for g in groups:
+        weight[r:r + g.out_channels, c:c + g.in_channels] = g.weight
+        r, c = r + g.out_channels, c + g.in_channels
+    return DeployConv(weight, bias, first.stride, 1, first.pads, 1)
+
+
+def _build(site: _Site, choice: str | None) -> nn.Module:
+    kind = _kind(site.groups)
+    if kind == "depthwise":
+        return _depthwise(site, DepthwiseChoice.parse(choice or "split"))
+    if kind == "pointwise":
+        if choice not in POINTWISE_CHOICES:
+            raise MixdeployError(f"bad pointwise choice {choice!r} for {site.name}; use {', '.join(POINTWISE_CHOICES)}")
+        return _pointwise(site.groups, choice)
+    if len(site.groups) > 1:
+        return LoweredMixConv([g.in_channels for g in site.groups], [_conv(g) for g in site.groups])
+    return _conv(site.groups[0])
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
+    """The layers of `model` that take a plan choice."""
+    return [info for site in _discover(model, input_size) if (info := layer_info(site)) is not None]
+
+
+def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
+    """'split' keeps every MixConv split; 'fold' folds every depthwise MixConv and groups every 1x1."""
+    if preset not in ("split", "fold"):
+        raise MixdeployError(f"unknown plan preset {preset!r}")
+    def pick(layer: LayerInfo) -> str:
+        if preset == "split":
+            return "split"
+        if layer.kind == "pointwise":
+            return "grouped"
+        return "fold" if "fold" in layer.candidates else "split"
+
+    return Plan({layer.name: pick(layer) for layer in layers}, target, preset)
+
+
+def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
+          check_inputs: torch.Tensor | None = None) -> Lowered:
+    """Rewrite `model` (left untouched) by `plan` and verify the result on fresh random inputs
+    plus `check_inputs` (e.g. real photos); raise LoweringError when it is out of tolerance."""
+    model = model.eval()
+    sites = _discover(model, input_size)
+    infos = [info for site in sites if (info := layer_info(site)) is not None]
+    unknown = sorted(set(plan.layers) - {i.name for i in infos})
+    if unknown:
+        raise MixdeployError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
+    for info in infos:
+        choice = plan.layers.get(info.name)
+        if choice is not None and choice not in info.candidates:
+            raise MixdeployError(f"plan choice {choice!r} does not fit {info.name}; candidates: {', '.join(info.candidates)}")
+    lowered = copy.deepcopy(model)
+    for site in sites:
+        if site.bn is not None:
+            bn = model.get_submodule(site.bn)
+            site.groups = fold_batchnorm(site.groups, bn)
+            _set(lowered, site.bn, copy.deepcopy(getattr(bn, "act", nn.Identity())))
+        default = "split" if _kind(site.groups) == "depthwise" else "grouped"
+        _set(lowered, site.name, _build(site, plan.layers.get(site.name, default)))
+    report = verify(model, lowered, input_size, check_inputs)
+    return Lowered(lowered, plan, infos, report)
+
+
+def verify(reference: nn.Module, candidate: nn.Module, input_size: tuple[int, int, int],
+           check_inputs: torch.Tensor | None = None) -> ParityReport:
+    """Compare on fresh random inputs (and `check_inputs`); out of tolerance is an error."""
+    x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(torch.seed()))
+    if check_inputs is not None:
+        x = torch.cat([x, check_inputs])
+    with torch.no_grad():
+        report = compare(reference(x).numpy(), candidate(x).numpy(), max_rel=TOLERANCE)
+    if not report.passed:
+        raise LoweringError(f"lowered model differs from the original: {report.summary()}")
+    return report

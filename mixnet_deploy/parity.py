@@ -1,0 +1,72 @@
+"""Parity metrics: plain functions over arrays, shared by export checks, quantization and devices."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class ParityReport:
+    """How far `candidate` is from `reference` (batch of logits), and whether that is within tolerance.
+
+    rel_max is max|candidate - reference| / max|reference|: the tolerance that would just have passed.
+    """
+
+    samples: int
+    max_abs: float
+    max_ref: float
+    rel_max: float
+    rel_l2: float
+    cosine: float  # the lowest per-sample cosine similarity
+    psnr_db: float
+    top1_agreement: float
+    top5_agreement: float  # fraction of samples whose reference top-1 is in the candidate's top-5
+    tolerance: dict
+    passed: bool
+
+    def summary(self) -> str:
+        return (f"max abs {self.max_abs:.3g} ({self.rel_max:.3g} of max|ref|), rel L2 {self.rel_l2:.3g}, "
+                f"cosine {self.cosine:.6f}, top-1 {self.top1_agreement:.1%}, top-5 {self.top5_agreement:.1%}, "
+                f"{self.samples} samples: {'PASS' if self.passed else 'FAIL'}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None = None,
+            min_cosine: float | None = None, min_top1: float | None = None) -> ParityReport:
+    """Compare two (N, classes) outputs; each given threshold must hold for `passed`."""
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    out = np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
+    if ref.shape != out.shape:
+        raise ValueError(f"output shapes differ: {ref.shape} vs {out.shape}")
+    diff = out - ref
+    max_abs = float(np.abs(diff).max())
+    max_ref = float(np.abs(ref).max())
+    rmse = float(np.sqrt(np.mean(diff**2)))
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cosine = float(np.min(np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30)))
+    top1_ref = ref.argmax(1)
+    top5_out = np.argsort(-out, axis=1)[:, :5]
+    tolerance = {k: v for k, v in {"max_rel": max_rel, "min_cosine": min_cosine, "min_top1": min_top1}.items()
+                 if v is not None}
+    report = ParityReport(
+        samples=len(ref),
+        max_abs=max_abs,
+        max_ref=max_ref,
+        rel_max=max_abs / max(max_ref, 1e-30),
+        rel_l2=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
+        cosine=cosine,
+        psnr_db=float(20 * np.log10((max_ref + 1e-5) / (rmse + 1e-10))),
+        top1_agreement=float(np.mean(out.argmax(1) == top1_ref)),
+        top5_agreement=float(np.mean([t in row for t, row in zip(top1_ref, top5_out)])),
+        tolerance=tolerance,
+        passed=True,
+    )
+    report.passed = (
+        (max_rel is None or report.rel_max <= max_rel)
+        and (min_cosine is None or report.cosine >= min_cosine)
+        and (min_top1 is None or report.top1_agreement >= min_top1)
+    )
+    return report
