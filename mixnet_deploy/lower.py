@@ -34,6 +34,7 @@ class LayerInfo:
     name: str
     kind: str  # "depthwise" or "pointwise"
     channels: list[int]
+    out_channels: list[int]
     kernels: list[int]  # effective (dilation expanded)
     stride: int
     in_hw: tuple[int, int]
@@ -114,7 +115,7 @@ def layer_info(site: _Site) -> LayerInfo | None:
         return None
     kernels = [g.dense().kernel for g in site.groups]
     candidates = depthwise_candidates(kernels) if kind == "depthwise" else list(POINTWISE_CHOICES)
-    return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], kernels, site.groups[0].stride,
+    return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], [g.out_channels for g in site.groups], kernels, site.groups[0].stride,
                      site.in_hw, site.out_hw, candidates)
 
 
