@@ -12,6 +12,7 @@ from rich.table import Table
 from mixnet_deploy.errors import MixdeployError
 
 out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True)
 
 
 def model_options(fn):
@@ -29,13 +30,18 @@ def cli() -> None:
 
 @cli.command()
 @model_options
+@click.option("--plan", "plan", help="Also show the lowering plan: auto, split, fold or a plan JSON file.")
+@click.option("--target", type=click.Choice(["onnxruntime", "litert"]), default="onnxruntime", show_default=True,
+              help="Runtime whose cost model makes the auto plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def info(model: str, checkpoint: str | None, pretrained: bool, as_json: bool) -> None:
-    """Parameters, multiply-adds, input config and MixConv layers of MODEL."""
+def info(model: str, checkpoint: str | None, pretrained: bool, plan: str | None, target: str, as_json: bool) -> None:
+    """Parameters, multiply-adds, input config and MixConv layers of MODEL (and its lowering plan)."""
     from mixnet_deploy import count, load_model
+    from mixnet_deploy.planner import make_plan
 
     loaded = load_model(model, checkpoint, pretrained)
     stats = count(loaded.module, loaded.preprocess.input_size)
+    chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan else None
     if as_json:
         report = {
             "model": loaded.name, "weights": loaded.weights, "params": stats.params, "macs": stats.macs,
@@ -43,6 +49,8 @@ def info(model: str, checkpoint: str | None, pretrained: bool, as_json: bool) ->
             "num_classes": loaded.module.num_classes, "labels": "imagenet-1k" if loaded.labels else None,
             "mixconv_layers": [asdict(layer) for layer in stats.mixconv_layers],
         }
+        if chosen:
+            report["plan"] = chosen.to_dict()
         click.echo(json.dumps(report, indent=2))
         return
     pre = loaded.preprocess
@@ -60,6 +68,68 @@ def info(model: str, checkpoint: str | None, pretrained: bool, as_json: bool) ->
         kernels = ",".join(f"{k}" + (f"d{d}" if d > 1 else "") for k, d in zip(layer.kernel_sizes, layer.dilation))
         table.add_row(layer.name, layer.kind, ",".join(map(str, layer.channels)), kernels, str(layer.stride), f"{layer.macs / 1e6:.2f}")
     out.print(table)
+    if chosen:
+        by_name = {layer.name: layer for layer in stats.mixconv_layers}
+        plan_table = Table(title=f"lowering plan ({chosen.source}, for {chosen.target})")
+        for col in ("layer", "kernels", "choice", "cost (ms)"):
+            plan_table.add_column(col, no_wrap=True)
+        for name, choice in chosen.layers.items():
+            ks = ",".join(map(str, by_name[name].kernel_sizes)) if name in by_name else ""
+            est = chosen.estimates_ms.get(name)
+            plan_table.add_row(name, ks, choice, f"{est:.3f}" if est is not None else "")
+        out.print(plan_table)
+
+
+def _render_parity(title: str, report) -> Table:
+    table = Table(title=title)
+    for col in ("samples", "max abs", "rel to max|ref|", "rel L2", "cosine", "PSNR dB", "top-1", "top-5", "verdict"):
+        table.add_column(col, no_wrap=True)
+    table.add_row(str(report.samples), f"{report.max_abs:.3g}", f"{report.rel_max:.3g}", f"{report.rel_l2:.3g}",
+                  f"{report.cosine:.7f}", f"{report.psnr_db:.1f}", f"{report.top1_agreement:.1%}",
+                  f"{report.top5_agreement:.1%}", "[green]PASS[/]" if report.passed else "[red]FAIL[/]")
+    return table
+
+
+@cli.command()
+@model_options
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "all"]), default="onnx", show_default=True)
+@click.option("--output", "-o", type=click.Path(), help="Output file (a stem for --format all). Default: MODEL.EXT here.")
+@click.option("--plan", "plan", default="auto", show_default=True, help="auto, split, fold or a plan JSON file.")
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
+@click.option("--dynamic-batch", is_flag=True, help="ONNX: leave the batch dimension free.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def export(model: str, checkpoint: str | None, pretrained: bool, fmt: str, output: str | None, plan: str,
+           opset: int, dynamic_batch: bool, force: bool, as_json: bool) -> None:
+    """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime."""
+    from exporters.export import export as run_export
+
+    with err.status("exporting") as status:
+        results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
+                             opset=opset, dynamic_batch=dynamic_batch, force=force,
+                             step=lambda text: status.update(text))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            weights = "random-init" if r.weights == "random-init" else r.weights
+            choices = ", ".join(f"{c} x{n}" for c, n in sorted(_count(r.plan.layers.values()).items()))
+            out.print(f"[bold]{r.path}[/]  {r.model} ({weights})  {r.size_bytes / 1e6:.1f} MB")
+            out.print(f"plan ({r.plan.source}, {r.plan.target}): {choices}")
+            out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()))
+            out.print(_render_parity(f"lowered torch vs original ({r.lowering.rel_max:.2g} of max|ref|)", r.lowering))
+            out.print(_render_parity(f"{r.format} file vs PyTorch", r.parity))
+    failed = [r for r in results if not r.passed]
+    if failed:
+        for r in failed:
+            click.echo(f"mixdeploy: error: {r.format} parity out of tolerance ({r.parity.summary()}); kept as {r.path}", err=True)
+        sys.exit(1)
+
+
+def _count(values) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(values))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from pathlib import Path
 
@@ -16,8 +15,8 @@ MIN_OPSET = 17
 
 
 def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, opset: int = 18,
-               dynamic_batch: bool = False, metadata: dict | None = None) -> None:
-    """Export `module` (NCHW float32, batch 1 unless dynamic_batch) to `path` with metadata_props."""
+               dynamic_batch: bool = False) -> None:
+    """Export `module` (NCHW float32 input, batch 1 unless dynamic_batch) to `path`."""
     import onnx
 
     example = (torch.randn(1, *input_size),)
@@ -29,9 +28,5 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
             output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, external_data=False, optimize=True,
         )
     model = program.model_proto
-    for key, value in (metadata or {}).items():
-        entry = model.metadata_props.add()
-        entry.key = key
-        entry.value = value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

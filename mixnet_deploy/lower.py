@@ -53,7 +53,7 @@ class Lowered:
 
 
 @dataclass
-class _Site:
+class Site:
     name: str
     groups: list[ConvGroup]
     in_hw: tuple[int, int]
@@ -61,18 +61,18 @@ class _Site:
     bn: str | None = None
 
 
-def _discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[_Site]:
+def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
     """Run the model once: every conv-like layer, its input size, and the BatchNorm fed by it."""
     inner = {id(c) for m in model.modules() for c in (mixconv_groups(m) or [])}
-    sites: dict[int, _Site] = {}
-    produced_by: dict[int, _Site] = {}
+    sites: dict[int, Site] = {}
+    produced_by: dict[int, Site] = {}
     handles = []
 
     def conv_hook(name):
         def hook(mod, inp, out):
             groups = to_groups(mod, tuple(inp[0].shape[-2:]))
             if groups is not None:
-                site = _Site(name, groups, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
+                site = Site(name, groups, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
                 sites[id(mod)] = site
                 produced_by[id(out)] = site
         return hook
@@ -108,7 +108,7 @@ def _kind(groups: list[ConvGroup]) -> str | None:
     return None
 
 
-def layer_info(site: _Site) -> LayerInfo | None:
+def layer_info(site: Site) -> LayerInfo | None:
     """What the planner needs to know of a site (None: a site with nothing to choose)."""
     kind = _kind(site.groups)
     if kind is None:
@@ -137,7 +137,7 @@ def _merge(groups: list[ConvGroup]) -> ConvGroup:
     return replace(dense[0], weight=torch.cat(weights), bias=torch.cat([g.bias for g in dense]), pads=pads.pop())
 
 
-def _depthwise(site: _Site, choice: DepthwiseChoice) -> nn.Module:
+def _depthwise(site: Site, choice: DepthwiseChoice) -> nn.Module:
     runs: list[list[ConvGroup]] = []
     for g in site.groups:
         mergeable = g.dense().kernel <= choice.merge
@@ -173,7 +173,7 @@ def _pointwise(groups: list[ConvGroup], choice: str) -> nn.Module:
     return DeployConv(weight, bias, first.stride, 1, first.pads, 1)
 
 
-def _build(site: _Site, choice: str | None) -> nn.Module:
+def build_layer(site: Site, choice: str | None) -> nn.Module:
     kind = _kind(site.groups)
     if kind == "depthwise":
         return _depthwise(site, DepthwiseChoice.parse(choice or "split"))
@@ -193,7 +193,7 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
     """The layers of `model` that take a plan choice."""
-    return [info for site in _discover(model, input_size) if (info := layer_info(site)) is not None]
+    return [info for site in discover(model, input_size) if (info := layer_info(site)) is not None]
 
 
 def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
@@ -215,7 +215,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
     """Rewrite `model` (left untouched) by `plan` and verify the result on fresh random inputs
     plus `check_inputs` (e.g. real photos); raise LoweringError when it is out of tolerance."""
     model = model.eval()
-    sites = _discover(model, input_size)
+    sites = discover(model, input_size)
     infos = [info for site in sites if (info := layer_info(site)) is not None]
     unknown = sorted(set(plan.layers) - {i.name for i in infos})
     if unknown:
@@ -231,7 +231,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
             site.groups = fold_batchnorm(site.groups, bn)
             _set(lowered, site.bn, copy.deepcopy(getattr(bn, "act", nn.Identity())))
         default = "split" if _kind(site.groups) == "depthwise" else "grouped"
-        _set(lowered, site.name, _build(site, plan.layers.get(site.name, default)))
+        _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default)))
     report = verify(model, lowered, input_size, check_inputs)
     return Lowered(lowered, plan, infos, report)
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
+from PIL import Image
 from torch import nn
 
 
@@ -35,3 +38,31 @@ class PreprocessConfig:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
+
+
+SAMPLE_IMAGES = Path(__file__).parent / "sample_images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def eval_transform(cfg: PreprocessConfig):
+    """timm's own eval transform for this config (resize, centre crop, to tensor, normalize)."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=cfg.input_size, interpolation=cfg.interpolation, mean=cfg.mean,
+                            std=cfg.std, crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode, is_training=False)
+
+
+def load_images(paths: list[Path], cfg: PreprocessConfig) -> torch.Tensor:
+    """Decode with Pillow (as RGB) and preprocess exactly as the model's config says: (N, C, H, W)."""
+    transform = eval_transform(cfg)
+    tensors = []
+    for path in paths:
+        with Image.open(path) as img:
+            tensors.append(transform(img.convert("RGB")))
+    return torch.stack(tensors)
+
+
+def sample_photos(cfg: PreprocessConfig, limit: int | None = None) -> torch.Tensor:
+    """The real photos shipped with mixdeploy, preprocessed for the model."""
+    paths = sorted(p for p in SAMPLE_IMAGES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return load_images(paths[:limit], cfg)

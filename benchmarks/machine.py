@@ -1,0 +1,32 @@
+"""One description of the machine a benchmark ran on, stored with every result."""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def describe() -> dict:
+    """CPU model, cores, memory, OS and the runtime versions that matter for the figures."""
+    import numpy
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    try:
+        import ai_edge_litert
+        import tensorflow as tf
+
+        versions["ai_edge_litert"] = getattr(ai_edge_litert, "__version__", "?")
+        versions["tensorflow"] = tf.__version__
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "machine": platform.machine(),
+            "os": platform.platform(), "versions": versions}

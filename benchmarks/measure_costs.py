@@ -1,0 +1,91 @@
+"""Measure single-layer timings on this machine and fit the cost model of a runtime.
+
+    python benchmarks/measure_costs.py --runtime onnxruntime [--models mixnet_s,mixnet_m,mixnet_l]
+
+Writes mixnet_deploy/cost_tables/RUNTIME.json (weights + how they were measured) and the raw
+timings to benchmarks/results/costs_RUNTIME.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.progress import track
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mixnet_deploy import load_model  # noqa: E402
+from mixnet_deploy.cost_model import FEATURES, TABLES, features, fit, shape_key  # noqa: E402
+from mixnet_deploy.lower import analyse  # noqa: E402
+from mixnet_deploy.probes import probe  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
+from benchmarks.probe_timing import ALIGN, PROBE_TIMERS  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime", choices=sorted(PROBE_TIMERS), default="onnxruntime")
+    parser.add_argument("--models", default="mixnet_s,mixnet_m,mixnet_l")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--refit", action="store_true", help="Refit from the raw timings of the last run.")
+    args = parser.parse_args()
+    out = Path(__file__).parent / "results" / f"costs_{args.runtime}.json"
+    if args.refit:
+        previous = json.loads(out.read_text())
+        raw, source = previous["samples"], previous["source"]
+    else:
+        raw, source = measure(args), {"machine": describe(), "measured": datetime.date.today().isoformat(),
+                                      "models": args.models}
+    samples = [(str(r["probe"]), r["features"], r["ms"]) for r in raw]
+    weights = fit(samples)
+    table: dict[str, dict[str, float]] = {}
+    for r in raw:
+        table.setdefault(r["key"], {})[r["choice"]] = round(r["ms"], 5)
+    picks, regret, best_total = 0, 0.0, 0.0
+    probes = {s[0] for s in samples}
+    for pid in probes:
+        rows = [r for r in raw if str(r["probe"]) == pid]
+        measured = {r["choice"]: r["ms"] for r in rows}
+        predicted = {r["choice"]: sum(weights[k] * r["features"][k] for k in FEATURES) for r in rows}
+        pick = min(predicted, key=predicted.get)
+        best = min(measured, key=measured.get)
+        picks += pick == best
+        regret += measured[pick] - measured[best]
+        best_total += measured[best]
+    source.update({"probes": len(probes), "samples": len(samples),
+                   "linear_model_best_pick_rate": round(picks / len(probes), 3),
+                   "linear_model_regret_ms": round(regret, 3), "probe_best_total_ms": round(best_total, 3)})
+    (TABLES / f"{args.runtime}.json").write_text(json.dumps(
+        {"runtime": args.runtime, "align": ALIGN[args.runtime], "weights": weights, "source": source,
+         "table": table}, indent=1) + "\n")
+    out.write_text(json.dumps({"source": source, "samples": raw}, indent=1) + "\n")
+    print(json.dumps({"weights": weights, **source}, indent=1))
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    """Time every candidate of every distinct layer shape of the models."""
+    timer = PROBE_TIMERS[args.runtime]
+    shapes = {}
+    for name in args.models.split(","):
+        loaded = load_model(name)
+        for info in analyse(loaded.module, loaded.preprocess.input_size):
+            key = (info.kind, tuple(info.channels), tuple(info.out_channels), tuple(info.kernels), info.stride, info.in_hw)
+            shapes.setdefault(key, info)
+    raw = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pid, info in enumerate(track(list(shapes.values()), description=f"probing {args.runtime}")):
+            probes = {c: probe(info, c) for c in info.candidates}
+            times = timer(probes, (sum(info.channels), *info.in_hw), Path(tmp), args.rounds)
+            for choice, ms in times.items():
+                f = features(probes[choice].module[1], info.in_hw, ALIGN[args.runtime])
+                raw.append({"probe": pid, "key": shape_key(info), "layer": info.name, "kind": info.kind, "channels": info.channels,
+                            "kernels": info.kernels, "stride": info.stride, "in_hw": list(info.in_hw),
+                            "choice": choice, "ms": ms, "features": f})
+    return raw
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`mixdeploy export`: load -> plan -> lower -> write -> check in the target runtime, as one call."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mixnet_deploy import __version__, load_model
+from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.lower import lower
+from mixnet_deploy.parity import ParityReport, compare
+from mixnet_deploy.plan import Plan
+from mixnet_deploy.planner import make_plan
+from mixnet_deploy.preprocess import sample_photos
+
+from .formats import FORMATS, Format
+
+
+@dataclass
+class ExportResult:
+    """One written file and what was checked about it."""
+
+    format: str
+    path: Path
+    model: str
+    weights: str
+    plan: Plan
+    lowering: ParityReport
+    parity: ParityReport
+    ops: dict[str, int] = field(default_factory=dict)
+    size_bytes: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "path": str(self.path), "model": self.model, "weights": self.weights,
+                "passed": self.passed, "size_bytes": self.size_bytes, "ops": self.ops,
+                "plan": self.plan.to_dict(), "lowering_parity": self.lowering.to_dict(),
+                "parity": self.parity.to_dict()}
+
+
+def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, Path]:
+    """Where each format goes: --output as given for one format, as a stem for 'all'."""
+    names = list(FORMATS) if fmt == "all" else [fmt]
+    if fmt != "all" and fmt not in FORMATS:
+        raise MixdeployError(f"unknown format {fmt!r}; use {', '.join(FORMATS)} or all")
+    base = Path(output) if output else Path(model)
+    if fmt == "all" or not output:
+        return {n: base.with_suffix(FORMATS[n].suffix) if base.suffix in {f.suffix for f in FORMATS.values()}
+                else base.parent / (base.name + FORMATS[n].suffix) for n in names}
+    return {fmt: base}
+
+
+def check_writable(path: Path, force: bool) -> None:
+    """Fail early, before any work, when `path` cannot or must not be written."""
+    if path.is_dir():
+        raise MixdeployError(f"output {path} is a directory; pass a file path")
+    if path.exists() and not force:
+        raise MixdeployError(f"output {path} exists; pass --force to overwrite it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise MixdeployError(f"output folder {parent} does not exist; create it or choose another --output")
+    if not os.access(parent, os.W_OK):
+        raise MixdeployError(f"output folder {parent} is not writable; choose another --output")
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import timm
+
+    return {"mixdeploy": __version__, "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__}
+
+
+def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,
+           pretrained: bool = False, plan: str = "auto", opset: int = 18, dynamic_batch: bool = False,
+           force: bool = False, options: dict | None = None,
+           step: Callable[[str], None] = lambda _: None) -> list[ExportResult]:
+    """Export MODEL to each requested format; a file out of tolerance is kept as *.failed.EXT."""
+    paths = output_paths(model, fmt, output)
+    for path in paths.values():
+        check_writable(path, force)
+    step(f"loading {model}")
+    loaded = load_model(model, checkpoint, pretrained)
+    size = loaded.preprocess.input_size
+    photos = sample_photos(loaded.preprocess)
+    results = []
+    for name, path in paths.items():
+        writer: Format = FORMATS[name]
+        step(f"planning for {writer.target}")
+        chosen = make_plan(plan, loaded.module, size, writer.target)
+        step("lowering and verifying against the original")
+        lowered = lower(loaded.module, size, chosen, check_inputs=photos)
+        x = torch.cat([torch.randn(4, *size), photos])
+        with torch.no_grad():
+            reference = loaded.module(x).numpy()
+        metadata = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
+                    "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
+                    "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            step(f"writing {path.name}")
+            writer.write(lowered.module, size, tmp, dict(options or {}, opset=opset, dynamic_batch=dynamic_batch))
+            step(f"checking {path.name} in {writer.runtime_name}")
+            candidate = writer.run(tmp, x.numpy())
+            report = compare(reference, candidate, **writer.tolerance(options or {}))
+            writer.add_metadata(tmp, dict(metadata, **{"mixdeploy.parity": report.to_dict()}))
+            final = path if report.passed else path.with_suffix(".failed" + path.suffix)
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        results.append(ExportResult(name, final, loaded.name, loaded.weights, chosen, lowered.parity, report,
+                                    writer.ops(final), final.stat().st_size))
+    return results

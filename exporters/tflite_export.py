@@ -1,0 +1,194 @@
+"""TFLite writer: the lowered module, traced with torch.fx, rebuilt op by op as an NHWC
+TensorFlow function with constant weights, then converted with the TFLite converter."""
+from __future__ import annotations
+
+import math
+import operator
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from mixnet_deploy.deploy_modules import BlockConv, DeployConv, LoweredMixConv
+from mixnet_deploy.errors import MixdeployError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MAX_SPLIT = 4  # XNNPACK delegates SPLIT with 2-4 equal outputs, never SPLIT_V
+MAX_CONCAT = 5  # ... and CONCATENATION with 2-5 inputs
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, (DeployConv, BlockConv, LoweredMixConv)) or super().is_leaf_module(module, name)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def _same(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv(tf, x, conv: DeployConv):
+    k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+    h, w = int(x.shape[1]), int(x.shape[2])
+    pads = tuple(conv.pads)
+    if pads == (0, 0, 0, 0):
+        padding = "VALID"
+    elif pads == _same(h, k, s, d) + _same(w, k, s, d):
+        padding = "SAME"
+    else:
+        x = tf.pad(x, [[0, 0], [pads[0], pads[1]], [pads[2], pads[3]], [0, 0]])
+        padding = "VALID"
+    weight = _np(conv.weight)
+    if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
+        kernel = tf.constant(weight.transpose(2, 3, 0, 1))  # (k, k, C, 1)
+        y = tf.nn.depthwise_conv2d(x, kernel, [1, s, s, 1], padding, dilations=[d, d])
+    else:
+        y = tf.nn.conv2d(x, tf.constant(weight.transpose(2, 3, 1, 0)), s, padding, dilations=d)
+    return tf.nn.bias_add(y, tf.constant(_np(conv.bias)))
+
+
+def _block(tf, x, block: BlockConv):
+    top, bottom, left, right = block.pads
+    x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    span_h = (block.out_hw[0] - 1) * block.stride + block.block
+    span_w = (block.out_hw[1] - 1) * block.stride + block.block
+    out = None
+    for n, (i, j) in enumerate(block.offsets):
+        kernel = tf.constant(_np(block.weight[n]).transpose(2, 3, 0, 1))
+        y = tf.nn.depthwise_conv2d(x[:, i:i + span_h, j:j + span_w, :], kernel, [1, block.stride, block.stride, 1], "VALID")
+        out = y if out is None else out + y
+    return tf.nn.bias_add(out, tf.constant(_np(block.bias)))
+
+
+def _concat(tf, parts: list):
+    while len(parts) > MAX_CONCAT:
+        parts = [tf.concat(parts[i:i + MAX_CONCAT], 3) if len(parts[i:i + MAX_CONCAT]) > 1 else parts[i]
+                 for i in range(0, len(parts), MAX_CONCAT)]
+    return tf.concat(parts, 3) if len(parts) > 1 else parts[0]
+
+
+def _mixconv(tf, x, mix: LoweredMixConv):
+    if len(mix.segments) == 1:
+        return _module(tf, x, mix.segments[0])
+    if len(set(mix.splits)) == 1 and len(mix.splits) <= MAX_SPLIT:
+        parts = tf.split(x, len(mix.splits), axis=3)
+    else:
+        starts = np.cumsum([0] + mix.splits)
+        parts = [x[..., int(a):int(b)] for a, b in zip(starts[:-1], starts[1:])]
+    return _concat(tf, [_module(tf, p, seg) for p, seg in zip(parts, mix.segments)])
+
+
+def _module(tf, x, mod: nn.Module):
+    if isinstance(mod, DeployConv):
+        return _conv(tf, x, mod)
+    if isinstance(mod, BlockConv):
+        return _block(tf, x, mod)
+    if isinstance(mod, LoweredMixConv):
+        return _mixconv(tf, x, mod)
+    if isinstance(mod, (nn.Identity, nn.Dropout)):
+        return x
+    if isinstance(mod, nn.ReLU):
+        return tf.nn.relu(x)
+    if isinstance(mod, nn.ReLU6):
+        return tf.nn.relu6(x)
+    if isinstance(mod, nn.SiLU):
+        return x * tf.sigmoid(x)
+    if isinstance(mod, nn.Sigmoid):
+        return tf.sigmoid(x)
+    if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
+        return tf.reduce_mean(x, [1, 2], keepdims=True)
+    if isinstance(mod, nn.Flatten):
+        return _flatten(tf, x)
+    if isinstance(mod, nn.Linear):
+        y = tf.matmul(x, tf.constant(_np(mod.weight).T))
+        return y + tf.constant(_np(mod.bias)) if mod.bias is not None else y
+    raise MixdeployError(f"the TFLite writer cannot translate {type(mod).__name__}; lower the model first or "
+                         "open an issue with the model name")
+
+
+def _flatten(tf, x):
+    if len(x.shape) == 4 and (int(x.shape[1]), int(x.shape[2])) != (1, 1):
+        raise MixdeployError("the TFLite writer can flatten only 1x1 feature maps (after global pooling)")
+    return tf.reshape(x, [int(x.shape[0]), -1])
+
+
+def _axes(dims, rank: int) -> list[int]:
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    nhwc = {1: 3, 2: 1, 3: 2} if rank == 4 else {}
+    return [nhwc.get(d % rank, d % rank) for d in dims]
+
+
+def _function(tf, node: fx.Node, args: list, kwargs: dict):
+    target = node.target
+    if target in (operator.add, torch.add):
+        return args[0] + args[1]
+    if target in (operator.mul, torch.mul):
+        return args[0] * args[1]
+    if target in (torch.flatten,) or target == "flatten":
+        return _flatten(tf, args[0])
+    if target == "mean":
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        return tf.reduce_mean(args[0], _axes(dims, len(args[0].shape)), keepdims=keep)
+    if target in (torch.sigmoid, "sigmoid"):
+        return tf.sigmoid(args[0])
+    if target in (torch.nn.functional.relu, torch.relu, "relu"):
+        return tf.nn.relu(args[0])
+    raise MixdeployError(f"the TFLite writer cannot translate {target}; open an issue with the model name")
+
+
+def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_layout: str = "nhwc") -> Callable:
+    """An NHWC tf.function computing `module` (a lowered model), weights as constants."""
+    import tensorflow as tf
+
+    graph = _Tracer().trace(module)
+    modules = dict(module.named_modules())
+    c, h, w = input_size
+    shape = [1, h, w, c] if input_layout == "nhwc" else [1, c, h, w]
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)])
+    def forward(x):
+        if input_layout == "nchw":
+            x = tf.transpose(x, [0, 2, 3, 1])
+        env = {}
+        for node in graph.nodes:
+            args = fx.node.map_arg(node.args, lambda n: env[n.name])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+            if node.op == "placeholder":
+                env[node.name] = x
+            elif node.op == "call_module":
+                env[node.name] = _module(tf, args[0], modules[node.target])
+            elif node.op in ("call_function", "call_method"):
+                env[node.name] = _function(tf, node, list(args), dict(kwargs))
+            elif node.op == "output":
+                return {OUTPUT_NAME: tf.identity(args[0], name=OUTPUT_NAME)}
+        raise MixdeployError("the traced model has no output")
+
+    return forward
+
+
+def write_tflite(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, fp16: bool = False,
+                 input_layout: str = "nhwc", representative: Callable | None = None, io_type: str = "float32") -> None:
+    """Convert `module` to a .tflite file: fp32, fp16 weights, or (with a representative dataset) full int8."""
+    import tensorflow as tf
+
+    forward = to_tf_function(module, input_size, input_layout)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
+    if fp16:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    if representative is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io_type != "float32":
+            converter.inference_input_type = converter.inference_output_type = getattr(tf, io_type)
+    Path(path).write_bytes(converter.convert())

@@ -1,0 +1,39 @@
+"""Turning a --plan argument into a plan for a model and a target runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .cost_model import CostModel
+from .errors import MixdeployError
+from .lower import analyse, discover, layer_info, preset_plan
+from .plan import Plan
+
+TARGETS = ("onnxruntime", "litert")
+
+
+def auto_plan(model: nn.Module, input_size: tuple[int, int, int], target: str) -> Plan:
+    """The plan the measured cost model of `target` predicts to be fastest, layer by layer."""
+    costs = CostModel.load(target)
+    plan = Plan(target=target, source="auto")
+    for site in discover(model, input_size):
+        info = layer_info(site)
+        if info is not None:
+            choice, estimates = costs.choose(site, info)
+            plan.layers[site.name] = choice
+            plan.estimates_ms[site.name] = round(estimates[choice], 4)
+    return plan
+
+
+def make_plan(spec: str, model: nn.Module, input_size: tuple[int, int, int], target: str) -> Plan:
+    """spec: auto (cost model of `target`), split, fold, or the path of a plan JSON file."""
+    if target not in TARGETS:
+        raise MixdeployError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
+    if spec == "auto":
+        return auto_plan(model, input_size, target)
+    if spec in ("split", "fold"):
+        return preset_plan(analyse(model, input_size), spec, target)
+    if not Path(spec).is_file():
+        raise MixdeployError(f"--plan {spec!r} is neither auto, split, fold nor a plan JSON file")
+    return Plan.load(spec)

@@ -1,0 +1,84 @@
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import assert_usage_error
+from devices.local_runtime import OrtRunner
+from exporters.export import export
+from mixnet_deploy.models import MIXNETS
+
+pytestmark = pytest.mark.slow
+
+
+def meta(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.parametrize("name", MIXNETS + ("mixconv_mobilenetv2_100",))
+def test_every_model_exports_with_parity(tmp_path, name):
+    result, = export(name, "onnx", tmp_path / f"{name}.onnx")
+    assert result.passed and result.path == tmp_path / f"{name}.onnx"
+    assert result.parity.rel_max <= 1e-5 and result.parity.samples >= 10
+    assert "BatchNormalization" not in result.ops and "Pad" not in result.ops
+
+
+def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
+    result, = export("mixnet_s", "onnx", tmp_path / "s.onnx", plan="auto")
+    ops = result.ops
+    for forbidden in ("BatchNormalization", "Pad", "Shape", "Gather", "ConstantOfShape", "Transpose"):
+        assert forbidden not in ops, ops
+    kept = sum(1 for c in result.plan.layers.values() if c == "split" or c.startswith("fold<=") )
+    assert ops.get("Split", 0) <= kept and ops.get("Concat", 0) <= kept
+    m = meta(result.path)
+    assert json.loads(m["mixdeploy.preprocess"])["input_size"] == [3, 224, 224]
+    assert len(json.loads(m["mixdeploy.labels"])) == 1000
+    assert json.loads(m["mixdeploy.plan"])["layers"] == result.plan.layers
+    assert json.loads(m["mixdeploy.parity"])["passed"] is True
+    assert {"torch", "timm", "onnx", "mixdeploy"} <= set(json.loads(m["mixdeploy.versions"]))
+    graph = onnx.load(str(result.path)).graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_dynamic_batch_and_opset_17(tmp_path):
+    result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", dynamic_batch=True, opset=17, plan="fold")
+    model = onnx.load(str(result.path))
+    assert model.opset_import[0].version == 17 or any(o.version == 17 for o in model.opset_import if o.domain == "")
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    assert OrtRunner(result.path).session.run(None, {"input": x})[0].shape == (3, 1000)
+
+
+def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
+    from exporters.formats import OnnxFormat
+
+    monkeypatch.setattr(OnnxFormat, "tolerance", lambda self, options: {"max_rel": 0.0})
+    result = run_cli("export", "mixnet_s", "--plan", "fold", "-o", tmp_path / "m.onnx")
+    assert result.code == 1 and "out of tolerance" in result.err
+    assert not (tmp_path / "m.onnx").exists() and (tmp_path / "m.failed.onnx").exists()
+    assert sorted(os.listdir(tmp_path)) == ["m.failed.onnx"]
+
+
+def test_cli_export_prints_parity_and_json(tmp_path, run_cli):
+    result = run_cli("export", "mixnet_s", "--format", "onnx", "-o", tmp_path / "m.onnx", "--json")
+    assert result.code == 0, result.err
+    report, = json.loads(result.out)
+    assert report["passed"] and report["parity"]["top1_agreement"] == 1.0 and report["ops"]["Conv"] > 50
+    again = run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx")
+    assert_usage_error(again, "exists", "--force")
+    forced = run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--force", "--plan", "split")
+    assert forced.code == 0 and "PASS" in forced.out and "random-init" in forced.out
+
+
+def test_bad_export_input(tmp_path, run_cli):
+    before = sorted(os.listdir(tmp_path))
+    assert_usage_error(run_cli("export", "mixnet_s", "--format", "coreml"), "coreml")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "nope" / "m.onnx"), "does not exist")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path), "is a directory")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--plan", "nonsense"), "--plan")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--opset", "13"), "13")
+    assert sorted(os.listdir(tmp_path)) == before
+    (tmp_path / "a_file").write_text("x")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "a_file" / "m.onnx"), "does not exist")

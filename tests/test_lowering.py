@@ -1,0 +1,150 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize_batchnorm
+from mixnet_deploy import MixConv, MixdeployError, load_model
+from mixnet_deploy.deploy_modules import BlockConv, LoweredMixConv
+from mixnet_deploy.lower import LoweringError, analyse, lower, preset_plan, verify
+from mixnet_deploy.plan import DepthwiseChoice, Plan, depthwise_candidates
+from mixnet_deploy.preprocess import sample_photos
+
+
+def block(mix: nn.Module, channels: int) -> nn.Module:
+    """conv -> MixConv -> BatchNorm -> ReLU, the way timm uses a MixConv."""
+    model = nn.Sequential(nn.Conv2d(channels, channels, 1), mix, nn.BatchNorm2d(channels), nn.ReLU()).eval()
+    return randomize_batchnorm(model)
+
+
+LAYERS = {
+    "uneven": lambda: MixConv(30, (3, 5, 7, 9)),
+    "big kernels": lambda: MixConv(24, (3, 11, 13)),
+    "exponential stride 2": lambda: MixConv(32, (3, 5, 7, 9), stride=2, partition="exponential"),
+    "dilated": lambda: MixConv(32, (3, 5, 7, 9), dilated=True),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_every_choice_on_a_single_layer_equals_the_original(layer):
+    torch.manual_seed(0)
+    mix = LAYERS[layer]()
+    channels = sum(mix.splits)
+    model = block(mix, channels)
+    info, = analyse(model, (channels, 19, 21))
+    assert len(info.candidates) >= 6
+    x = torch.randn(3, channels, 19, 21)
+    for choice in info.candidates:
+        lowered = lower(model, (channels, 19, 21), Plan({"1": choice}))
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in lowered.module.modules())
+        with torch.no_grad():
+            ref, out = model(x), lowered.module(x)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), choice
+
+
+def test_choices_build_what_they_say():
+    model = block(MixConv(32, (3, 5, 7, 9)), 32)
+    built = {c: lower(model, (32, 16, 16), Plan({"1": c})).module[1] for c in ("split", "fold", "fold<=5", "fold+block3", "split+block5")}
+    assert [len(m.segments) for m in (built["split"], built["fold<=5"])] == [4, 3]
+    assert built["fold"].segments[0].kernel_size == (9, 9) and len(built["fold"].segments) == 1
+    assert isinstance(built["fold+block3"].segments[0], BlockConv) and len(built["fold+block3"].segments[0].offsets) == 9
+    five = built["split+block5"].segments
+    assert [type(s).__name__ for s in five] == ["DeployConv", "DeployConv", "BlockConv", "BlockConv"]
+    assert isinstance(built["split"], LoweredMixConv)
+
+
+def test_candidates_and_choice_grammar():
+    assert depthwise_candidates([3, 5]) == ["split", "split+block3", "fold", "fold+block3"]
+    assert depthwise_candidates([3]) == ["split"]
+    assert str(DepthwiseChoice.parse("fold<=7+block5")) == "fold<=7+block5"
+    with pytest.raises(MixdeployError):
+        DepthwiseChoice.parse("fold<7")
+
+
+@pytest.mark.parametrize("choice", ["grouped", "dense", "split"])
+@pytest.mark.parametrize("channels", [(16, 32), (15, 33)])
+def test_grouped_pointwise_choices(choice, channels):
+    from timm.layers import MixedConv2d
+
+    cin, cout = channels
+    model = block(MixedConv2d(cin, cout, [1, 1]), cout) if cin == cout else nn.Sequential(
+        nn.Conv2d(cin, cin, 1), MixedConv2d(cin, cout, [1, 1, 1]), nn.BatchNorm2d(cout)).eval()
+    randomize_batchnorm(model)
+    info, = analyse(model, (cin, 8, 8))
+    assert info.kind == "pointwise"
+    lowered = lower(model, (cin, 8, 8), Plan({"1": choice}))
+    assert lowered.parity.passed
+
+
+def test_tf_same_padding_becomes_static():
+    loaded = load_model("tf_mixnet_s")
+    randomize_batchnorm(loaded.module)
+    layers = analyse(loaded.module, (3, 224, 224))
+    for preset in ("split", "fold"):
+        lowered = lower(loaded.module, (3, 224, 224), preset_plan(layers, preset, "onnxruntime"),
+                        check_inputs=sample_photos(loaded.preprocess, 4))
+        from timm.layers import Conv2dSame
+        assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in lowered.module.modules())
+        assert lowered.parity.rel_max < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mixnet_s", "mixnet_m", "mixconv_mobilenetv2_100"])
+def test_whole_models_lower_with_every_preset_and_on_photos(name):
+    loaded = load_model(name)
+    randomize_batchnorm(loaded.module, seed=3)
+    layers = analyse(loaded.module, loaded.preprocess.input_size)
+    photos = sample_photos(loaded.preprocess)
+    for plan in (preset_plan(layers, "split", "onnxruntime"), preset_plan(layers, "fold", "onnxruntime"),
+                 Plan({layer.name: layer.candidates[-1] for layer in layers})):
+        lowered = lower(loaded.module, loaded.preprocess.input_size, plan, check_inputs=photos)
+        assert lowered.parity.samples == 4 + len(photos) and lowered.parity.top1_agreement == 1.0
+
+
+def test_bad_plans_are_rejected():
+    model = block(MixConv(32, (3, 5)), 32)
+    with pytest.raises(MixdeployError, match="does not have"):
+        lower(model, (32, 8, 8), Plan({"nope": "fold"}))
+    with pytest.raises(MixdeployError, match="does not fit"):
+        lower(model, (32, 8, 8), Plan({"1": "fold<=7"}))
+    with pytest.raises(MixdeployError, match="layers"):
+        Plan.from_dict({"fold": 1})
+
+
+def test_verification_catches_a_wrong_lowering():
+    model = block(MixConv(32, (3, 5)), 32)
+    lowered = lower(model, (32, 8, 8), Plan({"1": "fold"})).module
+    with torch.no_grad():
+        lowered[1].segments[0].weight[0, 0, 2, 2] += 0.5
+    with pytest.raises(LoweringError, match="differs"):
+        verify(model, lowered, (32, 8, 8))
+
+
+def test_auto_plan_comes_from_the_measured_onnxruntime_table():
+    from mixnet_deploy.cost_model import CostModel
+    from mixnet_deploy.planner import make_plan
+
+    costs = CostModel.load("onnxruntime")
+    assert costs.table and costs.source["samples"] > 100 and "machine" in costs.source
+    loaded = load_model("mixnet_s")
+    plan = make_plan("auto", loaded.module, (3, 224, 224), "onnxruntime")
+    layers = analyse(loaded.module, (3, 224, 224))
+    assert set(plan.layers) == {layer.name for layer in layers}
+    from mixnet_deploy.cost_model import shape_key
+    for layer in layers:  # every mixnet_s shape was probed: the pick is the measured fastest
+        measured = costs.table[shape_key(layer)]
+        assert plan.layers[layer.name] == min(measured, key=measured.get)
+    assert lower(loaded.module, (3, 224, 224), plan).parity.passed
+
+
+def test_cost_model_fit_recovers_known_weights():
+    from mixnet_deploy.cost_model import FEATURES, fit
+
+    truth = dict.fromkeys(FEATURES, 0.0) | {"dw_taps": 2e-7, "split_elems": 1e-7, "segments": 0.01}
+    rng = torch.Generator().manual_seed(0)
+    samples = []
+    for probe in range(20):
+        for cand in range(4):
+            f = {k: float(torch.rand(1, generator=rng)) * 1e6 if k != "segments" else float(cand) for k in FEATURES}
+            samples.append((str(probe), f, 0.3 * probe + sum(truth[k] * f[k] for k in FEATURES)))
+    weights = fit(samples)
+    for k in ("dw_taps", "split_elems", "segments"):
+        assert abs(weights[k] - truth[k]) < 1e-3 * truth[k] + 1e-12
