@@ -97,17 +97,20 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--plan", "plan", default="auto", show_default=True, help="auto, split, fold or a plan JSON file.")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: leave the batch dimension free.")
+@click.option("--fp16", is_flag=True, help="TFLite: float16 weights.")
+@click.option("--input-layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
+              help="TFLite input layout (nchw adds one transpose at the input).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def export(model: str, checkpoint: str | None, pretrained: bool, fmt: str, output: str | None, plan: str,
-           opset: int, dynamic_batch: bool, force: bool, as_json: bool) -> None:
+           opset: int, dynamic_batch: bool, fp16: bool, input_layout: str, force: bool, as_json: bool) -> None:
     """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime."""
     from exporters.export import export as run_export
 
     with err.status("exporting") as status:
+        options = {"opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16, "input_layout": input_layout}
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
-                             opset=opset, dynamic_batch=dynamic_batch, force=force,
-                             step=lambda text: status.update(text))
+                             force=force, options=options, step=lambda text: status.update(text))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -117,6 +120,10 @@ def export(model: str, checkpoint: str | None, pretrained: bool, fmt: str, outpu
             out.print(f"[bold]{r.path}[/]  {r.model} ({weights})  {r.size_bytes / 1e6:.1f} MB")
             out.print(f"plan ({r.plan.source}, {r.plan.target}): {choices}")
             out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()))
+            if "delegated" in r.details:
+                left = ", ".join(f"{k} {v}" for k, v in r.details["not_delegated"].items()) or "none"
+                out.print(f"XNNPACK takes {r.details['delegated']} of {r.details['nodes']} nodes "
+                          f"({r.details['partitions']} partition(s)); left out: {left}")
             out.print(_render_parity(f"lowered torch vs original ({r.lowering.rel_max:.2g} of max|ref|)", r.lowering))
             out.print(_render_parity(f"{r.format} file vs PyTorch", r.parity))
     failed = [r for r in results if not r.passed]

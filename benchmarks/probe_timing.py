@@ -5,20 +5,36 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.local_runtime import OrtRunner
+from devices.local_runtime import LiteRtRunner, OrtRunner
 from exporters.onnx_export import write_onnx
+from exporters.tflite_export import write_tflite
 
-ALIGN = {"onnxruntime": 16}  # ONNX Runtime's NCHWc block on AVX-512
+ALIGN = {"onnxruntime": 16, "litert": 16}  # ONNX Runtime's NCHWc block on AVX-512; XNNPACK's channel tile
 
 
 def time_onnx(probes: dict, input_size: tuple[int, int, int], tmp: Path, rounds: int) -> dict[str, float]:
-    """Median ms per candidate, candidates interleaved over `rounds`, the best round kept."""
+    """Median ms per candidate in ONNX Runtime."""
     runners = {}
     for i, (choice, lowered) in enumerate(probes.items()):
         path = tmp / f"probe{i}.onnx"
         write_onnx(lowered.module, input_size, path)
         runners[choice] = OrtRunner(path, threads=1)
-    x = np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32)
+    return _best(runners, np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32), rounds)
+
+
+def time_litert(probes: dict, input_size: tuple[int, int, int], tmp: Path, rounds: int) -> dict[str, float]:
+    """Median ms per candidate in LiteRT with XNNPACK (NHWC input)."""
+    runners = {}
+    for i, (choice, lowered) in enumerate(probes.items()):
+        path = tmp / f"probe{i}.tflite"
+        write_tflite(lowered.module, input_size, path)
+        runners[choice] = LiteRtRunner(path, threads=1)
+    c, h, w = input_size
+    return _best(runners, np.random.default_rng(0).standard_normal((1, h, w, c), dtype=np.float32), rounds)
+
+
+def _best(runners: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
+    """Median ms per candidate, candidates interleaved over `rounds`, the best round kept."""
     best = {c: float("inf") for c in runners}
     for _ in range(rounds):
         for choice, runner in runners.items():
@@ -26,4 +42,4 @@ def time_onnx(probes: dict, input_size: tuple[int, int, int], tmp: Path, rounds:
     return best
 
 
-PROBE_TIMERS = {"onnxruntime": time_onnx}
+PROBE_TIMERS = {"onnxruntime": time_onnx, "litert": time_litert}

@@ -31,8 +31,12 @@ class ExportResult:
     plan: Plan
     lowering: ParityReport
     parity: ParityReport
-    ops: dict[str, int] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
     size_bytes: int = 0
+
+    @property
+    def ops(self) -> dict[str, int]:
+        return self.details.get("ops", {})
 
     @property
     def passed(self) -> bool:
@@ -40,7 +44,7 @@ class ExportResult:
 
     def to_dict(self) -> dict:
         return {"format": self.format, "path": str(self.path), "model": self.model, "weights": self.weights,
-                "passed": self.passed, "size_bytes": self.size_bytes, "ops": self.ops,
+                "passed": self.passed, "size_bytes": self.size_bytes, **self.details,
                 "plan": self.plan.to_dict(), "lowering_parity": self.lowering.to_dict(),
                 "parity": self.parity.to_dict()}
 
@@ -78,10 +82,11 @@ def _versions() -> dict[str, str]:
 
 
 def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,
-           pretrained: bool = False, plan: str = "auto", opset: int = 18, dynamic_batch: bool = False,
-           force: bool = False, options: dict | None = None,
+           pretrained: bool = False, plan: str = "auto", force: bool = False, options: dict | None = None,
            step: Callable[[str], None] = lambda _: None) -> list[ExportResult]:
-    """Export MODEL to each requested format; a file out of tolerance is kept as *.failed.EXT."""
+    """Export MODEL to each requested format; a file out of tolerance is kept as *.failed.EXT.
+
+    options: opset, dynamic_batch (ONNX); fp16, input_layout (TFLite)."""
     paths = output_paths(model, fmt, output)
     for path in paths.values():
         check_writable(path, force)
@@ -105,7 +110,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
         tmp = path.with_name(f".{path.name}.partial")
         try:
             step(f"writing {path.name}")
-            writer.write(lowered.module, size, tmp, dict(options or {}, opset=opset, dynamic_batch=dynamic_batch))
+            writer.write(lowered.module, size, tmp, options or {})
             step(f"checking {path.name} in {writer.runtime_name}")
             candidate = writer.run(tmp, x.numpy())
             report = compare(reference, candidate, **writer.tolerance(options or {}))
@@ -116,5 +121,5 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         results.append(ExportResult(name, final, loaded.name, loaded.weights, chosen, lowered.parity, report,
-                                    writer.ops(final), final.stat().st_size))
+                                    writer.inspect(final), final.stat().st_size))
     return results

@@ -19,7 +19,7 @@ class Format(Protocol):
     def run(self, path: Path, x: np.ndarray) -> np.ndarray: ...
     def tolerance(self, options: dict) -> dict: ...
     def add_metadata(self, path: Path, metadata: dict) -> None: ...
-    def ops(self, path: Path) -> dict[str, int]: ...
+    def inspect(self, path: Path) -> dict: ...
 
 
 class OnnxFormat:
@@ -47,10 +47,41 @@ class OnnxFormat:
             entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
         onnx.save(model, str(path))
 
-    def ops(self, path: Path) -> dict[str, int]:
+    def inspect(self, path: Path) -> dict:
         import onnx
 
-        return dict(Counter(n.op_type for n in onnx.load(str(path)).graph.node).most_common())
+        return {"ops": dict(Counter(n.op_type for n in onnx.load(str(path)).graph.node).most_common())}
 
 
-FORMATS: dict[str, Format] = {"onnx": OnnxFormat()}
+class TfliteFormat:
+    suffix, target, runtime_name = ".tflite", "litert", "LiteRT (XNNPACK)"
+
+    def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None:
+        from .tflite_export import write_tflite
+
+        write_tflite(module, input_size, path, fp16=options.get("fp16", False),
+                     input_layout=options.get("input_layout", "nhwc"))
+
+    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        from devices.local_runtime import LiteRtRunner
+
+        runner = LiteRtRunner(path)
+        nhwc = list(runner.input["shape"][1:]) == [x.shape[2], x.shape[3], x.shape[1]]
+        return runner.run(x.transpose(0, 2, 3, 1) if nhwc else x)
+
+    def tolerance(self, options: dict) -> dict:
+        return {"min_cosine": 0.9999, "min_top1": 0.99} if options.get("fp16") else {"max_rel": 1e-5}
+
+    def add_metadata(self, path: Path, metadata: dict) -> None:
+        from .tflite_inspect import write_metadata
+        from .tflite_export import OUTPUT_NAME
+
+        write_metadata(path, metadata, OUTPUT_NAME)
+
+    def inspect(self, path: Path) -> dict:
+        from .tflite_inspect import delegation, tensors
+
+        return delegation(path) | tensors(path)
+
+
+FORMATS: dict[str, Format] = {"onnx": OnnxFormat(), "tflite": TfliteFormat()}

@@ -103,3 +103,20 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     module.eval()
     weights = str(checkpoint) if checkpoint is not None else "pretrained" if pretrained else "random-init"
     return LoadedModel(name, module, PreprocessConfig.from_model(module), _labels(module.num_classes), weights)
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics (random-init models have mean 0, var 1), so that
+    folding them is really exercised by checks and benchmarks without trained weights."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                n = bn.num_features
+                bn.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+                bn.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                bn.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+    return model

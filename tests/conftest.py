@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from mixnet_deploy.models import randomize_batchnorm  # noqa: F401  (re-exported for tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "examples" / "images"
 
@@ -43,18 +45,3 @@ def assert_usage_error(result: Result, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
-
-def randomize_batchnorm(model, seed: int = 0):
-    """Non-trivial BatchNorm statistics, so that folding them is actually tested."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, torch.nn.BatchNorm2d):
-                n = bn.num_features
-                bn.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                bn.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                bn.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
-    return model

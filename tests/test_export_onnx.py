@@ -44,7 +44,8 @@ def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
 
 
 def test_dynamic_batch_and_opset_17(tmp_path):
-    result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", dynamic_batch=True, opset=17, plan="fold")
+    result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", plan="fold",
+                     options={"dynamic_batch": True, "opset": 17})
     model = onnx.load(str(result.path))
     assert model.opset_import[0].version == 17 or any(o.version == 17 for o in model.opset_import if o.domain == "")
     x = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)

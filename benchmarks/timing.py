@@ -1,0 +1,21 @@
+"""Interleaved latency measurement: every runner in turn, several rounds, so drift hits all alike."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def interleaved(runners: dict, x: dict, rounds: int = 5, runs: int = 40, warmup: int = 5) -> dict[str, dict]:
+    """runners: name -> object with .time(x, runs, warmup) -> list of ms; x: name -> input array."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name] += runner.time(x[name], runs=runs, warmup=warmup)
+    return {name: summary(t) for name, t in times.items()}
+
+
+def summary(times: list[float]) -> dict:
+    """Median, mean, p90, p99, min, std of a list of ms, with the raw list."""
+    a = np.asarray(times)
+    return {"median": float(np.median(a)), "mean": float(a.mean()), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "std": float(a.std()), "runs": len(a),
+            "raw": [round(float(t), 4) for t in a]}
