@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -35,10 +36,16 @@ def cli() -> None:
               help="Runtime whose cost model makes the auto plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def info(model: str, checkpoint: str | None, pretrained: bool, plan: str | None, target: str, as_json: bool) -> None:
-    """Parameters, multiply-adds, input config and MixConv layers of MODEL (and its lowering plan)."""
+    """Parameters, multiply-adds, input config and MixConv layers of MODEL (and its lowering plan).
+
+    MODEL may also be an exported .onnx or .tflite file: ops by type, what XNNPACK takes, size,
+    input/output tensors and the metadata mixdeploy embedded."""
     from mixnet_deploy import count, load_model
     from mixnet_deploy.planner import make_plan
 
+    if model.endswith((".onnx", ".tflite")):
+        _file_info(model, as_json)
+        return
     loaded = load_model(model, checkpoint, pretrained)
     stats = count(loaded.module, loaded.preprocess.input_size)
     chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan else None
@@ -78,6 +85,31 @@ def info(model: str, checkpoint: str | None, pretrained: bool, plan: str | None,
             est = chosen.estimates_ms.get(name)
             plan_table.add_row(name, ks, choice, f"{est:.3f}" if est is not None else "")
         out.print(plan_table)
+
+
+def _file_info(path: str, as_json: bool) -> None:
+    from exporters.inspect_file import inspect_file
+
+    report = inspect_file(path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    out.print(f"[bold]{report['path']}[/]  {report['format']}  {report['size_bytes'] / 1e6:.2f} MB")
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
+    if "delegated" in report:
+        left = ", ".join(f"{k} {v}" for k, v in report["not_delegated"].items()) or "none"
+        out.print(f"XNNPACK takes {report['delegated']} of {report['nodes']} nodes in {report['partitions']} "
+                  f"partition(s); left out: {left}")
+    for kind in ("inputs", "outputs"):
+        for t in report[kind]:
+            out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}")
+    meta = report.get("metadata", {})
+    if meta:
+        parity = meta.get("mixdeploy.parity", {})
+        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); export parity "
+                  f"{'PASS' if parity.get('passed') else 'FAIL'}, max rel {parity.get('rel_max', float('nan')):.3g}")
+    else:
+        out.print("no mixdeploy metadata: not exported by mixdeploy")
 
 
 def _render_parity(title: str, report) -> Table:
@@ -133,6 +165,44 @@ def export(model: str, checkpoint: str | None, pretrained: bool, fmt: str, outpu
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("source", metavar="FILE_OR_MODEL")
+@click.option("--calib", required=True, type=click.Path(), help="Folder of calibration images (recursive).")
+@click.option("--output", "-o", type=click.Path(), help="Output file. Default: MODEL_int8.EXT here.")
+@click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), help="For a MODEL name (default tflite).")
+@click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
+@click.option("--num-calib", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
+@click.option("--eval", "eval_dir", type=click.Path(), help="Held-out images (ImageFolder layout adds accuracy).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None, num_calib: int,
+             method: str, io: str | None, eval_dir: str | None, force: bool, as_json: bool) -> None:
+    """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
+    from quantization.quantize import quantize as run_quantize
+
+    target_fmt = fmt or ("onnx" if source.endswith(".onnx") else "tflite")
+    with err.status("quantizing") as status:
+        result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, num_calib=num_calib,
+                              method=method, io=io or ("float32" if target_fmt == "onnx" else "int8"),
+                              eval_dir=eval_dir, force=force, step=lambda text: status.update(text))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    cal = result.calibration
+    out.print(f"[bold]{result.path}[/]  {result.model} ({result.weights})  int8 {result.format}, io {result.io}, "
+              f"{result.method} calibration on {cal['used']} images ({cal['skipped']} unreadable skipped)")
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()))
+    a = result.agreement
+    out.print(f"vs float on {cal['evaluated']} held-out images: top-1 agreement {a.top1_agreement:.1%}, "
+              f"top-5 {a.top5_agreement:.1%}, cosine {a.cosine:.5f}, SQNR {a.sqnr_db:.1f} dB")
+    if result.accuracy:
+        acc = result.accuracy
+        out.print(f"accuracy: float top-1 {acc['float_top1']:.1f} %, int8 top-1 {acc['int8_top1']:.1f} % "
+                  f"(drop {acc['top1_drop_points']:.2f} points); top-5 {acc['float_top5']:.1f} / {acc['int8_top5']:.1f} %")
+
+
 def _count(values) -> dict[str, int]:
     from collections import Counter
 
@@ -141,6 +211,7 @@ def _count(values) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors become one line on stderr and exit code 2."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         cli.main(args=argv, prog_name="mixdeploy", standalone_mode=False)
     except MixdeployError as exc:

@@ -21,6 +21,15 @@ MAX_SPLIT = 4  # XNNPACK delegates SPLIT with 2-4 equal outputs, never SPLIT_V
 MAX_CONCAT = 5  # ... and CONCATENATION with 2-5 inputs
 
 
+def tensorflow():
+    """TensorFlow, imported without the log lines it prints on import."""
+    from devices.local_runtime import quiet_native_stderr
+
+    with quiet_native_stderr():
+        import tensorflow as tf
+    return tf
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
         return isinstance(module, (DeployConv, BlockConv, LoweredMixConv)) or super().is_leaf_module(module, name)
@@ -147,7 +156,7 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
 
 def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_layout: str = "nhwc") -> Callable:
     """An NHWC tf.function computing `module` (a lowered model), weights as constants."""
-    import tensorflow as tf
+    tf = tensorflow()
 
     graph = _Tracer().trace(module)
     modules = dict(module.named_modules())
@@ -178,8 +187,9 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
 def write_tflite(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, fp16: bool = False,
                  input_layout: str = "nhwc", representative: Callable | None = None, io_type: str = "float32") -> None:
     """Convert `module` to a .tflite file: fp32, fp16 weights, or (with a representative dataset) full int8."""
-    import tensorflow as tf
+    from devices.local_runtime import quiet_native_stderr
 
+    tf = tensorflow()
     forward = to_tf_function(module, input_size, input_layout)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
     if fp16:
@@ -191,4 +201,5 @@ def write_tflite(module: nn.Module, input_size: tuple[int, int, int], path: str 
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if io_type != "float32":
             converter.inference_input_type = converter.inference_output_type = getattr(tf, io_type)
-    Path(path).write_bytes(converter.convert())
+    with quiet_native_stderr():
+        Path(path).write_bytes(converter.convert())

@@ -14,8 +14,11 @@ def delegation(path: str | Path) -> dict:
     """Ops by type and how many of them the XNNPACK delegate takes (from its DELEGATE nodes' inputs and outputs)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=str(path), num_threads=1)
-    interp.allocate_tensors()
+    from devices.local_runtime import quiet_native_stderr
+
+    with quiet_native_stderr():
+        interp = Interpreter(model_path=str(path), num_threads=1)
+        interp.allocate_tensors()
     native = interp._interpreter
     nodes = [(native.NodeName(i), set(native.NodeInputs(i)), set(native.NodeOutputs(i))) for i in range(native.NumNodes())]
     originals = [n for n in nodes if n[0] != "DELEGATE"]
@@ -49,6 +52,9 @@ def tensors(path: str | Path) -> dict:
 
 
 def _model(path: Path):
+    from .tflite_export import tensorflow
+
+    tensorflow()
     from tensorflow.lite.python import schema_py_generated as schema
 
     return schema, schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(path.read_bytes(), 0))

@@ -12,8 +12,9 @@ WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth/.pt/.safetensors file: a bare state_dict or a training checkpoint holding one."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of a .pth/.pt/.safetensors file (a bare state_dict or a training checkpoint holding one),
+    and the checkpoint's 'preprocess' and 'labels' entries when it has them."""
     path = Path(path)
     if not path.exists():
         raise MixdeployError(f"checkpoint {path} does not exist; pass the path of a .pth, .pt or .safetensors file")
@@ -32,6 +33,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} cannot be read as PyTorch weights ({first[:160]}); "
             "pass a state_dict saved with torch.save or a .safetensors file"
         ) from None
+    extras = {k: state[k] for k in ("preprocess", "labels") if isinstance(state, dict) and k in state}
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -40,7 +42,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise MixdeployError(
             f"checkpoint {path} holds no state_dict (looked at the top level and under {', '.join(WRAPPER_KEYS)})"
         )
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}, extras
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:

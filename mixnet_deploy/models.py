@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
 from torch import nn
 
-from .checkpoint import apply_state_dict, read_state_dict
+from .checkpoint import apply_state_dict, read_checkpoint
 from .dropin import replace_depthwise
 from .errors import MixdeployError
 from .preprocess import PreprocessConfig
@@ -87,29 +88,38 @@ def _labels(num_classes: int) -> list[str] | None:
     return [info.index_to_description(i) for i in range(num_classes)]
 
 
+RANDOM_SEED = 0
+
+
 def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False) -> LoadedModel:
-    """Build `name` in eval mode: random-init, timm's pretrained weights, or a local checkpoint."""
+    """Build `name` in eval mode: timm's pretrained weights, a local checkpoint, or random-init
+    (always from the same seed, so that a random-init export can be rebuilt from its metadata)."""
     _check_name(name)
     if checkpoint is not None and pretrained:
         raise MixdeployError("pass either --pretrained or --checkpoint, not both")
-    state = read_state_dict(checkpoint) if checkpoint is not None else None
+    state, extras = read_checkpoint(checkpoint) if checkpoint is not None else (None, {})
     num_classes = None
     if state is not None:
         head = [k for k in ("classifier.weight", "head.fc.weight", "fc.weight") if k in state]
         num_classes = state[head[0]].shape[0] if head else None
-    module = _build(name, num_classes, pretrained)
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_SEED)
+        module = _build(name, num_classes, pretrained)
     if state is not None:
         apply_state_dict(module, state, str(checkpoint), name)
     module.eval()
     weights = str(checkpoint) if checkpoint is not None else "pretrained" if pretrained else "random-init"
-    return LoadedModel(name, module, PreprocessConfig.from_model(module), _labels(module.num_classes), weights)
+    preprocess = PreprocessConfig.from_model(module)
+    if "preprocess" in extras:
+        merged = {**preprocess.to_dict(), **extras["preprocess"]}
+        preprocess = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+    labels = list(extras["labels"]) if "labels" in extras else _labels(module.num_classes)
+    return LoadedModel(name, module, preprocess, labels, weights)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics (random-init models have mean 0, var 1), so that
     folding them is really exercised by checks and benchmarks without trained weights."""
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for bn in model.modules():

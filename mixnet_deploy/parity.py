@@ -20,6 +20,7 @@ class ParityReport:
     rel_l2: float
     cosine: float  # the lowest per-sample cosine similarity
     psnr_db: float
+    sqnr_db: float  # signal (reference) to error power
     top1_agreement: float
     top5_agreement: float  # fraction of samples whose reference top-1 is in the candidate's top-5
     tolerance: dict
@@ -59,6 +60,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None 
         rel_l2=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
         cosine=cosine,
         psnr_db=float(20 * np.log10((max_ref + 1e-5) / (rmse + 1e-10))),
+        sqnr_db=float(10 * np.log10(max(np.sum(ref**2), 1e-30) / max(np.sum(diff**2), 1e-30))),
         top1_agreement=float(np.mean(out.argmax(1) == top1_ref)),
         top5_agreement=float(np.mean([t in row for t, row in zip(top1_ref, top5_out)])),
         tolerance=tolerance,

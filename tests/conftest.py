@@ -9,7 +9,7 @@ import pytest
 from mixnet_deploy.models import randomize_batchnorm  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ROOT / "examples" / "images"
+PHOTOS = ROOT / "mixnet_deploy" / "sample_images"
 
 
 @dataclass
@@ -45,3 +45,18 @@ def assert_usage_error(result: Result, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
+
+
+@pytest.fixture(scope="session")
+def digits(request):
+    """(dataset root, checkpoint) of mixnet_s trained on scikit-learn's digits; built once and cached
+    in pytest's cache folder."""
+    import digits as d
+
+    root = Path(request.config.cache.mkdir("mixdeploy_digits_v1"))
+    if not (root / "eval").is_dir():
+        d.write_dataset(root)
+    checkpoint = root / "mixnet_s_digits.pth"
+    if not checkpoint.exists():
+        d.train(root)
+    return root, checkpoint

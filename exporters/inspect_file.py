@@ -1,0 +1,51 @@
+"""`mixdeploy info FILE`: what an exported .onnx or .tflite holds."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from mixnet_deploy.errors import MixdeployError
+
+
+def _onnx(path: Path) -> dict:
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several types
+        raise MixdeployError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+
+    def tensor(v) -> dict:
+        dims = [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+        return {"name": v.name, "shape": dims, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()}
+
+    meta = {}
+    for prop in model.metadata_props:
+        try:
+            meta[prop.key] = json.loads(prop.value)
+        except ValueError:
+            meta[prop.key] = prop.value
+    return {"ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+            "inputs": [tensor(v) for v in model.graph.input], "outputs": [tensor(v) for v in model.graph.output],
+            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "metadata": meta}
+
+
+def _tflite(path: Path) -> dict:
+    from .tflite_inspect import delegation, read_metadata, tensors
+
+    try:
+        report = delegation(path) | tensors(path)
+    except (ValueError, RuntimeError) as exc:
+        raise MixdeployError(f"{path} is not a readable TFLite file ({str(exc).splitlines()[0][:120]})") from None
+    return report | {"metadata": read_metadata(path)}
+
+
+def inspect_file(path: str | Path) -> dict:
+    """Format, size, ops by type (and XNNPACK delegation for .tflite), tensors and embedded metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise MixdeployError(f"{path} does not exist; pass an exported .onnx or .tflite file or a model name")
+    fmt = "onnx" if path.suffix == ".onnx" else "tflite"
+    report = _onnx(path) if fmt == "onnx" else _tflite(path)
+    return {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **report}

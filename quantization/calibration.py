@@ -1,0 +1,68 @@
+"""Calibration and evaluation images: every readable photo under a folder, preprocessed exactly
+as the model's config says (timm's eval transform)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from rich.progress import Progress
+
+from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform
+
+MIN_IMAGES = 2
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed images (N, C, H, W), their files, ImageFolder labels when the layout has them,
+    and the files that could not be read."""
+
+    images: torch.Tensor
+    paths: list[Path]
+    labels: list[str] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def split(self, n: int) -> tuple["ImageSet", "ImageSet"]:
+        """The first n images and the rest."""
+        cut = lambda v: (v[:n], v[n:]) if v is not None else (None, None)  # noqa: E731
+        (a, b), (pa, pb), (la, lb) = cut(self.images), cut(self.paths), cut(self.labels)
+        return ImageSet(a, pa, la, self.skipped), ImageSet(b, pb, lb, [])
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every JPEG, PNG, WebP and BMP under `folder`, recursively, in a stable order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MixdeployError(f"image folder {folder} does not exist or is not a folder; pass a folder of photos")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = None,
+                progress: bool = True, minimum: int = MIN_IMAGES) -> ImageSet:
+    """Decode and preprocess up to `limit` readable images; unreadable ones are skipped and listed."""
+    folder = Path(folder)
+    paths = find_images(folder)
+    transform = eval_transform(cfg)
+    tensors, used, skipped = [], [], []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"reading {folder}", total=len(paths) if limit is None else min(limit, len(paths)))
+        for path in paths:
+            if limit is not None and len(used) >= limit:
+                break
+            try:
+                with Image.open(path) as img:
+                    tensors.append(transform(img.convert("RGB")))
+                used.append(path)
+                bar.advance(task)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                skipped.append((str(path), type(exc).__name__))
+    if len(used) < minimum:
+        raise MixdeployError(f"{folder} has {len(used)} usable image(s) (need at least {minimum}; "
+                             f"{len(skipped)} unreadable); add JPEG, PNG, WebP or BMP photos")
+    top = {p.relative_to(folder).parts[0] for p in used}
+    labelled = all(len(p.relative_to(folder).parts) == 2 for p in used) and len(top) > 1
+    labels = [p.relative_to(folder).parts[0] for p in used] if labelled else None
+    return ImageSet(torch.stack(tensors), used, labels, skipped)

@@ -1,0 +1,145 @@
+"""`mixdeploy quantize`: calibrate on the user's images, write an int8 model, report what it costs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from exporters.export import check_writable
+from exporters.inspect_file import inspect_file
+from mixnet_deploy import load_model
+from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.lower import lower
+from mixnet_deploy.models import LoadedModel
+from mixnet_deploy.parity import ParityReport, compare
+from mixnet_deploy.planner import make_plan
+
+from .accuracy import accuracy
+from .calibration import ImageSet, load_folder
+
+IO_TYPES = ("int8", "uint8", "float32")
+
+
+@dataclass
+class QuantizeResult:
+    """The int8 file, how it was calibrated, and how it compares with the float model."""
+
+    path: Path
+    format: str
+    model: str
+    weights: str
+    method: str
+    io: str
+    calibration: dict
+    agreement: ParityReport
+    accuracy: dict | None = None
+    kept_float: list[str] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "model": self.model, "weights": self.weights,
+                "method": self.method, "io": self.io, "calibration": self.calibration,
+                "agreement": self.agreement.to_dict(), "accuracy": self.accuracy, "kept_float": self.kept_float,
+                "plan": self.plan, **self.details}
+
+
+def _source(source: str, checkpoint: str | None, fmt: str | None) -> tuple[LoadedModel, str]:
+    """The float model behind SOURCE (a model name, or a float file mixdeploy exported) and the format."""
+    if source.endswith((".onnx", ".tflite")):
+        report = inspect_file(source)
+        meta = report.get("metadata", {})
+        if "mixdeploy.model" not in meta:
+            raise MixdeployError(f"{source} was not exported by mixdeploy (no mixdeploy metadata); export the model "
+                                 "with `mixdeploy export MODEL` or pass the model name")
+        quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
+        if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
+            raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
+        weights = meta["mixdeploy.weights"]
+        ckpt = None if weights in ("random-init", "pretrained") else weights
+        if ckpt is not None and not Path(ckpt).is_file():
+            raise MixdeployError(f"{source} was exported from {ckpt}, which is gone; pass the model name and --checkpoint")
+        return load_model(meta["mixdeploy.model"], ckpt, weights == "pretrained"), Path(source).suffix[1:]
+    return load_model(source, checkpoint), fmt or "tflite"
+
+
+def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
+             checkpoint: str | None = None, num_calib: int = 100, method: str = "minmax", io: str = "int8",
+             eval_dir: str | Path | None = None, force: bool = False, keep_float: list[str] | None = None,
+             step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
+    """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images."""
+    from exporters.formats import FORMATS
+
+    if io not in IO_TYPES:
+        raise MixdeployError(f"--io {io!r}: use {', '.join(IO_TYPES)}")
+    loaded, fmt = _source(source, checkpoint, fmt)
+    if fmt not in ("tflite", "onnx"):
+        raise MixdeployError(f"--format {fmt!r}: use tflite or onnx")
+    out = Path(output) if output else Path(f"{loaded.name}_int8.{fmt}")
+    check_writable(out, force)
+    step("reading calibration images")
+    images = load_folder(calib, loaded.preprocess)
+    if eval_dir is not None:
+        calibration, held_out = images.split(num_calib)[0], load_folder(eval_dir, loaded.preprocess)
+    else:
+        n = min(num_calib, len(images.images) - max(1, len(images.images) // 5))
+        calibration, held_out = images.split(n)
+    size = loaded.preprocess.input_size
+    target = FORMATS[fmt].target
+    step(f"planning and lowering for {target} int8")
+    plan = make_plan("auto", loaded.module, size, target)
+    lowered = lower(loaded.module, size, plan, check_inputs=calibration.images[:4])
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        step(f"calibrating on {len(calibration.images)} images and writing {out.name}")
+        _write(fmt, lowered.module, size, tmp, calibration.images.numpy(), method, io, keep_float)
+        step("comparing with the float model")
+        with torch.no_grad():
+            reference = loaded.module(held_out.images).numpy()
+        candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
+        agreement = compare(reference, candidate)
+        meta = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
+                "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
+                "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
+                "calibration_images": len(calibration.images), "kept_float": keep_float or []},
+                "mixdeploy.parity": agreement.to_dict()}
+        FORMATS[fmt].add_metadata(tmp, meta)
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    acc = accuracy(reference, candidate, held_out.labels, loaded) if held_out.labels else None
+    calib_info = {"folder": str(calib), "used": len(calibration.images), "evaluated": len(held_out.images),
+                  "eval_folder": str(eval_dir) if eval_dir else None, "skipped": len(images.skipped),
+                  "skipped_files": images.skipped}
+    return QuantizeResult(out, fmt, loaded.name, loaded.weights, method, io, calib_info, agreement, acc,
+                          keep_float or [], plan.layers, FORMATS[fmt].inspect(out))
+
+
+def _write(fmt: str, module, size, path: Path, images: np.ndarray, method: str, io: str,
+           keep_float: list[str] | None) -> None:
+    if fmt == "tflite":
+        from .tflite_int8 import quantize_tflite
+
+        if method != "minmax":
+            raise MixdeployError("the TFLite converter calibrates with min/max only; use --method minmax for tflite")
+        quantize_tflite(module, size, path, images, io_type=io)
+        return
+    from exporters.onnx_export import write_onnx
+
+    from .onnx_qdq import quantize_onnx
+
+    if io != "float32":
+        raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
+    float_path = path.with_name(path.name + ".float.onnx")
+    try:
+        write_onnx(module, size, float_path)
+        quantize_onnx(float_path, path, images, method, keep_float)
+    finally:
+        float_path.unlink(missing_ok=True)

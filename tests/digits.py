@@ -1,0 +1,58 @@
+"""A small real task for tests whose numbers must mean something: scikit-learn's handwritten
+digits (8x8, upscaled to 32x32 RGB PNGs in an ImageFolder layout) and mixnet_s trained on them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PREPROCESS = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0,
+              "interpolation": "bilinear", "crop_mode": "center"}
+SIZE = 32
+
+
+def write_dataset(root: Path) -> None:
+    """train/ (80 %) and eval/ (20 %) folders of PNGs, one subfolder per digit."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.images))
+    for rank, i in enumerate(order):
+        split = "eval" if rank % 5 == 0 else "train"
+        folder = root / split / str(data.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (data.images[i] / 16.0 * 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR).convert("RGB").save(folder / f"{i}.png")
+
+
+def train(root: Path, seconds: float = 90.0) -> Path:
+    """mixnet_s (10 classes) trained for about `seconds` on train/; returns the checkpoint path."""
+    import time
+
+    import timm
+
+    from mixnet_deploy.preprocess import PreprocessConfig
+    from quantization.calibration import load_folder
+
+    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in PREPROCESS.items()})
+    data = load_folder(root / "train", cfg, progress=False)
+    x, y = data.images, torch.tensor([int(label) for label in data.labels])
+    torch.manual_seed(0)
+    model = timm.create_model("mixnet_s", num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    start = time.monotonic()
+    model.train()
+    while time.monotonic() - start < seconds:
+        for idx in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if time.monotonic() - start > seconds:
+                break
+    path = root / "mixnet_s_digits.pth"
+    torch.save({"state_dict": model.eval().state_dict(), "preprocess": PREPROCESS,
+                "labels": [str(i) for i in range(10)]}, path)
+    return path

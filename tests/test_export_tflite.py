@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_usage_error
+from devices.local_runtime import LiteRtRunner
+from exporters.export import export
+from exporters.tflite_export import write_tflite
+from exporters.tflite_inspect import delegation, read_metadata
+from mixnet_deploy.lower import analyse, lower
+from mixnet_deploy.models import MIXNETS
+from mixnet_deploy.plan import Plan
+from test_lowering import LAYERS, block
+
+pytestmark = pytest.mark.slow
+
+
+def depthwise_kernels(path) -> list[int]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    return [int(tensors[op["inputs"][1]]["shape"][1]) for op in interp._get_ops_details()
+            if op["op_name"] == "DEPTHWISE_CONV_2D"]
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_every_choice_converts_with_parity(tmp_path, layer):
+    torch.manual_seed(0)
+    mix = LAYERS[layer]()
+    channels = sum(mix.splits)
+    model = block(mix, channels)
+    info, = analyse(model, (channels, 19, 21))
+    x = torch.randn(3, channels, 19, 21)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for choice in info.candidates:
+        lowered = lower(model, (channels, 19, 21), Plan({"1": choice}))
+        write_tflite(lowered.module, (channels, 19, 21), tmp_path / "m.tflite")
+        out = LiteRtRunner(tmp_path / "m.tflite").run(x.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), choice
+        assert not delegation(tmp_path / "m.tflite")["not_delegated"], choice
+
+
+@pytest.mark.parametrize("name", MIXNETS + ("mixconv_mobilenetv2_100",))
+def test_every_model_converts_with_parity(tmp_path, name):
+    result, = export(name, "tflite", tmp_path / f"{name}.tflite")
+    assert result.passed and result.parity.rel_max <= 1e-5
+    assert result.details["delegated"] == result.details["nodes"]
+    assert "TRANSPOSE" not in result.ops and "SPLIT_V" not in result.ops
+
+
+def test_mixnet_s_auto_plan_is_all_xnnpack_and_avoids_slow_kernels(tmp_path):
+    result, = export("mixnet_s", "tflite", tmp_path / "s.tflite", plan="auto")
+    details = result.details
+    assert details["partitions"] == 1 and details["not_delegated"] == {}
+    assert max(depthwise_kernels(result.path)) <= 5
+    assert details["inputs"][0]["shape"] == [1, 224, 224, 3] and details["inputs"][0]["name"] == "input"
+    assert details["outputs"][0]["name"] == "logits"
+    meta = read_metadata(result.path)
+    assert meta["mixdeploy.plan"]["target"] == "litert" and meta["mixdeploy.parity"]["passed"]
+    assert len(meta["mixdeploy.labels"]) == 1000 and meta["mixdeploy.preprocess"]["crop_pct"] == 0.875
+    split = export("mixnet_s", "tflite", tmp_path / "split.tflite", plan="split")[0]
+    assert max(depthwise_kernels(split.path)) == 11  # the slow kernels the auto plan avoids
+
+
+def test_nchw_input_adds_one_transpose(tmp_path):
+    result, = export("mixnet_s", "tflite", tmp_path / "n.tflite", options={"input_layout": "nchw"})
+    assert result.passed and result.ops["TRANSPOSE"] == 1
+    assert result.details["inputs"][0]["shape"] == [1, 3, 224, 224]
+
+
+def test_fp16_weights_keep_agreement_on_photos(tmp_path):
+    result, = export("mixnet_s", "tflite", tmp_path / "h.tflite", options={"fp16": True})
+    assert result.passed and result.parity.top1_agreement >= 0.99 and result.parity.cosine >= 0.9999
+    assert result.size_bytes < 0.6 * export("mixnet_s", "tflite", tmp_path / "f.tflite", plan="fold")[0].size_bytes
+
+
+def test_all_formats_and_info_of_files(tmp_path, run_cli):
+    result = run_cli("export", "tf_mixnet_s", "--format", "all", "-o", tmp_path / "both", "--json")
+    assert result.code == 0, result.err
+    reports = json.loads(result.out)
+    assert [r["format"] for r in reports] == ["onnx", "tflite"] and all(r["passed"] for r in reports)
+    for suffix in (".onnx", ".tflite"):
+        info = run_cli("info", tmp_path / f"both{suffix}", "--json")
+        assert info.code == 0, info.err
+        report = json.loads(info.out)
+        assert report["metadata"]["mixdeploy.model"] == "tf_mixnet_s" and report["ops"]
+    text = run_cli("info", tmp_path / "both.tflite")
+    assert "XNNPACK takes" in text.out and "PASS" in text.out
+    assert_usage_error(run_cli("export", "tf_mixnet_s", "--format", "tflite", "-o", tmp_path / "both.tflite"), "--force")
+    (tmp_path / "junk.tflite").write_bytes(b"not a flatbuffer")
+    assert_usage_error(run_cli("info", tmp_path / "junk.tflite"), "not a readable TFLite file")

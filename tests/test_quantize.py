@@ -1,0 +1,90 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PHOTOS, assert_usage_error
+from mixnet_deploy import load_model
+from mixnet_deploy.preprocess import eval_transform, load_images
+from quantization.calibration import find_images, load_folder
+
+pytestmark = pytest.mark.slow
+
+
+def test_calibration_preprocessing_equals_timms_eval_transform():
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    for name in ("mixnet_s", "tf_mixnet_s"):
+        loaded = load_model(name)
+        timm_transform = create_transform(**resolve_data_config(model=loaded.module), is_training=False)
+        path = sorted(PHOTOS.glob("*.jpg"))[0]
+        with Image.open(path) as img:
+            expected = timm_transform(img.convert("RGB"))
+        got = load_folder(PHOTOS, loaded.preprocess, progress=False)
+        assert torch.equal(got.images[0], expected)
+        assert torch.equal(load_images([path], loaded.preprocess)[0], expected)
+        assert repr(eval_transform(loaded.preprocess)) == repr(timm_transform)
+
+
+def test_finds_images_recursively_and_skips_unreadable(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    shutil.copy(PHOTOS / "coffee.jpg", tmp_path / "a" / "b" / "x.JPG")
+    shutil.copy(PHOTOS / "rocket.jpg", tmp_path / "y.jpeg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert [p.name for p in find_images(tmp_path)] == ["x.JPG", "broken.png", "y.jpeg"]
+    images = load_folder(tmp_path, load_model("mixnet_s").preprocess, progress=False)
+    assert len(images.images) == 2 and [s[0].endswith("broken.png") for s in images.skipped] == [True]
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_digits_model_quantizes_with_small_accuracy_drop(tmp_path, digits, fmt, run_cli):
+    root, checkpoint = digits
+    result = run_cli("quantize", "mixnet_s", "--checkpoint", checkpoint, "--calib", root / "train", "--eval",
+                     root / "eval", "--format", fmt, "--num-calib", "200", "-o", tmp_path / f"d.{fmt}", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    acc = report["accuracy"]
+    assert acc["float_top1"] > 85, acc
+    assert acc["top1_drop_points"] <= 1.0, acc
+    assert report["agreement"]["top1_agreement"] >= 0.97
+    assert report["calibration"]["used"] == 200 and report["calibration"]["evaluated"] == 360
+    ops = report["ops"]
+    assert ("QuantizeLinear" in ops) if fmt == "onnx" else (report["inputs"][0]["dtype"] == "int8")
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fmt):
+    for name in ("mixnet_s", "mixconv_mobilenetv2_100"):
+        exported = run_cli("export", name, "--format", fmt, "-o", tmp_path / f"{name}.{fmt}", "--plan", "fold")
+        assert exported.code == 0, exported.err
+        result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}_q.{fmt}", "--json")
+        assert result.code == 0, result.err
+        report = json.loads(result.out)
+        assert report["model"] == name and report["calibration"]["used"] >= 10
+        assert report["agreement"]["samples"] >= 2 and os.path.getsize(tmp_path / f"{name}_q.{fmt}") > 0
+
+
+def test_bad_calibration_input(tmp_path, run_cli):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "q.tflite"
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", empty, "-o", out), "0 usable image")
+    (empty / "a.txt").write_text("x")
+    (empty / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 corrupt jpeg")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", empty, "-o", out), "1 unreadable")
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(PHOTOS / "coffee.jpg", single / "c.jpg")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", single, "-o", out), "need at least")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", tmp_path / "nope", "-o", out), "does not exist")
+    foreign = tmp_path / "foreign.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),), str(foreign), dynamo=False)
+    assert_usage_error(run_cli("quantize", foreign, "--calib", PHOTOS, "-o", tmp_path / "f.onnx"), "not exported by mixdeploy")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--format", "onnx", "--io", "int8",
+                               "-o", tmp_path / "x.onnx"), "--io float32")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "foreign.onnx", "single"]
