@@ -9,6 +9,7 @@ from dataclasses import asdict
 import click
 from rich.console import Console
 from rich.table import Table
+from pathlib import Path
 
 from mixnet_deploy.errors import MixdeployError
 
@@ -18,6 +19,9 @@ err = Console(stderr=True)
 
 def model_options(fn):
     """MODEL plus the options that say which weights to load."""
+    fn = click.option("--calibrate-bn", is_flag=True,
+                      help="Random-init only: BatchNorm statistics from the shipped photos (realistic activations "
+                           "for benchmarks and int8 without trained weights).")(fn)
     fn = click.option("--pretrained", is_flag=True, help="Download timm's pretrained weights (needs the internet).")(fn)
     fn = click.option("--checkpoint", type=click.Path(), help="Local weights (.pth/.pt/.safetensors) for MODEL.")(fn)
     return click.argument("model")(fn)
@@ -35,7 +39,8 @@ def cli() -> None:
 @click.option("--target", type=click.Choice(["onnxruntime", "litert"]), default="onnxruntime", show_default=True,
               help="Runtime whose cost model makes the auto plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def info(model: str, checkpoint: str | None, pretrained: bool, plan: str | None, target: str, as_json: bool) -> None:
+def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, plan: str | None, target: str,
+         as_json: bool) -> None:
     """Parameters, multiply-adds, input config and MixConv layers of MODEL (and its lowering plan).
 
     MODEL may also be an exported .onnx or .tflite file: ops by type, what XNNPACK takes, size,
@@ -46,7 +51,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, plan: str | None,
     if model.endswith((".onnx", ".tflite")):
         _file_info(model, as_json)
         return
-    loaded = load_model(model, checkpoint, pretrained)
+    loaded = load_model(model, checkpoint, pretrained, calibrate_bn)
     stats = count(loaded.module, loaded.preprocess.input_size)
     chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan else None
     if as_json:
@@ -61,7 +66,8 @@ def info(model: str, checkpoint: str | None, pretrained: bool, plan: str | None,
         click.echo(json.dumps(report, indent=2))
         return
     pre = loaded.preprocess
-    weights = "random-init (pass --pretrained or --checkpoint for trained weights)" if loaded.random_init else loaded.weights
+    weights = (f"{loaded.weights} (pass --pretrained or --checkpoint for trained weights)" if loaded.random_init
+               else loaded.weights)
     out.print(f"[bold]{loaded.name}[/]  weights: {weights}")
     out.print(f"params {stats.params / 1e6:.2f} M   MACs {stats.macs / 1e6:.1f} M (conv+linear {stats.conv_macs / 1e6:.1f} M)")
     out.print(
@@ -134,7 +140,7 @@ def _render_parity(title: str, report) -> Table:
               help="TFLite input layout (nchw adds one transpose at the input).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def export(model: str, checkpoint: str | None, pretrained: bool, fmt: str, output: str | None, plan: str,
+def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, fmt: str, output: str | None, plan: str,
            opset: int, dynamic_batch: bool, fp16: bool, input_layout: str, force: bool, as_json: bool) -> None:
     """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime."""
     from exporters.export import export as run_export
@@ -142,12 +148,13 @@ def export(model: str, checkpoint: str | None, pretrained: bool, fmt: str, outpu
     with err.status("exporting") as status:
         options = {"opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16, "input_layout": input_layout}
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
-                             force=force, options=options, step=lambda text: status.update(text))
+                             force=force, options=options, calibrate_bn=calibrate_bn,
+                             step=lambda text: status.update(text))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         for r in results:
-            weights = "random-init" if r.weights == "random-init" else r.weights
+            weights = r.weights
             choices = ", ".join(f"{c} x{n}" for c, n in sorted(_count(r.plan.layers.values()).items()))
             out.print(f"[bold]{r.path}[/]  {r.model} ({weights})  {r.size_bytes / 1e6:.1f} MB")
             out.print(f"plan ({r.plan.source}, {r.plan.target}): {choices}")
@@ -171,13 +178,15 @@ def export(model: str, checkpoint: str | None, pretrained: bool, fmt: str, outpu
 @click.option("--output", "-o", type=click.Path(), help="Output file. Default: MODEL_int8.EXT here.")
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), help="For a MODEL name (default tflite).")
 @click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
+@click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
 @click.option("--num-calib", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
 @click.option("--eval", "eval_dir", type=click.Path(), help="Held-out images (ImageFolder layout adds accuracy).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None, num_calib: int,
+def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None,
+             calibrate_bn: bool, num_calib: int,
              method: str, io: str | None, eval_dir: str | None, force: bool, as_json: bool) -> None:
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
     from quantization.quantize import quantize as run_quantize
@@ -186,7 +195,8 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     with err.status("quantizing") as status:
         result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, num_calib=num_calib,
                               method=method, io=io or ("float32" if target_fmt == "onnx" else "int8"),
-                              eval_dir=eval_dir, force=force, step=lambda text: status.update(text))
+                              eval_dir=eval_dir, force=force, calibrate_bn=calibrate_bn,
+                              step=lambda text: status.update(text))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -197,10 +207,54 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     a = result.agreement
     out.print(f"vs float on {cal['evaluated']} held-out images: top-1 agreement {a.top1_agreement:.1%}, "
               f"top-5 {a.top5_agreement:.1%}, cosine {a.cosine:.5f}, SQNR {a.sqnr_db:.1f} dB")
+    worst = result.details.get("layers_losing_most", [])
+    if worst:
+        out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst[:5]))
     if result.accuracy:
         acc = result.accuracy
         out.print(f"accuracy: float top-1 {acc['float_top1']:.1f} %, int8 top-1 {acc['int8_top1']:.1f} % "
                   f"(drop {acc['top1_drop_points']:.2f} points); top-5 {acc['float_top5']:.1f} / {acc['int8_top5']:.1f} %")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--device", default="local", show_default=True, help="Where to run: local (adb and ssh devices: not yet).")
+@click.option("--threads", default="1", show_default=True, help="Thread counts to sweep, e.g. 1,2,4.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--parity", "parity_dir", type=click.Path(), help="Photos for the parity check (default: the shipped ones).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: int, parity_dir: str | None,
+          as_json: bool) -> None:
+    """Latency and parity of exported FILES, side by side."""
+    from devices.bench import bench_local
+    from mixnet_deploy.errors import MixdeployError
+
+    if device != "local":
+        raise MixdeployError(f"--device {device}: only the local device is supported in this version")
+    try:
+        counts = [int(t) for t in threads.split(",")]
+    except ValueError:
+        raise MixdeployError(f"--threads {threads!r}: give thread counts like 1,2,4") from None
+    with err.status("benchmarking") as status:
+        results = bench_local(list(files), counts, runs, warmup, parity_dir, step=lambda text: status.update(text))
+    if as_json:
+        click.echo(json.dumps({"device": device, "results": results}, indent=2))
+    else:
+        table = Table(title=f"mixdeploy bench on {device}")
+        for col in ("file", "precision", "MB", "threads", "median ms", "p90 ms", "top-1 agr.", "cosine", "parity"):
+            table.add_column(col, no_wrap=True)
+        for r in results:
+            p = r["parity"]
+            for t, lat in r["latency_by_threads"].items():
+                table.add_row(Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t,
+                              f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{p['top1_agreement']:.1%}",
+                              f"{p['cosine']:.5f}", "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
+        out.print(table)
+    failed = [r["file"] for r in results if not r["parity"]["passed"]]
+    if failed:
+        click.echo(f"mixdeploy: error: parity failed for {', '.join(failed)}", err=True)
+        sys.exit(1)
 
 
 def _count(values) -> dict[str, int]:

@@ -12,10 +12,10 @@ import torch
 from mixnet_deploy import __version__, load_model
 from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.lower import lower
-from mixnet_deploy.parity import ParityReport, compare
+from mixnet_deploy.parity import ParityReport, compare, reference_outputs
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
-from mixnet_deploy.preprocess import sample_photos
+from mixnet_deploy.preprocess import random_images, sample_photos
 
 from .formats import FORMATS, Format
 
@@ -83,6 +83,7 @@ def _versions() -> dict[str, str]:
 
 def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,
            pretrained: bool = False, plan: str = "auto", force: bool = False, options: dict | None = None,
+           calibrate_bn: bool = False,
            step: Callable[[str], None] = lambda _: None) -> list[ExportResult]:
     """Export MODEL to each requested format; a file out of tolerance is kept as *.failed.EXT.
 
@@ -91,7 +92,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     for path in paths.values():
         check_writable(path, force)
     step(f"loading {model}")
-    loaded = load_model(model, checkpoint, pretrained)
+    loaded = load_model(model, checkpoint, pretrained, calibrate_bn)
     size = loaded.preprocess.input_size
     photos = sample_photos(loaded.preprocess)
     results = []
@@ -101,9 +102,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
         chosen = make_plan(plan, loaded.module, size, writer.target)
         step("lowering and verifying against the original")
         lowered = lower(loaded.module, size, chosen, check_inputs=photos)
-        x = torch.cat([torch.randn(4, *size), photos])
-        with torch.no_grad():
-            reference = loaded.module(x).numpy()
+        x = torch.cat([random_images(4, size), photos])
+        reference = reference_outputs(loaded.module, x)
         metadata = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
                     "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
                     "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}

@@ -184,22 +184,29 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
     return forward
 
 
-def write_tflite(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, fp16: bool = False,
-                 input_layout: str = "nhwc", representative: Callable | None = None, io_type: str = "float32") -> None:
-    """Convert `module` to a .tflite file: fp32, fp16 weights, or (with a representative dataset) full int8."""
-    from devices.local_runtime import quiet_native_stderr
-
+def converter(module: nn.Module, input_size: tuple[int, int, int], fp16: bool = False, input_layout: str = "nhwc",
+              representative: Callable | None = None, io_type: str = "float32"):
+    """A TFLite converter for `module`: fp32, fp16 weights, or (with a representative dataset) full int8."""
     tf = tensorflow()
     forward = to_tf_function(module, input_size, input_layout)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
     if fp16:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
     if representative is not None:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if io_type != "float32":
-            converter.inference_input_type = converter.inference_output_type = getattr(tf, io_type)
+            conv.inference_input_type = conv.inference_output_type = getattr(tf, io_type)
+    return conv
+
+
+def write_tflite(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, fp16: bool = False,
+                 input_layout: str = "nhwc", representative: Callable | None = None, io_type: str = "float32") -> None:
+    """Convert `module` to a .tflite file (see `converter`)."""
+    from devices.local_runtime import quiet_native_stderr
+
+    conv = converter(module, input_size, fp16, input_layout, representative, io_type)
     with quiet_native_stderr():
-        Path(path).write_bytes(converter.convert())
+        Path(path).write_bytes(conv.convert())

@@ -84,16 +84,16 @@ def to_groups(module: nn.Module, hw: tuple[int, int]) -> list[ConvGroup] | None:
         depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
         if not square or conv.dilation[0] != conv.dilation[1] or (conv.groups != 1 and not depthwise):
             return None
-        weight = conv.weight.detach().clone()
-        bias = conv.bias.detach().clone() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+        weight = conv.weight.detach().double()  # rewrites are computed in float64, rounded once at the end
+        bias = conv.bias.detach().double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
         groups.append(ConvGroup(weight, bias, conv.stride[0], conv.dilation[0], static_pads(conv, hw), depthwise))
     return groups
 
 
 def fold_batchnorm(groups: list[ConvGroup], bn: nn.BatchNorm2d) -> list[ConvGroup]:
     """Fold an eval-mode BatchNorm that follows the concatenated groups into each group's conv."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias.detach() - bn.running_mean * scale
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.detach().double() - bn.running_mean.double() * scale
     folded, start = [], 0
     for g in groups:
         s = scale[start:start + g.out_channels]

@@ -76,6 +76,10 @@ class CostModel:
         self.runtime, self.weights, self.align = runtime, weights, align
         self.table, self.source = table or {}, source or {}
 
+    @staticmethod
+    def exists(runtime: str) -> bool:
+        return (TABLES / f"{runtime}.json").exists()
+
     @classmethod
     def load(cls, runtime: str) -> "CostModel":
         path = TABLES / f"{runtime}.json"

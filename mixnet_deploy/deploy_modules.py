@@ -52,8 +52,8 @@ class BlockConv(nn.Module):
                     offsets.append((i * block, j * block))
                     pieces.append(piece)
         self.offsets = offsets
-        self.weight = nn.Parameter(torch.stack(pieces))
-        self.bias = nn.Parameter(bias.clone())
+        self.weight = nn.Parameter(torch.stack(pieces).float())
+        self.bias = nn.Parameter(bias.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = self.pads

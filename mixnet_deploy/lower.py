@@ -15,7 +15,8 @@ from .complexity import mixconv_groups
 from .conv_groups import ConvGroup, fold_batchnorm, to_groups
 from .deploy_modules import BlockConv, DeployConv, LoweredMixConv
 from .errors import MixdeployError
-from .parity import ParityReport, compare
+from .parity import ParityReport, compare, reference_outputs
+from .preprocess import random_images
 from .plan import POINTWISE_CHOICES, DepthwiseChoice, Plan, depthwise_candidates
 
 TOLERANCE = 1e-5  # max abs error relative to max |reference|
@@ -238,12 +239,13 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
 
 def verify(reference: nn.Module, candidate: nn.Module, input_size: tuple[int, int, int],
            check_inputs: torch.Tensor | None = None) -> ParityReport:
-    """Compare on fresh random inputs (and `check_inputs`); out of tolerance is an error."""
-    x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(torch.seed()))
+    """Compare float32 `candidate` with `reference` computed in float64 on fresh random images
+    (and `check_inputs`); out of tolerance is an error."""
+    x = random_images(4, input_size)
     if check_inputs is not None:
         x = torch.cat([x, check_inputs])
     with torch.no_grad():
-        report = compare(reference(x).numpy(), candidate(x).numpy(), max_rel=TOLERANCE)
+        report = compare(reference_outputs(reference, x), candidate(x).numpy(), max_rel=TOLERANCE)
     if not report.passed:
         raise LoweringError(f"lowered model differs from the original: {report.summary()}")
     return report

@@ -33,11 +33,11 @@ class LoadedModel:
     module: nn.Module
     preprocess: PreprocessConfig
     labels: list[str] | None
-    weights: str  # "random-init", "pretrained" or the checkpoint path
+    weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint path
 
     @property
     def random_init(self) -> bool:
-        return self.weights == "random-init"
+        return self.weights.startswith("random-init")
 
 
 def known_models() -> tuple[str, ...]:
@@ -91,9 +91,14 @@ def _labels(num_classes: int) -> list[str] | None:
 RANDOM_SEED = 0
 
 
-def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False) -> LoadedModel:
+RANDOM_INIT, CALIBRATED = "random-init", "random-init+calibrated-bn"
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
+               calibrate_bn: bool = False) -> LoadedModel:
     """Build `name` in eval mode: timm's pretrained weights, a local checkpoint, or random-init
-    (always from the same seed, so that a random-init export can be rebuilt from its metadata)."""
+    (always from the same seed, so that a random-init export can be rebuilt from its metadata;
+    calibrate_bn sets its BatchNorm statistics from the shipped photos)."""
     _check_name(name)
     if checkpoint is not None and pretrained:
         raise MixdeployError("pass either --pretrained or --checkpoint, not both")
@@ -108,13 +113,36 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if state is not None:
         apply_state_dict(module, state, str(checkpoint), name)
     module.eval()
-    weights = str(checkpoint) if checkpoint is not None else "pretrained" if pretrained else "random-init"
+    if calibrate_bn and (checkpoint is not None or pretrained):
+        raise MixdeployError("--calibrate-bn is for random-init models; trained weights keep their statistics")
+    weights = (str(checkpoint) if checkpoint is not None else "pretrained" if pretrained
+               else CALIBRATED if calibrate_bn else RANDOM_INIT)
     preprocess = PreprocessConfig.from_model(module)
+    if calibrate_bn:
+        calibrate_batchnorm(module, preprocess)
     if "preprocess" in extras:
         merged = {**preprocess.to_dict(), **extras["preprocess"]}
         preprocess = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
     labels = list(extras["labels"]) if "labels" in extras else _labels(module.num_classes)
     return LoadedModel(name, module, preprocess, labels, weights)
+
+
+def calibrate_batchnorm(model: nn.Module, preprocess: PreprocessConfig) -> None:
+    """Set every BatchNorm's statistics to those of the shipped photos (and their mirror images):
+    a random-init model then has activations of a sensible scale, as a trained one would."""
+    from .preprocess import sample_photos
+
+    photos = sample_photos(preprocess)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        model(torch.cat([photos, photos.flip(3)]))
+    for bn in norms:
+        bn.momentum = 0.1
+    model.eval()
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -130,3 +158,12 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 bn.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
     return model
+
+
+def reload(weights: str, name: str) -> LoadedModel:
+    """The model an export's metadata names, rebuilt from its recorded weights."""
+    if weights in (RANDOM_INIT, CALIBRATED, "pretrained"):
+        return load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED)
+    if not Path(weights).is_file():
+        raise MixdeployError(f"the export was made from {weights}, which is gone; pass the model name and --checkpoint")
+    return load_model(name, weights)

@@ -35,6 +35,17 @@ class ParityReport:
         return asdict(self)
 
 
+def reference_outputs(model, x) -> np.ndarray:
+    """The PyTorch model's outputs computed in float64: the exact result that float32 files and
+    rewrites are measured against (float32 PyTorch itself is off by a few 1e-6 on deep models)."""
+    import copy
+
+    import torch
+
+    with torch.no_grad():
+        return copy.deepcopy(model).double().eval()(x.double()).numpy()
+
+
 def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None = None,
             min_cosine: float | None = None, min_top1: float | None = None) -> ParityReport:
     """Compare two (N, classes) outputs; each given threshold must hold for `passed`."""

@@ -10,11 +10,14 @@ from .errors import MixdeployError
 from .lower import analyse, discover, layer_info, preset_plan
 from .plan import Plan
 
-TARGETS = ("onnxruntime", "litert")
+TARGETS = ("onnxruntime", "litert", "litert_int8")
 
 
 def auto_plan(model: nn.Module, input_size: tuple[int, int, int], target: str) -> Plan:
-    """The plan the measured cost model of `target` predicts to be fastest, layer by layer."""
+    """The plan the measured cost model of `target` predicts to be fastest, layer by layer (an int8
+    target without a table of its own falls back to its float table)."""
+    if target.endswith("_int8") and not CostModel.exists(target):
+        target = target.removesuffix("_int8")
     costs = CostModel.load(target)
     plan = Plan(target=target, source="auto")
     for site in discover(model, input_size):

@@ -66,3 +66,17 @@ def sample_photos(cfg: PreprocessConfig, limit: int | None = None) -> torch.Tens
     """The real photos shipped with mixdeploy, preprocessed for the model."""
     paths = sorted(p for p in SAMPLE_IMAGES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return load_images(paths[:limit], cfg)
+
+
+def random_images(n: int, input_size: tuple[int, int, int], seed: int | None = None) -> torch.Tensor:
+    """Fresh random images in the model's normalized input space, with the smooth, mostly coarse
+    structure of photos (noise at several scales, finer scales weaker: a pink-noise spectrum) and
+    unit standard deviation. Unlike i.i.d. pixel noise, they keep a network whose BatchNorm was
+    fitted to photos within the activation range it works in."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    c, h, w = input_size
+    image = torch.zeros(n, c, h, w)
+    for cells, weight in ((4, 1.0), (8, 0.7), (16, 0.5), (32, 0.35), (64, 0.25)):
+        noise = torch.randn(n, c, min(cells, h), min(cells, w), generator=gen)
+        image += weight * torch.nn.functional.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)
+    return (image - image.mean()) / image.std()

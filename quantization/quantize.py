@@ -16,7 +16,7 @@ from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
 from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.lower import lower
-from mixnet_deploy.models import LoadedModel
+from mixnet_deploy.models import LoadedModel, reload
 from mixnet_deploy.parity import ParityReport, compare
 from mixnet_deploy.planner import make_plan
 
@@ -50,7 +50,7 @@ class QuantizeResult:
                 "plan": self.plan, **self.details}
 
 
-def _source(source: str, checkpoint: str | None, fmt: str | None) -> tuple[LoadedModel, str]:
+def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: bool) -> tuple[LoadedModel, str]:
     """The float model behind SOURCE (a model name, or a float file mixdeploy exported) and the format."""
     if source.endswith((".onnx", ".tflite")):
         report = inspect_file(source)
@@ -61,24 +61,21 @@ def _source(source: str, checkpoint: str | None, fmt: str | None) -> tuple[Loade
         quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
-        weights = meta["mixdeploy.weights"]
-        ckpt = None if weights in ("random-init", "pretrained") else weights
-        if ckpt is not None and not Path(ckpt).is_file():
-            raise MixdeployError(f"{source} was exported from {ckpt}, which is gone; pass the model name and --checkpoint")
-        return load_model(meta["mixdeploy.model"], ckpt, weights == "pretrained"), Path(source).suffix[1:]
-    return load_model(source, checkpoint), fmt or "tflite"
+        return reload(meta["mixdeploy.weights"], meta["mixdeploy.model"]), Path(source).suffix[1:]
+    return load_model(source, checkpoint, calibrate_bn=calibrate_bn), fmt or "tflite"
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
              checkpoint: str | None = None, num_calib: int = 100, method: str = "minmax", io: str = "int8",
              eval_dir: str | Path | None = None, force: bool = False, keep_float: list[str] | None = None,
+             calibrate_bn: bool = False,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images."""
     from exporters.formats import FORMATS
 
     if io not in IO_TYPES:
         raise MixdeployError(f"--io {io!r}: use {', '.join(IO_TYPES)}")
-    loaded, fmt = _source(source, checkpoint, fmt)
+    loaded, fmt = _source(source, checkpoint, fmt, calibrate_bn)
     if fmt not in ("tflite", "onnx"):
         raise MixdeployError(f"--format {fmt!r}: use tflite or onnx")
     out = Path(output) if output else Path(f"{loaded.name}_int8.{fmt}")
@@ -91,14 +88,15 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         n = min(num_calib, len(images.images) - max(1, len(images.images) // 5))
         calibration, held_out = images.split(n)
     size = loaded.preprocess.input_size
-    target = FORMATS[fmt].target
-    step(f"planning and lowering for {target} int8")
+    target = FORMATS[fmt].target + "_int8"
+    step(f"planning and lowering for {target}")
     plan = make_plan("auto", loaded.module, size, target)
     lowered = lower(loaded.module, size, plan, check_inputs=calibration.images[:4])
     tmp = out.with_name(f".{out.name}.partial")
     try:
         step(f"calibrating on {len(calibration.images)} images and writing {out.name}")
-        _write(fmt, lowered.module, size, tmp, calibration.images.numpy(), method, io, keep_float)
+        layers = _write(fmt, lowered.module, size, tmp, calibration.images.numpy(), method, io, keep_float,
+                        held_out.images[:8].numpy(), step)
         step("comparing with the float model")
         with torch.no_grad():
             reference = loaded.module(held_out.images).numpy()
@@ -118,19 +116,27 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     calib_info = {"folder": str(calib), "used": len(calibration.images), "evaluated": len(held_out.images),
                   "eval_folder": str(eval_dir) if eval_dir else None, "skipped": len(images.skipped),
                   "skipped_files": images.skipped}
+    details = FORMATS[fmt].inspect(out) | {"layers_losing_most": layers[:LAYERS_SHOWN]}
     return QuantizeResult(out, fmt, loaded.name, loaded.weights, method, io, calib_info, agreement, acc,
-                          keep_float or [], plan.layers, FORMATS[fmt].inspect(out))
+                          keep_float or [], plan.layers, details)
+
+
+LAYERS_SHOWN = 10
 
 
 def _write(fmt: str, module, size, path: Path, images: np.ndarray, method: str, io: str,
-           keep_float: list[str] | None) -> None:
+           keep_float: list[str] | None, probe: np.ndarray, step: Callable[[str], None]) -> list[dict]:
+    """Write the int8 model; return per-layer SQNR on `probe` images, worst first."""
+    from . import sensitivity
+
     if fmt == "tflite":
         from .tflite_int8 import quantize_tflite
 
         if method != "minmax":
             raise MixdeployError("the TFLite converter calibrates with min/max only; use --method minmax for tflite")
         quantize_tflite(module, size, path, images, io_type=io)
-        return
+        step("per-layer SQNR")
+        return sensitivity.tflite_layers(module, size, probe)
     from exporters.onnx_export import write_onnx
 
     from .onnx_qdq import quantize_onnx
@@ -141,5 +147,7 @@ def _write(fmt: str, module, size, path: Path, images: np.ndarray, method: str, 
     try:
         write_onnx(module, size, float_path)
         quantize_onnx(float_path, path, images, method, keep_float)
+        step("per-layer SQNR")
+        return sensitivity.onnx_layers(float_path, path, probe)
     finally:
         float_path.unlink(missing_ok=True)
