@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -9,51 +10,38 @@ from devices.local_runtime import LiteRtRunner, OrtRunner
 from exporters.onnx_export import write_onnx
 from exporters.tflite_export import write_tflite
 
-ALIGN = {"onnxruntime": 16, "litert": 16, "litert_int8": 16}  # ONNX Runtime's NCHWc block on AVX-512; XNNPACK's channel tile
+ALIGN = {"onnxruntime": 16, "litert": 16, "litert_int8": 16}  # ORT's NCHWc block on AVX-512; XNNPACK's tile
 
 
-def time_onnx(probes: dict, input_size: tuple[int, int, int], tmp: Path, rounds: int) -> dict[str, float]:
-    """Median ms per candidate in ONNX Runtime."""
-    runners = {}
-    for i, (choice, lowered) in enumerate(probes.items()):
-        path = tmp / f"probe{i}.onnx"
-        write_onnx(lowered.module, input_size, path)
-        runners[choice] = OrtRunner(path, threads=1)
-    return _best(runners, np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32), rounds)
-
-
-def time_litert(probes: dict, input_size: tuple[int, int, int], tmp: Path, rounds: int) -> dict[str, float]:
-    """Median ms per candidate in LiteRT with XNNPACK (NHWC input)."""
-    runners = {}
-    for i, (choice, lowered) in enumerate(probes.items()):
-        path = tmp / f"probe{i}.tflite"
-        write_tflite(lowered.module, input_size, path)
-        runners[choice] = LiteRtRunner(path, threads=1)
-    c, h, w = input_size
-    return _best(runners, np.random.default_rng(0).standard_normal((1, h, w, c), dtype=np.float32), rounds)
-
-
-def time_litert_int8(probes: dict, input_size: tuple[int, int, int], tmp: Path, rounds: int) -> dict[str, float]:
-    """Median ms per candidate in LiteRT with XNNPACK, full-integer int8 (calibrated on random data)."""
+def _int8_tflite(module, input_size, path) -> None:
     from quantization.tflite_int8 import quantize_tflite
 
     calib = np.random.default_rng(1).standard_normal((8, *input_size), dtype=np.float32)
-    runners = {}
-    for i, (choice, lowered) in enumerate(probes.items()):
-        path = tmp / f"probe{i}.tflite"
-        quantize_tflite(lowered.module, input_size, path, calib, io_type="int8")
-        runners[choice] = LiteRtRunner(path, threads=1)
-    c, h, w = input_size
-    return _best(runners, np.random.default_rng(0).standard_normal((1, h, w, c), dtype=np.float32), rounds)
+    quantize_tflite(module, input_size, path, calib, io_type="int8")
 
 
-def _best(runners: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median ms per candidate, candidates interleaved over `rounds`, the best round kept."""
-    best = {c: float("inf") for c in runners}
-    for _ in range(rounds):
-        for choice, runner in runners.items():
-            best[choice] = min(best[choice], float(np.median(runner.time(x, runs=40, warmup=5))))
-    return best
+def _timer(write: Callable, runner: type, suffix: str, nhwc: bool) -> Callable:
+    """A timer: write every candidate probe, then median ms per candidate, interleaved over rounds."""
+
+    def time(probes: dict, input_size: tuple[int, int, int], tmp: Path, rounds: int) -> dict[str, float]:
+        runners = {}
+        for i, (choice, lowered) in enumerate(probes.items()):
+            path = tmp / f"probe{i}{suffix}"
+            write(lowered.module, input_size, path)
+            runners[choice] = runner(path, threads=1)
+        c, h, w = input_size
+        x = np.random.default_rng(0).standard_normal((1, h, w, c) if nhwc else (1, c, h, w), dtype=np.float32)
+        best = {choice: float("inf") for choice in runners}
+        for _ in range(rounds):
+            for choice, r in runners.items():
+                best[choice] = min(best[choice], float(np.median(r.time(x, runs=40, warmup=5))))
+        return best
+
+    return time
 
 
-PROBE_TIMERS = {"onnxruntime": time_onnx, "litert": time_litert, "litert_int8": time_litert_int8}
+PROBE_TIMERS = {
+    "onnxruntime": _timer(write_onnx, OrtRunner, ".onnx", nhwc=False),
+    "litert": _timer(write_tflite, LiteRtRunner, ".tflite", nhwc=True),
+    "litert_int8": _timer(_int8_tflite, LiteRtRunner, ".tflite", nhwc=True),
+}
