@@ -18,7 +18,8 @@ def _onnx(path: Path) -> dict:
 
     def tensor(v) -> dict:
         dims = [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-        return {"name": v.name, "shape": dims, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+        return {"name": v.name, "shape": dims, "dtype": dtype}
 
     meta = {}
     for prop in model.metadata_props:

@@ -101,3 +101,46 @@ def fold_batchnorm(groups: list[ConvGroup], bn: nn.BatchNorm2d) -> list[ConvGrou
         folded.append(replace(g, weight=g.weight * s.view(-1, 1, 1, 1), bias=g.bias * s + b))
         start += g.out_channels
     return folded
+
+
+def _out(size: int, before: int, after: int, k: int, stride: int) -> int:
+    return (size + before + after - k) // stride + 1
+
+
+def crop(group: ConvGroup, in_hw: tuple[int, int]) -> ConvGroup:
+    """Drop the outer kernel rows and columns that only ever meet padding at this input size
+    (a 9x9 kernel on a 2x2 map keeps its 3x3 centre): exact, and less work on small maps."""
+    g = group.dense()
+    k, s = g.kernel, g.stride
+    top, bottom, left, right = g.pads
+    h, w = in_hw
+    out_h, out_w = _out(h, top, bottom, k, s), _out(w, left, right, k, s)
+    # kernel row r meets data for some output o when 0 <= o*s - top + r < h
+    first = min(max(0, top - (out_h - 1) * s), max(0, left - (out_w - 1) * s))
+    last = max(min(k - 1, h - 1 + top), min(k - 1, w - 1 + left))
+    if first == 0 and last == k - 1:
+        return group
+    weight = g.weight[..., first:last + 1, first:last + 1]
+    cut = k - 1 - last
+    return replace(g, weight=weight, pads=(top - first, bottom - cut, left - first, right - cut))
+
+
+def merge(groups: list[ConvGroup], in_hw: tuple[int, int]) -> ConvGroup:
+    """Depthwise groups (same stride) as one conv: each kernel placed so that it reads exactly the
+    input it read before, the rest zero."""
+    dense = [g.dense() for g in groups]
+    if len({g.stride for g in dense}) != 1:
+        raise ValueError("groups with different strides cannot share one kernel")
+    s = dense[0].stride
+    top, left = max(g.pads[0] for g in dense), max(g.pads[2] for g in dense)
+    k = max(max(top - g.pads[0], left - g.pads[2]) + g.kernel for g in dense)
+    weights = []
+    for g in dense:
+        oy, ox = top - g.pads[0], left - g.pads[2]
+        weights.append(torch.nn.functional.pad(g.weight, (ox, k - ox - g.kernel, oy, k - oy - g.kernel)))
+    h, w = in_hw
+    first = dense[0]
+    out_h = _out(h, first.pads[0], first.pads[1], first.kernel, s)
+    out_w = _out(w, first.pads[2], first.pads[3], first.kernel, s)
+    pads = (top, max(0, (out_h - 1) * s + k - h - top), left, max(0, (out_w - 1) * s + k - w - left))
+    return replace(first, weight=torch.cat(weights), bias=torch.cat([g.bias for g in dense]), pads=pads)

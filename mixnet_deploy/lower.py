@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .complexity import mixconv_groups
-from .conv_groups import ConvGroup, fold_batchnorm, to_groups
+from .conv_groups import ConvGroup, crop, fold_batchnorm, merge, to_groups
 from .deploy_modules import BlockConv, DeployConv, LoweredMixConv
 from .errors import MixdeployError
 from .parity import ParityReport, compare, reference_outputs
@@ -124,20 +124,6 @@ def _conv(g: ConvGroup) -> DeployConv:
     return DeployConv(g.weight, g.bias, g.stride, g.dilation, g.pads, g.in_channels if g.depthwise else 1)
 
 
-def _merge(groups: list[ConvGroup]) -> ConvGroup:
-    """Depthwise groups as one conv of the largest kernel, smaller kernels zero-padded and centred."""
-    dense = [g.dense() for g in groups]
-    k = max(g.kernel for g in dense)
-    weights, pads = [], set()
-    for g in dense:
-        o = (k - g.kernel) // 2
-        weights.append(nn.functional.pad(g.weight, (o, o, o, o)))
-        pads.add((g.pads[0] + o, g.pads[1] + o, g.pads[2] + o, g.pads[3] + o))
-    if len(pads) != 1 or len({g.stride for g in dense}) != 1:
-        raise MixdeployError("these MixConv groups cannot share one kernel (different strides or padding)")
-    return replace(dense[0], weight=torch.cat(weights), bias=torch.cat([g.bias for g in dense]), pads=pads.pop())
-
-
 def _depthwise(site: Site, choice: DepthwiseChoice) -> nn.Module:
     runs: list[list[ConvGroup]] = []
     for g in site.groups:
@@ -148,7 +134,8 @@ def _depthwise(site: Site, choice: DepthwiseChoice) -> nn.Module:
             runs.append([g])
     segments = []
     for run in runs:
-        g = _merge(run) if len(run) > 1 else run[0]
+        run = [crop(g, site.in_hw) for g in run]
+        g = merge(run, site.in_hw) if len(run) > 1 else run[0]
         if choice.block and g.dense().kernel > choice.block:
             g = g.dense()
             segments.append(BlockConv(g.weight, g.bias, g.stride, g.pads, choice.block, site.in_hw))

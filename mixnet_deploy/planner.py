@@ -10,7 +10,7 @@ from .errors import MixdeployError
 from .lower import analyse, discover, layer_info, preset_plan
 from .plan import Plan
 
-TARGETS = ("onnxruntime", "litert", "litert_int8")
+TARGETS = ("onnxruntime", "litert", "onnxruntime_int8", "litert_int8")
 
 
 def auto_plan(model: nn.Module, input_size: tuple[int, int, int], target: str) -> Plan:

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_compares_files_side_by_side(tmp_path, run_cli):
-    assert run_cli("export", "mixnet_s", "--format", "all", "-o", tmp_path / "s").code == 0
+    assert run_cli("export", "mixnet_s", "--calibrate-bn", "--format", "all", "-o", tmp_path / "s").code == 0
     assert run_cli("quantize", tmp_path / "s.tflite", "--calib", PHOTOS, "-o", tmp_path / "s_int8.tflite").code == 0
     files = [tmp_path / "s.onnx", tmp_path / "s.tflite", tmp_path / "s_int8.tflite"]
     result = run_cli("bench", *files, "--threads", "1,2", "--runs", "5", "--json")

@@ -148,3 +148,19 @@ def test_cost_model_fit_recovers_known_weights():
     weights = fit(samples)
     for k in ("dw_taps", "split_elems", "segments"):
         assert abs(weights[k] - truth[k]) < 1e-3 * truth[k] + 1e-12
+
+
+@pytest.mark.parametrize("hw,stride", [(1, 1), (2, 1), (3, 2), (2, 2)])
+def test_tiny_maps_crop_kernels_that_only_meet_padding(hw, stride):
+    torch.manual_seed(2)
+    model = block(MixConv(48, (3, 5, 7, 9, 11, 13), stride=stride), 48)
+    info, = analyse(model, (48, hw, hw))
+    x = torch.randn(2, 48, hw, hw)
+    with torch.no_grad():
+        ref = model(x)
+    for choice in info.candidates:
+        lowered = lower(model, (48, hw, hw), Plan({"1": choice})).module
+        with torch.no_grad():
+            assert (lowered(x) - ref).abs().max() <= 1e-5 * ref.abs().max(), choice
+    folded = lower(model, (48, hw, hw), Plan({"1": "fold"})).module[1].segments[0]
+    assert folded.kernel_size[0] <= 2 * hw + 1 < 13

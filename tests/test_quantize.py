@@ -88,3 +88,16 @@ def test_bad_calibration_input(tmp_path, run_cli):
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--format", "onnx", "--io", "int8",
                                "-o", tmp_path / "x.onnx"), "--io float32")
     assert sorted(os.listdir(tmp_path)) == ["empty", "foreign.onnx", "single"]
+
+
+def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
+    from devices.local_runtime import LiteRtRunner
+    from mixnet_deploy.lower import LayerInfo
+    from mixnet_deploy.probes import probe
+    from quantization.tflite_int8 import quantize_tflite
+
+    info = LayerInfo("x", "depthwise", [72] * 5, [72] * 5, [3, 5, 7, 9, 11], 2, (2, 2), (1, 1), ["fold+block3"])
+    calib = np.random.default_rng(0).standard_normal((8, 360, 2, 2)).astype(np.float32)
+    quantize_tflite(probe(info, "fold+block3").module, (360, 2, 2), tmp_path / "t.tflite", calib)
+    out = LiteRtRunner(tmp_path / "t.tflite").run(calib[:2].transpose(0, 2, 3, 1))
+    assert out.shape == (2, 1, 1, 360) and np.isfinite(out).all()
