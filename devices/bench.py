@@ -17,9 +17,10 @@ from mixnet_deploy.preprocess import SAMPLE_IMAGES, PreprocessConfig
 
 from .local_runtime import LiteRtRunner, OrtRunner
 
-# what a deployed file must keep of the PyTorch model's outputs, per precision
-THRESHOLDS = {"fp32": {"max_rel": 1e-4, "min_top1": 1.0}, "fp16": {"min_cosine": 0.999, "min_top1": 0.95},
-              "int8": {"min_cosine": 0.95, "min_top1": 0.8}}
+# what a deployed file must keep of the PyTorch model's outputs, per precision; top-1 agreement of
+# fp16 and int8 is reported, not gated: it depends on the model's margins (random-init logits are flat)
+THRESHOLDS = {"fp32": {"max_rel": 1e-4, "min_top1": 1.0}, "fp16": {"min_cosine": 0.999},
+              "int8": {"min_cosine": 0.97}}
 
 
 def precision(report: dict) -> str:

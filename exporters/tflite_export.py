@@ -22,7 +22,10 @@ MAX_CONCAT = 5  # ... and CONCATENATION with 2-5 inputs
 
 
 def tensorflow():
-    """TensorFlow, imported without the log lines it prints on import."""
+    """TensorFlow, imported without the log lines it prints on import, and after torch._dynamo:
+    torch imports triton lazily, and triton's native module crashes once TensorFlow is loaded."""
+    import torch._dynamo  # noqa: F401
+
     from devices.local_runtime import quiet_native_stderr
 
     with quiet_native_stderr():

@@ -12,10 +12,14 @@ class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over preprocessed NCHW images."""
 
     def __init__(self, images: np.ndarray, input_name: str) -> None:
-        self.batches = iter([{input_name: images[i:i + 1].astype(np.float32)} for i in range(len(images))])
+        self.feeds = [{input_name: images[i:i + 1].astype(np.float32)} for i in range(len(images))]
+        self.batches = iter(self.feeds)
 
     def get_next(self) -> dict | None:
         return next(self.batches, None)
+
+    def __iter__(self):
+        return iter(self.feeds)
 
 
 def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: str = "minmax",
