@@ -24,8 +24,9 @@ class _Reader:
 
 def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: str = "minmax",
                   keep_float: list[str] | None = None) -> None:
-    """Static QDQ quantization (int8 activations and per-channel int8 weights) of a float ONNX file;
-    nodes named in `keep_float` stay in float."""
+    """Static QDQ quantization of a float ONNX file: per-channel int8 weights, uint8 activations
+    (ORT's fast U8S8 kernels on x86; int8 activations ran 3x slower here), `keep_float` nodes
+    stay in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -34,7 +35,7 @@ def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: 
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared), str(out_path), _Reader(images, "input"), quant_format=QuantFormat.QDQ,
-            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=keep_float or [],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
