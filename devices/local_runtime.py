@@ -60,13 +60,11 @@ class OrtRunner:
 class LiteRtRunner:
     """The LiteRT interpreter with its default XNNPACK delegate and a fixed number of threads."""
 
-    def __init__(self, path: str | Path, threads: int = 1, xnnpack: bool = True) -> None:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        from ai_edge_litert.interpreter import Interpreter
 
-        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         with quiet_native_stderr():
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
-                                           experimental_op_resolver_type=resolver)
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
