@@ -30,9 +30,11 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray) -> list[di
         qdq_aug.unlink(missing_ok=True)
     rows = []
     for name, pair in matching.items():
-        if "float" in pair and "pre_qdq" in pair:
+        # post_qdq: the activation as the next op sees it (quantized; a removed ReLU is the clamp)
+        quant = pair.get("post_qdq") or pair.get("pre_qdq")
+        if "float" in pair and quant:
             ref = np.concatenate([a.ravel() for a in pair["float"]])
-            got = np.concatenate([a.ravel() for a in pair["pre_qdq"]])
+            got = np.concatenate([a.ravel() for a in quant])
             rows.append({"layer": name, "sqnr_db": _sqnr(ref, got)})
     return sorted(rows, key=lambda r: r["sqnr_db"])
 
