@@ -183,11 +183,14 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
 @click.option("--eval", "eval_dir", type=click.Path(), help="Held-out images (ImageFolder layout adds accuracy).")
+@click.option("--max-drop", type=click.FloatRange(min=0, max=100), help="Keep sensitive layers in float until "
+              "top-1 agreement with float is within POINTS of 100 %.", metavar="POINTS")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None,
              calibrate_bn: bool, num_calib: int,
-             method: str, io: str | None, eval_dir: str | None, force: bool, as_json: bool) -> None:
+             method: str, io: str | None, eval_dir: str | None, max_drop: float | None, force: bool,
+             as_json: bool) -> None:
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
     from quantization.quantize import quantize as run_quantize
 
@@ -195,11 +198,21 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     with err.status("quantizing") as status:
         result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, num_calib=num_calib,
                               method=method, io=io or ("float32" if target_fmt == "onnx" else "int8"),
-                              eval_dir=eval_dir, force=force, calibrate_bn=calibrate_bn,
+                              eval_dir=eval_dir, force=force, calibrate_bn=calibrate_bn, max_drop=max_drop,
                               step=lambda text: status.update(text))
+    budget = result.details.get("max_drop")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-        return
+    else:
+        _print_quantized(result)
+    if budget and not budget["met"]:
+        click.echo(f"mixdeploy: error: --max-drop {budget['budget_points']} not met even with "
+                   f"{', '.join(result.kept_float)} in float (top-1 agreement {budget['top1_agreement']:.1%}); "
+                   f"{result.path} is written; try more calibration images or --method percentile", err=True)
+        sys.exit(1)
+
+
+def _print_quantized(result) -> None:
     cal = result.calibration
     out.print(f"[bold]{result.path}[/]  {result.model} ({result.weights})  int8 {result.format}, io {result.io}, "
               f"{result.method} calibration on {cal['used']} images ({cal['skipped']} unreadable skipped)")
@@ -207,6 +220,11 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     a = result.agreement
     out.print(f"vs float on {cal['evaluated']} held-out images: top-1 agreement {a.top1_agreement:.1%}, "
               f"top-5 {a.top5_agreement:.1%}, cosine {a.cosine:.5f}, SQNR {a.sqnr_db:.1f} dB")
+    budget = result.details.get("max_drop")
+    if budget:
+        out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
+                  f"{', '.join(result.kept_float) or 'nothing'}; latency {budget['latency_ms']:.2f} ms vs "
+                  f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
     worst = result.details.get("layers_losing_most", [])
     if worst:
         out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst[:5]))

@@ -17,6 +17,7 @@ class Format(Protocol):
 
     def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None: ...
     def run(self, path: Path, x: np.ndarray) -> np.ndarray: ...
+    def latency(self, path: Path, x: np.ndarray, runs: int = 20) -> float: ...
     def tolerance(self, options: dict) -> dict: ...
     def add_metadata(self, path: Path, metadata: dict) -> None: ...
     def inspect(self, path: Path) -> dict: ...
@@ -34,6 +35,11 @@ class OnnxFormat:
         from devices.local_runtime import OrtRunner
 
         return OrtRunner(path).run(x)
+
+    def latency(self, path: Path, x: np.ndarray, runs: int = 20) -> float:
+        from devices.local_runtime import OrtRunner
+
+        return float(np.median(OrtRunner(path).time(x[:1], runs=runs)))
 
     def tolerance(self, options: dict) -> dict:
         return {"max_rel": 1e-5}
@@ -62,12 +68,22 @@ class TfliteFormat:
         write_tflite(module, input_size, path, fp16=options.get("fp16", False),
                      input_layout=options.get("input_layout", "nhwc"))
 
-    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _runner(path: Path, x: np.ndarray):
+        """The interpreter, and NCHW `x` in the layout its input wants."""
         from devices.local_runtime import LiteRtRunner
 
         runner = LiteRtRunner(path)
         nhwc = list(runner.input["shape"][1:]) == [x.shape[2], x.shape[3], x.shape[1]]
-        return runner.run(x.transpose(0, 2, 3, 1) if nhwc else x)
+        return runner, x.transpose(0, 2, 3, 1) if nhwc else x
+
+    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        runner, feed = self._runner(path, x)
+        return runner.run(feed)
+
+    def latency(self, path: Path, x: np.ndarray, runs: int = 20) -> float:
+        runner, feed = self._runner(path, x[:1])
+        return float(np.median(runner.time(feed, runs=runs)))
 
     def tolerance(self, options: dict) -> dict:
         return {"min_cosine": 0.9999, "min_top1": 0.99} if options.get("fp16") else {"max_rel": 1e-5}

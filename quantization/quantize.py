@@ -21,7 +21,8 @@ from mixnet_deploy.parity import ParityReport, compare
 from mixnet_deploy.planner import make_plan
 
 from .accuracy import accuracy
-from .calibration import ImageSet, load_folder
+from .calibration import load_folder
+from .keep_float import GROUPS, onnx_nodes, tflite_ops
 
 IO_TYPES = ("int8", "uint8", "float32")
 
@@ -67,10 +68,12 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
              checkpoint: str | None = None, num_calib: int = 100, method: str = "minmax", io: str = "int8",
-             eval_dir: str | Path | None = None, force: bool = False, keep_float: list[str] | None = None,
+             eval_dir: str | Path | None = None, force: bool = False, max_drop: float | None = None,
              calibrate_bn: bool = False,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
-    """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images."""
+    """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images.
+    max_drop: keep the groups of keep_float.GROUPS in float, one more at a time, until top-1
+    agreement with the float model is within `max_drop` points of 100 %."""
     from exporters.formats import FORMATS
 
     if io not in IO_TYPES:
@@ -93,19 +96,31 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     plan = make_plan("auto", loaded.module, size, target)
     lowered = lower(loaded.module, size, plan, check_inputs=calibration.images[:4])
     tmp = out.with_name(f".{out.name}.partial")
+    with torch.no_grad():
+        reference = loaded.module(held_out.images).numpy()
+    kept: list[str] = []
+    budget: dict | None = None
     try:
-        step(f"calibrating on {len(calibration.images)} images and writing {out.name}")
-        layers = _write(fmt, lowered.module, size, tmp, calibration.images.numpy(), method, io, keep_float,
-                        held_out.images[:8].numpy(), step)
-        step("comparing with the float model")
-        with torch.no_grad():
-            reference = loaded.module(held_out.images).numpy()
-        candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
-        agreement = compare(reference, candidate)
+        while True:
+            step(f"calibrating on {len(calibration.images)} images and writing {out.name}"
+                 + (f" ({', '.join(kept)} in float)" if kept else ""))
+            layers = _write(fmt, lowered.module, size, tmp, calibration.images.numpy(), method, io, kept,
+                            held_out.images[:8].numpy(), step)
+            candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
+            agreement = compare(reference, candidate)
+            if max_drop is None:
+                break
+            latency = FORMATS[fmt].latency(tmp, held_out.images[:1].numpy())
+            budget = budget or {"budget_points": max_drop, "latency_all_int8_ms": latency}
+            budget.update(latency_ms=latency, top1_agreement=agreement.top1_agreement,
+                          met=agreement.top1_agreement * 100 >= 100 - max_drop)
+            if budget["met"] or len(kept) == len(GROUPS):
+                break
+            kept.append(GROUPS[len(kept)])
         meta = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
                 "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
                 "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
-                "calibration_images": len(calibration.images), "kept_float": keep_float or []},
+                "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict()}
         FORMATS[fmt].add_metadata(tmp, meta)
         os.replace(tmp, out)
@@ -116,17 +131,17 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     calib_info = {"folder": str(calib), "used": len(calibration.images), "evaluated": len(held_out.images),
                   "eval_folder": str(eval_dir) if eval_dir else None, "skipped": len(images.skipped),
                   "skipped_files": images.skipped}
-    details = FORMATS[fmt].inspect(out) | {"layers_losing_most": layers[:LAYERS_SHOWN]}
+    details = FORMATS[fmt].inspect(out) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}
     return QuantizeResult(out, fmt, loaded.name, loaded.weights, method, io, calib_info, agreement, acc,
-                          keep_float or [], plan.layers, details)
+                          kept, plan.layers, details)
 
 
 LAYERS_SHOWN = 10
 
 
 def _write(fmt: str, module, size, path: Path, images: np.ndarray, method: str, io: str,
-           keep_float: list[str] | None, probe: np.ndarray, step: Callable[[str], None]) -> list[dict]:
-    """Write the int8 model; return per-layer SQNR on `probe` images, worst first."""
+           kept: list[str], probe: np.ndarray, step: Callable[[str], None]) -> list[dict]:
+    """Write the int8 model (the `kept` groups in float); return per-layer SQNR on `probe`, worst first."""
     from . import sensitivity
 
     if fmt == "tflite":
@@ -134,7 +149,8 @@ def _write(fmt: str, module, size, path: Path, images: np.ndarray, method: str, 
 
         if method != "minmax":
             raise MixdeployError("the TFLite converter calibrates with min/max only; use --method minmax for tflite")
-        quantize_tflite(module, size, path, images, io_type=io)
+        float_ops = tflite_ops(kept)
+        quantize_tflite(module, size, path, images, io_type="float32" if float_ops else io, float_ops=float_ops)
         step("per-layer SQNR")
         return sensitivity.tflite_layers(module, size, probe)
     from exporters.onnx_export import write_onnx
@@ -146,7 +162,7 @@ def _write(fmt: str, module, size, path: Path, images: np.ndarray, method: str, 
     float_path = path.with_name(path.name + ".float.onnx")
     try:
         write_onnx(module, size, float_path)
-        quantize_onnx(float_path, path, images, method, keep_float)
+        quantize_onnx(float_path, path, images, method, onnx_nodes(float_path, kept))
         step("per-layer SQNR")
         return sensitivity.onnx_layers(float_path, path, probe)
     finally:
