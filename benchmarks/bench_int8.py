@@ -8,7 +8,6 @@ Writes benchmarks/results/int8.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.timing import interleaved  # noqa: E402
+from benchmarks.timing import arguments, interleaved  # noqa: E402
 from devices.local_runtime import LiteRtRunner, OrtRunner  # noqa: E402
 from exporters.export import export  # noqa: E402
 from mixnet_deploy import load_model  # noqa: E402
@@ -48,10 +47,7 @@ def onnx2tf_int8(model: torch.nn.Module, name: str, work: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mixnet_s")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = arguments(__doc__, models="mixnet_s", threads="1")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

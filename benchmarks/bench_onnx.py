@@ -6,7 +6,6 @@ Writes benchmarks/results/onnxruntime.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.timing import interleaved  # noqa: E402
+from benchmarks.timing import arguments, interleaved  # noqa: E402
 from devices.local_runtime import OrtRunner  # noqa: E402
 from exporters.export import export  # noqa: E402
 from exporters.onnx_export import write_onnx  # noqa: E402
@@ -26,11 +25,7 @@ from mixnet_deploy import load_model  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mixnet_s,mixnet_m,mixnet_l")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

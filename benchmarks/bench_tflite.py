@@ -8,7 +8,6 @@ Writes benchmarks/results/litert.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -16,14 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.timing import interleaved  # noqa: E402
+from benchmarks.timing import arguments, interleaved  # noqa: E402
 from devices.local_runtime import LiteRtRunner  # noqa: E402
 from exporters.export import export  # noqa: E402
 from exporters.tflite_inspect import delegation  # noqa: E402
@@ -47,11 +45,7 @@ def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mixnet_s,mixnet_m,mixnet_l")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     gflops = gemm_gflops()
     rows, failures = [], {}
     with tempfile.TemporaryDirectory() as tmp:

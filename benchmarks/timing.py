@@ -19,3 +19,14 @@ def summary(times: list[float]) -> dict:
     return {"median": float(np.median(a)), "mean": float(a.mean()), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99)), "min": float(a.min()), "std": float(a.std()), "runs": len(a),
             "raw": [round(float(t), 4) for t in a]}
+
+
+def arguments(doc: str, models: str = "mixnet_s,mixnet_m,mixnet_l", threads: str = "1,2"):
+    """The options every benchmark script takes: --models, --threads, --rounds."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=models)
+    parser.add_argument("--threads", default=threads)
+    parser.add_argument("--rounds", type=int, default=5)
+    return parser.parse_args()

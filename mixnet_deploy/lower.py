@@ -6,7 +6,7 @@ becomes static, and every MixConv is rebuilt from its plan choice out of deploy_
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
