@@ -6,10 +6,12 @@ import os
 import sys
 from dataclasses import asdict
 
+from collections import Counter
+from pathlib import Path
+
 import click
 from rich.console import Console
 from rich.table import Table
-from pathlib import Path
 
 from mixnet_deploy.errors import MixdeployError
 
@@ -103,9 +105,7 @@ def _file_info(path: str, as_json: bool) -> None:
     out.print(f"[bold]{report['path']}[/]  {report['format']}  {report['size_bytes'] / 1e6:.2f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
     if "delegated" in report:
-        left = ", ".join(f"{k} {v}" for k, v in report["not_delegated"].items()) or "none"
-        out.print(f"XNNPACK takes {report['delegated']} of {report['nodes']} nodes in {report['partitions']} "
-                  f"partition(s); left out: {left}")
+        out.print(_delegation_line(report))
     for kind in ("inputs", "outputs"):
         for t in report[kind]:
             out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}")
@@ -116,6 +116,12 @@ def _file_info(path: str, as_json: bool) -> None:
                   f"{'PASS' if parity.get('passed') else 'FAIL'}, max rel {parity.get('rel_max', float('nan')):.3g}")
     else:
         out.print("no mixdeploy metadata: not exported by mixdeploy")
+
+
+def _delegation_line(details: dict) -> str:
+    left = ", ".join(f"{k} {v}" for k, v in details["not_delegated"].items()) or "none"
+    return (f"XNNPACK takes {details['delegated']} of {details['nodes']} nodes in {details['partitions']} "
+            f"partition(s); left out: {left}")
 
 
 def _render_parity(title: str, report) -> Table:
@@ -154,15 +160,12 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         for r in results:
-            weights = r.weights
-            choices = ", ".join(f"{c} x{n}" for c, n in sorted(_count(r.plan.layers.values()).items()))
-            out.print(f"[bold]{r.path}[/]  {r.model} ({weights})  {r.size_bytes / 1e6:.1f} MB")
+            choices = ", ".join(f"{c} x{n}" for c, n in sorted(Counter(r.plan.layers.values()).items()))
+            out.print(f"[bold]{r.path}[/]  {r.model} ({r.weights})  {r.size_bytes / 1e6:.1f} MB")
             out.print(f"plan ({r.plan.source}, {r.plan.target}): {choices}")
             out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()))
             if "delegated" in r.details:
-                left = ", ".join(f"{k} {v}" for k, v in r.details["not_delegated"].items()) or "none"
-                out.print(f"XNNPACK takes {r.details['delegated']} of {r.details['nodes']} nodes "
-                          f"({r.details['partitions']} partition(s)); left out: {left}")
+                out.print(_delegation_line(r.details))
             out.print(_render_parity(f"lowered torch vs original ({r.lowering.rel_max:.2g} of max|ref|)", r.lowering))
             out.print(_render_parity(f"{r.format} file vs PyTorch", r.parity))
     failed = [r for r in results if not r.passed]
@@ -194,10 +197,9 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
     from quantization.quantize import quantize as run_quantize
 
-    target_fmt = fmt or ("onnx" if source.endswith(".onnx") else "tflite")
     with err.status("quantizing") as status:
         result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, num_calib=num_calib,
-                              method=method, io=io or ("float32" if target_fmt == "onnx" else "int8"),
+                              method=method, io=io,
                               eval_dir=eval_dir, force=force, calibrate_bn=calibrate_bn, max_drop=max_drop,
                               step=lambda text: status.update(text))
     budget = result.details.get("max_drop")
@@ -246,7 +248,6 @@ def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: 
           as_json: bool) -> None:
     """Latency and parity of exported FILES, side by side."""
     from devices.bench import bench_local
-    from mixnet_deploy.errors import MixdeployError
 
     if device != "local":
         raise MixdeployError(f"--device {device}: only the local device is supported in this version")
@@ -273,12 +274,6 @@ def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: 
     if failed:
         click.echo(f"mixdeploy: error: parity failed for {', '.join(failed)}", err=True)
         sys.exit(1)
-
-
-def _count(values) -> dict[str, int]:
-    from collections import Counter
-
-    return dict(Counter(values))
 
 
 def main(argv: list[str] | None = None) -> None:

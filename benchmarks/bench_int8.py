@@ -10,40 +10,22 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
-from devices.local_runtime import LiteRtRunner, OrtRunner  # noqa: E402
+from devices.local_runtime import OrtRunner, runner_for  # noqa: E402
 from exporters.export import export  # noqa: E402
 from mixnet_deploy import load_model  # noqa: E402
 from mixnet_deploy.preprocess import SAMPLE_IMAGES  # noqa: E402
 from quantization.quantize import quantize  # noqa: E402
-
-
-def onnx2tf_int8(model: torch.nn.Module, name: str, work: Path) -> Path:
-    """onnx2tf's full-integer quantization (-oiqt) of the plain opset-17 export."""
-    work.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(work / f"{name}.onnx"), dynamo=False,
-                          opset_version=17, input_names=["input"], output_names=["logits"])
-    np.save(work / peers.ONNX2TF_SAMPLE, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
-    env = dict(peers.OFFLINE, PATH=f"{peers.VENVS / 'onnx2tf/bin'}:{os.environ['PATH']}")
-    subprocess.run([str(peers.VENVS / "onnx2tf/bin/onnx2tf"), "-i", f"{name}.onnx", "-o", "out", "-oiqt"],
-                   cwd=work, env=env, check=True, capture_output=True)
-    return work / "out" / f"{name}_full_integer_quant.tflite"
 
 
 def main() -> None:
@@ -56,12 +38,12 @@ def main() -> None:
             for fmt in ("tflite", "onnx"):
                 fp32, = export(name, fmt, work / f"{name}.{fmt}", calibrate_bn=True)
                 files[f"mixdeploy {fmt} fp32"] = fp32.path
-                q = quantize(str(fp32.path), SAMPLE_IMAGES, work / f"{name}_int8.{fmt}",
-                             io="int8" if fmt == "tflite" else "float32")
+                q = quantize(str(fp32.path), SAMPLE_IMAGES, work / f"{name}_int8.{fmt}")
                 files[f"mixdeploy {fmt} int8"] = q.path
             if peers.available()["onnx2tf"]:
-                files["onnx2tf tflite int8"] = onnx2tf_int8(load_model(name, calibrate_bn=True).module, name, work / "o2t")
-            runners = {k: OrtRunner(p) if p.suffix == ".onnx" else LiteRtRunner(p) for k, p in files.items()}
+                files["onnx2tf tflite int8"] = peers.onnx2tf(load_model(name, calibrate_bn=True).module, name, work / "o2t",
+                                                             int8=True)
+            runners = {k: runner_for(p) for k, p in files.items()}
             feeds = {}
             for k, r in runners.items():
                 shape = r.input.shape if isinstance(r, OrtRunner) else r.input["shape"]

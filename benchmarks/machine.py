@@ -22,7 +22,10 @@ def describe() -> dict:
                 "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
     try:
         import ai_edge_litert
-        import tensorflow as tf
+
+        from exporters.tflite_export import tensorflow
+
+        tf = tensorflow()
 
         versions["ai_edge_litert"] = getattr(ai_edge_litert, "__version__", "?")
         versions["tensorflow"] = tf.__version__

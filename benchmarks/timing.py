@@ -1,7 +1,7 @@
 """Interleaved latency measurement: every runner in turn, several rounds, so drift hits all alike."""
 from __future__ import annotations
 
-import numpy as np
+from devices.local_runtime import latency_stats
 
 
 def interleaved(runners: dict, x: dict, rounds: int = 5, runs: int = 40, warmup: int = 5) -> dict[str, dict]:
@@ -10,15 +10,7 @@ def interleaved(runners: dict, x: dict, rounds: int = 5, runs: int = 40, warmup:
     for _ in range(rounds):
         for name, runner in runners.items():
             times[name] += runner.time(x[name], runs=runs, warmup=warmup)
-    return {name: summary(t) for name, t in times.items()}
-
-
-def summary(times: list[float]) -> dict:
-    """Median, mean, p90, p99, min, std of a list of ms, with the raw list."""
-    a = np.asarray(times)
-    return {"median": float(np.median(a)), "mean": float(a.mean()), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "std": float(a.std()), "runs": len(a),
-            "raw": [round(float(t), 4) for t in a]}
+    return {name: latency_stats(t) for name, t in times.items()}
 
 
 def arguments(doc: str, models: str = "mixnet_s,mixnet_m,mixnet_l", threads: str = "1,2"):

@@ -26,6 +26,31 @@ def quiet_native_stderr():
         os.close(saved)
 
 
+def _timed(call, runs: int, warmup: int) -> list[float]:
+    """Latencies in ms of `runs` calls after `warmup` calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def latency_stats(times: list[float]) -> dict:
+    """Median, mean, min, p90, p99, std of a list of ms, with the count and the raw list."""
+    a = np.asarray(times)
+    return {"median": float(np.median(a)), "mean": float(a.mean()), "min": float(a.min()),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "std": float(a.std()),
+            "runs": len(a), "raw": [round(float(t), 4) for t in a]}
+
+
+def runner_for(path: str | Path, threads: int = 1) -> "OrtRunner | LiteRtRunner":
+    """The runtime for a file: ONNX Runtime for .onnx, LiteRT for .tflite."""
+    return OrtRunner(path, threads) if Path(path).suffix == ".onnx" else LiteRtRunner(path, threads)
+
+
 class OrtRunner:
     """ONNX Runtime on the CPU with a fixed number of intra-op threads."""
 
@@ -39,6 +64,10 @@ class OrtRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
 
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        """An NCHW batch as this model takes it (ONNX files are NCHW)."""
+        return x
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """Outputs of the first output for a batch in the model's own layout."""
         if self.input.shape[0] == 1 and len(x) > 1:
@@ -47,14 +76,7 @@ class OrtRunner:
 
     def time(self, x: np.ndarray, runs: int = 50, warmup: int = 5) -> list[float]:
         """Latencies in ms of `runs` single runs after `warmup` runs."""
-        for _ in range(warmup):
-            self.run(x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self.run(x)
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+        return _timed(lambda: self.run(x), runs, warmup)
 
 
 class LiteRtRunner:
@@ -69,6 +91,11 @@ class LiteRtRunner:
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
 
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        """An NCHW batch as this model takes it: transposed to NHWC unless the input is NCHW."""
+        nhwc = list(self.input["shape"][1:]) == [x.shape[2], x.shape[3], x.shape[1]]
+        return x.transpose(0, 2, 3, 1) if nhwc else x
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """Outputs for a batch in the model's own layout and type (quantized io is (de)quantized here)."""
         outs = []
@@ -81,14 +108,7 @@ class LiteRtRunner:
     def time(self, x: np.ndarray, runs: int = 50, warmup: int = 5) -> list[float]:
         """Latencies in ms of `runs` invocations after `warmup`, on the first sample of `x`."""
         self.interpreter.set_tensor(self.input["index"], _quantize(x[:1], self.input))
-        for _ in range(warmup):
-            self.interpreter.invoke()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self.interpreter.invoke()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+        return _timed(self.interpreter.invoke, runs, warmup)
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -95,6 +95,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn)
     size = loaded.preprocess.input_size
     photos = sample_photos(loaded.preprocess)
+    x = torch.cat([random_images(4, size), photos])
+    reference = reference_outputs(loaded.module, x)
     results = []
     for name, path in paths.items():
         writer: Format = FORMATS[name]
@@ -102,8 +104,6 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
         chosen = make_plan(plan, loaded.module, size, writer.target)
         step("lowering and verifying against the original")
         lowered = lower(loaded.module, size, chosen, check_inputs=photos)
-        x = torch.cat([random_images(4, size), photos])
-        reference = reference_outputs(loaded.module, x)
         metadata = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
                     "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
                     "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}

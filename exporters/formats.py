@@ -23,7 +23,21 @@ class Format(Protocol):
     def inspect(self, path: Path) -> dict: ...
 
 
-class OnnxFormat:
+class _Runs:
+    """run and latency through the format's runner (files may carry a temporary suffix)."""
+
+    def runner(self, path: Path): ...
+
+    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        runner = self.runner(path)
+        return runner.run(runner.feed(x))
+
+    def latency(self, path: Path, x: np.ndarray, runs: int = 20) -> float:
+        runner = self.runner(path)
+        return float(np.median(runner.time(runner.feed(x[:1]), runs=runs)))
+
+
+class OnnxFormat(_Runs):
     suffix, target, runtime_name = ".onnx", "onnxruntime", "ONNX Runtime"
 
     def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None:
@@ -31,15 +45,10 @@ class OnnxFormat:
 
         write_onnx(module, input_size, path, opset=options.get("opset", 18), dynamic_batch=options.get("dynamic_batch", False))
 
-    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+    def runner(self, path: Path):
         from devices.local_runtime import OrtRunner
 
-        return OrtRunner(path).run(x)
-
-    def latency(self, path: Path, x: np.ndarray, runs: int = 20) -> float:
-        from devices.local_runtime import OrtRunner
-
-        return float(np.median(OrtRunner(path).time(x[:1], runs=runs)))
+        return OrtRunner(path)
 
     def tolerance(self, options: dict) -> dict:
         return {"max_rel": 1e-5}
@@ -59,7 +68,7 @@ class OnnxFormat:
         return {"ops": dict(Counter(n.op_type for n in onnx.load(str(path)).graph.node).most_common())}
 
 
-class TfliteFormat:
+class TfliteFormat(_Runs):
     suffix, target, runtime_name = ".tflite", "litert", "LiteRT (XNNPACK)"
 
     def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None:
@@ -68,22 +77,10 @@ class TfliteFormat:
         write_tflite(module, input_size, path, fp16=options.get("fp16", False),
                      input_layout=options.get("input_layout", "nhwc"))
 
-    @staticmethod
-    def _runner(path: Path, x: np.ndarray):
-        """The interpreter, and NCHW `x` in the layout its input wants."""
+    def runner(self, path: Path):
         from devices.local_runtime import LiteRtRunner
 
-        runner = LiteRtRunner(path)
-        nhwc = list(runner.input["shape"][1:]) == [x.shape[2], x.shape[3], x.shape[1]]
-        return runner, x.transpose(0, 2, 3, 1) if nhwc else x
-
-    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        runner, feed = self._runner(path, x)
-        return runner.run(feed)
-
-    def latency(self, path: Path, x: np.ndarray, runs: int = 20) -> float:
-        runner, feed = self._runner(path, x[:1])
-        return float(np.median(runner.time(feed, runs=runs)))
+        return LiteRtRunner(path)
 
     def tolerance(self, options: dict) -> dict:
         return {"min_cosine": 0.9999, "min_top1": 0.99} if options.get("fp16") else {"max_rel": 1e-5}

@@ -2,7 +2,6 @@
 TensorFlow function with constant weights, then converted with the TFLite converter."""
 from __future__ import annotations
 
-import math
 import operator
 from pathlib import Path
 from typing import Callable
@@ -12,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from mixnet_deploy.conv_groups import same_pads
 from mixnet_deploy.deploy_modules import BlockConv, DeployConv, LoweredMixConv
 from mixnet_deploy.errors import MixdeployError
 
@@ -42,18 +42,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
 
-def _same(size: int, k: int, s: int, d: int) -> tuple[int, int]:
-    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
 def _conv(tf, x, conv: DeployConv):
     k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
     h, w = int(x.shape[1]), int(x.shape[2])
     pads = tuple(conv.pads)
     if pads == (0, 0, 0, 0):
         padding = "VALID"
-    elif pads == _same(h, k, s, d) + _same(w, k, s, d):
+    elif pads == same_pads(h, k, s, d) + same_pads(w, k, s, d):
         padding = "SAME"
     else:
         x = tf.pad(x, [[0, 0], [pads[0], pads[1]], [pads[2], pads[3]], [0, 0]])

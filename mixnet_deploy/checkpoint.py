@@ -9,7 +9,6 @@ from torch import nn
 from .errors import MixdeployError
 
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -50,7 +50,8 @@ class ConvGroup:
         return replace(self, weight=weight, dilation=1)
 
 
-def _same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+def same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF-'same' padding (before, after) of one spatial axis."""
     total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
 
@@ -60,8 +61,8 @@ def static_pads(conv: nn.Conv2d, hw: tuple[int, int]) -> Pads:
     from timm.layers import Conv2dSame
 
     if isinstance(conv, Conv2dSame):
-        top, bottom = _same_pads(hw[0], conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-        left, right = _same_pads(hw[1], conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        top, bottom = same_pads(hw[0], conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        left, right = same_pads(hw[1], conv.kernel_size[1], conv.stride[1], conv.dilation[1])
         return top, bottom, left, right
     if isinstance(conv.padding, str):
         if conv.padding == "valid":

@@ -49,7 +49,6 @@ class Lowered:
 
     module: nn.Module
     plan: Plan
-    layers: list[LayerInfo]
     parity: ParityReport
 
 
@@ -221,7 +220,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
         default = "split" if _kind(site.groups) == "depthwise" else "grouped"
         _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default)))
     report = verify(model, lowered, input_size, check_inputs)
-    return Lowered(lowered, plan, infos, report)
+    return Lowered(lowered, plan, report)
 
 
 def verify(reference: nn.Module, candidate: nn.Module, input_size: tuple[int, int, int],

@@ -89,8 +89,6 @@ def _labels(num_classes: int) -> list[str] | None:
 
 
 RANDOM_SEED = 0
-
-
 RANDOM_INIT, CALIBRATED = "random-init", "random-init+calibrated-bn"
 
 
@@ -102,6 +100,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     _check_name(name)
     if checkpoint is not None and pretrained:
         raise MixdeployError("pass either --pretrained or --checkpoint, not both")
+    if calibrate_bn and (checkpoint is not None or pretrained):
+        raise MixdeployError("--calibrate-bn is for random-init models; trained weights keep their statistics")
     state, extras = read_checkpoint(checkpoint) if checkpoint is not None else (None, {})
     num_classes = None
     if state is not None:
@@ -113,16 +113,13 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if state is not None:
         apply_state_dict(module, state, str(checkpoint), name)
     module.eval()
-    if calibrate_bn and (checkpoint is not None or pretrained):
-        raise MixdeployError("--calibrate-bn is for random-init models; trained weights keep their statistics")
     weights = (str(checkpoint) if checkpoint is not None else "pretrained" if pretrained
                else CALIBRATED if calibrate_bn else RANDOM_INIT)
     preprocess = PreprocessConfig.from_model(module)
     if calibrate_bn:
         calibrate_batchnorm(module, preprocess)
     if "preprocess" in extras:
-        merged = {**preprocess.to_dict(), **extras["preprocess"]}
-        preprocess = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+        preprocess = PreprocessConfig.from_dict({**preprocess.to_dict(), **extras["preprocess"]})
     labels = list(extras["labels"]) if "labels" in extras else _labels(module.num_classes)
     return LoadedModel(name, module, preprocess, labels, weights)
 

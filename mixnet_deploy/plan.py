@@ -65,9 +65,6 @@ class Plan:
         return {"version": 1, "target": self.target, "source": self.source, "layers": self.layers,
                 "estimates_ms": self.estimates_ms}
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):

@@ -21,6 +21,11 @@ class PreprocessConfig:
     interpolation: str = "bicubic"
 
     @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        """From to_dict() output or JSON (lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    @classmethod
     def from_model(cls, model: nn.Module) -> "PreprocessConfig":
         """Resolve the config the way timm's eval transform does."""
         from timm.data import resolve_data_config
@@ -52,14 +57,16 @@ def eval_transform(cfg: PreprocessConfig):
                             std=cfg.std, crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode, is_training=False)
 
 
+def read_image(path: Path, transform) -> torch.Tensor:
+    """One image decoded with Pillow as RGB and passed through `transform`."""
+    with Image.open(path) as img:
+        return transform(img.convert("RGB"))
+
+
 def load_images(paths: list[Path], cfg: PreprocessConfig) -> torch.Tensor:
-    """Decode with Pillow (as RGB) and preprocess exactly as the model's config says: (N, C, H, W)."""
+    """Decode and preprocess exactly as the model's config says: (N, C, H, W)."""
     transform = eval_transform(cfg)
-    tensors = []
-    for path in paths:
-        with Image.open(path) as img:
-            tensors.append(transform(img.convert("RGB")))
-    return torch.stack(tensors)
+    return torch.stack([read_image(path, transform) for path in paths])
 
 
 def sample_photos(cfg: PreprocessConfig, limit: int | None = None) -> torch.Tensor:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from rich.progress import Progress
 
 from mixnet_deploy.errors import MixdeployError
-from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform
+from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform, read_image
 
 MIN_IMAGES = 2
 
@@ -53,8 +53,7 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
             if limit is not None and len(used) >= limit:
                 break
             try:
-                with Image.open(path) as img:
-                    tensors.append(transform(img.convert("RGB")))
+                tensors.append(read_image(path, transform))
                 used.append(path)
                 bar.advance(task)
             except (UnidentifiedImageError, OSError, ValueError) as exc:

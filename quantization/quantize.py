@@ -1,7 +1,6 @@
 """`mixdeploy quantize`: calibrate on the user's images, write an int8 model, report what it costs."""
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from mixnet_deploy.models import LoadedModel, reload
 from mixnet_deploy.parity import ParityReport, compare
 from mixnet_deploy.planner import make_plan
 
+from . import sensitivity
 from .accuracy import accuracy
 from .calibration import load_folder
 from .keep_float import GROUPS, onnx_nodes, tflite_ops
@@ -66,20 +66,26 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
-             checkpoint: str | None = None, num_calib: int = 100, method: str = "minmax", io: str = "int8",
+             checkpoint: str | None = None, num_calib: int = 100, method: str = "minmax", io: str | None = None,
              eval_dir: str | Path | None = None, force: bool = False, max_drop: float | None = None,
              calibrate_bn: bool = False,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images.
     max_drop: keep the groups of keep_float.GROUPS in float, one more at a time, until top-1
-    agreement with the float model is within `max_drop` points of 100 %."""
+    agreement with the float model is within `max_drop` points of 100 %. io defaults to int8 for
+    TFLite and float32 (the only choice) for ONNX."""
     from exporters.formats import FORMATS
 
-    if io not in IO_TYPES:
-        raise MixdeployError(f"--io {io!r}: use {', '.join(IO_TYPES)}")
     loaded, fmt = _source(source, checkpoint, fmt, calibrate_bn)
     if fmt not in ("tflite", "onnx"):
         raise MixdeployError(f"--format {fmt!r}: use tflite or onnx")
+    io = io or ("float32" if fmt == "onnx" else "int8")
+    if io not in IO_TYPES:
+        raise MixdeployError(f"--io {io!r}: use {', '.join(IO_TYPES)}")
+    if fmt == "onnx" and io != "float32":
+        raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
+    if fmt == "tflite" and method != "minmax":
+        raise MixdeployError("the TFLite converter calibrates with min/max only; use --method minmax for tflite")
     out = Path(output) if output else Path(f"{loaded.name}_int8.{fmt}")
     check_writable(out, force)
     step("reading calibration images")
@@ -95,16 +101,20 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     plan = make_plan("auto", loaded.module, size, target)
     lowered = lower(loaded.module, size, plan, check_inputs=calibration.images[:4])
     tmp = out.with_name(f".{out.name}.partial")
+    float_onnx = tmp.with_name(tmp.name + ".float.onnx") if fmt == "onnx" else None
     with torch.no_grad():
         reference = loaded.module(held_out.images).numpy()
     kept: list[str] = []
     budget: dict | None = None
     try:
+        if float_onnx is not None:
+            from exporters.onnx_export import write_onnx
+
+            write_onnx(lowered.module, size, float_onnx)
         while True:
             step(f"calibrating on {len(calibration.images)} images and writing {out.name}"
                  + (f" ({', '.join(kept)} in float)" if kept else ""))
-            layers = _write(fmt, lowered.module, size, tmp, calibration.images.numpy(), method, io, kept,
-                            held_out.images[:8].numpy(), step)
+            _write(lowered.module, size, tmp, calibration.images.numpy(), method, io, kept, float_onnx)
             candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
             agreement = compare(reference, candidate)
             if max_drop is None:
@@ -116,6 +126,10 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
             if budget["met"] or len(kept) == len(GROUPS):
                 break
             kept.append(GROUPS[len(kept)])
+        step("per-layer SQNR")
+        probe = held_out.images[:8].numpy()
+        layers = (sensitivity.onnx_layers(float_onnx, tmp, probe) if float_onnx is not None
+                  else sensitivity.tflite_layers(lowered.module, size, probe))
         meta = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
                 "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
                 "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
@@ -124,8 +138,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         FORMATS[fmt].add_metadata(tmp, meta)
         os.replace(tmp, out)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        for path in filter(None, (tmp, float_onnx)):
+            path.unlink(missing_ok=True)
     acc = accuracy(reference, candidate, held_out.labels, loaded) if held_out.labels else None
     calib_info = {"folder": str(calib), "used": len(calibration.images), "evaluated": len(held_out.images),
                   "eval_folder": str(eval_dir) if eval_dir else None, "skipped": len(images.skipped),
@@ -138,31 +152,16 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
 LAYERS_SHOWN = 10
 
 
-def _write(fmt: str, module, size, path: Path, images: np.ndarray, method: str, io: str,
-           kept: list[str], probe: np.ndarray, step: Callable[[str], None]) -> list[dict]:
-    """Write the int8 model (the `kept` groups in float); return per-layer SQNR on `probe`, worst first."""
-    from . import sensitivity
+def _write(module, size, path: Path, images: np.ndarray, method: str, io: str, kept: list[str],
+           float_onnx: Path | None) -> None:
+    """Write the int8 model with the `kept` groups in float: from `float_onnx` when given (QDQ),
+    else through the TFLite converter."""
+    if float_onnx is not None:
+        from .onnx_qdq import quantize_onnx
 
-    if fmt == "tflite":
-        from .tflite_int8 import quantize_tflite
+        quantize_onnx(float_onnx, path, images, method, onnx_nodes(float_onnx, kept))
+        return
+    from .tflite_int8 import quantize_tflite
 
-        if method != "minmax":
-            raise MixdeployError("the TFLite converter calibrates with min/max only; use --method minmax for tflite")
-        float_ops = tflite_ops(kept)
-        quantize_tflite(module, size, path, images, io_type="float32" if float_ops else io, float_ops=float_ops)
-        step("per-layer SQNR")
-        return sensitivity.tflite_layers(module, size, probe)
-    from exporters.onnx_export import write_onnx
-
-    from .onnx_qdq import quantize_onnx
-
-    if io != "float32":
-        raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
-    float_path = path.with_name(path.name + ".float.onnx")
-    try:
-        write_onnx(module, size, float_path)
-        quantize_onnx(float_path, path, images, method, onnx_nodes(float_path, kept))
-        step("per-layer SQNR")
-        return sensitivity.onnx_layers(float_path, path, probe)
-    finally:
-        float_path.unlink(missing_ok=True)
+    float_ops = tflite_ops(kept)
+    quantize_tflite(module, size, path, images, io_type="float32" if float_ops else io, float_ops=float_ops)

@@ -36,7 +36,7 @@ def train(root: Path, seconds: float = 90.0) -> Path:
     from mixnet_deploy.preprocess import PreprocessConfig
     from quantization.calibration import load_folder
 
-    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in PREPROCESS.items()})
+    cfg = PreprocessConfig.from_dict(PREPROCESS)
     data = load_folder(root / "train", cfg, progress=False)
     x, y = data.images, torch.tensor([int(label) for label in data.labels])
     torch.manual_seed(0)

@@ -23,8 +23,9 @@ def available() -> dict[str, bool]:
             "litert_torch": (VENVS / "litert_torch/bin/python").exists()}
 
 
-def onnx2tf(model: nn.Module, name: str, work: Path) -> Path:
-    """The plain torch.onnx.export (opset 17) of `model`, converted by onnx2tf with onnxsim."""
+def onnx2tf(model: nn.Module, name: str, work: Path, int8: bool = False) -> Path:
+    """The plain torch.onnx.export (opset 17) of `model`, converted by onnx2tf with onnxsim
+    (with int8: its full-integer quantization, -oiqt)."""
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / f"{name}.onnx"
     with warnings.catch_warnings():
@@ -33,9 +34,9 @@ def onnx2tf(model: nn.Module, name: str, work: Path) -> Path:
                           opset_version=17, input_names=["input"], output_names=["logits"])
     np.save(work / ONNX2TF_SAMPLE, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
     env = dict(OFFLINE, PATH=f"{VENVS / 'onnx2tf/bin'}:{os.environ['PATH']}")
-    subprocess.run([str(VENVS / "onnx2tf/bin/onnx2tf"), "-i", onnx_path.name, "-o", f"{name}_onnx2tf"],
-                   cwd=work, env=env, check=True, capture_output=True)
-    return work / f"{name}_onnx2tf" / f"{name}_float32.tflite"
+    subprocess.run([str(VENVS / "onnx2tf/bin/onnx2tf"), "-i", onnx_path.name, "-o", f"{name}_onnx2tf"]
+                   + (["-oiqt"] if int8 else []), cwd=work, env=env, check=True, capture_output=True)
+    return work / f"{name}_onnx2tf" / f"{name}_{'full_integer_quant' if int8 else 'float32'}.tflite"
 
 
 def litert_torch(model: nn.Module, name: str, work: Path) -> Path:
