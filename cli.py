@@ -270,6 +270,8 @@ def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: 
                               f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{p['top1_agreement']:.1%}",
                               f"{p['cosine']:.5f}", "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
         out.print(table)
+        for r in results:
+            out.print(f"{Path(r['file']).name}: {r['model']}, weights {r['weights']}")
     failed = [r["file"] for r in results if not r["parity"]["passed"]]
     if failed:
         click.echo(f"mixdeploy: error: parity failed for {', '.join(failed)}", err=True)

@@ -66,7 +66,8 @@ def bench_local(files: list[str], threads: list[int], runs: int = 50, warmup: in
         for t in threads:
             step(f"{path.name}: {runs} runs at {t} thread(s)")
             latency[str(t)] = latency_stats(runner_for(path, t).time(feed[:1], runs=runs, warmup=warmup))
-        results.append({"file": str(path), "model": meta["mixdeploy.model"], "format": path.suffix[1:],
+        results.append({"file": str(path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
+                        "format": path.suffix[1:],
                         "precision": prec, "size_bytes": report["size_bytes"], "init_ms": init_ms,
                         "first_inference_ms": first_ms, "latency_ms": latency[str(threads[0])],
                         "latency_by_threads": latency, "parity": parity.to_dict()})

@@ -23,6 +23,7 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
     assert rows[0]["parity"]["top1_agreement"] == 1.0 and rows[0]["parity"]["rel_max"] < 1e-5
     table = run_cli("bench", files[1], "--runs", "3")
     assert table.code == 0 and "PASS" in table.out and "fp32" in table.out
+    assert "weights random-init+calibrated-bn" in table.out
 
 
 def test_bench_bad_input(tmp_path, run_cli):
