@@ -5,3 +5,9 @@ class MixdeployError(Exception):
     """Bad input or an unusable environment; the message says what is wrong and what to do."""
 
     exit_code = 2
+
+
+class DeviceError(MixdeployError):
+    """A device that cannot be reached or that fails mid-run (adb missing, offline, timeout): exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,88 @@
+"""One interface for every device: shell (exit code, timeout), push, pull, a work folder that is
+always removed, and what the device is (ABI, cores, governor, temperatures, memory)."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixnet_deploy.errors import DeviceError
+
+
+@dataclass
+class ShellResult:
+    """What a command printed and its exit code."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+class Transport:
+    """Base of the local, adb and ssh devices. Subclasses implement `_shell`, `push` and `pull`;
+    commands are argument lists, quoted here for the device's shell."""
+
+    name = "device"
+    tmp_root = "/tmp"
+
+    def __init__(self) -> None:
+        self._workdir: str | None = None
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def _shell(self, command: str, timeout: float) -> ShellResult:
+        """Run one shell command line on the device."""
+        raise NotImplementedError
+
+    def push(self, local: Path | str, remote: str) -> None:
+        """Copy a host file to the device."""
+        raise NotImplementedError
+
+    def pull(self, remote: str, local: Path | str) -> None:
+        """Copy a device file to the host."""
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------
+    def shell(self, argv: list[str] | str, timeout: float = 60, check: bool = True) -> ShellResult:
+        """Run a command (a list is quoted word by word; a string is a shell line we built ourselves).
+        With check, a non-zero exit is a DeviceError naming the command and its stderr."""
+        command = argv if isinstance(argv, str) else shlex.join(argv)
+        result = self._shell(command, timeout)
+        if check and result.code != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise DeviceError(f"{self.name}: `{command[:80]}` failed with exit code {result.code}"
+                              + (f": {detail[-1]}" if detail else ""))
+        return result
+
+    @property
+    def workdir(self) -> str:
+        """A fresh folder on the device for this run, created on first use."""
+        if self._workdir is None:
+            self._workdir = self.shell(["mktemp", "-d", f"{self.tmp_root}/mixdeploy.XXXXXX"]).stdout.strip()
+        return self._workdir
+
+    def cleanup(self) -> None:
+        """Remove the work folder (best effort: the device may be gone)."""
+        if self._workdir is not None:
+            try:
+                self._shell(shlex.join(["rm", "-rf", self._workdir]), 30)
+            except DeviceError:
+                pass
+            self._workdir = None
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = None) -> ShellResult:
+    """Run a host command (adb, ssh, a local shell); a missing program or a timeout is a DeviceError."""
+    try:
+        done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
+    except FileNotFoundError:
+        raise DeviceError(f"{argv[0]} not found: {what}") from None
+    except subprocess.TimeoutExpired:
+        raise DeviceError(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
+    return ShellResult(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
