@@ -238,44 +238,71 @@ def _print_quantized(result) -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True)
-@click.option("--device", default="local", show_default=True, help="Where to run: local (adb and ssh devices: not yet).")
+@click.option("--device", default="local", show_default=True,
+              help="local, an adb SERIAL (or adb:SERIAL; HOST:PORT is adb-connected), or ssh:USER@HOST[:PORT].")
 @click.option("--threads", default="1", show_default=True, help="Thread counts to sweep, e.g. 1,2,4.")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--cpus", help="Cores to pin to: a hex mask (f0) or big [default: big on an Android phone].")
+@click.option("--runner", type=click.Choice(["python", "benchmark_model"]), default="python", show_default=True,
+              help="python3 with ai-edge-litert/onnxruntime on the device, or LiteRT's benchmark_model (.tflite).")
+@click.option("--benchmark-binary", type=click.Path(), help="benchmark_model built for the device.")
 @click.option("--parity", "parity_dir", type=click.Path(), help="Photos for the parity check (default: the shipped ones).")
+@click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--cooldown", type=click.FloatRange(min=0), help="Seconds between models [default: 10 on a phone, else 0].")
+@click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+              help="Seconds one model may take on the device.")
+@click.option("--report", type=click.Path(), help="Also write a Markdown report here, with a PNG plot beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: int, parity_dir: str | None,
-          as_json: bool) -> None:
-    """Latency and parity of exported FILES, side by side."""
-    from devices.bench import bench_local
+def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
+          benchmark_binary: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
+          timeout: float, report: str | None, as_json: bool) -> None:
+    """Latency and parity of exported FILES on a device, side by side."""
+    from devices.bench import Settings, bench as run_bench
+    from devices.connect import open_device
 
-    if device != "local":
-        raise MixdeployError(f"--device {device}: only the local device is supported in this version")
     try:
         counts = [int(t) for t in threads.split(",")]
     except ValueError:
         raise MixdeployError(f"--threads {threads!r}: give thread counts like 1,2,4") from None
+    settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
+                        timeout)
     with err.status("benchmarking") as status:
-        results = bench_local(list(files), counts, runs, warmup, parity_dir, step=lambda text: status.update(text))
+        status.update(f"connecting to {device}")
+        measured = run_bench(list(files), open_device(device), settings, step=lambda text: status.update(text))
+    results = measured["results"]
+    if report:
+        from devices.report import write_report
+
+        written = write_report(Path(report), measured["device"], results)
+        err.print("report: " + ", ".join(map(str, written)))
     if as_json:
-        click.echo(json.dumps({"device": device, "results": results}, indent=2))
+        click.echo(json.dumps(measured, indent=2))
     else:
-        table = Table(title=f"mixdeploy bench on {device}")
-        for col in ("file", "precision", "MB", "threads", "median ms", "p90 ms", "top-1 agr.", "cosine", "parity"):
-            table.add_column(col, no_wrap=True)
-        for r in results:
-            p = r["parity"]
-            for t, lat in r["latency_by_threads"].items():
-                table.add_row(Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t,
-                              f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{p['top1_agreement']:.1%}",
-                              f"{p['cosine']:.5f}", "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
-        out.print(table)
-        for r in results:
-            out.print(f"{Path(r['file']).name}: {r['model']}, weights {r['weights']}")
+        _bench_table(measured)
     failed = [r["file"] for r in results if not r["parity"]["passed"]]
     if failed:
         click.echo(f"mixdeploy: error: parity failed for {', '.join(failed)}", err=True)
         sys.exit(1)
+
+
+def _bench_table(measured: dict) -> None:
+    dev = measured["device"]
+    title = f"mixdeploy bench on {dev['name']} ({dev['abi']}, {dev['os']})"
+    table = Table(title=title + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
+    for col in ("file", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB", "top-1 agr.", "cosine",
+                "parity"):
+        table.add_column(col, no_wrap=True)
+    for r in measured["results"]:
+        p = r["parity"]
+        for t, lat in r["latency_by_threads"].items():
+            table.add_row(Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t,
+                          f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{r['peak_memory_mb']:.0f}",
+                          f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
+                          "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
+    out.print(table)
+    for r in measured["results"]:
+        out.print(f"{Path(r['file']).name}: {r['model']}, weights {r['weights']}, {r['runtime']}")
 
 
 def main(argv: list[str] | None = None) -> None:

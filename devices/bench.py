@@ -1,25 +1,47 @@
-"""`mixdeploy bench` on this machine: latency of exported files at several thread counts, and
-parity of their outputs with the PyTorch model on real photos."""
+"""`mixdeploy bench`: latency of exported files on a device (this machine, adb or ssh) at several
+thread counts, and parity of their on-device outputs with the PyTorch model on real photos."""
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
 
 from exporters.inspect_file import inspect_file
-from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.errors import DeviceError, MixdeployError
 from mixnet_deploy.models import reload
 from mixnet_deploy.parity import compare, reference_outputs
 from mixnet_deploy.preprocess import SAMPLE_IMAGES, PreprocessConfig
 
-from .local_runtime import latency_stats, runner_for
+from . import runners
+from .device_info import cpu_mask, device_info, temperatures
+from .runners import latency_stats
+from .transport import Transport
 
 # what a deployed file must keep of the PyTorch model's outputs, per precision; top-1 agreement of
 # fp16 and int8 is reported, not gated: it depends on the model's margins (random-init logits are flat)
 THRESHOLDS = {"fp32": {"max_rel": 1e-4, "min_top1": 1.0}, "fp16": {"min_cosine": 0.999},
               "int8": {"min_cosine": 0.97}}
+
+
+@dataclass
+class Settings:
+    """How to measure: thread counts, runs, cores, parity images, pauses and limits."""
+
+    threads: list[int]
+    runs: int = 50
+    warmup: int = 5
+    cpus: str | None = None  # a hex mask, "big", or None: big cores on a real Android device
+    parity_dir: str | None = None
+    parity_samples: int = 32
+    runner: str = "python"  # or "benchmark_model"
+    benchmark_binary: str | None = None
+    cooldown: float | None = None  # seconds between models; None: 10 s on a real phone, else 0
+    timeout: float = 900
 
 
 def precision(report: dict) -> str:
@@ -30,45 +52,130 @@ def precision(report: dict) -> str:
     return "fp16" if "DEQUANTIZE" in ops else "fp32"
 
 
-def _parity_inputs(meta: dict, folder: Path | None, n: int) -> tuple[torch.Tensor, object]:
+@dataclass
+class Prepared:
+    """A file ready for a device: its facts, the parity inputs and the float64 reference outputs."""
+
+    path: Path
+    report: dict
+    precision: str
+    images: np.ndarray
+    reference: np.ndarray
+
+
+def prepare(file: str, parity_dir: str | None, samples: int) -> Prepared:
+    """Inspect a file, preprocess the parity photos with its model's own config, compute PyTorch's outputs."""
     from quantization.calibration import load_folder
 
+    path = Path(file)
+    report = inspect_file(path)
+    meta = report.get("metadata", {})
+    if "mixdeploy.model" not in meta:
+        raise MixdeployError(f"{path} carries no mixdeploy metadata; bench files written by mixdeploy export/quantize")
     loaded = reload(meta["mixdeploy.weights"], meta["mixdeploy.model"])
     cfg = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
-    images = load_folder(folder or SAMPLE_IMAGES, cfg, limit=n, progress=False).images
-    return images, loaded.module
+    images = load_folder(parity_dir or SAMPLE_IMAGES, cfg, limit=samples, progress=False).images
+    return Prepared(path, report, precision(report), images.numpy(), reference_outputs(loaded.module, images))
 
 
-def bench_local(files: list[str], threads: list[int], runs: int = 50, warmup: int = 5, parity_dir: str | None = None,
-                parity_n: int = 32, step: Callable[[str], None] = lambda _: None) -> list[dict]:
-    """Per file: precision, size, init and first-inference time, latency stats per thread count
-    (every raw timing kept), and parity with the PyTorch model."""
-    results = []
+def core_mask(cpus: str | None, info: dict) -> str | None:
+    """taskset mask for --cpus: "big" -> the fastest cores; None -> big cores on a real Android phone."""
+    android = info["os"].startswith("Android") and not info["emulated"]
+    if cpus == "big" or (cpus is None and android):
+        return cpu_mask(info["big_cores"])
+    if cpus is None:
+        return None
+    try:
+        mask = int(cpus, 16)
+    except ValueError:
+        raise MixdeployError(f"--cpus {cpus}: give a hex core mask such as f0, or big") from None
+    if mask <= 0 or mask >= 1 << len(info["cores"]):
+        raise MixdeployError(f"--cpus {cpus}: the device has cores 0-{len(info['cores']) - 1}")
+    return format(mask, "x")
+
+
+class Session:
+    """One device for one bench call: what it is, the runner pushed once, a work folder removed at the end."""
+
+    def __init__(self, device: Transport, settings: Settings, host: Path) -> None:
+        self.device, self.settings, self.host = device, settings, host
+        self.info = device_info(device)
+        self.mask = core_mask(settings.cpus, self.info)
+        self.prefix = ["taskset", self.mask] if self.mask else []
+        self.script = f"{device.workdir}/runner.py"
+        device.push(runners.__file__, self.script)
+
+    def check_python(self, fmt: str) -> None:
+        """The device's python3 must import numpy and the file's runtime."""
+        module = "onnxruntime" if fmt == "onnx" else "ai_edge_litert"
+        probe = self.device.shell([self.device.python, "-c", f"import numpy, {module}"], timeout=300, check=False)
+        if probe.code != 0:
+            raise DeviceError(f"python3 on {self.device.name} cannot import numpy and {module}: "
+                              f"pip install it there, or use --runner benchmark_model")
+
+    def run_python(self, item: Prepared) -> dict:
+        """Push the model and the parity inputs, run the runner, pull the outputs."""
+        s, work = self.settings, self.device.workdir
+        model = f"{work}/model{item.path.suffix}"
+        self.device.push(item.path, model)
+        np.save(self.host / "inputs.npy", item.images.astype(np.float32))
+        self.device.push(self.host / "inputs.npy", f"{work}/inputs.npy")
+        argv = [*self.prefix, self.device.python, self.script, model, f"{work}/inputs.npy", f"{work}/outputs.npy",
+                "--threads", ",".join(map(str, s.threads)), "--runs", str(s.runs), "--warmup", str(s.warmup)]
+        done = self.device.shell(argv, timeout=s.timeout, check=False)
+        lines = done.stdout.strip().splitlines()
+        if done.code != 0 or not lines:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise DeviceError(f"the runner failed on {self.device.name} for {item.path.name} (exit {done.code})"
+                              + (f": {detail[-1]}" if detail else ""))
+        measured = json.loads(lines[-1])
+        self.device.pull(f"{work}/outputs.npy", self.host / "outputs.npy")
+        measured["outputs"] = np.load(self.host / "outputs.npy")
+        return measured
+
+    def measure(self, item: Prepared) -> dict:
+        """One file: temperatures around the run, timings, on-device parity."""
+        s = self.settings
+        temps_before = temperatures(self.device)
+        self.check_python(item.path.suffix[1:])
+        measured = self.run_python(item)
+        parity = compare(item.reference, measured["outputs"], **THRESHOLDS[item.precision])
+        latency = {t: latency_stats(raw) for t, raw in measured["latency_ms"].items()}
+        meta = item.report["metadata"]
+        return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
+                "format": item.path.suffix[1:], "precision": item.precision, "size_bytes": item.report["size_bytes"],
+                "runner": s.runner, "runtime": measured["runtime"], "cpus": self.mask,
+                "init_ms": measured["init_ms"], "first_inference_ms": measured["first_inference_ms"],
+                "peak_memory_mb": measured["peak_memory_mb"], "model_memory_mb": measured["model_memory_mb"],
+                "latency_ms": latency[str(s.threads[0])], "latency_by_threads": latency,
+                "temps_before": temps_before, "temps_after": temperatures(self.device), "parity": parity.to_dict()}
+
+    def cooldown(self) -> float:
+        """Seconds to rest between models: a real phone throttles within seconds of full load."""
+        if self.settings.cooldown is not None:
+            return self.settings.cooldown
+        return 10.0 if self.info["os"].startswith("Android") and not self.info["emulated"] else 0.0
+
+
+def bench(files: list[str], device: Transport, settings: Settings,
+          step: Callable[[str], None] = lambda _: None) -> dict:
+    """Per file: precision, size, init and first-inference time, peak memory, latency stats per
+    thread count (every raw timing kept), temperatures, and parity with the PyTorch model; the
+    device's facts alongside. The device's work folder is removed whatever happens."""
+    prepared = []
     for file in files:
-        path = Path(file)
-        report = inspect_file(path)
-        meta = report.get("metadata", {})
-        if "mixdeploy.model" not in meta:
-            raise MixdeployError(f"{path} carries no mixdeploy metadata; bench files written by mixdeploy export/quantize")
-        prec = precision(report)
-        step(f"{path.name}: parity on real photos")
-        images, module = _parity_inputs(meta, Path(parity_dir) if parity_dir else None, parity_n)
-        reference = reference_outputs(module, images)
-        start = time.perf_counter()
-        runner = runner_for(path, threads[0])
-        init_ms = (time.perf_counter() - start) * 1e3
-        feed = runner.feed(images.numpy())
-        start = time.perf_counter()
-        runner.run(feed[:1])
-        first_ms = (time.perf_counter() - start) * 1e3
-        parity = compare(reference, runner.run(feed), **THRESHOLDS[prec])
-        latency = {}
-        for t in threads:
-            step(f"{path.name}: {runs} runs at {t} thread(s)")
-            latency[str(t)] = latency_stats(runner_for(path, t).time(feed[:1], runs=runs, warmup=warmup))
-        results.append({"file": str(path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
-                        "format": path.suffix[1:],
-                        "precision": prec, "size_bytes": report["size_bytes"], "init_ms": init_ms,
-                        "first_inference_ms": first_ms, "latency_ms": latency[str(threads[0])],
-                        "latency_by_threads": latency, "parity": parity.to_dict()})
-    return results
+        step(f"{Path(file).name}: PyTorch reference on real photos")
+        prepared.append(prepare(file, settings.parity_dir, settings.parity_samples))
+    with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
+        session = Session(device, settings, Path(host))
+        results = []
+        for i, item in enumerate(prepared):
+            if i and session.cooldown():
+                step(f"cooling down {session.cooldown():g} s")
+                time.sleep(session.cooldown())
+            step(f"{item.path.name}: {settings.runs} runs at {','.join(map(str, settings.threads))} thread(s) "
+                 f"on {device.name}" + (" (emulated: slow)" if session.info["emulated"] else ""))
+            results.append(session.measure(item))
+    return {"device": session.info, "settings": {"threads": settings.threads, "runs": settings.runs,
+                                                 "warmup": settings.warmup, "cpus": session.mask,
+                                                 "runner": settings.runner}, "results": results}

@@ -1,4 +1,7 @@
-"""Runtimes on this machine behind one small interface: load a file, run it, time it."""
+"""Runtimes behind one small interface: load a file, run it, time it.
+
+This file needs only the standard library and numpy (plus the runtime itself), because it is also
+the runner pushed to devices: `python3 runners.py MODEL INPUTS.npy OUTPUTS.npy --threads 1,2`."""
 from __future__ import annotations
 
 import contextlib
@@ -124,3 +127,50 @@ def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
         return y.astype(np.float32)
     scale, zero = detail["quantization"]
     return (y.astype(np.float32) - zero) * scale
+
+
+def main(argv: list[str] | None = None) -> None:
+    """On a device: run MODEL on the NCHW float32 batch INPUTS.npy, save its outputs to OUTPUTS.npy
+    and print one JSON line: runtime, init and first-inference ms, raw latencies per thread count
+    (monotonic clock), peak resident memory."""
+    import argparse
+    import json
+    import resource
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model")
+    parser.add_argument("inputs")
+    parser.add_argument("outputs")
+    parser.add_argument("--threads", default="1")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    x = np.load(args.inputs)
+    onnx = args.model.endswith(".onnx")
+    if onnx:
+        import onnxruntime as runtime
+    else:
+        import ai_edge_litert as runtime
+    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    runner = runner_for(args.model, threads[0])
+    init_ms = (time.perf_counter() - start) * 1e3
+    feed = runner.feed(x)
+    start = time.perf_counter()
+    runner.run(feed[:1])
+    first_ms = (time.perf_counter() - start) * 1e3
+    np.save(args.outputs, runner.run(feed))
+    latency = {}
+    for t in threads:
+        timed = runner if t == threads[0] else runner_for(args.model, t)
+        latency[str(t)] = timed.time(feed[:1], runs=args.runs, warmup=args.warmup)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"runtime": f"{'onnxruntime' if onnx else 'ai-edge-litert'} {getattr(runtime, '__version__', '?')}",
+                      "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
+                      "latency_ms": latency, "peak_memory_mb": peak_kb / 1024,
+                      "model_memory_mb": (peak_kb - baseline_kb) / 1024}))
+
+
+if __name__ == "__main__":
+    main()

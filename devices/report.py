@@ -1,0 +1,201 @@
+"""`mixdeploy bench --report`: a Markdown report and a PNG plot comparing benchmarked files on one device."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+EMULATION_NOTE = "latency measured under QEMU emulation: meaningless for speed; parity is real, computed by ARM kernels"
+# parity tolerance -> (the measured value it bounds, how it bounds it, how that value is printed)
+TOLERANCE_MEASURES = {"max_rel": ("rel_max", "≤", ".3g"), "min_cosine": ("cosine", "≥", ".7f"),
+                      "min_top1": ("top1_agreement", "≥", "g")}
+
+
+def write_report(path: Path, device: dict, results: list[dict]) -> list[Path]:
+    """Write `path` (Markdown) and the plot beside it (same stem, .png), each atomically; return both paths."""
+    path = Path(path)
+    png = path.with_suffix(".png")
+    if png == path:
+        raise ValueError(f"the report is Markdown, not {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(png, _plot_png(device, results))
+    _write_atomic(path, _markdown(device, results, png.name).encode())
+    return [path, png]
+
+
+def _markdown(device: dict, results: list[dict], plot_name: str) -> str:
+    """The report: title, device, emulation warning, results table with the plot, tolerances."""
+    threads, ref = _thread_counts(results)
+    title = f"# Benchmark on {device.get('name', 'unknown device')}"
+    lines = [f"{title}, {datetime.now():%Y-%m-%d %H:%M}", ""]
+    if device.get("emulated"):
+        lines += [f"> **⚠ EMULATED: {EMULATION_NOTE}.**", ""]
+    lines += ["## Device", "", *_device_lines(device), "", "## Results", ""]
+    sources = sorted({(r["model"], r["weights"], r.get("runner", "python")) for r in results})
+    runs = "/".join(str(n) for n in sorted({lat["runs"] for r in results for lat in r["latency_by_threads"].values()}))
+    lines += [f"- {m}, weights {w}, timed by the {runner} runner" for m, w, runner in sources]
+    lines += [f"- latency in ms over {runs} runs per thread count; ratio of medians to the fastest file at {ref} thread(s)", ""]
+    lines += _table(results, threads, ref)
+    lines += ["", f"![median latency and parity per file]({quote(plot_name)})", "", "## Parity tolerances", ""]
+    lines += _tolerance_lines(results)
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _thread_counts(results: list[dict]) -> tuple[list[str], str]:
+    """Every thread count measured, ascending, and the one ratios are taken at (1 if every file has it)."""
+    threads = sorted({t for r in results for t in r["latency_by_threads"]}, key=int)
+    ref = "1" if all("1" in r["latency_by_threads"] for r in results) else threads[0]
+    return threads, ref
+
+
+def _device_lines(device: dict) -> list[str]:
+    before, after = device.get("temps_before") or {}, device.get("temps_after") or {}
+    temps = ", ".join(f"{z} {before.get(z, '?')} → {after.get(z, '?')} °C" for z in sorted({*before, *after}))
+    free = device.get("mem_free_mb")
+    return [f"- ABI: {device.get('abi', 'unknown')}", f"- Model: {device.get('model', 'unknown')}",
+            f"- OS: {device.get('os', 'unknown')}", f"- Cores: {_cores(device)}",
+            f"- Governor: {device.get('governor', 'unknown')}",
+            f"- Free memory: {'unknown' if free is None else f'{free} MB'}",
+            f"- Temperatures (before → after): {temps or 'unknown'}",
+            f"- Emulated: {'yes' if device.get('emulated') else 'no'}"]
+
+
+def _cores(device: dict) -> str:
+    """Runs of consecutive cores with the same max frequency, e.g. `cpu0–3 1.80 GHz; cpu4–7 2.40 GHz (big, used)`."""
+    big = set(device.get("big_cores") or [])
+    runs: list[list] = []  # [first cpu, last cpu, khz, big]
+    for core in sorted(device.get("cores") or [], key=lambda c: c["cpu"]):
+        key = (core.get("max_khz"), core["cpu"] in big)
+        if runs and runs[-1][1] == core["cpu"] - 1 and tuple(runs[-1][2:]) == key:
+            runs[-1][1] = core["cpu"]
+        else:
+            runs.append([core["cpu"], core["cpu"], *key])
+    parts = [f"cpu{a}" + (f"–{b}" if b > a else "") + (f" {khz / 1e6:.2f} GHz" if khz else " ? GHz")
+             + (" **(big, used)**" if is_big else "") for a, b, khz, is_big in runs]
+    return f"{sum(b - a + 1 for a, b, *_ in runs)}: " + "; ".join(parts) if runs else "unknown"
+
+
+def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
+    header = ["file", "format", "precision", "size MB", "threads", "median", "p90", "p99", "std", "init ms",
+              "first inference ms", "peak memory MB", "top-1", "top-5", "cosine", "PSNR dB", "parity",
+              "ratio to fastest"]
+    fastest = min(r["latency_by_threads"][ref]["median"] for r in results)
+    rows = [header, ["---"] * len(header)]
+    for r in results:
+        p, memory = r["parity"], r.get("peak_memory_mb")
+        for t in threads:
+            lat = r["latency_by_threads"].get(t)
+            if lat is None:
+                continue
+            rows.append([Path(r["file"]).name.replace("|", "\\|"), r["format"], r["precision"],
+                         f"{r['size_bytes'] / 1e6:.2f}", t, f"{lat['median']:.2f}", f"{lat['p90']:.2f}",
+                         f"{lat['p99']:.2f}", f"{lat['std']:.2f}", f"{r['init_ms']:.1f}",
+                         f"{r['first_inference_ms']:.1f}", "—" if memory is None else f"{memory:.1f}",
+                         f"{p['top1_agreement']:.1%}", f"{p['top5_agreement']:.1%}", f"{p['cosine']:.7f}",
+                         f"{p['psnr_db']:.1f}", "PASS" if p["passed"] else "**FAIL**",
+                         f"{lat['median'] / fastest:.2f}×" if t == ref else ""])
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _tolerance_lines(results: list[dict]) -> list[str]:
+    """Per file: each tolerance with the value measured against it (the tolerance that would just have passed)."""
+    lines = []
+    for r in results:
+        p = r["parity"]
+        checks = [f"{name} {op} {limit:g} (measured {p[key]:{fmt}})"
+                  for name, limit in p["tolerance"].items() for key, op, fmt in [TOLERANCE_MEASURES[name]]]
+        verdict = "PASS" if p["passed"] else "**FAIL**"
+        lines.append(f"- {Path(r['file']).name} ({r['precision']}, {p['samples']} samples): "
+                     f"{', '.join(checks) or 'no tolerance'}: {verdict}")
+    return lines
+
+
+def _whiskers(lat: dict) -> tuple[float, float]:
+    """p10..p90 of the raw timings, or min..p90 when a runner reports no raw timings."""
+    if lat.get("raw"):
+        lo, hi = np.percentile(lat["raw"], [10, 90])
+        return float(lo), float(hi)
+    return lat["min"], lat["p90"]
+
+
+def _plot_png(device: dict, results: list[dict]) -> bytes:
+    """Two panels: median latency per file and thread count; parity against latency at the reference thread count."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    threads, ref = _thread_counts(results)
+    names = [Path(r["file"]).name for r in results]
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    bars, scatter = fig.subplots(1, 2, width_ratios=[3, 2])
+
+    width = min(0.8 / len(threads), 0.3)
+    x = np.arange(len(results))
+    for i, t in enumerate(threads):
+        lats = [r["latency_by_threads"].get(t) for r in results]
+        pos = [xi + (i - (len(threads) - 1) / 2) * width for xi, lat in zip(x, lats) if lat]
+        med = np.array([lat["median"] for lat in lats if lat])
+        lo_hi = np.array([_whiskers(lat) for lat in lats if lat])
+        err = np.clip([med - lo_hi[:, 0], lo_hi[:, 1] - med], 0, None)  # raw timings are rounded to 0.1 µs
+        bars.bar(pos, med, width, yerr=err, capsize=3, label=f"{t} thread{'s' * (t != '1')}")
+    many = len(results) > 4
+    bars.set_xticks(x, names, rotation=20 if many else 0, ha="right" if many else "center", rotation_mode="anchor")
+    bars.set_xlim(-0.7, len(results) - 0.3)
+    raw = all(lat.get("raw") for r in results for lat in r["latency_by_threads"].values())
+    bars.set_ylabel("median latency (ms), whiskers " + ("p10–p90" if raw else "p10–p90 or min–p90"))
+    bars.set_title("latency per file and thread count")
+    bars.legend()
+    bars.grid(axis="y", alpha=0.3)
+
+    _parity_panel(scatter, names, results, ref)
+
+    title = f"{device.get('name', 'unknown device')}" + (f" ({device['model']})" if device.get("model") else "")
+    fig.suptitle(title + (" (emulated)" if device.get("emulated") else ""), fontsize=13)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _parity_panel(ax, names: list[str], results: list[dict], ref: str) -> None:
+    """Top-1 agreement (one precision) or 1 - cosine on a log scale (several) against median latency."""
+    from matplotlib.ticker import PercentFormatter
+
+    by_cosine = len({r["precision"] for r in results}) > 1
+    xs = [r["latency_by_threads"][ref]["median"] for r in results]
+    ys = [max(1 - r["parity"]["cosine"], 1e-12) if by_cosine else r["parity"]["top1_agreement"] for r in results]
+    middle = (min(xs) + max(xs)) / 2
+    for i, (name, r, x, y) in enumerate(zip(names, results, xs, ys)):
+        passed = r["parity"]["passed"]
+        ax.scatter(x, y, s=50, color="tab:blue" if passed else "tab:red", zorder=3)
+        right = x <= middle  # labels point inwards so none leaves the panel
+        ax.annotate(f"{name} ({r['precision']})" + ("" if passed else " FAIL"), (x, y),
+                    xytext=(6 if right else -6, 6 if i % 2 == 0 else -12), textcoords="offset points",
+                    ha="left" if right else "right", fontsize=9)
+    if by_cosine:
+        ax.set_yscale("log")
+        ax.invert_yaxis()
+        ax.set_ylabel("1 − lowest cosine to PyTorch (log, up is closer)")
+    else:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("top-1 agreement with PyTorch")
+    ax.set_xlabel(f"median latency at {ref} thread(s) (ms)")
+    ax.margins(x=0.2, y=0.2 if by_cosine else 0)
+    ax.set_title("parity vs latency (red: parity FAIL)")
+    ax.grid(alpha=0.3)

@@ -1,0 +1,363 @@
+"""A virtual ARM64 device for testing on-device runs without a phone: a Debian bookworm arm64 root
+filesystem run by qemu-user, served by devices/adbd.py so the real `adb` client connects to it.
+Needs root, qemu-user-static, debootstrap, binfmt-support and adb. Emulation is 150-650x slower
+than the host: good for correctness on real ARM kernels, meaningless for latency."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from mixnet_deploy.errors import DeviceError, MixdeployError
+
+CACHE = Path.home() / ".cache" / "mixdeploy" / "sim"
+STATE = CACHE / "state"
+MIRROR = "http://deb.debian.org/debian"
+APT_PACKAGES = ["python3", "procps"]  # taskset (util-linux) is in minbase
+WHEELS = ["ai-edge-litert==2.3.0", "onnxruntime==1.28.0", "numpy==2.4.6"]
+WHEEL_TAGS = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+              "--platform", "manylinux_2_27_aarch64", "--platform", "manylinux2014_aarch64",
+              "--platform", "manylinux_2_17_aarch64"]  # litert 2.3.0 exists only as manylinux_2_27
+BUILD_VERSION = "1 bookworm " + " ".join(APT_PACKAGES + WHEELS)
+MARKER = ".mixdeploy-sim"
+QEMU_CPU = "max,sme=off"  # QEMU's SME emulation gives wrong XNNPACK int8 results
+DEVICE_ENV = {"QEMU_CPU": QEMU_CPU, "HOME": "/root", "LANG": "C.UTF-8",
+              "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+PROPS = {"ro.product.name": "mixdeploy_sim", "ro.product.model": "mixdeploy-arm64-sim",
+         "ro.product.device": "arm64", "ro.product.cpu.abi": "arm64-v8a", "ro.kernel.qemu": "1"}
+INSTALL = "apt-get install qemu-user-static debootstrap binfmt-support adb"
+# Linux arm64 hwcap names by bit (arch/arm64/kernel/cpuinfo.c), AT_HWCAP then AT_HWCAP2.
+HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma "
+         "lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg")
+HWCAP2 = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm "
+          "svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme smei16i64 smef64f64 smei8i32 "
+          "smef16f32 smeb16f32 smef32f32 smefa64 wfxt ebf16 sveebf16")
+
+
+def rootfs_path() -> Path:
+    """Where the arm64 root filesystem lives (env MIXDEPLOY_SIM_ROOTFS overrides)."""
+    return Path(os.environ.get("MIXDEPLOY_SIM_ROOTFS") or CACHE / "arm64-bookworm")
+
+
+def is_built(rootfs: Path | None = None) -> bool:
+    """True when a complete root filesystem of this build version is there."""
+    marker = (rootfs or rootfs_path()) / MARKER
+    return marker.is_file() and marker.read_text().strip() == BUILD_VERSION
+
+
+def build(rebuild: bool = False) -> Path:
+    """Build the root filesystem unless a complete one is there (a few minutes; progress on stderr).
+    It is built beside its final place and renamed when complete, so a half-built one is never used."""
+    _require_tools()
+    rootfs = rootfs_path()
+    if is_built(rootfs) and not rebuild:
+        return rootfs
+    if status()["running"]:
+        raise MixdeployError("the ARM64 simulator is running on the root filesystem to rebuild: stop it first")
+    tmp = rootfs.with_name(rootfs.name + ".building")
+    _remove(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    STATE.mkdir(parents=True, exist_ok=True)
+    log = STATE / "build.log"
+    log.write_text("")
+    wheels = CACHE / "wheels"
+    console, started = Console(stderr=True), time.monotonic()
+    _enable_binfmt()
+    steps = [
+        ("debootstrap, first stage (download)", ["debootstrap", "--arch=arm64", "--foreign",
+                                                  "--variant=minbase", "bookworm", str(tmp), MIRROR]),
+        ("debootstrap, second stage (emulated)", ["chroot", str(tmp), "/debootstrap/debootstrap", "--second-stage"]),
+        ("apt-get install " + " ".join(APT_PACKAGES), ["chroot", str(tmp), "/bin/sh", "-c",
+         "apt-get update && apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES) + " && apt-get clean"]),
+        ("download aarch64 wheels", [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), *WHEEL_TAGS, *WHEELS]),
+        ("install wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
+                            "--target", str(tmp / "usr/local/lib/python3.11/dist-packages"), *WHEEL_TAGS, *WHEELS]),
+        ("check python3 imports numpy, ai_edge_litert, onnxruntime",
+         ["chroot", str(tmp), "python3", "-c", "import numpy, ai_edge_litert, onnxruntime"]),
+    ]
+    mounts: list[str] = []
+    try:
+        for i, (what, argv) in enumerate(steps, 1):
+            if argv[0] == "chroot" and not mounts and (tmp / "usr/bin/apt-get").exists():
+                shutil.copy("/etc/resolv.conf", tmp / "etc/resolv.conf")
+                mounts = _mount(tmp)
+            t0 = time.monotonic()
+            with console.status(f"sim: [{i}/{len(steps)}] {what}..."):
+                _run_logged(argv, log, what)
+            console.print(f"sim: [{i}/{len(steps)}] {what}: {time.monotonic() - t0:.0f} s")
+    finally:
+        _unmount(mounts)
+    _write_device_files(tmp)
+    _remove(rootfs)
+    tmp.rename(rootfs)
+    console.print(f"sim: root filesystem ready in {time.monotonic() - started:.0f} s: {rootfs}")
+    return rootfs
+
+
+def start(port: int = 5555) -> dict:
+    """Start the virtual device (building the root filesystem if needed) and connect adb to it.
+    Returns serial, rootfs, pid and emulated=True; a device already running is returned as is."""
+    current = status()
+    if current["running"]:
+        if current["port"] != port:
+            raise MixdeployError(f"the ARM64 simulator already runs as {current['serial']}: stop it first "
+                                 "(python -m devices.sim stop)")
+        return _device(current)
+    stop()  # clear what a crashed daemon left behind
+    rootfs = build()
+    _enable_binfmt()
+    STATE.mkdir(parents=True, exist_ok=True)
+    mounts = _mount(rootfs)
+    state = {"serial": f"127.0.0.1:{port}", "port": port, "rootfs": str(rootfs), "mounts": mounts}
+    (STATE / "device.json").write_text(json.dumps(state))
+    package_root = Path(__file__).resolve().parent.parent
+    with open(STATE / "adbd.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "devices.adbd", "--rootfs", str(rootfs), "--port", str(port)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=package_root,
+                                env={**os.environ, "PYTHONPATH": str(package_root)}, start_new_session=True)
+    (STATE / "adbd.pid").write_text(str(proc.pid))
+    _wait_listening(proc, port)
+    _adb_connect(state["serial"])
+    return _device(status())
+
+
+def stop() -> None:
+    """Stop the daemon, disconnect adb and unmount what start mounted (a stopped device is fine)."""
+    state = _state()
+    pid = _daemon_pid()
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    if state.get("serial") and shutil.which("adb"):
+        subprocess.run(["adb", "disconnect", state["serial"]], capture_output=True, timeout=30)
+    _unmount(state.get("mounts", []))
+    for name in ("device.json", "adbd.pid"):
+        (STATE / name).unlink(missing_ok=True)
+
+
+def status() -> dict:
+    """Whether the virtual device runs, its serial and pid, and whether the root filesystem is built."""
+    state, pid = _state(), _daemon_pid()
+    return {"running": pid is not None, "serial": state.get("serial") if pid else None,
+            "port": state.get("port") if pid else None, "pid": pid, "rootfs": str(rootfs_path()),
+            "built": is_built(), "emulated": True}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _device(current: dict) -> dict:
+    return {key: current[key] for key in ("serial", "rootfs", "pid", "emulated")}
+
+
+def _require_tools() -> None:
+    missing = [tool for tool in ("qemu-aarch64-static", "debootstrap", "update-binfmts", "adb")
+               if not shutil.which(tool)]
+    if missing:
+        raise MixdeployError(f"the ARM64 simulator needs {', '.join(missing)}: run `{INSTALL}` as root")
+    if os.geteuid() != 0:
+        raise MixdeployError("the ARM64 simulator needs root (chroot, mount, binfmt_misc): run it as root")
+
+
+def _run_logged(argv: list[str], log: Path, what: str) -> None:
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(argv)}\n".encode())
+        out.flush()
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, **DEVICE_ENV, "DEBIAN_FRONTEND": "noninteractive"})
+    if done.returncode != 0:
+        lines = log.read_text(errors="replace").strip().splitlines()
+        raise DeviceError(f"sim build: {what} failed ({lines[-1] if lines else 'no output'}): see {log}")
+
+
+def _enable_binfmt() -> None:
+    if not os.path.ismount("/proc/sys/fs/binfmt_misc"):
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], check=True)
+    entry = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    if not (entry.exists() and entry.read_text().startswith("enabled")):
+        subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=True, capture_output=True)
+
+
+def _mount(rootfs: Path) -> list[str]:
+    """Bind /proc, /sys and /dev into the rootfs (private, so nothing propagates back to the host),
+    an ARM64 /proc/cpuinfo matching the emulated CPU, and a cpufreq view; returns the mount points."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    (STATE / "cpuinfo").write_text(_cpuinfo(rootfs))
+    _fake_cpu_sysfs(STATE / "sys-cpu")
+    binds = [("/proc", "proc"), ("/sys", "sys"), ("/dev", "dev"), ("/dev/shm", "dev/shm"),
+             (str(STATE / "cpuinfo"), "proc/cpuinfo"), (str(STATE / "sys-cpu"), "sys/devices/system/cpu")]
+    mounted: list[str] = []
+    try:
+        for source, target in binds:
+            point = str(rootfs / target)
+            subprocess.run(["mount", "--bind", "--make-private", source, point], check=True, capture_output=True)
+            mounted.append(point)
+    except subprocess.CalledProcessError as exc:
+        _unmount(mounted)
+        raise DeviceError(f"sim: mounting {exc.cmd[-1]} failed: {exc.stderr.decode().strip()}") from None
+    return mounted
+
+
+def _unmount(points: list[str]) -> None:
+    for point in reversed(points):
+        subprocess.run(["umount", "--lazy", point], capture_output=True)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    return [p for p in points if p.startswith(prefix)]
+
+
+def _remove(path: Path) -> None:
+    """Delete a root filesystem, never through a bind mount into the host's /dev or /proc."""
+    if not path.exists():
+        return
+    _unmount(sorted(_mounts_under(path)))
+    if _mounts_under(path):
+        raise DeviceError(f"sim: {path} still has mounts inside: unmount them, then retry")
+    shutil.rmtree(path)
+
+
+def _cpuinfo(rootfs: Path) -> str:
+    """/proc/cpuinfo text of QEMU's emulated `max` CPU: features from the auxiliary vector it gives
+    programs, MIDR of QEMU's max CPU (implementer 0, part 'Q'), one entry per host core."""
+    out = subprocess.run(["chroot", str(rootfs), "/usr/bin/env", "LD_SHOW_AUXV=1", "/bin/true"],
+                         capture_output=True, text=True, env={**os.environ, **DEVICE_ENV}, check=True).stdout
+    caps = dict(re.findall(r"^(AT_HWCAP2?):\s+(?:0x)?([0-9a-f]+)", out, re.M))
+    hwcap, hwcap2 = int(caps.get("AT_HWCAP", "0"), 16), int(caps.get("AT_HWCAP2", "0"), 16)
+    names = [n for bit, n in enumerate(HWCAP.split()) if hwcap >> bit & 1]
+    names += [n for bit, n in enumerate(HWCAP2.split()) if hwcap2 >> bit & 1]
+    entry = ("processor\t: {}\nBogoMIPS\t: 2000.00\nFeatures\t: " + " ".join(names) +
+             "\nCPU implementer\t: 0x00\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0x051\n"
+             "CPU revision\t: 0\n\n")
+    return "".join(entry.format(i) for i in range(os.cpu_count() or 1))
+
+
+def _fake_cpu_sysfs(root: Path) -> None:
+    """A copy of the host's /sys/devices/system/cpu lists and topology plus a cpufreq folder per core
+    (all cores equal: no fake big.LITTLE), so tools that read cpuinfo_max_freq find it."""
+    shutil.rmtree(root, ignore_errors=True)
+    host = Path("/sys/devices/system/cpu")
+    for name in ("online", "possible", "present", "kernel_max"):
+        if (host / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text((host / name).read_text())
+    for i in range(os.cpu_count() or 1):
+        for f in (host / f"cpu{i}/topology").glob("*"):
+            if f.is_file():
+                (root / f"cpu{i}/topology").mkdir(parents=True, exist_ok=True)
+                (root / f"cpu{i}/topology" / f.name).write_text(f.read_text())
+        freq = root / f"cpu{i}/cpufreq"
+        freq.mkdir(parents=True, exist_ok=True)
+        for name, value in (("cpuinfo_max_freq", "2000000"), ("cpuinfo_min_freq", "2000000"),
+                            ("scaling_cur_freq", "2000000"), ("scaling_governor", "performance")):
+            (freq / name).write_text(value + "\n")
+
+
+def _write_device_files(rootfs: Path) -> None:
+    """Android-like touches: /data/local/tmp, a getprop answering a few ro.* properties, the marker."""
+    tmp = rootfs / "data/local/tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.chmod(0o1777)
+    cases = "".join(f"  {key}) echo {value} ;;\n" for key, value in PROPS.items())
+    getprop = rootfs / "usr/local/bin/getprop"
+    getprop.write_text(f'#!/bin/sh\ncase "$1" in\n{cases}  "") '
+                       + "; ".join(f"echo '[{k}]: [{v}]'" for k, v in PROPS.items()) + " ;;\nesac\n")
+    getprop.chmod(0o755)
+    (rootfs / MARKER).write_text(BUILD_VERSION + "\n")
+
+
+def _state() -> dict:
+    try:
+        return json.loads((STATE / "device.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of this process is not running
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _daemon_pid() -> int | None:
+    """The adbd pid from the pid file, if that process still is our adbd."""
+    try:
+        pid = int((STATE / "adbd.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"devices.adbd" in cmdline and _alive(pid) else None
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            lines = (STATE / "adbd.log").read_text(errors="replace").strip().splitlines()
+            stop()
+            raise DeviceError(f"sim: adbd exited at start ({lines[-1] if lines else 'no output'}): "
+                              f"see {STATE / 'adbd.log'}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    stop()
+    raise DeviceError(f"sim: adbd did not listen on 127.0.0.1:{port} within {timeout:g} s: see {STATE / 'adbd.log'}")
+
+
+def _adb_connect(serial: str, timeout: float = 20) -> None:
+    """`adb connect` until get-state says device (after a daemon restart adb shows offline until it
+    disconnects and connects again)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        subprocess.run(["adb", "disconnect", serial], capture_output=True, timeout=30)
+        subprocess.run(["adb", "connect", serial], capture_output=True, timeout=30)
+        for _ in range(10):
+            state = subprocess.run(["adb", "-s", serial, "get-state"], capture_output=True, text=True, timeout=30)
+            if state.stdout.strip() == "device":
+                return
+            time.sleep(0.2)
+    stop()
+    raise DeviceError(f"sim: adb does not see {serial} as a device within {timeout:g} s: see {STATE / 'adbd.log'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m devices.sim build|start|stop|status [--port N]: prints the result as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m devices.sim", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["build", "start", "stop", "status"])
+    parser.add_argument("--port", type=int, default=5555)
+    args = parser.parse_args(argv)
+    try:
+        result = {"build": lambda: {"rootfs": str(build())}, "start": lambda: start(args.port),
+                  "stop": lambda: stop() or status(), "status": status}[args.action]()
+    except MixdeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""ARM Linux boards over OpenSSH (ssh and scp, key authentication, never a password prompt)."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+from mixnet_deploy.errors import DeviceError, MixdeployError
+
+from .transport import ShellResult, Transport, run_host
+
+INSTALL = "install an OpenSSH client (Debian/Ubuntu: apt-get install openssh-client)"
+
+
+class SshTransport(Transport):
+    """USER@HOST[:PORT]; extra ssh options (e.g. `-i KEY`) come from $MIXDEPLOY_SSH_OPTIONS."""
+
+    python = "python3"
+
+    def __init__(self, target: str, timeout: float = 30) -> None:
+        super().__init__()
+        match = re.fullmatch(r"(?:([\w.\-]+)@)?([\w.\-]+|\[[0-9a-fA-F:]+\])(?::(\d+))?", target)
+        if not match:
+            raise MixdeployError(f"--device ssh:{target}: give ssh:USER@HOST or ssh:USER@HOST:PORT")
+        user, self.host, port = match.groups()
+        self.name = f"ssh:{target}"
+        self.destination = f"{user}@{self.host}" if user else self.host
+        self.options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}",
+                        *shlex.split(os.environ.get("MIXDEPLOY_SSH_OPTIONS", ""))]
+        self.port = port or "22"
+        self.shell("true", timeout=timeout)
+
+    def _ssh_failed(self, result: ShellResult) -> DeviceError:
+        lines = result.stderr.strip().splitlines()
+        return DeviceError(f"ssh to {self.destination} failed: {lines[-1] if lines else 'exit 255'}")
+
+    def _shell(self, command: str, timeout: float) -> ShellResult:
+        result = run_host(["ssh", *self.options, "-p", self.port, self.destination, command], timeout, INSTALL)
+        if result.code == 255:
+            raise self._ssh_failed(result)
+        return result
+
+    def _scp(self, source: str, target: str) -> None:
+        result = run_host(["scp", "-q", *self.options, "-P", self.port, source, target], 600, INSTALL)
+        if result.code != 0:
+            raise self._ssh_failed(result)
+
+    def push(self, local: Path | str, remote: str) -> None:
+        self._scp(str(local), f"{self.destination}:{remote}")
+
+    def pull(self, remote: str, local: Path | str) -> None:
+        self._scp(f"{self.destination}:{remote}", str(local))
