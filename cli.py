@@ -247,6 +247,7 @@ def _print_quantized(result) -> None:
 @click.option("--runner", type=click.Choice(["python", "benchmark_model"]), default="python", show_default=True,
               help="python3 with ai-edge-litert/onnxruntime on the device, or LiteRT's benchmark_model (.tflite).")
 @click.option("--benchmark-binary", type=click.Path(), help="benchmark_model built for the device.")
+@click.option("--python", "python", help="The device's Python for the python runner [default: python3].")
 @click.option("--parity", "parity_dir", type=click.Path(), help="Photos for the parity check (default: the shipped ones).")
 @click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--cooldown", type=click.FloatRange(min=0), help="Seconds between models [default: 10 on a phone, else 0].")
@@ -255,7 +256,7 @@ def _print_quantized(result) -> None:
 @click.option("--report", type=click.Path(), help="Also write a Markdown report here, with a PNG plot beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
-          benchmark_binary: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
+          benchmark_binary: str | None, python: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
           timeout: float, report: str | None, as_json: bool) -> None:
     """Latency and parity of exported FILES on a device, side by side."""
     from devices.bench import Settings, bench as run_bench
@@ -266,7 +267,7 @@ def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: 
     except ValueError:
         raise MixdeployError(f"--threads {threads!r}: give thread counts like 1,2,4") from None
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
-                        timeout)
+                        timeout, python)
     with err.status("benchmarking") as status:
         status.update(f"connecting to {device}")
         measured = run_bench(list(files), open_device(device), settings, step=lambda text: status.update(text))

@@ -42,6 +42,7 @@ class Settings:
     benchmark_binary: str | None = None
     cooldown: float | None = None  # seconds between models; None: 10 s on a real phone, else 0
     timeout: float = 900
+    python: str | None = None  # the device's Python; None: python3 (this Python on the local device)
 
 
 def precision(report: dict) -> str:
@@ -102,16 +103,17 @@ class Session:
         self.info = device_info(device)
         self.mask = core_mask(settings.cpus, self.info)
         self.prefix = ["taskset", self.mask] if self.mask else []
+        self.python = settings.python or device.python
         self.script = f"{device.workdir}/runner.py"
         device.push(runners.__file__, self.script)
 
     def check_python(self, fmt: str) -> None:
         """The device's python3 must import numpy and the file's runtime."""
         module = "onnxruntime" if fmt == "onnx" else "ai_edge_litert"
-        probe = self.device.shell([self.device.python, "-c", f"import numpy, {module}"], timeout=300, check=False)
+        probe = self.device.shell([self.python, "-c", f"import numpy, {module}"], timeout=300, check=False)
         if probe.code != 0:
-            raise DeviceError(f"python3 on {self.device.name} cannot import numpy and {module}: "
-                              f"pip install it there, or use --runner benchmark_model")
+            raise DeviceError(f"{self.python} on {self.device.name} cannot import numpy and {module}: pip install "
+                              f"them there, pass --python PATH of a Python that has them, or use --runner benchmark_model")
 
     def run_python(self, item: Prepared) -> dict:
         """Push the model and the parity inputs, run the runner, pull the outputs."""
@@ -120,7 +122,7 @@ class Session:
         self.device.push(item.path, model)
         np.save(self.host / "inputs.npy", item.images.astype(np.float32))
         self.device.push(self.host / "inputs.npy", f"{work}/inputs.npy")
-        argv = [*self.prefix, self.device.python, self.script, model, f"{work}/inputs.npy", f"{work}/outputs.npy",
+        argv = [*self.prefix, self.python, self.script, model, f"{work}/inputs.npy", f"{work}/outputs.npy",
                 "--threads", ",".join(map(str, s.threads)), "--runs", str(s.runs), "--warmup", str(s.warmup)]
         done = self.device.shell(argv, timeout=s.timeout, check=False)
         lines = done.stdout.strip().splitlines()

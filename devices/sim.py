@@ -72,22 +72,24 @@ def build(rebuild: bool = False) -> Path:
     wheels = CACHE / "wheels"
     console, started = Console(stderr=True), time.monotonic()
     _enable_binfmt()
-    steps = [
+    chroot = ["chroot", str(tmp)]
+    steps = [  # (what, command, needs /proc, /sys and /dev mounted)
         ("debootstrap, first stage (download)", ["debootstrap", "--arch=arm64", "--foreign",
-                                                  "--variant=minbase", "bookworm", str(tmp), MIRROR]),
-        ("debootstrap, second stage (emulated)", ["chroot", str(tmp), "/debootstrap/debootstrap", "--second-stage"]),
-        ("apt-get install " + " ".join(APT_PACKAGES), ["chroot", str(tmp), "/bin/sh", "-c",
-         "apt-get update && apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES) + " && apt-get clean"]),
-        ("download aarch64 wheels", [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), *WHEEL_TAGS, *WHEELS]),
+         "--variant=minbase", "bookworm", str(tmp), MIRROR], False),
+        ("debootstrap, second stage (emulated)", [*chroot, "/debootstrap/debootstrap", "--second-stage"], False),
+        ("apt-get install " + " ".join(APT_PACKAGES), [*chroot, "/bin/sh", "-c", "apt-get update && apt-get "
+         "install -y --no-install-recommends " + " ".join(APT_PACKAGES) + " && apt-get clean"], True),
+        ("download aarch64 wheels", [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels),
+                                     *WHEEL_TAGS, *WHEELS], True),
         ("install wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
-                            "--target", str(tmp / "usr/local/lib/python3.11/dist-packages"), *WHEEL_TAGS, *WHEELS]),
-        ("check python3 imports numpy, ai_edge_litert, onnxruntime",
-         ["chroot", str(tmp), "python3", "-c", "import numpy, ai_edge_litert, onnxruntime"]),
+                            "--target", str(tmp / "usr/local/lib/python3.11/dist-packages"), *WHEEL_TAGS, *WHEELS], True),
+        ("check that python3 imports numpy, ai_edge_litert, onnxruntime",
+         [*chroot, "python3", "-c", "import numpy, ai_edge_litert, onnxruntime"], True),
     ]
     mounts: list[str] = []
     try:
-        for i, (what, argv) in enumerate(steps, 1):
-            if argv[0] == "chroot" and not mounts and (tmp / "usr/bin/apt-get").exists():
+        for i, (what, argv, needs_mounts) in enumerate(steps, 1):
+            if needs_mounts and not mounts:
                 shutil.copy("/etc/resolv.conf", tmp / "etc/resolv.conf")
                 mounts = _mount(tmp)
             t0 = time.monotonic()

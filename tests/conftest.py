@@ -60,3 +60,22 @@ def digits(request):
     if not checkpoint.exists():
         d.train(root)
     return root, checkpoint
+
+
+@pytest.fixture(scope="session")
+def digits_exports(digits, tmp_path_factory):
+    """The digits model exported for devices (fp32 and int8 TFLite, fp32 ONNX) and its eval photos: 32x32
+    inputs keep on-device runs short, even under emulation."""
+    from cli import main
+
+    root, checkpoint = digits
+    out = tmp_path_factory.mktemp("digits_exports")
+    steps = [("export", "mixnet_s", "--checkpoint", checkpoint, "--format", "all", "-o", out / "fp32"),
+             ("quantize", out / "fp32.tflite", "--calib", root / "train", "--num-calib", "64", "-o", out / "int8.tflite")]
+    for args in steps:
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            assert exc.code == 0, args
+    return {"fp32.tflite": out / "fp32.tflite", "fp32.onnx": out / "fp32.onnx", "int8.tflite": out / "int8.tflite",
+            "eval": root / "eval"}

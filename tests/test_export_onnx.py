@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from conftest import assert_usage_error
-from devices.local_runtime import OrtRunner
+from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy.models import MIXNETS
 

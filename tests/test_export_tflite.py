@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import assert_usage_error
-from devices.local_runtime import LiteRtRunner
+from devices.runners import LiteRtRunner
 from exporters.export import export
 from exporters.tflite_export import write_tflite
 from exporters.tflite_inspect import delegation, read_metadata

@@ -92,7 +92,7 @@ def test_bad_calibration_input(tmp_path, run_cli):
 
 
 def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
-    from devices.local_runtime import LiteRtRunner
+    from devices.runners import LiteRtRunner
     from mixnet_deploy.lower import LayerInfo
     from mixnet_deploy.probes import probe
     from quantization.tflite_int8 import quantize_tflite

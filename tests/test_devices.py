@@ -1,0 +1,132 @@
+"""Transports and the harness on this machine: the local device, a real OpenSSH server on loopback,
+and the real adb client's failure modes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_usage_error
+from devices.connect import open_device
+from devices.device_info import big_cores, cpu_mask, device_info
+from mixnet_deploy.errors import DeviceError
+
+TRICKY = "it's a \"test\" with $HOME, `backticks`; and spaces"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on loopback accepting a fresh key for root; yields the --device value."""
+    if not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists():
+        pytest.fail("sshd missing: apt-get install openssh-server (make test installs it)")
+    home = tmp_path_factory.mktemp("sshd")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", home / "host"], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", home / "user"], check=True)
+    shutil.copy(home / "user.pub", home / "authorized_keys")
+    port = free_port()
+    (home / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {home / 'host'}\nAuthorizedKeysFile {home / 'authorized_keys'}\n"
+        f"PidFile {home / 'sshd.pid'}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n"
+        "UsePAM no\nSubsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", home / "sshd_config"], stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    os.environ["MIXDEPLOY_SSH_OPTIONS"] = (f"-i {home / 'user'} -o UserKnownHostsFile=/dev/null "
+                                           "-o StrictHostKeyChecking=no -o LogLevel=ERROR")
+    yield f"ssh:root@127.0.0.1:{port}"
+    server.terminate()
+    server.wait()
+    del os.environ["MIXDEPLOY_SSH_OPTIONS"]
+
+
+@pytest.fixture(params=["local", "ssh"])
+def device(request):
+    spec = "local" if request.param == "local" else request.getfixturevalue("sshd")
+    with open_device(spec) as transport:
+        yield transport
+
+
+def test_transport_shell_push_pull_and_cleanup(device, tmp_path):
+    result = device.shell(["sh", "-c", "echo out; echo err >&2; exit 3"], check=False)
+    assert (result.code, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    assert device.shell(["printf", "%s", TRICKY]).stdout == TRICKY
+    with pytest.raises(DeviceError, match="exit code 3"):
+        device.shell(["sh", "-c", "exit 3"])
+    blob = np.random.default_rng().integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    (tmp_path / "blob").write_bytes(blob)
+    remote = f"{device.workdir}/blob"
+    device.push(tmp_path / "blob", remote)
+    device.pull(remote, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == blob
+    work = device.workdir
+    device.cleanup()
+    assert device.shell(["test", "-e", work], check=False).code == 1
+
+
+def test_device_info(device):
+    info = device_info(device)
+    assert info["abi"] == "x86_64" and info["os"].startswith("Linux")
+    assert len(info["cores"]) == os.cpu_count() and info["big_cores"]
+    assert info["mem_free_mb"] > 100 and info["emulated"] is False
+
+
+def test_big_cores_and_masks():
+    cores = [{"cpu": i, "max_khz": f} for i, f in enumerate([1800000] * 4 + [2400000] * 3 + [3000000])]
+    assert big_cores(cores) == [7] and cpu_mask([4, 5, 6, 7]) == "f0"
+    assert big_cores([{"cpu": 0, "max_khz": None}, {"cpu": 1, "max_khz": None}]) == [0, 1]
+
+
+@pytest.mark.slow
+def test_bench_over_ssh(sshd, digits_exports, run_cli, tmp_path):
+    """The python runner over a real ssh connection, with the venv's Python as the device's."""
+    import sys
+
+    files = [digits_exports["fp32.tflite"], digits_exports["int8.tflite"]]
+    result = run_cli("bench", *files, "--device", sshd, "--python", sys.executable, "--runs", "5",
+                     "--parity", digits_exports["eval"], "--parity-samples", "16", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["device"]["name"] == sshd
+    assert [r["parity"]["passed"] for r in report["results"]] == [True, True]
+    assert report["results"][0]["parity"]["top1_agreement"] == 1.0 and report["results"][0]["parity"]["samples"] == 16
+    # the system python3 lacks ai_edge_litert: said in one line
+    missing = run_cli("bench", files[0], "--device", sshd, "--python", "/bin/false", "--runs", "1",
+                      "--parity-samples", "2", "--parity", digits_exports["eval"])
+    assert missing.code == 1 and "cannot import numpy and ai_edge_litert" in missing.err
+    assert len(missing.err.strip().splitlines()) == 1
+
+
+def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
+    model = digits_exports["fp32.tflite"]
+    closed = run_cli("bench", model, "--device", f"ssh:root@127.0.0.1:{free_port()}")
+    assert closed.code == 1 and "ssh to root@127.0.0.1 failed" in closed.err and "refused" in closed.err
+    assert len(closed.err.strip().splitlines()) == 1
+    assert_usage_error(run_cli("bench", model, "--device", "ssh:bad host"), "ssh:USER@HOST")
+    absent = run_cli("bench", model, "--device", "no-such-serial")
+    assert absent.code == 1 and "adb device no-such-serial not found" in absent.err
+    monkeypatch.setenv("PATH", str(tmp_path))
+    no_adb = run_cli("bench", model, "--device", "emulator-5554")
+    assert no_adb.code == 1 and "adb not found" in no_adb.err and "apt-get install adb" in no_adb.err
+
+
+def test_bad_bench_options(run_cli, digits_exports):
+    model = digits_exports["fp32.tflite"]
+    assert_usage_error(run_cli("bench", model, "--cpus", "zz", "--parity", digits_exports["eval"]), "--cpus zz")
+    assert_usage_error(run_cli("bench", model, "--cpus", "ff0", "--parity", digits_exports["eval"]), "cores 0-")

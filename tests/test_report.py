@@ -1,0 +1,89 @@
+"""The bench report renderer: Markdown table and PNG plot from result dicts (synthetic: it only renders)."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from devices.report import EMULATION_NOTE, write_report
+
+THRESHOLDS = {"fp32": {"max_rel": 1e-4, "min_top1": 1.0}, "fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.97}}
+
+DEVICE = {"name": "adb:127.0.0.1:5555", "abi": "arm64-v8a", "model": "sdk_gphone64_arm64", "os": "Android 14",
+          "cores": [{"cpu": i, "max_khz": 1800000 if i < 4 else 2400000} for i in range(8)], "big_cores": [4, 5, 6, 7],
+          "governor": "schedutil", "mem_free_mb": 1234, "temps_before": {"zone0": 41.2},
+          "temps_after": {"zone0": 43.5}, "emulated": False}
+
+
+def latency_stats(times: np.ndarray) -> dict:
+    return {"median": float(np.median(times)), "mean": float(times.mean()), "min": float(times.min()),
+            "p90": float(np.percentile(times, 90)), "p99": float(np.percentile(times, 99)), "std": float(times.std()),
+            "runs": len(times), "raw": [round(float(t), 4) for t in times]}
+
+
+def result(file: str, precision: str, median_ms: float, cosine: float, top1: float, passed: bool = True) -> dict:
+    rng = np.random.default_rng(len(file))
+    latency = {t: latency_stats(median_ms / int(t) ** 0.6 * rng.lognormal(0, 0.08, 20)) for t in ("1", "2", "4")}
+    fmt = file.rsplit(".", 1)[1]
+    return {"file": f"build/{file}", "model": "mixnet_s", "weights": "random-init+calibrated-bn", "format": fmt,
+            "precision": precision, "size_bytes": 16_500_000 if precision == "fp32" else 4_400_000, "init_ms": 12.34,
+            "first_inference_ms": 20.16, "peak_memory_mb": None if fmt == "onnx" else 45.2,
+            "latency_ms": latency["1"], "latency_by_threads": latency,
+            "parity": {"samples": 14, "top1_agreement": top1, "top5_agreement": 1.0, "cosine": cosine,
+                       "max_abs": 1e-6, "rel_max": 2e-7, "psnr_db": 120.04, "sqnr_db": 110.0,
+                       "tolerance": THRESHOLDS[precision], "passed": passed},
+            "runner": "python"}
+
+
+RESULTS = [result("s.onnx", "fp32", 30.0, 0.9999999, 1.0), result("s.tflite", "fp32", 28.0, 0.9999998, 1.0),
+           result("s_fp16.tflite", "fp16", 22.0, 0.99995, 0.9286), result("s_int8.tflite", "int8", 11.0, 0.9812, 0.7143)]
+
+
+def rows(text: str, name: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith(f"| {name} ")]
+
+
+def test_report_tables_every_file_and_thread_count(tmp_path):
+    md, png = write_report(tmp_path / "out" / "bench.md", DEVICE, RESULTS)
+    assert (md.name, png.name, md.parent, png.parent) == ("bench.md", "bench.png", tmp_path / "out", tmp_path / "out")
+    text = md.read_text()
+    assert text.startswith("# Benchmark on adb:127.0.0.1:5555, ")
+    assert "- Cores: 8: cpu0–3 1.80 GHz; cpu4–7 2.40 GHz **(big, used)**" in text
+    assert "zone0 41.2 → 43.5 °C" in text and "Free memory: 1234 MB" in text and "Governor: schedutil" in text
+    assert EMULATION_NOTE not in text and "Emulated: no" in text
+    assert "![median latency and parity per file](bench.png)" in text
+    fastest = RESULTS[3]["latency_by_threads"]["1"]["median"]
+    for r in RESULTS:
+        found = rows(text, r["file"].split("/")[1])
+        assert [row[4] for row in found] == ["1", "2", "4"]
+        for row, t in zip(found, ("1", "2", "4")):
+            lat = r["latency_by_threads"][t]
+            assert row[:4] == [r["file"].split("/")[1], r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.2f}"]
+            assert row[5:9] == [f"{lat[k]:.2f}" for k in ("median", "p90", "p99", "std")]
+            assert row[9:12] == ["12.3", "20.2", "—" if r["format"] == "onnx" else "45.2"]
+            assert row[12:17] == [f"{r['parity']['top1_agreement']:.1%}", "100.0%", f"{r['parity']['cosine']:.7f}",
+                                  "120.0", "PASS"]
+            assert row[17] == (f"{lat['median'] / fastest:.2f}×" if t == "1" else "")
+    assert rows(text, "s_int8.tflite")[0][17] == "1.00×"
+    assert "- s.tflite (fp32, 14 samples): max_rel ≤ 0.0001 (measured 2e-07), min_top1 ≥ 1 (measured 1): PASS" in text
+    assert "- s_int8.tflite (int8, 14 samples): min_cosine ≥ 0.97 (measured 0.9812000): PASS" in text
+    assert sorted(p.name for p in md.parent.iterdir()) == ["bench.md", "bench.png"]
+
+
+def test_report_plot_is_a_readable_png(tmp_path):
+    _, png = write_report(tmp_path / "bench.md", DEVICE, RESULTS)
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert (1500 < image.width < 2500) and (600 < image.height < 1200)
+    assert png.stat().st_size > 30_000
+    assert write_report(tmp_path / "again.md", DEVICE, RESULTS)[1].read_bytes() == png.read_bytes()
+
+
+def test_emulated_device_and_failed_parity_are_loud(tmp_path):
+    failed = result("s_int8.tflite", "int8", 11.0, 0.91, 0.5, passed=False)
+    md, png = write_report(tmp_path / "emu.md", {**DEVICE, "emulated": True}, [RESULTS[1], failed])
+    text = md.read_text()
+    assert f"> **⚠ EMULATED: {EMULATION_NOTE}.**" in text and "Emulated: yes" in text
+    assert [row[16] for row in rows(text, "s_int8.tflite")] == ["**FAIL**"] * 3
+    assert [row[16] for row in rows(text, "s.tflite")] == ["PASS"] * 3
+    assert "min_cosine ≥ 0.97 (measured 0.9100000): **FAIL**" in text
+    assert png.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["emu.md", "emu.png"]
