@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
-from devices.local_runtime import OrtRunner  # noqa: E402
+from devices.runners import OrtRunner  # noqa: E402
 from exporters.export import export  # noqa: E402
 from exporters.onnx_export import write_onnx  # noqa: E402
 from mixnet_deploy import load_model  # noqa: E402

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import peers  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
-from devices.local_runtime import LiteRtRunner  # noqa: E402
+from devices.runners import LiteRtRunner  # noqa: E402
 from exporters.export import export  # noqa: E402
 from exporters.tflite_inspect import delegation  # noqa: E402
 from mixnet_deploy import count, load_model  # noqa: E402

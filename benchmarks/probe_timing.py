@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from devices.local_runtime import LiteRtRunner, OrtRunner
+from devices.runners import LiteRtRunner, OrtRunner
 from exporters.onnx_export import write_onnx
 from exporters.tflite_export import write_tflite
 

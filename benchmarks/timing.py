@@ -1,7 +1,7 @@
 """Interleaved latency measurement: every runner in turn, several rounds, so drift hits all alike."""
 from __future__ import annotations
 
-from devices.local_runtime import latency_stats
+from devices.runners import latency_stats
 
 
 def interleaved(runners: dict, x: dict, rounds: int = 5, runs: int = 40, warmup: int = 5) -> dict[str, dict]:

@@ -46,7 +46,7 @@ class OnnxFormat(_Runs):
         write_onnx(module, input_size, path, opset=options.get("opset", 18), dynamic_batch=options.get("dynamic_batch", False))
 
     def runner(self, path: Path):
-        from devices.local_runtime import OrtRunner
+        from devices.runners import OrtRunner
 
         return OrtRunner(path)
 
@@ -78,7 +78,7 @@ class TfliteFormat(_Runs):
                      input_layout=options.get("input_layout", "nhwc"))
 
     def runner(self, path: Path):
-        from devices.local_runtime import LiteRtRunner
+        from devices.runners import LiteRtRunner
 
         return LiteRtRunner(path)
 

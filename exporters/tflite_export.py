@@ -26,7 +26,7 @@ def tensorflow():
     torch imports triton lazily, and triton's native module crashes once TensorFlow is loaded."""
     import torch._dynamo  # noqa: F401
 
-    from devices.local_runtime import quiet_native_stderr
+    from devices.runners import quiet_native_stderr
 
     with quiet_native_stderr():
         import tensorflow as tf
@@ -203,7 +203,7 @@ def converter(module: nn.Module, input_size: tuple[int, int, int], fp16: bool = 
 def write_tflite(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, fp16: bool = False,
                  input_layout: str = "nhwc", representative: Callable | None = None, io_type: str = "float32") -> None:
     """Convert `module` to a .tflite file (see `converter`)."""
-    from devices.local_runtime import quiet_native_stderr
+    from devices.runners import quiet_native_stderr
 
     conv = converter(module, input_size, fp16, input_layout, representative, io_type)
     with quiet_native_stderr():

@@ -14,7 +14,7 @@ def delegation(path: str | Path) -> dict:
     """Ops by type and how many of them the XNNPACK delegate takes (from its DELEGATE nodes' inputs and outputs)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from devices.local_runtime import quiet_native_stderr
+    from devices.runners import quiet_native_stderr
 
     with quiet_native_stderr():
         interp = Interpreter(model_path=str(path), num_threads=1)

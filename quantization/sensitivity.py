@@ -43,7 +43,7 @@ def tflite_layers(module: nn.Module, input_size: tuple[int, int, int], images: n
     """SQNR (dB) of every quantized op's output against float (TF's QuantizationDebugger)."""
     from exporters.tflite_export import converter, tensorflow
 
-    from devices.local_runtime import quiet_native_stderr
+    from devices.runners import quiet_native_stderr
 
     tf = tensorflow()
     nhwc = images.transpose(0, 2, 3, 1).astype(np.float32)

@@ -23,7 +23,7 @@ def quantize_tflite(module: nn.Module, input_size: tuple[int, int, int], out_pat
         write_tflite(module, input_size, out_path, input_layout=input_layout, representative=representative,
                      io_type=io_type)
         return
-    from devices.local_runtime import quiet_native_stderr
+    from devices.runners import quiet_native_stderr
     from exporters.tflite_export import converter, tensorflow
 
     tf = tensorflow()
