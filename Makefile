@@ -6,9 +6,19 @@ MIX    := $(VENV)/bin/mixdeploy
 STAMP  := $(VENV)/.installed
 OUT    := build/demo
 
-.PHONY: install demo test test-quick clean
+.PHONY: install system demo test test-quick clean
 
-install: $(STAMP)
+install: system $(STAMP)
+
+# System tools the device tests use: the adb client, QEMU user emulation and debootstrap for the
+# virtual ARM64 device, an OpenSSH server on loopback. Installed only when missing.
+SYSTEM_TOOLS := adb qemu-aarch64-static debootstrap update-binfmts sshd ssh
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+system:
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    adb qemu-user-static debootstrap binfmt-support openssh-server openssh-client >/dev/null; fi
 
 # torch and torchvision first, pinned: pip takes them from this machine's disk (never a bare `torch`).
 $(STAMP): pyproject.toml Makefile
@@ -20,17 +30,17 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: export mixnet_s to ONNX and TFLite, quantize both to int8 with the shipped photos,
 # benchmark all four files on this machine with parity against PyTorch, print the table.
-demo: $(STAMP)
+demo: install
 	mkdir -p $(OUT)
 	$(MIX) export mixnet_s --calibrate-bn --format all -o $(OUT)/mixnet_s --force
 	$(MIX) quantize $(OUT)/mixnet_s.tflite --calib mixnet_deploy/sample_images -o $(OUT)/mixnet_s_int8.tflite --force
 	$(MIX) quantize $(OUT)/mixnet_s.onnx --calib mixnet_deploy/sample_images -o $(OUT)/mixnet_s_int8.onnx --force
 	$(MIX) bench $(OUT)/mixnet_s.onnx $(OUT)/mixnet_s_int8.onnx $(OUT)/mixnet_s.tflite $(OUT)/mixnet_s_int8.tflite --threads 1,2
 
-test: $(STAMP)
+test: install
 	$(PY) -m pytest
 
-test-quick: $(STAMP)
+test-quick: install
 	$(PY) -m pytest -m "not slow"
 
 clean:
