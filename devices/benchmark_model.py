@@ -22,7 +22,8 @@ from .transport import Transport
 PREBUILT = ("LiteRT publishes prebuilt benchmark_model binaries for android_arm64, linux_arm64, "
             "linux_x86_64 — download one and pass its path")
 CACHE = Path("~/.cache/mixdeploy/benchmark_model")
-ELF_MACHINES = {"arm64-v8a": 183, "aarch64": 183, "armeabi-v7a": 40, "x86_64": 62, "x86": 3}
+ABI_MACHINES = {"arm64-v8a": 183, "aarch64": 183, "armeabi-v7a": 40, "x86_64": 62, "x86": 3}  # ELF e_machine
+MACHINES = {183: "arm64", 40: "32-bit arm", 62: "x86_64", 3: "x86"}
 
 # a line's message without its "INFO: " / "VERBOSE: " level and LiteRT's "[file.h:81] " origin
 _PREFIX = re.compile(r"^(?:(?:INFO|WARNING|ERROR|VERBOSE|DEBUG): )?(?:\[[^\]]*:\d+\] )?")
@@ -75,7 +76,7 @@ def _stat(message: str) -> dict:
     (one run) and `count=N curr=X(all same)` mean every run took X."""
     fields = {k: _num(v) for k, v in _FIELD.findall(message)}
     if fields["count"] and "min" not in fields:
-        x = fields["curr"]
+        x = fields.get("curr")
         fields.update(first=x, min=x, max=x, avg=x, std=0.0)
         fields.setdefault("median", x)
     return fields
@@ -114,11 +115,16 @@ def parse_output(text: str) -> dict:
                 if m := pattern.match(message):
                     found[key] = m.groups()
                     break
-    value = lambda key, i=0: _num(found[key][i]) if key in found else None  # noqa: E731
-    warmup = stats[0] if stats and stats[0]["count"] else {}
+
+    def get(key: str, i: int = 0) -> float | None:
+        return _num(found[key][i]) if key in found else None
+
+    # the warm-up stat line comes first, the regular one last; count=0 means no runs, no values
+    warmup = stats[0] if stats else {}
     regular = stats[-1] if len(stats) > 1 and stats[-1]["count"] else {}
-    timings = [value("timings_us", i) for i in range(4)]
-    mean = _first(_ms(regular.get("avg")), _ms(timings[3]), value("block_mean"))
+    warmup_runs = warmup["count"] if warmup else get("block_warmup", 1)
+    timings = [_ms(get("timings_us", i)) for i in range(4)]
+    mean = _first(_ms(regular.get("avg")), timings[3], get("block_mean"))
     if mean is None:
         raise DeviceError(f"benchmark_model printed no timings: {error_line(text)}")
     if regular:
@@ -126,22 +132,23 @@ def parse_output(text: str) -> dict:
                    [("mean", "avg"), ("min", "min"), ("max", "max"), ("std", "std"), ("median", "median")]}
         latency.update({k: _ms(regular[k]) for k in ("p5", "p95") if k in regular})
     else:
-        latency = {"mean": mean, "min": value("block_min"), "max": value("block_max"),
-                   "std": value("block_std"), "median": None}
-    memory = found.get("memory")
+        latency = {"mean": mean, "min": get("block_min"), "max": get("block_max"), "std": get("block_std"),
+                   "median": None}
+    totals = [total for _, total in replaced.values()]
+    block_runs = int(found["block_mean"][1]) if "block_mean" in found else None
     return {
-        "init_ms": _first(_ms(timings[0]), value("session_ms"), value("block_init")),
-        "first_inference_ms": _first(_ms(warmup.get("first")), _ms(timings[1]) if warmup or not stats else None,
-                                     value("block_first")),
-        "warmup_avg_ms": _first(_ms(warmup.get("avg")), _ms(timings[2]) if warmup or not stats else None,
-                                value("block_warmup")),
-        "runs": int(regular["count"]) if regular else (int(found["block_mean"][1]) if "block_mean" in found else None),
+        "init_ms": _first(timings[0], get("session_ms"), get("block_init")),
+        "first_inference_ms": None if warmup_runs == 0 else _first(_ms(warmup.get("first")), timings[1],
+                                                                   get("block_first")),
+        "warmup_avg_ms": None if warmup_runs == 0 else _first(_ms(warmup.get("avg")), timings[2],
+                                                              get("block_warmup")),
+        "runs": int(regular["count"]) if regular else block_runs,
         "latency_ms": latency,
-        "memory_mb": {"init": _first(_num(memory[0]) if memory else None, value("block_mem_init")),
-                      "overall": _first(_num(memory[1]) if memory else None, value("block_mem_overall")),
-                      "peak": _first(value("peak"), value("block_mem_peak"))},
+        "memory_mb": {"init": _first(get("memory", 0), get("block_mem_init")),
+                      "overall": _first(get("memory", 1), get("block_mem_overall")),
+                      "peak": _first(get("peak"), get("block_mem_peak"))},
         "delegated_nodes": sum(n for n, _ in replaced.values()) if replaced else None,
-        "total_nodes": sum(t for _, t in replaced.values()) if replaced and all(t for _, t in replaced.values()) else None,
+        "total_nodes": sum(totals) if totals and None not in totals else None,
         "format": "litert_compiled_model" if block else "tflite_benchmark",
     }
 
@@ -175,22 +182,25 @@ def command(binary: str, model: str, threads: int, runs: int, warmup: int, cpus:
                                  f"files for {sorted(input_files)}, shapes for {sorted(shapes)}")
         argv += ["--input_layer=" + ",".join(input_files),
                  "--input_layer_shape=" + ":".join(",".join(map(str, shapes[n])) for n in input_files),
-                 "--input_layer_value_files=" + ",".join(f"{_escape(n)}:{_escape(p)}" for n, p in input_files.items())]
+                 "--input_layer_value_files=" + ",".join(f"{_escape(name)}:{_escape(path)}"
+                                                         for name, path in input_files.items())]
     if output_file:
         argv.append(f"--output_filepath={output_file}")
     return argv + list(extra or [])
 
 
-def _check_binary(path: Path, abi: str | None = None) -> None:
+def _check_binary(path: Path, abi: str | None = None, what: str = "--benchmark-binary") -> None:
     """An ELF executable (for `abi`'s machine when known), or a MixdeployError saying where to get one."""
     if not path.is_file():
-        raise MixdeployError(f"--benchmark-binary {path}: no such file; {PREBUILT}")
-    header = path.read_bytes()[:20] if path.stat().st_size >= 20 else b""
-    if header[:4] != b"\x7fELF" or int.from_bytes(header[16:18], "little") not in (2, 3):
-        raise MixdeployError(f"--benchmark-binary {path}: not an executable ELF file; {PREBUILT}")
+        raise MixdeployError(f"{what} {path}: no such file; {PREBUILT}")
+    with path.open("rb") as f:
+        header = f.read(20)
+    if len(header) < 20 or header[:4] != b"\x7fELF" or int.from_bytes(header[16:18], "little") not in (2, 3):
+        raise MixdeployError(f"{what} {path}: not an executable ELF file; {PREBUILT}")
     machine = int.from_bytes(header[18:20], "little")
-    if abi in ELF_MACHINES and machine != ELF_MACHINES[abi]:
-        raise MixdeployError(f"--benchmark-binary {path}: built for ELF machine {machine}, the device is {abi}; {PREBUILT}")
+    if abi in ABI_MACHINES and machine != ABI_MACHINES[abi]:
+        raise MixdeployError(f"{what} {path}: built for {MACHINES.get(machine, f'ELF machine {machine}')}, "
+                             f"the device is {abi}; {PREBUILT}")
 
 
 def find_binary(explicit: str | None, abi: str) -> Path:
@@ -198,12 +208,13 @@ def find_binary(explicit: str | None, abi: str) -> Path:
     $MIXDEPLOY_BENCHMARK_MODEL_DIR (default ~/.cache/mixdeploy/benchmark_model)/<abi>/benchmark_model."""
     if explicit:
         path = Path(explicit).expanduser()
-    else:
-        path = Path(os.environ.get("MIXDEPLOY_BENCHMARK_MODEL_DIR") or CACHE).expanduser() / abi / "benchmark_model"
-        if not path.is_file():
-            raise MixdeployError(f"no benchmark_model for {abi}: pass --benchmark-binary PATH or put it at {path} "
-                                 f"(nothing here can download it); {PREBUILT}")
-    _check_binary(path, abi)
+        _check_binary(path, abi)
+        return path
+    path = Path(os.environ.get("MIXDEPLOY_BENCHMARK_MODEL_DIR") or CACHE).expanduser() / abi / "benchmark_model"
+    if not path.is_file():
+        raise MixdeployError(f"no benchmark_model for {abi}: pass --benchmark-binary PATH or put it at {path} "
+                             f"(nothing here can download it); {PREBUILT}")
+    _check_binary(path, abi, what="cached benchmark_model")
     return path
 
 
@@ -219,7 +230,8 @@ def run(transport: Transport, binary_path_on_host: Path, model_on_device: str, t
     remote = f"{transport.workdir}/benchmark_model"
     transport.push(binary, remote)
     transport.shell(["chmod", "+x", remote])
-    argv = command(remote, model_on_device, threads, runs, warmup, cpus, input_files, output_file, extra, input_shapes)
+    argv = command(remote, model_on_device, threads, runs, warmup, cpus, input_files, output_file, extra,
+                   input_shapes)
     result = transport.shell(argv, timeout=timeout, check=False)
     text = result.stdout + "\n" + result.stderr
     if result.code != 0:
