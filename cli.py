@@ -288,6 +288,8 @@ def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: 
 
 
 def _bench_table(measured: dict) -> None:
+    from devices.report import number
+
     dev = measured["device"]
     title = f"mixdeploy bench on {dev['name']} ({dev['abi']}, {dev['os']})"
     table = Table(title=title + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
@@ -298,7 +300,7 @@ def _bench_table(measured: dict) -> None:
         p = r["parity"]
         for t, lat in r["latency_by_threads"].items():
             table.add_row(Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t,
-                          f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{r['peak_memory_mb']:.0f}",
+                          number(lat["median"]), number(lat["p90"]), number(r["peak_memory_mb"], ".0f"),
                           f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
                           "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
     out.print(table)

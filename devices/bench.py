@@ -17,7 +17,7 @@ from mixnet_deploy.models import reload
 from mixnet_deploy.parity import compare, reference_outputs
 from mixnet_deploy.preprocess import SAMPLE_IMAGES, PreprocessConfig
 
-from . import runners
+from . import benchmark_model, runners
 from .device_info import cpu_mask, device_info, temperatures
 from .runners import latency_stats
 from .transport import Transport
@@ -104,6 +104,7 @@ class Session:
         self.mask = core_mask(settings.cpus, self.info)
         self.prefix = ["taskset", self.mask] if self.mask else []
         self.python = settings.python or device.python
+        self.binary: str | None = None
         self.script = f"{device.workdir}/runner.py"
         device.push(runners.__file__, self.script)
 
@@ -133,16 +134,58 @@ class Session:
         measured = json.loads(lines[-1])
         self.device.pull(f"{work}/outputs.npy", self.host / "outputs.npy")
         measured["outputs"] = np.load(self.host / "outputs.npy")
+        measured["latency_ms"] = {t: latency_stats(raw) for t, raw in measured["latency_ms"].items()}
         return measured
+
+    def run_benchmark_model(self, item: Prepared) -> dict:
+        """LiteRT's benchmark_model: one timed run per thread count, then one run per parity image fed
+        through --input_layer_value_files, its --output_filepath pulled back."""
+        s, work = self.settings, self.device.workdir
+        if item.path.suffix != ".tflite":
+            raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {item.path.name} with --runner python")
+        if self.binary is None:
+            self.binary = benchmark_model.install(self.device, benchmark_model.find_binary(s.benchmark_binary,
+                                                                                           self.info["abi"]))
+        model = f"{work}/model.tflite"
+        self.device.push(item.path, model)
+        latency, first = {}, None
+        for t in s.threads:
+            parsed = benchmark_model.run(self.device, self.binary, model, t, s.runs, s.warmup, self.mask,
+                                         timeout=s.timeout)
+            first = first or parsed
+            stats = {"p90": None, "p99": None, **parsed["latency_ms"], "runs": parsed["runs"], "raw": []}
+            if stats["median"] is None:  # older builds print no median: the mean stands in, and says so
+                stats.update(median=stats["mean"], median_is_mean=True)
+            latency[str(t)] = stats
+        host = runners.LiteRtRunner(item.path)
+        name, shape = host.input["name"], tuple(int(d) for d in host.input["shape"])
+        outputs = []
+        for x in host.feed(item.images):
+            (self.host / "input.bin").write_bytes(runners.quantize(x[None], host.input).tobytes())
+            self.device.push(self.host / "input.bin", f"{work}/input.bin")
+            benchmark_model.run(self.device, self.binary, model, s.threads[0], 1, 0, self.mask,
+                                {name: f"{work}/input.bin"}, {name: shape}, f"{work}/output.bin", timeout=s.timeout)
+            self.device.pull(f"{work}/output.bin", self.host / "output.bin")
+            raw = benchmark_model.read_outputs((self.host / "output.bin").read_bytes(),
+                                               [(tuple(host.output["shape"]), host.output["dtype"])])[0]
+            outputs.append(runners.dequantize(raw, host.output))
+        memory = first["memory_mb"]
+        return {"runtime": "benchmark_model", "init_ms": first["init_ms"],
+                "first_inference_ms": first["first_inference_ms"], "latency_ms": latency,
+                "peak_memory_mb": memory["peak"] or memory["overall"], "model_memory_mb": memory["overall"],
+                "outputs": np.concatenate(outputs)}
 
     def measure(self, item: Prepared) -> dict:
         """One file: temperatures around the run, timings, on-device parity."""
         s = self.settings
         temps_before = temperatures(self.device)
-        self.check_python(item.path.suffix[1:])
-        measured = self.run_python(item)
+        if s.runner == "benchmark_model":
+            measured = self.run_benchmark_model(item)
+        else:
+            self.check_python(item.path.suffix[1:])
+            measured = self.run_python(item)
         parity = compare(item.reference, measured["outputs"], **THRESHOLDS[item.precision])
-        latency = {t: latency_stats(raw) for t, raw in measured["latency_ms"].items()}
+        latency = measured["latency_ms"]
         meta = item.report["metadata"]
         return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
                 "format": item.path.suffix[1:], "precision": item.precision, "size_bytes": item.report["size_bytes"],

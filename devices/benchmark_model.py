@@ -218,19 +218,23 @@ def find_binary(explicit: str | None, abi: str) -> Path:
     return path
 
 
-def run(transport: Transport, binary_path_on_host: Path, model_on_device: str, threads: int = 1, runs: int = 50,
-        warmup: int = 5, cpus: str | None = None, input_files: dict[str, str] | None = None,
-        input_shapes: dict[str, tuple[int, ...]] | None = None, output_file: str | None = None,
-        extra: list[str] | None = None, timeout: float = 600) -> dict:
-    """Push benchmark_model into the device's work folder, run it once, and parse what it printed.
-    A non-zero exit, or a flag the binary did not know (it would silently ignore input files), is a
-    DeviceError quoting the tool."""
+def install(transport: Transport, binary_path_on_host: Path) -> str:
+    """Push benchmark_model into the device's work folder; its path there."""
     binary = Path(binary_path_on_host)
     _check_binary(binary)
     remote = f"{transport.workdir}/benchmark_model"
     transport.push(binary, remote)
     transport.shell(["chmod", "+x", remote])
-    argv = command(remote, model_on_device, threads, runs, warmup, cpus, input_files, output_file, extra,
+    return remote
+
+
+def run(transport: Transport, remote_binary: str, model_on_device: str, threads: int = 1, runs: int = 50,
+        warmup: int = 5, cpus: str | None = None, input_files: dict[str, str] | None = None,
+        input_shapes: dict[str, tuple[int, ...]] | None = None, output_file: str | None = None,
+        extra: list[str] | None = None, timeout: float = 600) -> dict:
+    """Run the installed benchmark_model once and parse what it printed. A non-zero exit, or a flag
+    the binary did not know (it would silently ignore input files), is a DeviceError quoting the tool."""
+    argv = command(remote_binary, model_on_device, threads, runs, warmup, cpus, input_files, output_file, extra,
                    input_shapes)
     result = transport.shell(argv, timeout=timeout, check=False)
     text = result.stdout + "\n" + result.stderr

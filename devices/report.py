@@ -91,6 +91,11 @@ def _cores(device: dict) -> str:
     return f"{sum(b - a + 1 for a, b, *_ in runs)}: " + "; ".join(parts) if runs else "unknown"
 
 
+def number(value: float | None, spec: str = ".2f") -> str:
+    """A figure, or a dash for one the runner did not report."""
+    return "—" if value is None else format(value, spec)
+
+
 def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
     header = ["file", "format", "precision", "size MB", "threads", "median", "p90", "p99", "std", "init ms",
               "first inference ms", "peak memory MB", "top-1", "top-5", "cosine", "PSNR dB", "parity",
@@ -104,9 +109,9 @@ def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
             if lat is None:
                 continue
             rows.append([Path(r["file"]).name.replace("|", "\\|"), r["format"], r["precision"],
-                         f"{r['size_bytes'] / 1e6:.2f}", t, f"{lat['median']:.2f}", f"{lat['p90']:.2f}",
-                         f"{lat['p99']:.2f}", f"{lat['std']:.2f}", f"{r['init_ms']:.1f}",
-                         f"{r['first_inference_ms']:.1f}", "—" if memory is None else f"{memory:.1f}",
+                         f"{r['size_bytes'] / 1e6:.2f}", t, number(lat["median"]), number(lat["p90"]),
+                         number(lat["p99"]), number(lat["std"]), number(r["init_ms"], ".1f"),
+                         number(r["first_inference_ms"], ".1f"), number(memory, ".1f"),
                          f"{p['top1_agreement']:.1%}", f"{p['top5_agreement']:.1%}", f"{p['cosine']:.7f}",
                          f"{p['psnr_db']:.1f}", "PASS" if p["passed"] else "**FAIL**",
                          f"{lat['median'] / fastest:.2f}×" if t == ref else ""])
@@ -131,7 +136,7 @@ def _whiskers(lat: dict) -> tuple[float, float]:
     if lat.get("raw"):
         lo, hi = np.percentile(lat["raw"], [10, 90])
         return float(lo), float(hi)
-    return lat["min"], lat["p90"]
+    return lat["min"], lat["p90"] if lat["p90"] is not None else lat.get("p95") or lat["median"]
 
 
 def _plot_png(device: dict, results: list[dict]) -> bytes:

@@ -103,18 +103,19 @@ class LiteRtRunner:
         """Outputs for a batch in the model's own layout and type (quantized io is (de)quantized here)."""
         outs = []
         for sample in x:
-            self.interpreter.set_tensor(self.input["index"], _quantize(sample[None], self.input))
+            self.interpreter.set_tensor(self.input["index"], quantize(sample[None], self.input))
             self.interpreter.invoke()
-            outs.append(_dequantize(self.interpreter.get_tensor(self.output["index"]), self.output))
+            outs.append(dequantize(self.interpreter.get_tensor(self.output["index"]), self.output))
         return np.concatenate(outs)
 
     def time(self, x: np.ndarray, runs: int = 50, warmup: int = 5) -> list[float]:
         """Latencies in ms of `runs` invocations after `warmup`, on the first sample of `x`."""
-        self.interpreter.set_tensor(self.input["index"], _quantize(x[:1], self.input))
+        self.interpreter.set_tensor(self.input["index"], quantize(x[:1], self.input))
         return _timed(self.interpreter.invoke, runs, warmup)
 
 
-def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """A float input as the tensor `detail` (LiteRT's input details) takes it."""
     if detail["dtype"] == np.float32:
         return x.astype(np.float32)
     scale, zero = detail["quantization"]
@@ -122,7 +123,8 @@ def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
     return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
 
 
-def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    """An output tensor back to float."""
     if detail["dtype"] == np.float32:
         return y.astype(np.float32)
     scale, zero = detail["quantization"]

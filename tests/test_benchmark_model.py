@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.benchmark_model import command, error_line, find_binary, parse_output, read_outputs, run
+from devices.benchmark_model import command, error_line, find_binary, install, parse_output, read_outputs, run
 from devices.transport import ShellResult, Transport
 from mixnet_deploy.errors import DeviceError, MixdeployError
 
@@ -252,11 +252,12 @@ class FakeDevice(Transport):
         self.pushed.append((Path(local), remote))
 
 
-def test_run_pushes_runs_and_parses():
+def test_install_then_run_parses():
     device = FakeDevice(recording("tflite_percentiles_g_format.txt"))
-    result = run(device, PYTHON, "/data/local/tmp/mixdeploy.abc/m.tflite", threads=4, runs=50, warmup=1, cpus="f0")
+    remote = install(device, PYTHON)
+    result = run(device, remote, "/data/local/tmp/mixdeploy.abc/m.tflite", threads=4, runs=50, warmup=1, cpus="f0")
     assert result["latency_ms"]["median"] == pytest.approx(1239.807)
-    remote = "/data/local/tmp/mixdeploy.abc/benchmark_model"
+    assert remote == "/data/local/tmp/mixdeploy.abc/benchmark_model"
     assert device.pushed == [(PYTHON, remote)]
     assert device.commands[1] == f"chmod +x {remote}"
     assert shlex.split(device.commands[2]) == command(remote, "/data/local/tmp/mixdeploy.abc/m.tflite", 4, 50, 1,
@@ -265,12 +266,12 @@ def test_run_pushes_runs_and_parses():
 
 def test_run_failures_quote_the_tool():
     with pytest.raises(DeviceError, match="exited with code 139: Segmentation fault"):
-        run(FakeDevice(recording("failure_segfault.txt"), code=139), PYTHON, "m.tflite")
+        run(FakeDevice(recording("failure_segfault.txt"), code=139), "bm", "m.tflite")
     with pytest.raises(DeviceError, match="ignored flags it does not know: Unconsumed cmdline flags: -use-gpu=true"):
         run(FakeDevice(recording("failure_segfault.txt").replace("Segmentation fault", "")
-                       + recording("tflite_info_prefix.txt")), PYTHON, "m.tflite")
+                       + recording("tflite_info_prefix.txt")), "bm", "m.tflite")
     with pytest.raises(MixdeployError, match="not an executable ELF file"):
-        run(FakeDevice(""), Path(__file__), "m.tflite")
+        install(FakeDevice(""), Path(__file__))
 
 
 # --- the output file ------------------------------------------------------------------------------

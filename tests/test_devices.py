@@ -130,3 +130,14 @@ def test_bad_bench_options(run_cli, digits_exports):
     model = digits_exports["fp32.tflite"]
     assert_usage_error(run_cli("bench", model, "--cpus", "zz", "--parity", digits_exports["eval"]), "--cpus zz")
     assert_usage_error(run_cli("bench", model, "--cpus", "ff0", "--parity", digits_exports["eval"]), "cores 0-")
+
+
+def test_benchmark_model_runner_needs_a_binary(run_cli, digits_exports, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXDEPLOY_BENCHMARK_MODEL_DIR", str(tmp_path))
+    args = ["--runner", "benchmark_model", "--parity", digits_exports["eval"], "--parity-samples", "2"]
+    assert_usage_error(run_cli("bench", digits_exports["fp32.tflite"], *args), "no benchmark_model for x86_64",
+                       str(tmp_path / "x86_64" / "benchmark_model"))
+    assert_usage_error(run_cli("bench", digits_exports["fp32.onnx"], *args, "--benchmark-binary", "/bin/ls"),
+                       "runs .tflite files")
+    assert_usage_error(run_cli("bench", digits_exports["fp32.tflite"], *args, "--benchmark-binary", __file__),
+                       "not an executable ELF file")
