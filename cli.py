@@ -144,21 +144,46 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--fp16", is_flag=True, help="TFLite: float16 weights.")
 @click.option("--input-layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
               help="TFLite input layout (nchw adds one transpose at the input).")
+@click.option("--tune", "tune_device", metavar="DEVICE",
+              help="Measure the plan on DEVICE (local, SERIAL, adb:SERIAL, ssh:USER@HOST) instead of --plan.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="What --tune times: fp32, fp16 (TFLite) or int8 (the plan `mixdeploy quantize` then reuses).")
+@click.option("--tune-threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, fmt: str, output: str | None, plan: str,
-           opset: int, dynamic_batch: bool, fp16: bool, input_layout: str, force: bool, as_json: bool) -> None:
-    """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime."""
+           opset: int, dynamic_batch: bool, fp16: bool, input_layout: str, tune_device: str | None,
+           precision: str | None, tune_threads: int, force: bool, as_json: bool) -> None:
+    """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime.
+
+    With --tune DEVICE the lowering plan is measured on DEVICE: every MixConv layer's candidate
+    lowerings are timed there as single-layer models (cached per device, runtime and precision)."""
     from exporters.export import export as run_export
 
+    if precision and not tune_device:
+        raise MixdeployError("--precision goes with --tune DEVICE (use --fp16 for a float16 TFLite export)")
+    if tune_device and plan != "auto":
+        raise MixdeployError("--tune measures the plan; leave out --plan")
+    fp16 = fp16 or precision == "fp16"
+    tunings: list = []
     with err.status("exporting") as status:
         options = {"opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16, "input_layout": input_layout}
+        if tune_device:
+            plan = _tuner(tune_device, precision or ("fp16" if fp16 else "fp32"), tune_threads, tunings, status)
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
                              force=force, options=options, calibrate_bn=calibrate_bn,
                              step=lambda text: status.update(text))
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        reports = [r.to_dict() for r in results]
+        for report, tuning in zip(reports, tunings):
+            report["tuning"] = tuning.to_dict()
+        click.echo(json.dumps(reports, indent=2))
     else:
+        for tuning in tunings:
+            whole = ", ".join(f"{k} {v:.2f} ms" for k, v in tuning.whole_model_ms.items())
+            out.print(f"tuned {tuning.fingerprint['format']} {tuning.fingerprint['precision']} on "
+                      f"{tuning.plan.source.split(' on ')[-1]}: {tuning.measured_shapes} layer shapes measured, "
+                      f"{tuning.cached_shapes} from the cache; whole model: {whole}")
         for r in results:
             choices = ", ".join(f"{c} x{n}" for c, n in sorted(Counter(r.plan.layers.values()).items()))
             out.print(f"[bold]{r.path}[/]  {r.model} ({r.weights})  {r.size_bytes / 1e6:.1f} MB")
@@ -173,6 +198,22 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         for r in failed:
             click.echo(f"mixdeploy: error: {r.format} parity out of tolerance ({r.parity.summary()}); kept as {r.path}", err=True)
         sys.exit(1)
+
+
+def _tuner(device: str, precision: str, threads: int, tunings: list, status):
+    """A planner for export(): tune on DEVICE for the format of each target, keeping each tuning."""
+    from devices.connect import open_device
+    from devices.tune import tune
+
+    def plan(module, size, target):
+        fmt = "tflite" if target.startswith("litert") else "onnx"
+        timed = "fp32" if fmt == "onnx" and precision == "fp16" else precision  # ONNX exports stay fp32
+        result = tune(module, size, open_device(device), fmt, timed, threads,
+                      step=lambda text, done, total: status.update(f"tuning {fmt} on {device} [{done}/{total}]: {text}"))
+        tunings.append(result)
+        return result.plan
+
+    return plan
 
 
 @cli.command()

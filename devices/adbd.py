@@ -3,7 +3,7 @@
 through chroot. Transport protocol: 24-byte headers, streams opened by OPEN and flow-controlled by
 OKAY (one WRTE in flight per stream); it never asks for AUTH.
 
-    python -m devices.adbd --rootfs ROOTFS --port 5555
+    python -m devices.adbd --rootfs ROOTFS --port 5600
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ class Stream:
         return True
 
     async def read_exact(self, size: int) -> bytes:
+        """Exactly size bytes of what the host wrote (Closed if it closes first)."""
         while len(self.buffer) < size:
             if not await self._fill():
                 raise Closed
@@ -84,13 +85,12 @@ class Stream:
         while await self._fill():
             self.buffer = b""
 
-    def close(self, answer: bool = True) -> None:
+    def close(self) -> None:
         """Close once: forget the stream and tell the host (also the answer to the host's CLSE)."""
         if not self.closed:
             self.closed = True
             self.conn.streams.pop(self.local, None)
-            if answer:
-                self.conn.send(CLSE, self.local, self.remote)
+            self.conn.send(CLSE, self.local, self.remote)
         self.ready.set()
         self.incoming.put_nowait(None)
 
@@ -105,11 +105,12 @@ class Connection:
         self.next_id, self.max_data, self.alive = 1, MAX_DATA, True
 
     def send(self, command: int, arg0: int, arg1: int, data: bytes = b"") -> None:
-        if self.alive:
+        if self.alive:  # after the connection dropped there is no one to tell
             self.writer.write(HEADER.pack(command, arg0, arg1, len(data), sum(data) & 0xFFFFFFFF,
                                           command ^ 0xFFFFFFFF) + data)
 
     async def run(self) -> None:
+        """Read messages until the host goes away, then close every stream."""
         log.info("connection from %s", self.writer.get_extra_info("peername"))
         try:
             while True:
@@ -123,7 +124,7 @@ class Connection:
         finally:
             self.alive = False
             for stream in list(self.streams.values()):
-                stream.close(answer=False)
+                stream.close()
             self.writer.close()
             log.info("connection closed")
 
@@ -142,6 +143,7 @@ class Connection:
             stream.close()
 
     def open(self, remote: int, service: str) -> None:
+        """OPEN: shell, exec and sync get a stream and a task; anything else (reboot:, ...) a CLSE."""
         name, _, arg = service.partition(":")
         kind, *options = name.split(",")
         if kind in ("shell", "exec"):
@@ -178,6 +180,7 @@ def packet(kind: int, data: bytes) -> bytes:
 
 
 def kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill a command and everything it started (its own session)."""
     if proc.returncode is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -200,8 +203,11 @@ async def shell(root: str, stream: Stream, command: str, v2: bool, pty: bool) ->
     RUNNING.add(proc)
 
     async def pump(source: asyncio.StreamReader, kind: int) -> None:
-        while chunk := await source.read(SYNC_CHUNK):
-            await stream.write(packet(kind, chunk) if v2 else chunk)
+        try:
+            while chunk := await source.read(SYNC_CHUNK):
+                await stream.write(packet(kind, chunk) if v2 else chunk)
+        except Closed:
+            kill(proc)
 
     async def watch_input() -> None:
         try:
@@ -257,6 +263,7 @@ def device_path(root: str, path: str) -> str:
 
 
 async def fail(stream: Stream, message: str) -> None:
+    """A sync FAIL: the client prints the message."""
     await stream.write(struct.pack("<4sI", b"FAIL", len(message.encode())) + message.encode())
 
 
@@ -294,6 +301,7 @@ async def sync(root: str, stream: Stream) -> None:
 
 
 async def list_dir(root: str, stream: Stream, path: str) -> None:
+    """LIST path: a DENT per entry, then DONE (an unreadable folder lists empty, as with adbd)."""
     try:
         folder = device_path(root, path)
         names = sorted(os.listdir(folder))
@@ -380,9 +388,10 @@ async def serve(root: str, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """python -m devices.adbd --rootfs ROOTFS [--port 5600] [--host 127.0.0.1]"""
     parser = argparse.ArgumentParser(prog="python -m devices.adbd", description=__doc__.splitlines()[0])
     parser.add_argument("--rootfs", required=True, help="root filesystem the commands run in (chroot)")
-    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--port", type=int, default=5600)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.rootfs):

@@ -123,7 +123,7 @@ class Session:
         self.device.push(item.path, model)
         np.save(self.host / "inputs.npy", item.images.astype(np.float32))
         self.device.push(self.host / "inputs.npy", f"{work}/inputs.npy")
-        argv = [*self.prefix, self.python, self.script, model, f"{work}/inputs.npy", f"{work}/outputs.npy",
+        argv = [*self.prefix, self.python, self.script, "bench", model, f"{work}/inputs.npy", f"{work}/outputs.npy",
                 "--threads", ",".join(map(str, s.threads)), "--runs", str(s.runs), "--warmup", str(s.warmup)]
         done = self.device.shell(argv, timeout=s.timeout, check=False)
         lines = done.stdout.strip().splitlines()

@@ -67,6 +67,11 @@ class OrtRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The input's shape (batch 1 when free)."""
+        return tuple(d if isinstance(d, int) else 1 for d in self.input.shape)
+
     def feed(self, x: np.ndarray) -> np.ndarray:
         """An NCHW batch as this model takes it (ONNX files are NCHW)."""
         return x
@@ -93,6 +98,11 @@ class LiteRtRunner:
             self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The input's shape in the model's own layout."""
+        return tuple(int(d) for d in self.input["shape"])
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """An NCHW batch as this model takes it: transposed to NHWC unless the input is NCHW."""
@@ -131,29 +141,34 @@ def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
     return (y.astype(np.float32) - zero) * scale
 
 
-def main(argv: list[str] | None = None) -> None:
-    """On a device: run MODEL on the NCHW float32 batch INPUTS.npy, save its outputs to OUTPUTS.npy
-    and print one JSON line: runtime, init and first-inference ms, raw latencies per thread count
-    (monotonic clock), peak resident memory."""
-    import argparse
-    import json
-    import resource
+def time_files(paths: list[str], threads: int = 1, runs: int = 20, warmup: int = 3, rounds: int = 3) -> dict[str, float]:
+    """Best median ms of each file on a random input of its own shape; files take turns within each
+    round, so a slow moment of the device hits all of them alike."""
+    runners = {p: runner_for(p, threads) for p in paths}
+    rng = np.random.default_rng(0)
+    inputs = {p: rng.standard_normal(r.shape).astype(np.float32) for p, r in runners.items()}
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(rounds):
+        for p, r in runners.items():
+            best[p] = min(best[p], float(np.median(r.time(inputs[p], runs=runs, warmup=warmup))))
+    return best
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("model")
-    parser.add_argument("inputs")
-    parser.add_argument("outputs")
-    parser.add_argument("--threads", default="1")
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args(argv)
-    threads = [int(t) for t in args.threads.split(",")]
-    x = np.load(args.inputs)
-    onnx = args.model.endswith(".onnx")
-    if onnx:
+
+def runtime_version(model: str) -> str:
+    """The runtime that runs `model` here, with its version."""
+    if model.endswith(".onnx"):
         import onnxruntime as runtime
     else:
         import ai_edge_litert as runtime
+    return f"{runtime.__name__.replace('_', '-')} {getattr(runtime, '__version__', '?')}"
+
+
+def _bench(args) -> dict:
+    import resource
+
+    threads = [int(t) for t in args.threads.split(",")]
+    x = np.load(args.inputs)
+    version = runtime_version(args.model)
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     runner = runner_for(args.model, threads[0])
@@ -168,10 +183,38 @@ def main(argv: list[str] | None = None) -> None:
         timed = runner if t == threads[0] else runner_for(args.model, t)
         latency[str(t)] = timed.time(feed[:1], runs=args.runs, warmup=args.warmup)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"runtime": f"{'onnxruntime' if onnx else 'ai-edge-litert'} {getattr(runtime, '__version__', '?')}",
-                      "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
-                      "latency_ms": latency, "peak_memory_mb": peak_kb / 1024,
-                      "model_memory_mb": (peak_kb - baseline_kb) / 1024}))
+    return {"runtime": version, "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
+            "latency_ms": latency, "peak_memory_mb": peak_kb / 1024, "model_memory_mb": (peak_kb - baseline_kb) / 1024}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """On a device, printing one JSON line:
+    `bench MODEL INPUTS.npy OUTPUTS.npy`: run MODEL on an NCHW float32 batch, save its outputs, time
+    it per thread count (raw latencies, monotonic clock), with init, first inference and peak memory;
+    `time FILE...`: the best median ms of each file (single-layer probes when tuning a plan)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench")
+    bench.add_argument("model")
+    bench.add_argument("inputs")
+    bench.add_argument("outputs")
+    bench.add_argument("--threads", default="1")
+    timing = commands.add_parser("time")
+    timing.add_argument("files", nargs="+")
+    timing.add_argument("--threads", type=int, default=1)
+    timing.add_argument("--rounds", type=int, default=3)
+    for sub, runs, warmup in ((bench, 50, 5), (timing, 20, 3)):
+        sub.add_argument("--runs", type=int, default=runs)
+        sub.add_argument("--warmup", type=int, default=warmup)
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        print(json.dumps(_bench(args)))
+    else:
+        print(json.dumps({"runtime": runtime_version(args.files[0]),
+                          "ms": time_files(args.files, args.threads, args.runs, args.warmup, args.rounds)}))
 
 
 if __name__ == "__main__":

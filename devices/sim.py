@@ -4,6 +4,8 @@ Needs root, qemu-user-static, debootstrap, binfmt-support and adb. Emulation is 
 than the host: good for correctness on real ARM kernels, meaningless for latency."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from devices.adbd import DEVICE_ENV
 from mixnet_deploy.errors import DeviceError, MixdeployError
 
 CACHE = Path.home() / ".cache" / "mixdeploy" / "sim"
@@ -29,11 +32,12 @@ WHEEL_TAGS = ["--only-binary=:all:", "--python-version", "3.11", "--implementati
               "--platform", "manylinux_2_17_aarch64"]  # litert 2.3.0 exists only as manylinux_2_27
 BUILD_VERSION = "1 bookworm " + " ".join(APT_PACKAGES + WHEELS)
 MARKER = ".mixdeploy-sim"
-QEMU_CPU = "max,sme=off"  # QEMU's SME emulation gives wrong XNNPACK int8 results
-DEVICE_ENV = {"QEMU_CPU": QEMU_CPU, "HOME": "/root", "LANG": "C.UTF-8",
-              "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+SITE = "usr/local/lib/python3.11/dist-packages"  # on the device's python3 path
 PROPS = {"ro.product.name": "mixdeploy_sim", "ro.product.model": "mixdeploy-arm64-sim",
          "ro.product.device": "arm64", "ro.product.cpu.abi": "arm64-v8a", "ro.kernel.qemu": "1"}
+# Outside 5555-5585, the ports the adb server probes for emulators when it starts: there the device
+# would be listed twice, once more as emulator-5554.
+PORT = 5600
 INSTALL = "apt-get install qemu-user-static debootstrap binfmt-support adb"
 # Linux arm64 hwcap names by bit (arch/arm64/kernel/cpuinfo.c), AT_HWCAP then AT_HWCAP2.
 HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma "
@@ -54,10 +58,20 @@ def is_built(rootfs: Path | None = None) -> bool:
     return marker.is_file() and marker.read_text().strip() == BUILD_VERSION
 
 
+def require_tools() -> None:
+    """Raise MixdeployError naming what to install when this machine cannot run the simulator."""
+    missing = [tool for tool in ("qemu-aarch64-static", "debootstrap", "update-binfmts", "adb")
+               if not shutil.which(tool)]
+    if missing:
+        raise MixdeployError(f"the ARM64 simulator needs {', '.join(missing)}: run `{INSTALL}` as root")
+    if os.geteuid() != 0:
+        raise MixdeployError("the ARM64 simulator needs root (chroot, mount, binfmt_misc): run it as root")
+
+
 def build(rebuild: bool = False) -> Path:
     """Build the root filesystem unless a complete one is there (a few minutes; progress on stderr).
     It is built beside its final place and renamed when complete, so a half-built one is never used."""
-    _require_tools()
+    require_tools()
     rootfs = rootfs_path()
     if is_built(rootfs) and not rebuild:
         return rootfs
@@ -82,7 +96,7 @@ def build(rebuild: bool = False) -> Path:
         ("download aarch64 wheels", [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels),
                                      *WHEEL_TAGS, *WHEELS], True),
         ("install wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
-                            "--target", str(tmp / "usr/local/lib/python3.11/dist-packages"), *WHEEL_TAGS, *WHEELS], True),
+                            "--target", str(tmp / SITE), *WHEEL_TAGS, *WHEELS], True),
         ("check that python3 imports numpy, ai_edge_litert, onnxruntime",
          [*chroot, "python3", "-c", "import numpy, ai_edge_litert, onnxruntime"], True),
     ]
@@ -105,19 +119,21 @@ def build(rebuild: bool = False) -> Path:
     return rootfs
 
 
-def start(port: int = 5555) -> dict:
+def start(port: int = PORT) -> dict:
     """Start the virtual device (building the root filesystem if needed) and connect adb to it.
     Returns serial, rootfs, pid and emulated=True; a device already running is returned as is."""
+    require_tools()
     current = status()
     if current["running"]:
         if current["port"] != port:
             raise MixdeployError(f"the ARM64 simulator already runs as {current['serial']}: stop it first "
                                  "(python -m devices.sim stop)")
+        _adb_connect(current["serial"])  # the adb server may have been restarted since
         return _device(current)
     stop()  # clear what a crashed daemon left behind
     rootfs = build()
+    _require_free(port)
     _enable_binfmt()
-    STATE.mkdir(parents=True, exist_ok=True)
     mounts = _mount(rootfs)
     state = {"serial": f"127.0.0.1:{port}", "port": port, "rootfs": str(rootfs), "mounts": mounts}
     (STATE / "device.json").write_text(json.dumps(state))
@@ -125,7 +141,7 @@ def start(port: int = 5555) -> dict:
     with open(STATE / "adbd.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "devices.adbd", "--rootfs", str(rootfs), "--port", str(port)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=package_root,
-                                env={**os.environ, "PYTHONPATH": str(package_root)}, start_new_session=True)
+                                start_new_session=True)
     (STATE / "adbd.pid").write_text(str(proc.pid))
     _wait_listening(proc, port)
     _adb_connect(state["serial"])
@@ -143,7 +159,8 @@ def stop() -> None:
                 break
             time.sleep(0.1)
         else:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     if state.get("serial") and shutil.which("adb"):
         subprocess.run(["adb", "disconnect", state["serial"]], capture_output=True, timeout=30)
     _unmount(state.get("mounts", []))
@@ -164,13 +181,13 @@ def _device(current: dict) -> dict:
     return {key: current[key] for key in ("serial", "rootfs", "pid", "emulated")}
 
 
-def _require_tools() -> None:
-    missing = [tool for tool in ("qemu-aarch64-static", "debootstrap", "update-binfmts", "adb")
-               if not shutil.which(tool)]
-    if missing:
-        raise MixdeployError(f"the ARM64 simulator needs {', '.join(missing)}: run `{INSTALL}` as root")
-    if os.geteuid() != 0:
-        raise MixdeployError("the ARM64 simulator needs root (chroot, mount, binfmt_misc): run it as root")
+def _require_free(port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon: TIME_WAIT is no obstacle
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise MixdeployError(f"port {port} on 127.0.0.1 is in use: start the simulator on another port") from None
 
 
 def _run_logged(argv: list[str], log: Path, what: str) -> None:
@@ -184,12 +201,22 @@ def _run_logged(argv: list[str], log: Path, what: str) -> None:
         raise DeviceError(f"sim build: {what} failed ({lines[-1] if lines else 'no output'}): see {log}")
 
 
+def _host(argv: list[str], what: str, **kwargs) -> str:
+    """Run a host command; a failure is a DeviceError saying what did not work."""
+    done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise DeviceError(f"sim: {what} failed" + (f": {detail[-1]}" if detail else ""))
+    return done.stdout
+
+
 def _enable_binfmt() -> None:
+    """Let the kernel run arm64 programs through qemu-aarch64 (also inside the chroot)."""
     if not os.path.ismount("/proc/sys/fs/binfmt_misc"):
-        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], check=True)
+        _host(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], "mounting binfmt_misc")
     entry = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
     if not (entry.exists() and entry.read_text().startswith("enabled")):
-        subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=True, capture_output=True)
+        _host(["update-binfmts", "--enable", "qemu-aarch64"], "update-binfmts --enable qemu-aarch64")
 
 
 def _mount(rootfs: Path) -> list[str]:
@@ -204,11 +231,11 @@ def _mount(rootfs: Path) -> list[str]:
     try:
         for source, target in binds:
             point = str(rootfs / target)
-            subprocess.run(["mount", "--bind", "--make-private", source, point], check=True, capture_output=True)
+            _host(["mount", "--bind", "--make-private", source, point], f"mounting {point}")
             mounted.append(point)
-    except subprocess.CalledProcessError as exc:
+    except DeviceError:
         _unmount(mounted)
-        raise DeviceError(f"sim: mounting {exc.cmd[-1]} failed: {exc.stderr.decode().strip()}") from None
+        raise
     return mounted
 
 
@@ -237,8 +264,8 @@ def _remove(path: Path) -> None:
 def _cpuinfo(rootfs: Path) -> str:
     """/proc/cpuinfo text of QEMU's emulated `max` CPU: features from the auxiliary vector it gives
     programs, MIDR of QEMU's max CPU (implementer 0, part 'Q'), one entry per host core."""
-    out = subprocess.run(["chroot", str(rootfs), "/usr/bin/env", "LD_SHOW_AUXV=1", "/bin/true"],
-                         capture_output=True, text=True, env={**os.environ, **DEVICE_ENV}, check=True).stdout
+    out = _host(["chroot", str(rootfs), "/usr/bin/env", "LD_SHOW_AUXV=1", "/bin/true"],
+                "running an arm64 program (qemu-aarch64 through binfmt_misc)", env={**os.environ, **DEVICE_ENV})
     caps = dict(re.findall(r"^(AT_HWCAP2?):\s+(?:0x)?([0-9a-f]+)", out, re.M))
     hwcap, hwcap2 = int(caps.get("AT_HWCAP", "0"), 16), int(caps.get("AT_HWCAP2", "0"), 16)
     names = [n for bit, n in enumerate(HWCAP.split()) if hwcap >> bit & 1]
@@ -271,7 +298,9 @@ def _fake_cpu_sysfs(root: Path) -> None:
 
 
 def _write_device_files(rootfs: Path) -> None:
-    """Android-like touches: /data/local/tmp, a getprop answering a few ro.* properties, the marker."""
+    """Android-like touches: /data/local/tmp, a getprop answering a few ro.* properties; the marker.
+    pip --target also left scripts for the host's interpreter: they go."""
+    shutil.rmtree(rootfs / SITE / "bin", ignore_errors=True)
     tmp = rootfs / "data/local/tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tmp.chmod(0o1777)
@@ -296,7 +325,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     try:  # a zombie child of this process is not running
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
@@ -332,16 +361,18 @@ def _adb_connect(serial: str, timeout: float = 20) -> None:
     """`adb connect` until get-state says device (after a daemon restart adb shows offline until it
     disconnects and connects again)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        subprocess.run(["adb", "disconnect", serial], capture_output=True, timeout=30)
-        subprocess.run(["adb", "connect", serial], capture_output=True, timeout=30)
-        for _ in range(10):
-            state = subprocess.run(["adb", "-s", serial, "get-state"], capture_output=True, text=True, timeout=30)
-            if state.stdout.strip() == "device":
-                return
-            time.sleep(0.2)
-    stop()
-    raise DeviceError(f"sim: adb does not see {serial} as a device within {timeout:g} s: see {STATE / 'adbd.log'}")
+    for attempt in itertools.count():
+        state = subprocess.run(["adb", "-s", serial, "get-state"], capture_output=True, text=True, timeout=30)
+        if state.stdout.strip() == "device":
+            return
+        if time.monotonic() > deadline:
+            stop()
+            raise DeviceError(f"sim: adb does not see {serial} as a device within {timeout:g} s: "
+                              f"see {STATE / 'adbd.log'}")
+        if attempt % 10 == 0:
+            subprocess.run(["adb", "disconnect", serial], capture_output=True, timeout=30)
+            subprocess.run(["adb", "connect", serial], capture_output=True, timeout=30)
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -350,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m devices.sim", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["build", "start", "stop", "status"])
-    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--port", type=int, default=PORT)
     args = parser.parse_args(argv)
     try:
         result = {"build": lambda: {"rootfs": str(build())}, "start": lambda: start(args.port),

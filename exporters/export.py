@@ -19,6 +19,8 @@ from mixnet_deploy.preprocess import random_images, sample_photos
 
 from .formats import FORMATS, Format
 
+Planner = Callable[[torch.nn.Module, tuple[int, int, int], str], Plan]
+
 
 @dataclass
 class ExportResult:
@@ -82,12 +84,13 @@ def _versions() -> dict[str, str]:
 
 
 def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,
-           pretrained: bool = False, plan: str = "auto", force: bool = False, options: dict | None = None,
+           pretrained: bool = False, plan: str | Planner = "auto", force: bool = False, options: dict | None = None,
            calibrate_bn: bool = False,
            step: Callable[[str], None] = lambda _: None) -> list[ExportResult]:
     """Export MODEL to each requested format; a file out of tolerance is kept as *.failed.EXT.
 
-    options: opset, dynamic_batch (ONNX); fp16, input_layout (TFLite)."""
+    plan: auto, split, fold, a plan file, or a function (module, input size, target) -> Plan, such as
+    a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16, input_layout (TFLite)."""
     paths = output_paths(model, fmt, output)
     for path in paths.values():
         check_writable(path, force)
@@ -101,7 +104,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     for name, path in paths.items():
         writer: Format = FORMATS[name]
         step(f"planning for {writer.target}")
-        chosen = make_plan(plan, loaded.module, size, writer.target)
+        chosen = plan(loaded.module, size, writer.target) if callable(plan) else make_plan(plan, loaded.module, size,
+                                                                                          writer.target)
         step("lowering and verifying against the original")
         lowered = lower(loaded.module, size, chosen, check_inputs=photos)
         metadata = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,

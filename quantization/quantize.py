@@ -16,6 +16,7 @@ from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.lower import lower
 from mixnet_deploy.models import LoadedModel, reload
 from mixnet_deploy.parity import ParityReport, compare
+from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 
 from . import sensitivity
@@ -50,8 +51,10 @@ class QuantizeResult:
                 "plan": self.plan, **self.details}
 
 
-def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: bool) -> tuple[LoadedModel, str]:
-    """The float model behind SOURCE (a model name, or a float file mixdeploy exported) and the format."""
+def _source(source: str, checkpoint: str | None, fmt: str | None,
+            calibrate_bn: bool) -> tuple[LoadedModel, str, dict | None]:
+    """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the format,
+    and the file's lowering plan."""
     if source.endswith((".onnx", ".tflite")):
         report = inspect_file(source)
         meta = report.get("metadata", {})
@@ -61,8 +64,8 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
         quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
-        return reload(meta["mixdeploy.weights"], meta["mixdeploy.model"]), Path(source).suffix[1:]
-    return load_model(source, checkpoint, calibrate_bn=calibrate_bn), fmt or "tflite"
+        return reload(meta["mixdeploy.weights"], meta["mixdeploy.model"]), Path(source).suffix[1:], meta.get("mixdeploy.plan")
+    return load_model(source, checkpoint, calibrate_bn=calibrate_bn), fmt or "tflite", None
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
@@ -76,7 +79,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     TFLite and float32 (the only choice) for ONNX."""
     from exporters.formats import FORMATS
 
-    loaded, fmt = _source(source, checkpoint, fmt, calibrate_bn)
+    loaded, fmt, file_plan = _source(source, checkpoint, fmt, calibrate_bn)
     if fmt not in ("tflite", "onnx"):
         raise MixdeployError(f"--format {fmt!r}: use tflite or onnx")
     io = io or ("float32" if fmt == "onnx" else "int8")
@@ -98,7 +101,9 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     size = loaded.preprocess.input_size
     target = FORMATS[fmt].target + "_int8"
     step(f"planning and lowering for {target}")
-    plan = make_plan("auto", loaded.module, size, target)
+    # a float file exported with --tune DEVICE --precision int8 carries the plan measured for int8
+    plan = (Plan.from_dict(file_plan) if file_plan and file_plan.get("target") == target
+            else make_plan("auto", loaded.module, size, target))
     lowered = lower(loaded.module, size, plan, check_inputs=calibration.images[:4])
     tmp = out.with_name(f".{out.name}.partial")
     float_onnx = tmp.with_name(tmp.name + ".float.onnx") if fmt == "onnx" else None

@@ -1,0 +1,192 @@
+"""`mixdeploy export --tune DEVICE`: every candidate lowering of every MixConv layer shape timed on
+the device as a single-layer probe, the fastest chosen, the whole-model plan checked against the
+uniform plans; timings cached per device fingerprint, runtime version, precision and threads."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from mixnet_deploy.cost_model import shape_key
+from mixnet_deploy.errors import DeviceError, MixdeployError
+from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
+from mixnet_deploy.plan import Plan
+from mixnet_deploy.planner import make_plan
+from mixnet_deploy.preprocess import random_images
+from mixnet_deploy.probes import probe
+
+from .bench import Session, Settings
+from .transport import Transport
+
+PRECISIONS = ("fp32", "fp16", "int8")
+UNIFORM = ("split", "fold")  # whole-model rivals of the tuned plan, with the cost-model plan
+
+
+def cache_dir() -> Path:
+    """Where tuning timings are kept: $MIXDEPLOY_TUNE_CACHE or ~/.cache/mixdeploy/tune."""
+    return Path(os.environ.get("MIXDEPLOY_TUNE_CACHE") or Path.home() / ".cache" / "mixdeploy" / "tune")
+
+
+def write_model(module: nn.Module, input_size: tuple[int, int, int], path: Path, fmt: str, precision: str) -> None:
+    """A lowered module as a file the device's runtime takes, at `precision` (int8 calibrated on pink noise)."""
+    if precision == "int8":
+        images = random_images(8, input_size).numpy()
+        if fmt == "tflite":
+            from quantization.tflite_int8 import quantize_tflite
+
+            quantize_tflite(module, input_size, path, images, io_type="int8")
+        else:
+            from exporters.onnx_export import write_onnx
+            from quantization.onnx_qdq import quantize_onnx
+
+            float_path = path.with_name(path.stem + ".float.onnx")
+            write_onnx(module, input_size, float_path)
+            quantize_onnx(float_path, path, images)
+            float_path.unlink()
+    elif fmt == "tflite":
+        from exporters.tflite_export import write_tflite
+
+        write_tflite(module, input_size, path, fp16=precision == "fp16")
+    else:
+        from exporters.onnx_export import write_onnx
+
+        write_onnx(module, input_size, path)
+
+
+@dataclass
+class Tuning:
+    """The tuned plan and what it rests on: per layer shape every candidate's ms, and the whole-model check."""
+
+    plan: Plan
+    fingerprint: dict
+    layers: list[dict] = field(default_factory=list)
+    whole_model_ms: dict[str, float] = field(default_factory=dict)
+    measured_shapes: int = 0
+    cached_shapes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "plan": self.plan.to_dict(), "layers": self.layers,
+                "whole_model_ms": self.whole_model_ms, "measured_shapes": self.measured_shapes,
+                "cached_shapes": self.cached_shapes}
+
+
+class TimingCache:
+    """Shape key -> candidate -> ms for one fingerprint, in one JSON file rewritten atomically after
+    every measured shape, so an interrupted tuning keeps what it finished and nothing half-done."""
+
+    def __init__(self, fingerprint: dict) -> None:
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = cache_dir() / f"{digest}.json"
+        self.fingerprint = fingerprint
+        try:
+            self.shapes: dict[str, dict[str, float]] = json.loads(self.path.read_text())["shapes"]
+        except (OSError, ValueError, KeyError):
+            self.shapes = {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".partial", delete=False) as f:
+            json.dump({"fingerprint": self.fingerprint, "shapes": self.shapes}, f, indent=1)
+        os.replace(f.name, self.path)
+
+
+class Tuner:
+    """Times files on one device through the python runner, in the device's work folder."""
+
+    def __init__(self, device: Transport, fmt: str, precision: str, threads: int, rounds: int, runs: int,
+                 host: Path) -> None:
+        self.session = Session(device, Settings([threads], runs=runs, warmup=3), host)
+        self.session.check_python(fmt)
+        self.fmt, self.precision, self.threads, self.rounds, self.runs = fmt, precision, threads, rounds, runs
+        self.host = host
+        info = self.session.info
+        self.fingerprint = {"abi": info["abi"], "model": info["model"], "os": info["os"],
+                            "cores": [c["max_khz"] for c in info["cores"]], "cpus": self.session.mask,
+                            "runtime": self._runtime_version(), "format": fmt, "precision": precision,
+                            "threads": threads, "emulated": info["emulated"]}
+
+    def _runtime_version(self) -> str:
+        module = "onnxruntime" if self.fmt == "onnx" else "ai_edge_litert"
+        code = f"import {module} as m; print(m.__name__, getattr(m, '__version__', '?'))"
+        return self.session.device.shell([self.session.python, "-c", code], timeout=300).stdout.strip()
+
+    def time(self, files: dict[str, Path]) -> dict[str, float]:
+        """Best median ms of each file (name -> host path), timed in turns on the device."""
+        device, work = self.session.device, self.session.device.workdir
+        remote = {}
+        for name, path in files.items():
+            remote[name] = f"{work}/{path.name}"
+            device.push(path, remote[name])
+        argv = [*self.session.prefix, self.session.python, self.session.script, "time", *remote.values(),
+                "--threads", str(self.threads), "--runs", str(self.runs), "--rounds", str(self.rounds)]
+        done = device.shell(argv, timeout=self.session.settings.timeout, check=False)
+        device.shell(["rm", "-f", *remote.values()], check=False)
+        if done.code != 0 or not done.stdout.strip():
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise DeviceError(f"timing on {device.name} failed (exit {done.code})" + (f": {detail[-1]}" if detail else ""))
+        ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+        return {name: ms[remote[name]] for name in files}
+
+
+def _probe_times(tuner: Tuner, info: LayerInfo, host: Path) -> dict[str, float]:
+    files = {}
+    for i, choice in enumerate(info.candidates):
+        path = host / f"probe{i}.{tuner.fmt}"
+        write_model(probe(info, choice).module, (sum(info.channels), *info.in_hw), path, tuner.fmt, tuner.precision)
+        files[choice] = path
+    return {c: round(ms, 5) for c, ms in tuner.time(files).items()}
+
+
+def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, fmt: str, precision: str = "fp32",
+         threads: int = 1, rounds: int = 3, runs: int = 20, target: str | None = None,
+         step: Callable[[str, int, int], None] = lambda text, done, total: None) -> Tuning:
+    """Measure every uncached layer shape's candidates on the device, pick the fastest per layer,
+    then time the whole model under the tuned, auto and uniform plans: if another plan is faster,
+    it wins (and the plan's source says so). `step(text, done, total)` reports progress."""
+    if precision not in PRECISIONS:
+        raise MixdeployError(f"--precision {precision}: use {', '.join(PRECISIONS)}")
+    if precision == "fp16" and fmt != "tflite":
+        raise MixdeployError("--precision fp16 is a TFLite precision; use fp32 or int8 for ONNX")
+    layers = analyse(model, input_size)
+    target = target or ("litert" if fmt == "tflite" else "onnxruntime") + ("_int8" if precision == "int8" else "")
+    with device, tempfile.TemporaryDirectory(prefix="mixdeploy-tune-") as tmp:
+        host = Path(tmp)
+        step(f"connecting to {device.name}", 0, 1)
+        tuner = Tuner(device, fmt, precision, threads, rounds, runs, host)
+        cache = TimingCache(tuner.fingerprint)
+        shapes = {shape_key(info): info for info in layers}
+        todo = [key for key in shapes if key not in cache.shapes]
+        for i, key in enumerate(todo):
+            info = shapes[key]
+            step(f"layer {info.name}: {len(info.candidates)} candidates", i, len(todo))
+            cache.shapes[key] = _probe_times(tuner, info, host)
+            cache.save()
+        plan = Plan(target=target, source=f"tuned on {device.name}")
+        result = Tuning(plan, tuner.fingerprint, measured_shapes=len(todo), cached_shapes=len(shapes) - len(todo))
+        for info in layers:
+            times = cache.shapes[shape_key(info)]
+            choice = min(info.candidates, key=lambda c: times[c])
+            plan.layers[info.name] = choice
+            plan.estimates_ms[info.name] = times[choice]
+            result.layers.append({"layer": info.name, "kind": info.kind, "kernels": info.kernels,
+                                  "channels": info.channels, "in_hw": list(info.in_hw), "choice": choice,
+                                  "times_ms": times})
+        step("whole model: tuned plan vs the auto and uniform plans", len(todo), len(todo))
+        plans = {"tuned": plan, "auto": make_plan("auto", model, input_size, target),
+                 **{name: preset_plan(layers, name, target) for name in UNIFORM}}
+        files = {}
+        for name, candidate in plans.items():
+            files[name] = host / f"whole_{name}.{fmt}"
+            write_model(lower(model, input_size, candidate).module, input_size, files[name], fmt, precision)
+        result.whole_model_ms = {k: round(v, 4) for k, v in tuner.time(files).items()}
+        best = min(result.whole_model_ms, key=result.whole_model_ms.get)
+        if best != "tuned":
+            result.plan = plans[best]
+            result.plan.source = f"{best}: faster than the per-layer tuned plan on {device.name}"
+    return result
