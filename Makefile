@@ -37,7 +37,9 @@ demo: install
 	$(MIX) quantize $(OUT)/mixnet_s.onnx --calib mixnet_deploy/sample_images -o $(OUT)/mixnet_s_int8.onnx --force
 	$(MIX) bench $(OUT)/mixnet_s.onnx $(OUT)/mixnet_s_int8.onnx $(OUT)/mixnet_s.tflite $(OUT)/mixnet_s_int8.tflite --threads 1,2
 
+# The device tests run on the virtual ARM64 device: its root filesystem is built once (2-3 min) and reused.
 test: install
+	$(MIX) device sim build
 	$(PY) -m pytest
 
 test-quick: install

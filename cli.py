@@ -349,6 +349,58 @@ def _bench_table(measured: dict) -> None:
         out.print(f"{Path(r['file']).name}: {r['model']}, weights {r['weights']}, {r['runtime']}")
 
 
+@cli.group()
+def device() -> None:
+    """Devices: what one is, and the virtual ARM64 device for tests and CI."""
+
+
+@device.command("info")
+@click.argument("spec", metavar="DEVICE", default="local")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def device_info_command(spec: str, as_json: bool) -> None:
+    """ABI, model, OS, cores and max frequencies, governor, temperatures and free memory of DEVICE."""
+    from devices.connect import open_device
+    from devices.device_info import device_info
+
+    with open_device(spec) as transport:
+        info = device_info(transport)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    freqs = ", ".join(f"cpu{c['cpu']} {c['max_khz'] / 1e6:.2f} GHz" if c["max_khz"] else f"cpu{c['cpu']}"
+                      for c in info["cores"])
+    out.print(f"[bold]{info['name']}[/]  {info['abi']}  {info['model']}  {info['os']}"
+              + ("  [red](emulated: latency is not meaningful)[/]" if info["emulated"] else ""))
+    out.print(f"cores: {freqs}; big: {info['big_cores']}; governor: {info['governor'] or 'unknown'}")
+    out.print(f"free memory: {info['mem_free_mb']} MB; temperatures: "
+              + (", ".join(f"{k} {v:.1f} C" for k, v in info["temps"].items()) or "not readable"))
+
+
+@device.command("sim")
+@click.argument("action", type=click.Choice(["build", "start", "stop", "status"]))
+@click.option("--port", type=click.IntRange(1024, 65535), help="Loopback port of the device's adbd [default: 5600].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def device_sim(action: str, port: int | None, as_json: bool) -> None:
+    """The virtual ARM64 device: an arm64 Debian root under QEMU user emulation with python3,
+    numpy, ai-edge-litert and onnxruntime, reached by the real adb client (`adb connect`).
+    build makes the root filesystem (about 2-3 minutes, cached); start builds if needed.
+    Latency there is emulated; parity is real, computed by ARM kernels. Needs root."""
+    from devices import sim
+
+    if action == "build":
+        result = {"rootfs": str(sim.build())}
+    elif action == "start":
+        result = sim.start(port or sim.PORT)
+    else:
+        if action == "stop":
+            sim.stop()
+        result = sim.status()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        out.print(", ".join(f"{k} {v}" for k, v in result.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

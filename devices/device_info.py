@@ -10,7 +10,7 @@ echo "uname $(uname -srm)"
 echo "abi $(getprop ro.product.cpu.abi 2>/dev/null)"
 echo "model $(getprop ro.product.model 2>/dev/null)"
 echo "android $(getprop ro.build.version.release 2>/dev/null)"
-echo "qemu $(getprop ro.kernel.qemu 2>/dev/null)$(cat /etc/mixdeploy-sim 2>/dev/null)"
+echo "qemu $(getprop ro.kernel.qemu 2>/dev/null)"
 for c in /sys/devices/system/cpu/cpu[0-9]*; do echo "cpu ${c##*cpu} $(cat $c/cpufreq/cpuinfo_max_freq 2>/dev/null)"; done
 echo "nproc $(nproc 2>/dev/null || grep -c ^processor /proc/cpuinfo)"
 echo "governor $(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null)"

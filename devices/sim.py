@@ -373,24 +373,3 @@ def _adb_connect(serial: str, timeout: float = 20) -> None:
             subprocess.run(["adb", "disconnect", serial], capture_output=True, timeout=30)
             subprocess.run(["adb", "connect", serial], capture_output=True, timeout=30)
         time.sleep(0.2)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m devices.sim build|start|stop|status [--port N]: prints the result as JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m devices.sim", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "start", "stop", "status"])
-    parser.add_argument("--port", type=int, default=PORT)
-    args = parser.parse_args(argv)
-    try:
-        result = {"build": lambda: {"rootfs": str(build())}, "start": lambda: start(args.port),
-                  "stop": lambda: stop() or status(), "status": status}[args.action]()
-    except MixdeployError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -2,6 +2,8 @@
 always removed, and what the device is (ABI, cores, governor, temperatures, memory)."""
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -56,18 +58,25 @@ class Transport:
 
     @property
     def workdir(self) -> str:
-        """A fresh folder on the device for this run, created on first use."""
+        """A fresh folder on the device for this run, created on first use; folders left behind by
+        runs that lost this device are removed first."""
         if self._workdir is None:
+            stale = _stale()
+            if stale.get(self.name):
+                self._shell(shlex.join(["rm", "-rf", *stale.pop(self.name)]), 60)
+                _save_stale(stale)
             self._workdir = self.shell(["mktemp", "-d", f"{self.tmp_root}/mixdeploy.XXXXXX"]).stdout.strip()
         return self._workdir
 
     def cleanup(self) -> None:
-        """Remove the work folder (best effort: the device may be gone)."""
+        """Remove the work folder; if the device is gone, remember it for the next connection."""
         if self._workdir is not None:
             try:
                 self._shell(shlex.join(["rm", "-rf", self._workdir]), 30)
             except DeviceError:
-                pass
+                stale = _stale()
+                stale.setdefault(self.name, []).append(self._workdir)
+                _save_stale(stale)
             self._workdir = None
 
     def __enter__(self) -> "Transport":
@@ -75,6 +84,24 @@ class Transport:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+STALE = Path.home() / ".cache" / "mixdeploy" / "stale-workdirs.json"
+
+
+def _stale() -> dict[str, list[str]]:
+    """Device name -> work folders left on it by runs that lost the device."""
+    try:
+        return json.loads(STALE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_stale(stale: dict[str, list[str]]) -> None:
+    STALE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = STALE.with_suffix(".partial")
+    tmp.write_text(json.dumps(stale))
+    os.replace(tmp, STALE)
 
 
 def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = None) -> ShellResult:

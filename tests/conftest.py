@@ -79,3 +79,14 @@ def digits_exports(digits, tmp_path_factory):
             assert exc.code == 0, args
     return {"fp32.tflite": out / "fp32.tflite", "fp32.onnx": out / "fp32.onnx", "int8.tflite": out / "int8.tflite",
             "eval": root / "eval"}
+
+
+@pytest.fixture(scope="session")
+def sim_device() -> dict:
+    """The virtual ARM64 device (its root filesystem built on first use, about 2-3 minutes); stopped
+    at the end. Missing tools fail the test: CI must run the device tests, not skip them."""
+    from devices import sim
+
+    sim.require_tools()
+    yield sim.start()
+    sim.stop()

@@ -37,17 +37,6 @@ np.savez(sys.argv[1], *outputs)
 """
 
 
-@pytest.fixture(scope="session")
-def sim_device() -> dict:
-    """The virtual ARM64 device (its root filesystem built on first use); stopped at the end."""
-    try:
-        sim.require_tools()
-    except MixdeployError as exc:
-        pytest.skip(str(exc))
-    yield sim.start()
-    sim.stop()
-
-
 def adb(device: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`adb -s SERIAL ARGS...` with the real client; stdout and stderr as text."""
     return subprocess.run(["adb", "-s", device["serial"], *args], capture_output=True, text=True,
@@ -105,8 +94,9 @@ def test_output_streams_and_closing_kills_the_command(sim_device):
 
 def _tiny_models(folder: Path) -> list[Path]:
     """A float and an int8 TFLite model of conv -> relu6 -> depthwise conv -> mean -> dense."""
-    import tensorflow as tf
+    from exporters.tflite_export import tensorflow
 
+    tf = tensorflow()
     rng = np.random.default_rng(0)
     conv = tf.constant(rng.normal(size=(3, 3, 3, 8)).astype(np.float32) * 0.3)
     depthwise = tf.constant(rng.normal(size=(5, 5, 8, 1)).astype(np.float32) * 0.2)
