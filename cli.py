@@ -278,7 +278,13 @@ def _print_quantized(result) -> None:
 
 
 @cli.command()
-@click.argument("files", nargs=-1, required=True)
+@click.argument("files", nargs=-1)
+@click.option("--compare-peers", "peer_model", metavar="MODEL",
+              help="Export MODEL with mixdeploy and with every peer available here; bench them side by side.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="With --compare-peers: the precision compared (int8 calibrated on the parity photos).")
+@click.option("--checkpoint", type=click.Path(), help="With --compare-peers: local weights for MODEL.")
+@click.option("--calibrate-bn", is_flag=True, help="With --compare-peers: random-init BatchNorm statistics from photos.")
 @click.option("--device", default="local", show_default=True,
               help="local, an adb SERIAL (or adb:SERIAL; HOST:PORT is adb-connected), or ssh:USER@HOST[:PORT].")
 @click.option("--threads", default="1", show_default=True, help="Thread counts to sweep, e.g. 1,2,4.")
@@ -296,12 +302,17 @@ def _print_quantized(result) -> None:
               help="Seconds one model may take on the device.")
 @click.option("--report", type=click.Path(), help="Also write a Markdown report here, with a PNG plot beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
+def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkpoint: str | None, calibrate_bn: bool,
+          device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
           benchmark_binary: str | None, python: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
           timeout: float, report: str | None, as_json: bool) -> None:
-    """Latency and parity of exported FILES on a device, side by side."""
+    """Latency and parity of exported FILES on a device, side by side (or, with --compare-peers
+    MODEL, of mixdeploy's and the peers' exports of MODEL)."""
     from devices.bench import Settings, bench as run_bench
     from devices.connect import open_device
+
+    if bool(files) == bool(peer_model):
+        raise MixdeployError("give exported FILES to bench, or --compare-peers MODEL (not both)")
 
     try:
         counts = [int(t) for t in threads.split(",")]
@@ -311,7 +322,13 @@ def bench(files: tuple[str, ...], device: str, threads: str, runs: int, warmup: 
                         timeout, python)
     with err.status("benchmarking") as status:
         status.update(f"connecting to {device}")
-        measured = run_bench(list(files), open_device(device), settings, step=lambda text: status.update(text))
+        if peer_model:
+            from devices.compare_peers import compare_peers
+
+            measured = compare_peers(peer_model, open_device(device), settings, precision, checkpoint, calibrate_bn,
+                                     step=lambda text: status.update(text))
+        else:
+            measured = run_bench(list(files), open_device(device), settings, step=lambda text: status.update(text))
     results = measured["results"]
     if report:
         from devices.report import write_report
@@ -334,19 +351,25 @@ def _bench_table(measured: dict) -> None:
     dev = measured["device"]
     title = f"mixdeploy bench on {dev['name']} ({dev['abi']}, {dev['os']})"
     table = Table(title=title + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
-    for col in ("file", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB", "top-1 agr.", "cosine",
-                "parity"):
+    peers = "missing_peers" in measured
+    columns = ["exported by" if peers else "file", "format", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB", "top-1 agr.", "cosine",
+               "parity"] + (["vs ours"] if peers else [])
+    for col in columns:
         table.add_column(col, no_wrap=True)
     for r in measured["results"]:
         p = r["parity"]
         for t, lat in r["latency_by_threads"].items():
-            table.add_row(Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t,
-                          number(lat["median"]), number(lat["p90"]), number(r["peak_memory_mb"], ".0f"),
-                          f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
-                          "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
+            table.add_row(r["source"] if peers else Path(r["file"]).name, r["format"], r["precision"],
+                          f"{r['size_bytes'] / 1e6:.1f}", t, number(lat["median"]), number(lat["p90"]),
+                          number(r["peak_memory_mb"], ".0f"), f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
+                          "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]",
+                          *([f"{r['ratio_to_ours']:.2f}x" if t == str(measured["settings"]["threads"][0]) else ""]
+                            if peers else []))
     out.print(table)
-    for r in measured["results"]:
-        out.print(f"{Path(r['file']).name}: {r['model']}, weights {r['weights']}, {r['runtime']}")
+    for r in measured["results"][:1] if peers else measured["results"]:
+        out.print(f"{r['model']}, weights {r['weights']}, {r['runtime']}")
+    for label, why in measured.get("missing_peers", {}).items():
+        out.print(f"[yellow]{label}: {why}[/]")
 
 
 @cli.group()

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import peers  # noqa: E402
+from exporters import peers  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
 from devices.runners import LiteRtRunner  # noqa: E402

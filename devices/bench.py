@@ -64,19 +64,27 @@ class Prepared:
     reference: np.ndarray
 
 
-def prepare(file: str, parity_dir: str | None, samples: int) -> Prepared:
-    """Inspect a file, preprocess the parity photos with its model's own config, compute PyTorch's outputs."""
+def prepare(file: str, parity_dir: str | None, samples: int, meta: dict | None = None,
+            references: dict | None = None) -> Prepared:
+    """Inspect a file, preprocess the parity photos with its model's own config (from the file's
+    metadata, or `meta` for a peer's file), compute PyTorch's outputs (shared through `references`
+    by files of the same model)."""
     from quantization.calibration import load_folder
 
     path = Path(file)
     report = inspect_file(path)
-    meta = report.get("metadata", {})
+    report["metadata"] = meta = meta or report.get("metadata", {})
     if "mixdeploy.model" not in meta:
         raise MixdeployError(f"{path} carries no mixdeploy metadata; bench files written by mixdeploy export/quantize")
-    loaded = reload(meta["mixdeploy.weights"], meta["mixdeploy.model"])
-    cfg = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
-    images = load_folder(parity_dir or SAMPLE_IMAGES, cfg, limit=samples, progress=False).images
-    return Prepared(path, report, precision(report), images.numpy(), reference_outputs(loaded.module, images))
+    key = json.dumps([meta["mixdeploy.weights"], meta["mixdeploy.model"], meta["mixdeploy.preprocess"]])
+    references = {} if references is None else references
+    if key not in references:
+        loaded = reload(meta["mixdeploy.weights"], meta["mixdeploy.model"])
+        cfg = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
+        images = load_folder(parity_dir or SAMPLE_IMAGES, cfg, limit=samples, progress=False).images
+        references[key] = images.numpy(), reference_outputs(loaded.module, images)
+    images, reference = references[key]
+    return Prepared(path, report, precision(report), images, reference)
 
 
 def core_mask(cpus: str | None, info: dict) -> str | None:
@@ -203,14 +211,16 @@ class Session:
 
 
 def bench(files: list[str], device: Transport, settings: Settings,
-          step: Callable[[str], None] = lambda _: None) -> dict:
+          step: Callable[[str], None] = lambda _: None, metadata: dict[str, dict] | None = None) -> dict:
     """Per file: precision, size, init and first-inference time, peak memory, latency stats per
     thread count (every raw timing kept), temperatures, and parity with the PyTorch model; the
-    device's facts alongside. The device's work folder is removed whatever happens."""
-    prepared = []
+    device's facts alongside. `metadata` gives the model of files mixdeploy did not write (peers').
+    The device's work folder is removed whatever happens."""
+    prepared, references = [], {}
     for file in files:
         step(f"{Path(file).name}: PyTorch reference on real photos")
-        prepared.append(prepare(file, settings.parity_dir, settings.parity_samples))
+        prepared.append(prepare(file, settings.parity_dir, settings.parity_samples, (metadata or {}).get(str(file)),
+                                references))
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
         session = Session(device, settings, Path(host))
         results = []

@@ -26,6 +26,7 @@ from .transport import Transport
 
 PRECISIONS = ("fp32", "fp16", "int8")
 UNIFORM = ("split", "fold")  # whole-model rivals of the tuned plan, with the cost-model plan
+REFINE, CLOSE, KEEP = 4, 1.15, 0.99  # swaps tried in the whole model: runner-ups within 15 %, kept if 1 % faster
 
 
 def cache_dir() -> Path:
@@ -66,13 +67,14 @@ class Tuning:
     plan: Plan
     fingerprint: dict
     layers: list[dict] = field(default_factory=list)
+    refined: dict[str, str] = field(default_factory=dict)
     whole_model_ms: dict[str, float] = field(default_factory=dict)
     measured_shapes: int = 0
     cached_shapes: int = 0
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "plan": self.plan.to_dict(), "layers": self.layers,
-                "whole_model_ms": self.whole_model_ms, "measured_shapes": self.measured_shapes,
+                "refined": self.refined, "whole_model_ms": self.whole_model_ms, "measured_shapes": self.measured_shapes,
                 "cached_shapes": self.cached_shapes}
 
 
@@ -85,14 +87,17 @@ class TimingCache:
         self.path = cache_dir() / f"{digest}.json"
         self.fingerprint = fingerprint
         try:
-            self.shapes: dict[str, dict[str, float]] = json.loads(self.path.read_text())["shapes"]
-        except (OSError, ValueError, KeyError):
-            self.shapes = {}
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        self.shapes: dict[str, dict[str, float]] = data.get("shapes", {})
+        self.decisions: dict[str, dict] = data.get("decisions", {})  # model + plan -> whole-model verdict
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".partial", delete=False) as f:
-            json.dump({"fingerprint": self.fingerprint, "shapes": self.shapes}, f, indent=1)
+            json.dump({"fingerprint": self.fingerprint, "shapes": self.shapes, "decisions": self.decisions}, f,
+                      indent=1)
         os.replace(f.name, self.path)
 
 
@@ -143,12 +148,52 @@ def _probe_times(tuner: Tuner, info: LayerInfo, host: Path) -> dict[str, float]:
     return {c: round(ms, 5) for c, ms in tuner.time(files).items()}
 
 
+def _rivals(model: nn.Module, input_size: tuple[int, int, int], layers: list[LayerInfo], plan: Plan,
+            target: str) -> dict[str, Plan]:
+    return {"tuned": plan, "auto": make_plan("auto", model, input_size, target),
+            **{name: preset_plan(layers, name, target) for name in UNIFORM}}
+
+
+def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int], layers: list[LayerInfo],
+                 plan: Plan, target: str, shapes: dict, host: Path) -> dict:
+    """Single-layer probes miss what a choice costs its neighbours (a runtime re-laying data out
+    around it): the layers whose runner-up came closest are tried in the whole model, and each
+    swap that makes it faster is kept; then the tuned plan is timed against the rival plans."""
+    def write(label: str, candidate: Plan) -> Path:
+        path = host / f"whole_{len(files)}.{tuner.fmt}"
+        write_model(lower(model, input_size, candidate).module, input_size, path, tuner.fmt, tuner.precision)
+        files[label] = path
+        return path
+
+    close = []
+    for info in layers:
+        times = shapes[shape_key(info)]
+        ranked = sorted(info.candidates, key=lambda c: times[c])
+        if len(ranked) > 1 and times[ranked[1]] <= CLOSE * times[ranked[0]]:
+            close.append((times[ranked[1]] / times[ranked[0]], info.name, ranked[1]))
+    files: dict[str, Path] = {}
+    write("tuned", plan)
+    for _, name, runner_up in sorted(close)[:REFINE]:
+        write(f"{name}={runner_up}", Plan({**plan.layers, name: runner_up}, plan.target))
+    swaps = tuner.time(files) if len(files) > 1 else {}
+    refined = {label.split("=")[0]: label.split("=")[1] for label, ms in swaps.items()
+               if label != "tuned" and ms < KEEP * swaps["tuned"]}
+    files = {}
+    rivals = _rivals(model, input_size, layers, Plan({**plan.layers, **refined}, plan.target), target)
+    for label, candidate in rivals.items():
+        write(label, candidate)
+    whole = {k: round(v, 4) for k, v in tuner.time(files).items()}
+    return {"refined": refined, "swaps_ms": swaps, "whole_model_ms": whole, "best": min(whole, key=whole.get)}
+
+
 def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, fmt: str, precision: str = "fp32",
          threads: int = 1, rounds: int = 3, runs: int = 20, target: str | None = None,
          step: Callable[[str, int, int], None] = lambda text, done, total: None) -> Tuning:
     """Measure every uncached layer shape's candidates on the device, pick the fastest per layer,
-    then time the whole model under the tuned, auto and uniform plans: if another plan is faster,
-    it wins (and the plan's source says so). `step(text, done, total)` reports progress."""
+    try the closest runner-ups inside the whole model, then time the whole model under the tuned,
+    auto and uniform plans: if another plan is faster, it wins (and the plan's source says so).
+    The whole-model verdict is cached too, so a second run on the device measures nothing.
+    `step(text, done, total)` reports progress."""
     if precision not in PRECISIONS:
         raise MixdeployError(f"--precision {precision}: use {', '.join(PRECISIONS)}")
     if precision == "fp16" and fmt != "tflite":
@@ -177,16 +222,18 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
             result.layers.append({"layer": info.name, "kind": info.kind, "kernels": info.kernels,
                                   "channels": info.channels, "in_hw": list(info.in_hw), "choice": choice,
                                   "times_ms": times})
-        step("whole model: tuned plan vs the auto and uniform plans", len(todo), len(todo))
-        plans = {"tuned": plan, "auto": make_plan("auto", model, input_size, target),
-                 **{name: preset_plan(layers, name, target) for name in UNIFORM}}
-        files = {}
-        for name, candidate in plans.items():
-            files[name] = host / f"whole_{name}.{fmt}"
-            write_model(lower(model, input_size, candidate).module, input_size, files[name], fmt, precision)
-        result.whole_model_ms = {k: round(v, 4) for k, v in tuner.time(files).items()}
-        best = min(result.whole_model_ms, key=result.whole_model_ms.get)
-        if best != "tuned":
-            result.plan = plans[best]
-            result.plan.source = f"{best}: faster than the per-layer tuned plan on {device.name}"
+        model_key = hashlib.sha256(json.dumps(sorted(shapes)).encode() + json.dumps(plan.layers).encode()).hexdigest()
+        decision = cache.decisions.get(model_key)
+        if decision is None:
+            step("whole model: close calls, then the tuned plan vs the auto and uniform plans", len(todo), len(todo))
+            decision = _whole_model(tuner, model, input_size, layers, plan, target, cache.shapes, host)
+            cache.decisions[model_key] = decision
+            cache.save()
+        plan.layers.update(decision["refined"])
+        for name, choice in decision["refined"].items():
+            plan.estimates_ms[name] = next(r["times_ms"][choice] for r in result.layers if r["layer"] == name)
+        result.refined, result.whole_model_ms = decision["refined"], decision["whole_model_ms"]
+        if decision["best"] != "tuned":
+            result.plan = _rivals(model, input_size, layers, plan, target)[decision["best"]]
+            result.plan.source = f"{decision['best']}: faster than the per-layer tuned plan on {device.name}"
     return result

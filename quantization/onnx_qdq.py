@@ -8,7 +8,7 @@ import numpy as np
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
-class _Reader:
+class CalibrationReader:
     """onnxruntime.quantization's CalibrationDataReader over preprocessed NCHW images."""
 
     def __init__(self, images: np.ndarray, input_name: str) -> None:
@@ -34,7 +34,7 @@ def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: 
     try:
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(out_path), _Reader(images, "input"), quant_format=QuantFormat.QDQ,
+            str(prepared), str(out_path), CalibrationReader(images, "input"), quant_format=QuantFormat.QDQ,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=keep_float or [],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},

@@ -17,14 +17,14 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray) -> list[di
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations, create_activation_matching, modify_model_output_intermediate_tensors)
 
-    from .onnx_qdq import _Reader
+    from .onnx_qdq import CalibrationReader
 
     float_aug, qdq_aug = float_path.with_suffix(".aug.onnx"), qdq_path.with_suffix(".aug.onnx")
     try:
         modify_model_output_intermediate_tensors(str(float_path), str(float_aug))
         modify_model_output_intermediate_tensors(str(qdq_path), str(qdq_aug))
-        matching = create_activation_matching(collect_activations(str(qdq_aug), _Reader(images, "input")),
-                                              collect_activations(str(float_aug), _Reader(images, "input")))
+        matching = create_activation_matching(collect_activations(str(qdq_aug), CalibrationReader(images, "input")),
+                                              collect_activations(str(float_aug), CalibrationReader(images, "input")))
     finally:
         float_aug.unlink(missing_ok=True)
         qdq_aug.unlink(missing_ok=True)

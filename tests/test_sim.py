@@ -139,13 +139,14 @@ def test_litert_on_device_matches_x86(sim_device, tmp_path):
 
 
 def test_stop_start_and_status(sim_device):
-    assert sim.start() == sim_device  # already running: the same device
+    running = sim.start()  # already running: the same device
+    assert running["serial"] == sim_device["serial"] and running["pid"] == sim.status()["pid"]
     assert sim.status()["running"] and sim.status()["serial"] == sim_device["serial"]
     sim.stop()
     assert not sim.status()["running"] and sim.status()["built"]
     assert adb(sim_device, "get-state").returncode != 0
     restarted = sim.start()
-    assert restarted["serial"] == sim_device["serial"] and restarted["pid"] != sim_device["pid"]
+    assert restarted["serial"] == sim_device["serial"] and restarted["pid"] != running["pid"]
     assert adb(sim_device, "shell", "uname", "-m").stdout == "aarch64\n"
 
 

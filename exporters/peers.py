@@ -1,4 +1,6 @@
-"""Peer converters, each run from its own virtual environment (benchmarks/peers/setup.sh)."""
+"""The peers we are measured against, on the same timm model and weights: the plain
+torch.onnx.export, ORT's quantizer with its defaults, and onnx2tf and litert-torch, each run from
+its own virtual environment (made by benchmarks/peers/setup.sh, or $MIXDEPLOY_PEER_VENVS)."""
 from __future__ import annotations
 
 import os
@@ -12,25 +14,52 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-VENVS = HERE / ".venvs"
+VENVS = Path(os.environ.get("MIXDEPLOY_PEER_VENVS") or HERE.parent / "benchmarks" / "peers" / ".venvs")
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 # onnx2tf downloads this sample file on every conversion of an image model; offline, a local copy stops it
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
 
 def available() -> dict[str, bool]:
+    """Which peer converters have their environment here."""
     return {"onnx2tf": (VENVS / "onnx2tf/bin/onnx2tf").exists(),
             "litert_torch": (VENVS / "litert_torch/bin/python").exists()}
 
 
-def onnx2tf(model: nn.Module, name: str, work: Path, int8: bool = False) -> Path:
+def plain_onnx(model: nn.Module, name: str, work: Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
+    """torch.onnx.export of the timm model as it is (what a user gets without mixdeploy)."""
+    from .onnx_export import write_onnx
+
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{name}_plain.onnx"
+    write_onnx(model, input_size, path)
+    return path
+
+
+def ort_quantizer(float_onnx: Path, images: np.ndarray) -> Path:
+    """onnxruntime.quantization.quantize_static with its defaults (QDQ, per-tensor) on the same images."""
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from quantization.onnx_qdq import CalibrationReader
+
+    prepared = float_onnx.with_name(float_onnx.stem + "_prep.onnx")
+    out = float_onnx.with_name(float_onnx.stem + "_ort_int8.onnx")
+    quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(out), CalibrationReader(images, "input"))
+    prepared.unlink()
+    return out
+
+
+def onnx2tf(model: nn.Module, name: str, work: Path, int8: bool = False,
+            input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
     """The plain torch.onnx.export (opset 17) of `model`, converted by onnx2tf with onnxsim
     (with int8: its full-integer quantization, -oiqt)."""
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / f"{name}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.randn(1, 3, 224, 224),), str(onnx_path), dynamo=False,
+        torch.onnx.export(model.eval(), (torch.randn(1, *input_size),), str(onnx_path), dynamo=False,
                           opset_version=17, input_names=["input"], output_names=["logits"])
     np.save(work / ONNX2TF_SAMPLE, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
     env = dict(OFFLINE, PATH=f"{VENVS / 'onnx2tf/bin'}:{os.environ['PATH']}")
@@ -39,13 +68,13 @@ def onnx2tf(model: nn.Module, name: str, work: Path, int8: bool = False) -> Path
     return work / f"{name}_onnx2tf" / f"{name}_{'full_integer_quant' if int8 else 'float32'}.tflite"
 
 
-def litert_torch(model: nn.Module, name: str, work: Path) -> Path:
+def litert_torch(model: nn.Module, name: str, work: Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
     """litert-torch's conversion of the same timm model and weights, with channel-last io."""
     work.mkdir(parents=True, exist_ok=True)
     weights, out = work / f"{name}_weights.pt", work / f"{name}_litert_torch.tflite"
     torch.save(model.state_dict(), weights)
-    subprocess.run([str(VENVS / "litert_torch/bin/python"), str(HERE / "litert_torch_convert.py"), name,
-                    str(weights), str(out)], env=OFFLINE, check=True, capture_output=True)
+    subprocess.run([str(VENVS / "litert_torch/bin/python"), str(HERE / "peer_litert_torch.py"), name,
+                    str(weights), str(out), str(input_size[1])], env=OFFLINE, check=True, capture_output=True)
     return out
 
 

@@ -1,0 +1,82 @@
+"""`mixdeploy bench --compare-peers MODEL`: the same timm model and weights exported by mixdeploy and
+by every peer available here, benchmarked side by side on one device with parity."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from exporters import peers
+from exporters.export import export
+from exporters.inspect_file import inspect_file
+from mixnet_deploy import load_model
+from mixnet_deploy.preprocess import SAMPLE_IMAGES
+
+from .bench import Settings, bench
+from .transport import Transport
+
+
+def _peer_files(model, name: str, size: tuple[int, int, int], work: Path, precision: str, calib,
+                step: Callable[[str], None]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Peer label -> file, and peer label -> why it is missing."""
+    files, missing = {}, {}
+    step("peer: plain torch.onnx.export")
+    plain = peers.plain_onnx(model, name, work / "plain", size)
+    if precision == "int8":
+        step("peer: onnxruntime.quantization defaults")
+        files["ORT quantize_static (defaults)"] = peers.ort_quantizer(plain, calib)
+    else:
+        files["plain torch.onnx.export"] = plain
+    for peer, convert in (("onnx2tf", peers.onnx2tf), ("litert_torch", peers.litert_torch)):
+        if precision == "int8" and peer == "litert_torch":
+            continue  # its int8 path needs a PT2E quantizer recipe, not a converter flag
+        label = f"{peer}{' -oiqt' if precision == 'int8' else ''}"
+        if not peers.available()[peer]:
+            missing[label] = f"not installed here (bash benchmarks/peers/setup.sh creates {peers.VENVS / peer})"
+            continue
+        step(f"peer: {label}")
+        if peer == "onnx2tf":
+            path, why = peers.run_checked(convert, model, name, work / peer, precision == "int8", size)
+        else:
+            path, why = peers.run_checked(convert, model, name, work / peer, size)
+        if path is None:
+            missing[label] = f"failed: {why}"
+        else:
+            files[label] = path
+    return files, missing
+
+
+def compare_peers(name: str, device: Transport, settings: Settings, precision: str = "fp32",
+                  checkpoint: str | None = None, calibrate_bn: bool = False,
+                  step: Callable[[str], None] = lambda _: None) -> dict:
+    """Ours (ONNX and TFLite) and the peers' files of NAME at `precision` (fp32 or int8, the int8
+    ones calibrated on the same photos), benchmarked together; each row says whose file it is and
+    its median latency relative to ours in the same format."""
+    from quantization.calibration import load_folder
+    from quantization.quantize import quantize
+
+    loaded = load_model(name, checkpoint, calibrate_bn=calibrate_bn)
+    with tempfile.TemporaryDirectory(prefix="mixdeploy-peers-") as tmp:
+        work = Path(tmp)
+        (work / "ours").mkdir()
+        step(f"exporting {name} with mixdeploy")
+        ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
+                                                 calibrate_bn=calibrate_bn, step=step)}
+        calib = load_folder(settings.parity_dir or SAMPLE_IMAGES, loaded.preprocess, progress=False).images.numpy()
+        if precision == "int8":
+            ours = {fmt: quantize(str(path), settings.parity_dir or SAMPLE_IMAGES,
+                                  path.with_name(f"{name}_int8.{fmt}"), step=step).path for fmt, path in ours.items()}
+        meta = inspect_file(ours["onnx"])["metadata"]
+        files, missing = _peer_files(loaded.module, loaded.name, loaded.preprocess.input_size, work, precision,
+                                    calib, step)
+        owners = {str(p): ("mixdeploy", fmt) for fmt, p in ours.items()}
+        owners |= {str(p): (label, p.suffix[1:]) for label, p in files.items()}
+        measured = bench(list(owners), device, settings, step=step, metadata={str(p): meta for p in files.values()})
+    ours_ms = {fmt: r["latency_ms"]["median"] for r in measured["results"]
+               for who, fmt in [owners[r["file"]]] if who == "mixdeploy"}
+    for r in measured["results"]:
+        who, fmt = owners[r["file"]]
+        r.update(source=who, ratio_to_ours=r["latency_ms"]["median"] / ours_ms[fmt])
+    measured["missing_peers"] = missing
+    measured["model"] = {"name": loaded.name, "weights": loaded.weights, "precision": precision}
+    return measured

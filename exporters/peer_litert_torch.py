@@ -1,0 +1,17 @@
+"""Runs inside the litert-torch environment (exporters/peers.py starts it): convert a timm model
+with given weights to .tflite with NHWC io.
+
+    python peer_litert_torch.py MODEL WEIGHTS.pt OUT.tflite [SIZE]
+"""
+import sys
+
+import litert_torch
+import timm
+import torch
+
+name, weights, out = sys.argv[1:4]
+size = int(sys.argv[4]) if len(sys.argv) > 4 else 224
+model = timm.create_model(name).eval()
+model.load_state_dict(torch.load(weights, weights_only=True))
+model = litert_torch.to_channel_last_io(model, args=[0]).eval()
+litert_torch.convert(model, (torch.randn(1, size, size, 3),)).export(out)
