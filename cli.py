@@ -339,7 +339,8 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         click.echo(json.dumps(measured, indent=2))
     else:
         _bench_table(measured)
-    failed = [r["file"] for r in results if not r["parity"]["passed"]]
+    # with --compare-peers a peer's file failing parity is a finding, not our failure
+    failed = [r["file"] for r in results if not r["parity"]["passed"] and r.get("source", "mixdeploy") == "mixdeploy"]
     if failed:
         click.echo(f"mixdeploy: error: parity failed for {', '.join(failed)}", err=True)
         sys.exit(1)
@@ -352,19 +353,20 @@ def _bench_table(measured: dict) -> None:
     title = f"mixdeploy bench on {dev['name']} ({dev['abi']}, {dev['os']})"
     table = Table(title=title + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
     peers = "missing_peers" in measured
-    columns = ["exported by" if peers else "file", "format", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB", "top-1 agr.", "cosine",
-               "parity"] + (["vs ours"] if peers else [])
-    for col in columns:
+    columns = (["exported by", "format", "precision", "MB", "threads", "median ms", "vs ours"] if peers else
+               ["file", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB"])
+    for col in columns + ["top-1 agr.", "cosine", "parity"]:
         table.add_column(col, no_wrap=True)
     for r in measured["results"]:
         p = r["parity"]
         for t, lat in r["latency_by_threads"].items():
-            table.add_row(r["source"] if peers else Path(r["file"]).name, r["format"], r["precision"],
-                          f"{r['size_bytes'] / 1e6:.1f}", t, number(lat["median"]), number(lat["p90"]),
-                          number(r["peak_memory_mb"], ".0f"), f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
-                          "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]",
-                          *([f"{r['ratio_to_ours']:.2f}x" if t == str(measured["settings"]["threads"][0]) else ""]
-                            if peers else []))
+            first = t == str(measured["settings"]["threads"][0])
+            cells = ([r["source"], r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t,
+                      number(lat["median"]), f"{r['ratio_to_ours']:.2f}x" if first else ""] if peers else
+                     [Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, number(lat["median"]),
+                      number(lat["p90"]), number(r["peak_memory_mb"], ".0f")])
+            table.add_row(*cells, f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
+                          "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
     out.print(table)
     for r in measured["results"][:1] if peers else measured["results"]:
         out.print(f"{r['model']}, weights {r['weights']}, {r['runtime']}")

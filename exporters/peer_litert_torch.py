@@ -11,7 +11,8 @@ import torch
 
 name, weights, out = sys.argv[1:4]
 size = int(sys.argv[4]) if len(sys.argv) > 4 else 224
-model = timm.create_model(name).eval()
-model.load_state_dict(torch.load(weights, weights_only=True))
+state = torch.load(weights, weights_only=True)
+model = timm.create_model(name, num_classes=state["classifier.weight"].shape[0]).eval()
+model.load_state_dict(state)
 model = litert_torch.to_channel_last_io(model, args=[0]).eval()
 litert_torch.convert(model, (torch.randn(1, size, size, 3),)).export(out)

@@ -144,4 +144,5 @@ def test_device_vanishing_mid_bench_is_one_line(sim_device, digits_exports):
     left = set(leftover_workdirs(sim_device["serial"]))
     assert left  # the lost run's folder is still there...
     with AdbTransport(sim_device["serial"]) as device:  # ...until the next run on this device removes it
-        assert set(leftover_workdirs(sim_device["serial"])) == {Path(device.workdir).name}
+        work = Path(device.workdir).name
+        assert set(leftover_workdirs(sim_device["serial"])) == {work}
