@@ -8,14 +8,12 @@ photos). Writes benchmarks/results/peers.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import save_result  # noqa: E402
 from benchmarks.timing import arguments  # noqa: E402
 from devices.bench import Settings  # noqa: E402
 from devices.compare_peers import compare_peers  # noqa: E402
@@ -35,9 +33,7 @@ def main() -> None:
                 print(f"{name} {precision} {r['source']} {r['format']}: {r['latency_ms']['median']:.2f} ms "
                       f"({r['ratio_to_ours']:.2f}x ours), parity {'PASS' if r['parity']['passed'] else 'FAIL'}",
                       flush=True)
-    result = {"benchmark": "peers", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": describe(), "runs": runs}
-    (Path(__file__).parent / "results" / "peers.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_result("peers", runs=runs)
     print("\n| model | precision | exported by | format | MB | threads | median ms | vs ours | top-1 agr. | parity |"
           "\n|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:

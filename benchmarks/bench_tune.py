@@ -8,8 +8,6 @@ benchmarks/results/tune.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import tempfile
 import time
@@ -19,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import save_result  # noqa: E402
 from benchmarks.timing import interleaved  # noqa: E402
 from devices.connect import open_device  # noqa: E402
 from devices.runners import runner_for  # noqa: E402
@@ -74,9 +72,7 @@ def main() -> None:
                               f"{stats['auto']['median']:.2f} ms, split {stats['split']['median']:.2f} ms "
                               f"(tuned/auto {row['tuned_vs_auto']:.3f}; {row['changed_layers']}/{row['layers']} "
                               f"layers differ; tuning {tune_s:.0f} s)", flush=True)
-    result = {"benchmark": "tune", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": describe(), "rows": rows}
-    (Path(__file__).parent / "results" / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_result("tune", rows=rows)
     print("\n| model | format | precision | threads | tuned (ms) | auto (ms) | split (ms) | tuned / auto | layers changed |"
           "\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

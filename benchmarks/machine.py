@@ -33,3 +33,15 @@ def describe() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "machine": platform.machine(),
             "os": platform.platform(), "versions": versions}
+
+
+def save_result(benchmark: str, **payload) -> None:
+    """benchmarks/results/BENCHMARK.json: the figures with the date, the command and this machine."""
+    import datetime
+    import json
+    import sys
+    from pathlib import Path
+
+    result = {"benchmark": benchmark, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "machine": describe(), **payload}
+    (Path(__file__).parent / "results" / f"{benchmark}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -176,7 +176,7 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
     for _, name, runner_up in sorted(close)[:REFINE]:
         write(f"{name}={runner_up}", Plan({**plan.layers, name: runner_up}, plan.target))
     swaps = tuner.time(files) if len(files) > 1 else {}
-    refined = {label.split("=")[0]: label.split("=")[1] for label, ms in swaps.items()
+    refined = {label.split("=", 1)[0]: label.split("=", 1)[1] for label, ms in swaps.items()
                if label != "tuned" and ms < KEEP * swaps["tuned"]}
     files = {}
     rivals = _rivals(model, input_size, layers, Plan({**plan.layers, **refined}, plan.target), target)
