@@ -68,13 +68,14 @@ class Tuning:
     fingerprint: dict
     layers: list[dict] = field(default_factory=list)
     refined: dict[str, str] = field(default_factory=dict)
+    swaps: list[dict] = field(default_factory=list)
     whole_model_ms: dict[str, float] = field(default_factory=dict)
     measured_shapes: int = 0
     cached_shapes: int = 0
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "plan": self.plan.to_dict(), "layers": self.layers,
-                "refined": self.refined, "whole_model_ms": self.whole_model_ms, "measured_shapes": self.measured_shapes,
+                "refined": self.refined, "swaps": self.swaps, "whole_model_ms": self.whole_model_ms, "measured_shapes": self.measured_shapes,
                 "cached_shapes": self.cached_shapes}
 
 
@@ -159,11 +160,9 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
     """Single-layer probes miss what a choice costs its neighbours (a runtime re-laying data out
     around it): the layers whose runner-up came closest are tried in the whole model, and each
     swap that makes it faster is kept; then the tuned plan is timed against the rival plans."""
-    def write(label: str, candidate: Plan) -> Path:
-        path = host / f"whole_{len(files)}.{tuner.fmt}"
-        write_model(lower(model, input_size, candidate).module, input_size, path, tuner.fmt, tuner.precision)
-        files[label] = path
-        return path
+    def write(label: str, candidate: Plan) -> None:
+        files[label] = host / f"whole_{len(files)}.{tuner.fmt}"
+        write_model(lower(model, input_size, candidate).module, input_size, files[label], tuner.fmt, tuner.precision)
 
     close = []
     for info in layers:
@@ -173,17 +172,19 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
             close.append((times[ranked[1]] / times[ranked[0]], info.name, ranked[1]))
     files: dict[str, Path] = {}
     write("tuned", plan)
-    for _, name, runner_up in sorted(close)[:REFINE]:
-        write(f"{name}={runner_up}", Plan({**plan.layers, name: runner_up}, plan.target))
-    swaps = tuner.time(files) if len(files) > 1 else {}
-    refined = {label.split("=", 1)[0]: label.split("=", 1)[1] for label, ms in swaps.items()
-               if label != "tuned" and ms < KEEP * swaps["tuned"]}
+    swaps = {f"swap{i}": (name, runner_up) for i, (_, name, runner_up) in enumerate(sorted(close)[:REFINE])}
+    for label, (name, runner_up) in swaps.items():
+        write(label, Plan({**plan.layers, name: runner_up}, plan.target))
+    swap_ms = tuner.time(files) if swaps else {}
+    refined = dict(swap for label, swap in swaps.items() if swap_ms[label] < KEEP * swap_ms["tuned"])
     files = {}
     rivals = _rivals(model, input_size, layers, Plan({**plan.layers, **refined}, plan.target), target)
     for label, candidate in rivals.items():
         write(label, candidate)
     whole = {k: round(v, 4) for k, v in tuner.time(files).items()}
-    return {"refined": refined, "swaps_ms": swaps, "whole_model_ms": whole, "best": min(whole, key=whole.get)}
+    tried = [{"layer": name, "choice": choice, "ms": swap_ms[label]} for label, (name, choice) in swaps.items()]
+    return {"refined": refined, "swaps": tried, "tuned_ms": swap_ms.get("tuned"), "whole_model_ms": whole,
+            "best": min(whole, key=whole.get)}
 
 
 def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, fmt: str, precision: str = "fp32",
@@ -232,7 +233,8 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
         plan.layers.update(decision["refined"])
         for name, choice in decision["refined"].items():
             plan.estimates_ms[name] = next(r["times_ms"][choice] for r in result.layers if r["layer"] == name)
-        result.refined, result.whole_model_ms = decision["refined"], decision["whole_model_ms"]
+        result.refined, result.swaps, result.whole_model_ms = (decision["refined"], decision["swaps"],
+                                                               decision["whole_model_ms"])
         if decision["best"] != "tuned":
             result.plan = _rivals(model, input_size, layers, plan, target)[decision["best"]]
             result.plan.source = f"{decision['best']}: faster than the per-layer tuned plan on {device.name}"

@@ -174,3 +174,30 @@ def test_compare_peers(run_cli, digits):
 def test_bench_needs_files_or_peers(run_cli):
     assert_usage_error(run_cli("bench"), "give exported FILES")
     assert_usage_error(run_cli("bench", "x.onnx", "--compare-peers", "mixnet_s"), "not both")
+
+
+@pytest.mark.slow
+def test_tune_on_this_machine(run_cli, digits, tmp_path, monkeypatch):
+    """export --tune local: every layer shape measured, close calls tried in the whole model, the
+    verdict cached; the second export measures nothing and gives the same plan."""
+    monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path / "cache"))
+    _, checkpoint = digits
+    args = ["export", "mixnet_s", "--checkpoint", checkpoint, "--format", "tflite", "--tune", "local", "--json",
+            "--force", "-o", tmp_path / "tuned.tflite"]
+    first = run_cli(*args)
+    assert first.code == 0, first.err
+    report = json.loads(first.out)[0]
+    tuning = report["tuning"]
+    assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0
+    assert set(tuning["whole_model_ms"]) == {"tuned", "auto", "split", "fold"} and tuning["swaps"]
+    assert report["plan"]["source"].endswith("on local") and report["parity"]["passed"]
+    chosen = min(tuning["whole_model_ms"], key=tuning["whole_model_ms"].get)
+    assert report["plan"]["source"].startswith("tuned" if chosen == "tuned" else chosen)
+    for swap in tuning["swaps"]:
+        layer = next(r for r in tuning["layers"] if r["layer"] == swap["layer"])
+        assert swap["choice"] in layer["times_ms"] and swap["choice"] != layer["choice"]
+    second = run_cli(*args)
+    again = json.loads(second.out)[0]
+    assert again["tuning"]["measured_shapes"] == 0 and again["plan"]["layers"] == report["plan"]["layers"]
+    assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--plan", "fold"), "leave out --plan")
+    assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
