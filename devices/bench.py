@@ -113,16 +113,23 @@ class Session:
         self.prefix = ["taskset", self.mask] if self.mask else []
         self.python = settings.python or device.python
         self.binary: str | None = None
+        self.runtimes: dict[str, str] = {}  # format -> "module version" on the device
         self.script = f"{device.workdir}/runner.py"
         device.push(runners.__file__, self.script)
 
-    def check_python(self, fmt: str) -> None:
-        """The device's python3 must import numpy and the file's runtime."""
-        module = "onnxruntime" if fmt == "onnx" else "ai_edge_litert"
-        probe = self.device.shell([self.python, "-c", f"import numpy, {module}"], timeout=300, check=False)
-        if probe.code != 0:
-            raise DeviceError(f"{self.python} on {self.device.name} cannot import numpy and {module}: pip install "
-                              f"them there, pass --python PATH of a Python that has them, or use --runner benchmark_model")
+    def check_python(self, fmt: str) -> str:
+        """The device's python3 must import numpy and the file's runtime; the runtime and its version
+        (asked once per format: a Python start-up takes seconds on a slow or emulated device)."""
+        if fmt not in self.runtimes:
+            module = "onnxruntime" if fmt == "onnx" else "ai_edge_litert"
+            code = f"import numpy, {module} as m; print(m.__name__, getattr(m, '__version__', '?'))"
+            probe = self.device.shell([self.python, "-c", code], timeout=300, check=False)
+            if probe.code != 0:
+                raise DeviceError(f"{self.python} on {self.device.name} cannot import numpy and {module}: pip install "
+                                  f"them there, pass --python PATH of a Python that has them, or use --runner "
+                                  f"benchmark_model")
+            self.runtimes[fmt] = probe.stdout.strip()
+        return self.runtimes[fmt]
 
     def run_python(self, item: Prepared) -> dict:
         """Push the model and the parity inputs, run the runner, pull the outputs."""

@@ -108,19 +108,13 @@ class Tuner:
     def __init__(self, device: Transport, fmt: str, precision: str, threads: int, rounds: int, runs: int,
                  host: Path) -> None:
         self.session = Session(device, Settings([threads], runs=runs, warmup=3), host)
-        self.session.check_python(fmt)
         self.fmt, self.precision, self.threads, self.rounds, self.runs = fmt, precision, threads, rounds, runs
         self.host = host
         info = self.session.info
         self.fingerprint = {"abi": info["abi"], "model": info["model"], "os": info["os"],
                             "cores": [c["max_khz"] for c in info["cores"]], "cpus": self.session.mask,
-                            "runtime": self._runtime_version(), "format": fmt, "precision": precision,
+                            "runtime": self.session.check_python(fmt), "format": fmt, "precision": precision,
                             "threads": threads, "emulated": info["emulated"]}
-
-    def _runtime_version(self) -> str:
-        module = "onnxruntime" if self.fmt == "onnx" else "ai_edge_litert"
-        code = f"import {module} as m; print(m.__name__, getattr(m, '__version__', '?'))"
-        return self.session.device.shell([self.session.python, "-c", code], timeout=300).stdout.strip()
 
     def time(self, files: dict[str, Path]) -> dict[str, float]:
         """Best median ms of each file (name -> host path), timed in turns on the device."""
