@@ -1,6 +1,9 @@
 """Measure single-layer timings on this machine and fit the cost model of a runtime.
 
-    python benchmarks/measure_costs.py --runtime onnxruntime [--models mixnet_s,mixnet_m,mixnet_l]
+    python benchmarks/measure_costs.py --runtime onnxruntime [--models mixnet_s,mixnet_m,mixnet_l] [--in-model]
+
+--in-model re-times the grouped 1x1 layers' candidates inside their whole model (ONNX Runtime:
+a single-layer probe misprices the layout changes ORT makes around a grouped conv it cannot block).
 
 Writes mixnet_deploy/cost_tables/RUNTIME.json (weights + how they were measured) and the raw
 timings to benchmarks/results/costs_RUNTIME.json.
@@ -19,8 +22,9 @@ from rich.progress import track
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mixnet_deploy import load_model  # noqa: E402
-from mixnet_deploy.cost_model import FEATURES, TABLES, features, fit, shape_key  # noqa: E402
-from mixnet_deploy.lower import analyse  # noqa: E402
+from mixnet_deploy.cost_model import FEATURES, TABLES, CostModel, features, fit, shape_key  # noqa: E402
+from mixnet_deploy.lower import analyse, discover, layer_info, lower  # noqa: E402
+from mixnet_deploy.plan import Plan  # noqa: E402
 from mixnet_deploy.probes import probe  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.probe_timing import ALIGN, PROBE_TIMERS  # noqa: E402
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--models", default="mixnet_s,mixnet_m,mixnet_l")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--refit", action="store_true", help="Refit from the raw timings of the last run.")
+    parser.add_argument("--in-model", action="store_true", help="Time pointwise candidates inside the whole model.")
     args = parser.parse_args()
     out = Path(__file__).parent / "results" / f"costs_{args.runtime}.json"
     if args.refit:
@@ -39,12 +44,12 @@ def main() -> None:
         raw, source = previous["samples"], previous["source"]
     else:
         raw, source = measure(args), {"machine": describe(), "measured": datetime.date.today().isoformat(),
-                                      "models": args.models}
+                                      "models": args.models, "in_model": args.in_model}
+        if args.in_model:
+            in_model(args, raw)
     samples = [(str(r["probe"]), r["features"], r["ms"]) for r in raw]
     weights = fit(samples)
-    table: dict[str, dict[str, float]] = {}
-    for r in raw:
-        table.setdefault(r["key"], {})[r["choice"]] = round(r["ms"], 5)
+    table = _table(raw)
     picks, regret, best_total = 0, 0.0, 0.0
     probes = {s[0] for s in samples}
     for pid in probes:
@@ -86,6 +91,41 @@ def measure(args: argparse.Namespace) -> list[dict]:
                             "kernels": info.kernels, "stride": info.stride, "in_hw": list(info.in_hw),
                             "choice": choice, "ms": ms, "features": f})
     return raw
+
+def _table(raw: list[dict]) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for r in raw:
+        table.setdefault(r["key"], {})[r["choice"]] = round(r["ms"], 5)
+    return table
+
+
+def in_model(args: argparse.Namespace, raw: list[dict]) -> None:
+    """Re-time each pointwise shape's candidates inside the first model that has it, the rest of the
+    model lowered by the probe-measured plan; a row keeps its whole-model time as `in_model_ms` and
+    its `ms` becomes the probe's best plus the in-model difference to the best candidate."""
+    timer = PROBE_TIMERS[args.runtime]
+    probed = CostModel(args.runtime, fit([(str(r["probe"]), r["features"], r["ms"]) for r in raw]),
+                       ALIGN[args.runtime], _table(raw))
+    done: set[str] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            loaded = load_model(name)
+            size = loaded.preprocess.input_size
+            base = Plan(target=args.runtime)
+            sites = [s for s in discover(loaded.module, size) if layer_info(s) is not None]
+            for site in sites:
+                base.layers[site.name] = probed.choose(site, layer_info(site))[0]
+            todo = [i for i in map(layer_info, sites) if i.kind == "pointwise" and shape_key(i) not in done]
+            for info in track(todo, description=f"{name}: pointwise layers in the whole model"):
+                done.add(shape_key(info))
+                models = {c: lower(loaded.module, size, Plan(dict(base.layers, **{info.name: c}))) for c in info.candidates}
+                times = timer(models, size, Path(tmp), args.rounds)
+                rows = [r for r in raw if r["key"] == shape_key(info)]
+                best_probe, best_model = min(r["ms"] for r in rows), min(times.values())
+                for r in rows:
+                    r.update(in_model_ms=times[r["choice"]], in_model=name,
+                             ms=best_probe + times[r["choice"]] - best_model)
+
 
 if __name__ == "__main__":
     main()

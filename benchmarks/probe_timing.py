@@ -10,14 +10,25 @@ from devices.runners import LiteRtRunner, OrtRunner
 from exporters.onnx_export import write_onnx
 from exporters.tflite_export import write_tflite
 
-ALIGN = {"onnxruntime": 16, "litert": 16, "litert_int8": 16}  # ORT's NCHWc block on AVX-512; XNNPACK's tile
+ALIGN = {"onnxruntime": 16, "onnxruntime_int8": 16, "litert": 16, "litert_int8": 16}  # ORT's NCHWc block on AVX-512; XNNPACK's tile
+
+
+def _calibration(input_size: tuple[int, int, int]) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((8, *input_size), dtype=np.float32)
 
 
 def _int8_tflite(module, input_size, path) -> None:
     from quantization.tflite_int8 import quantize_tflite
 
-    calib = np.random.default_rng(1).standard_normal((8, *input_size), dtype=np.float32)
-    quantize_tflite(module, input_size, path, calib, io_type="int8")
+    quantize_tflite(module, input_size, path, _calibration(input_size), io_type="int8")
+
+
+def _int8_onnx(module, input_size, path) -> None:
+    from quantization.onnx_qdq import quantize_onnx
+
+    float_path = path.with_suffix(".float.onnx")
+    write_onnx(module, input_size, float_path)
+    quantize_onnx(float_path, path, _calibration(input_size))
 
 
 def _timer(write: Callable, runner: type, suffix: str, nhwc: bool) -> Callable:
@@ -42,6 +53,7 @@ def _timer(write: Callable, runner: type, suffix: str, nhwc: bool) -> Callable:
 
 PROBE_TIMERS = {
     "onnxruntime": _timer(write_onnx, OrtRunner, ".onnx", nhwc=False),
+    "onnxruntime_int8": _timer(_int8_onnx, OrtRunner, ".onnx", nhwc=False),
     "litert": _timer(write_tflite, LiteRtRunner, ".tflite", nhwc=True),
     "litert_int8": _timer(_int8_tflite, LiteRtRunner, ".tflite", nhwc=True),
 }

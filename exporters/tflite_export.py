@@ -65,12 +65,10 @@ def _conv(tf, x, conv: DeployConv):
 def _block(tf, x, block: BlockConv):
     top, bottom, left, right = block.pads
     x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-    span_h = (block.out_hw[0] - 1) * block.stride + block.block
-    span_w = (block.out_hw[1] - 1) * block.stride + block.block
     out = None
-    for n, (i, j) in enumerate(block.offsets):
-        kernel = tf.constant(_np(block.weight[n]).transpose(2, 3, 0, 1))
-        y = tf.nn.depthwise_conv2d(x[:, i:i + span_h, j:j + span_w, :], kernel, [1, block.stride, block.stride, 1], "VALID")
+    for weight, (i, j, h, w) in zip(block.weights, block.spans()):
+        kernel = tf.constant(_np(weight).transpose(2, 3, 0, 1))
+        y = tf.nn.depthwise_conv2d(x[:, i:i + h, j:j + w, :], kernel, [1, block.stride, block.stride, 1], "VALID")
         out = y if out is None else out + y
     return tf.nn.bias_add(out, tf.constant(_np(block.bias)))
 

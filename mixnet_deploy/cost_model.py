@@ -46,10 +46,10 @@ def features(layer: nn.Module, in_hw: tuple[int, int], align: int) -> dict[str, 
     out_elems = 0
     for seg in segments:
         if isinstance(seg, BlockConv):
-            n, (h, w) = len(seg.offsets), seg.out_hw
+            n, (h, w) = len(seg.pieces), seg.out_hw
             tag = "" if seg.channels % align == 0 else "_unaligned"
             f["dw_px" + tag] += n * seg.channels * h * w
-            f["dw_taps" + tag] += n * seg.channels * h * w * seg.block ** 2
+            f["dw_taps" + tag] += sum(ph * pw for _, _, ph, pw in seg.pieces) * seg.channels * h * w
             f["block_adds"] += (n - 1) * seg.channels * h * w
             f["pad_elems"] += seg.channels * (in_hw[0] + seg.pads[0] + seg.pads[1]) * (in_hw[1] + seg.pads[2] + seg.pads[3])
             out_elems += seg.channels * h * w
@@ -93,10 +93,11 @@ class CostModel:
         return sum(self.weights.get(k, 0.0) * v for k, v in f.items())
 
     def choose(self, site: Site, info: LayerInfo) -> tuple[str, dict[str, float]]:
-        """The cheapest candidate of a layer, and every candidate's cost."""
+        """The cheapest candidate of a layer, and every candidate's cost. A probed shape chooses among
+        the candidates that were measured (lowerings added later need a new measure_costs run)."""
         measured = self.table.get(shape_key(info), {})
-        if set(info.candidates) <= set(measured):
-            costs = {c: measured[c] for c in info.candidates}
+        if measured and set(measured) <= set(info.candidates):
+            costs = dict(measured)
         else:
             costs = {c: self.cost(build_layer(site, c), site.in_hw) for c in info.candidates}
         return min(costs, key=costs.get), costs

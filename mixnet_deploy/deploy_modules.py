@@ -29,41 +29,40 @@ class DeployConv(nn.Conv2d):
 
 
 class BlockConv(nn.Module):
-    """A large depthwise kernel cut into block x block pieces: pad once, slice, small VALID
-    depthwise convs, add. Exact up to float rounding; runtimes with fast small kernels gain."""
+    """A large depthwise kernel cut into pieces (rectangles: top, left, height, width): pad once,
+    slice, one small VALID depthwise conv per piece, add. Exact up to float rounding; runtimes with
+    fast small kernels gain."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, pads: Pads, block: int, in_hw: tuple[int, int]):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, pads: Pads,
+                 pieces: list[tuple[int, int, int, int]], in_hw: tuple[int, int]):
         super().__init__()
         channels, _, k, _ = weight.shape
-        n = -(-k // block)
-        full = weight.new_zeros(channels, 1, n * block, n * block)
+        rows, cols = max(i + h for i, _, h, _ in pieces), max(j + w for _, j, _, w in pieces)
+        full = weight.new_zeros(channels, 1, rows, cols)
         full[..., :k, :k] = weight
-        extra = n * block - k
-        self.pads = (pads[0], pads[1] + extra, pads[2], pads[3] + extra)
-        self.block, self.stride, self.channels = block, stride, channels
+        self.pads = (pads[0], pads[1] + rows - k, pads[2], pads[3] + cols - k)
+        self.stride, self.channels = stride, channels
         h = in_hw[0] + pads[0] + pads[1]
         w = in_hw[1] + pads[2] + pads[3]
         self.out_hw = ((h - k) // stride + 1, (w - k) // stride + 1)
-        offsets, pieces = [], []
-        for i in range(n):
-            for j in range(n):
-                piece = full[..., i * block:(i + 1) * block, j * block:(j + 1) * block]
-                if piece.any():
-                    offsets.append((i * block, j * block))
-                    pieces.append(piece)
-        self.offsets = offsets
-        self.weight = nn.Parameter(torch.stack(pieces).float())
+        kept = [(p, full[..., p[0]:p[0] + p[2], p[1]:p[1] + p[3]]) for p in pieces]
+        kept = [(p, piece) for p, piece in kept if piece.any()]
+        self.pieces = [p for p, _ in kept]
+        self.weights = nn.ParameterList([nn.Parameter(piece.float()) for _, piece in kept])
         self.bias = nn.Parameter(bias.float())
+
+    def spans(self) -> list[tuple[int, int, int, int]]:
+        """Per piece, the input window it reads (top, left, height, width) in the padded input."""
+        return [(i, j, (self.out_hw[0] - 1) * self.stride + h, (self.out_hw[1] - 1) * self.stride + w)
+                for i, j, h, w in self.pieces]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = self.pads
         x = F.pad(x, (left, right, top, bottom))
-        span_h = (self.out_hw[0] - 1) * self.stride + self.block
-        span_w = (self.out_hw[1] - 1) * self.stride + self.block
         out = None
-        for n, (i, j) in enumerate(self.offsets):
-            part = x[:, :, i:i + span_h, j:j + span_w]
-            y = F.conv2d(part, self.weight[n], self.bias if n == 0 else None, self.stride, 0, 1, self.channels)
+        for n, (i, j, h, w) in enumerate(self.spans()):
+            y = F.conv2d(x[:, :, i:i + h, j:j + w], self.weights[n], self.bias if n == 0 else None, self.stride, 0, 1,
+                         self.channels)
             out = y if out is None else out + y
         return out
 

@@ -17,7 +17,7 @@ from .deploy_modules import BlockConv, DeployConv, LoweredMixConv
 from .errors import MixdeployError
 from .parity import ParityReport, compare, reference_outputs
 from .preprocess import random_images
-from .plan import POINTWISE_CHOICES, DepthwiseChoice, Plan, depthwise_candidates
+from .plan import PIECES, POINTWISE_CHOICES, DepthwiseChoice, Plan, depthwise_candidates, pieces
 
 TOLERANCE = 1e-5  # max abs error relative to max |reference|
 
@@ -135,9 +135,9 @@ def _depthwise(site: Site, choice: DepthwiseChoice) -> nn.Module:
     for run in runs:
         run = [crop(g, site.in_hw) for g in run]
         g = merge(run, site.in_hw) if len(run) > 1 else run[0]
-        if choice.block and g.dense().kernel > choice.block:
+        if choice.cut and g.dense().kernel > PIECES[choice.cut]:
             g = g.dense()
-            segments.append(BlockConv(g.weight, g.bias, g.stride, g.pads, choice.block, site.in_hw))
+            segments.append(BlockConv(g.weight, g.bias, g.stride, g.pads, pieces(g.kernel, choice.cut), site.in_hw))
         else:
             segments.append(_conv(g))
     return LoweredMixConv([sum(g.in_channels for g in run) for run in runs], segments)

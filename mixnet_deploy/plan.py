@@ -2,8 +2,9 @@
 
 Depthwise MixConv choices: "split" (Split, one depthwise conv per group, Concat), "fold" (one
 conv of the largest kernel, smaller kernels zero-padded and centred), "fold<=K" (fold only the
-adjacent groups with kernels up to K), each optionally "+blockB" (cut every kernel larger than B
-into B x B pieces whose outputs add up). Grouped 1x1 MixConv choices: "grouped" (one Conv with
+adjacent groups with kernels up to K), each optionally cut into pieces whose outputs add up:
+"+blockB" (every kernel larger than B into B x B squares) or "+strips" (every kernel larger than
+5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7). Grouped 1x1 MixConv choices: "grouped" (one Conv with
 groups=g), "dense" (one Conv with a block-diagonal weight), "split".
 """
 from __future__ import annotations
@@ -15,29 +16,43 @@ from pathlib import Path
 
 from .errors import MixdeployError
 
-_DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:\+block(\d+))?$")
+_DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:\+(block3|block5|strips))?$")
 POINTWISE_CHOICES = ("grouped", "dense", "split")
-BLOCKS = (3, 5)
+PIECES = {"block3": 3, "block5": 5, "strips": 5}  # how a kernel is cut -> the largest kernel left whole
+FAST_TAPS = 25  # XNNPACK's largest fast depthwise micro-kernel (5x5); more taps take a slow generic path
+
+
+def pieces(kernel: int, scheme: str) -> list[tuple[int, int, int, int]]:
+    """Rectangles (top, left, height, width) that cover a kernel x kernel depthwise kernel: block x
+    block squares (the last row and column reach past the kernel, zero-padded) or full-width strips
+    of at most FAST_TAPS taps."""
+    if scheme == "strips":
+        rows = max(1, FAST_TAPS // kernel)
+        return [(i, 0, min(rows, kernel - i), kernel) for i in range(0, kernel, rows)]
+    b = PIECES[scheme]
+    return [(i, j, b, b) for i in range(0, kernel, b) for j in range(0, kernel, b)]
 
 
 @dataclass(frozen=True)
 class DepthwiseChoice:
-    """merge: kernels up to this size share one conv (0: none, a large number: all); block: piece size."""
+    """merge: kernels up to this size share one conv (0: none, a large number: all); cut: a PIECES
+    scheme for kernels above its size, or None."""
 
     merge: int
-    block: int | None
+    cut: str | None
 
     @classmethod
     def parse(cls, text: str) -> "DepthwiseChoice":
         m = _DEPTHWISE.match(text)
         if not m:
-            raise MixdeployError(f"bad depthwise choice {text!r}; use split, fold or fold<=K, optionally +block3 / +block5")
+            raise MixdeployError(f"bad depthwise choice {text!r}; use split, fold or fold<=K, optionally "
+                                 "+block3, +block5 or +strips")
         merge = 0 if m.group(1) == "split" else int(m.group(2)) if m.group(2) else 10**6
-        return cls(merge, int(m.group(3)) if m.group(3) else None)
+        return cls(merge, m.group(3))
 
     def __str__(self) -> str:
         base = "split" if self.merge == 0 else "fold" if self.merge >= 10**6 else f"fold<={self.merge}"
-        return base + (f"+block{self.block}" if self.block else "")
+        return base + (f"+{self.cut}" if self.cut else "")
 
 
 def depthwise_candidates(kernels: list[int]) -> list[str]:
@@ -48,7 +63,8 @@ def depthwise_candidates(kernels: list[int]) -> list[str]:
         choice = DepthwiseChoice.parse(merge)
         largest = max(kernels)
         out.append(merge)
-        out += [f"{merge}+block{b}" for b in BLOCKS if b < largest and (choice.merge > 0 or any(k > b for k in kernels))]
+        out += [f"{merge}+{cut}" for cut, b in PIECES.items()
+                if b < largest and (choice.merge > 0 or any(k > b for k in kernels))]
     return out
 
 

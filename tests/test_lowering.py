@@ -6,7 +6,7 @@ from conftest import randomize_batchnorm
 from mixnet_deploy import MixConv, MixdeployError, load_model
 from mixnet_deploy.deploy_modules import BlockConv, LoweredMixConv
 from mixnet_deploy.lower import LoweringError, analyse, lower, preset_plan, verify
-from mixnet_deploy.plan import DepthwiseChoice, Plan, depthwise_candidates
+from mixnet_deploy.plan import DepthwiseChoice, Plan, depthwise_candidates, pieces
 from mixnet_deploy.preprocess import sample_photos
 
 
@@ -43,17 +43,22 @@ def test_every_choice_on_a_single_layer_equals_the_original(layer):
 
 def test_choices_build_what_they_say():
     model = block(MixConv(32, (3, 5, 7, 9)), 32)
-    built = {c: lower(model, (32, 16, 16), Plan({"1": c})).module[1] for c in ("split", "fold", "fold<=5", "fold+block3", "split+block5")}
+    built = {c: lower(model, (32, 16, 16), Plan({"1": c})).module[1] for c in ("split", "fold", "fold<=5", "fold+block3", "split+block5", "split+strips")}
     assert [len(m.segments) for m in (built["split"], built["fold<=5"])] == [4, 3]
     assert built["fold"].segments[0].kernel_size == (9, 9) and len(built["fold"].segments) == 1
-    assert isinstance(built["fold+block3"].segments[0], BlockConv) and len(built["fold+block3"].segments[0].offsets) == 9
+    assert isinstance(built["fold+block3"].segments[0], BlockConv) and len(built["fold+block3"].segments[0].pieces) == 9
     five = built["split+block5"].segments
     assert [type(s).__name__ for s in five] == ["DeployConv", "DeployConv", "BlockConv", "BlockConv"]
     assert isinstance(built["split"], LoweredMixConv)
+    assert [len(s.pieces) for s in built["split+strips"].segments[2:]] == [3, 5]  # 7x7: 3 strips, 9x9: 5
 
 
 def test_candidates_and_choice_grammar():
     assert depthwise_candidates([3, 5]) == ["split", "split+block3", "fold", "fold+block3"]
+    assert "split+strips" in depthwise_candidates([3, 5, 7]) and "fold+strips" not in depthwise_candidates([3, 5])
+    assert pieces(7, "strips") == [(0, 0, 3, 7), (3, 0, 3, 7), (6, 0, 1, 7)]
+    assert pieces(9, "strips") == [(i, 0, 2 if i < 8 else 1, 9) for i in range(0, 9, 2)]
+    assert len(pieces(7, "block5")) == 4 and all(h * w <= 25 for *_, h, w in pieces(11, "strips"))
     assert depthwise_candidates([3]) == ["split"]
     assert str(DepthwiseChoice.parse("fold<=7+block5")) == "fold<=7+block5"
     with pytest.raises(MixdeployError):
