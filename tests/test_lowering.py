@@ -155,6 +155,21 @@ def test_cost_model_fit_recovers_known_weights():
         assert abs(weights[k] - truth[k]) < 1e-3 * truth[k] + 1e-12
 
 
+def test_cost_model_chooses_among_measured_candidates_only():
+    from mixnet_deploy.cost_model import FEATURES, CostModel, shape_key
+    from mixnet_deploy.lower import discover, layer_info
+
+    model = block(MixConv(32, (3, 5, 7)), 32)
+    site, = [s for s in discover(model, (32, 8, 8)) if layer_info(s) is not None]
+    info = layer_info(site)
+    weights = dict.fromkeys(FEATURES, 0.0) | {"dw_taps": 1e-6}
+    old_table = {shape_key(info): {"split": 2.0, "split+block5": 1.0}}  # measured before +strips existed
+    choice, costs = CostModel("t", weights, 16, old_table).choose(site, info)
+    assert (choice, set(costs)) == ("split+block5", {"split", "split+block5"})
+    choice, costs = CostModel("t", weights, 16, {}).choose(site, info)  # not probed: the linear model
+    assert set(costs) == set(info.candidates) and "split+strips" in costs
+
+
 @pytest.mark.parametrize("hw,stride", [(1, 1), (2, 1), (3, 2), (2, 2)])
 def test_tiny_maps_crop_kernels_that_only_meet_padding(hw, stride):
     torch.manual_seed(2)
