@@ -351,9 +351,11 @@ def _bench_table(measured: dict) -> None:
 
     dev = measured["device"]
     title = f"mixdeploy bench on {dev['name']} ({dev['abi']}, {dev['os']})"
-    table = Table(title=title + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
     peers = "missing_peers" in measured
-    columns = (["exported by", "format", "precision", "MB", "threads", "median ms", "vs ours"] if peers else
+    if peers:  # one precision per peer comparison: in the title, so the table fits 120 columns
+        title += f", {measured['results'][0]['precision']}"
+    table = Table(title=title + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
+    columns = (["exported by", "format", "MB", "threads", "median ms", "vs ours"] if peers else
                ["file", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB"])
     for col in columns + ["top-1 agr.", "cosine", "parity"]:
         table.add_column(col, no_wrap=True)
@@ -361,7 +363,7 @@ def _bench_table(measured: dict) -> None:
         p = r["parity"]
         for t, lat in r["latency_by_threads"].items():
             first = t == str(measured["settings"]["threads"][0])
-            cells = ([r["source"], r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t,
+            cells = ([r["source"], r["format"], f"{r['size_bytes'] / 1e6:.1f}", t,
                       number(lat["median"]), f"{r['ratio_to_ours']:.2f}x" if first else ""] if peers else
                      [Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, number(lat["median"]),
                       number(lat["p90"]), number(r["peak_memory_mb"], ".0f")])
