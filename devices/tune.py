@@ -201,7 +201,8 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
         tuner = Tuner(device, fmt, precision, threads, rounds, runs, host)
         cache = TimingCache(tuner.fingerprint)
         shapes = {shape_key(info): info for info in layers}
-        todo = [key for key in shapes if key not in cache.shapes]
+        # a shape is measured again when a lowering was added after it was cached
+        todo = [key for key in shapes if not set(shapes[key].candidates) <= set(cache.shapes.get(key, {}))]
         for i, key in enumerate(todo):
             info = shapes[key]
             step(f"layer {info.name}: {len(info.candidates)} candidates", i, len(todo))

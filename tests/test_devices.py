@@ -199,5 +199,12 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, monkeypatch):
     second = run_cli(*args)
     again = json.loads(second.out)[0]
     assert again["tuning"]["measured_shapes"] == 0 and again["plan"]["layers"] == report["plan"]["layers"]
+    cache, = (tmp_path / "cache").glob("*.json")  # a cache written before a lowering existed lacks it
+    data = json.loads(cache.read_text())
+    stale = next(key for key, times in data["shapes"].items() if "split+strips" in times)
+    del data["shapes"][stale]["split+strips"]
+    cache.write_text(json.dumps(data))
+    third = json.loads(run_cli(*args).out)[0]["tuning"]
+    assert third["measured_shapes"] == 1 and "split+strips" in json.loads(cache.read_text())["shapes"][stale]
     assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--plan", "fold"), "leave out --plan")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
