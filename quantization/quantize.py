@@ -75,7 +75,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images.
     max_drop: keep the groups of keep_float.GROUPS in float, one more at a time, until top-1
-    agreement with the float model is within `max_drop` points of 100 %. io defaults to int8 for
+    agreement with the float model is within `max_drop` points of 100 % (FLOAT_FOR_SPEED groups are
+    float from the start). io defaults to int8 for
     TFLite and float32 (the only choice) for ONNX."""
     from exporters.formats import FORMATS
 
