@@ -49,7 +49,7 @@ def main() -> None:
         if args.in_model:
             in_model(args, raw)
     apply_in_model(raw)
-    samples = [(str(r["probe"]), r["features"], r["ms"]) for r in raw]
+    samples = _samples(raw)
     weights = fit(samples)
     table = _table(raw)
     picks, regret, best_total = 0, 0.0, 0.0
@@ -94,6 +94,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
                             "choice": choice, "ms": ms, "features": f})
     return raw
 
+
+def _samples(raw: list[dict]) -> list[tuple[str, dict[str, float], float]]:
+    return [(str(r["probe"]), r["features"], r["ms"]) for r in raw]
+
+
 def _table(raw: list[dict]) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
     for r in raw:
@@ -108,24 +113,22 @@ def in_model(args: argparse.Namespace, raw: list[dict]) -> None:
     """Re-time each pointwise shape's candidates inside the first model that has it, the rest of the
     model lowered by the probe-measured plan; rows keep `probe_ms` and `in_model_ms`."""
     timer = PROBE_TIMERS[args.runtime]
-    probed = CostModel(args.runtime, fit([(str(r["probe"]), r["features"], r["ms"]) for r in raw]),
-                       ALIGN[args.runtime], _table(raw))
+    probed = CostModel(args.runtime, fit(_samples(raw)), ALIGN[args.runtime], _table(raw))
     done: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             loaded = load_model(name)
             size = loaded.preprocess.input_size
-            base = Plan(target=args.runtime)
-            sites = [s for s in discover(loaded.module, size) if layer_info(s) is not None]
-            for site in sites:
-                base.layers[site.name] = probed.choose(site, layer_info(site))[0]
-            todo = [i for i in map(layer_info, sites) if i.kind == "pointwise" and shape_key(i) not in done]
+            layers = [(s, i) for s in discover(loaded.module, size) if (i := layer_info(s)) is not None]
+            base = Plan({site.name: probed.choose(site, info)[0] for site, info in layers}, target=args.runtime)
+            todo = [i for _, i in layers if i.kind == "pointwise" and shape_key(i) not in done]
             for info in track(todo, description=f"{name}: pointwise layers in the whole model"):
-                done.add(shape_key(info))
+                key = shape_key(info)
+                done.add(key)
                 models = {c: lower(loaded.module, size, Plan(dict(base.layers, **{info.name: c}))) for c in info.candidates}
                 times = timer(models, size, Path(tmp), args.rounds)
                 for r in raw:
-                    if r["key"] == shape_key(info):
+                    if r["key"] == key:
                         r.update(probe_ms=r["ms"], in_model_ms=times[r["choice"]], in_model=name)
 
 

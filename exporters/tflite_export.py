@@ -66,7 +66,7 @@ def _block(tf, x, block: BlockConv):
     top, bottom, left, right = block.pads
     x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
     out = None
-    for weight, (i, j, h, w) in zip(block.weights, block.spans()):
+    for weight, (i, j, h, w) in zip(block.weights, block.spans):
         kernel = tf.constant(_np(weight).transpose(2, 3, 0, 1))
         y = tf.nn.depthwise_conv2d(x[:, i:i + h, j:j + w, :], kernel, [1, block.stride, block.stride, 1], "VALID")
         out = y if out is None else out + y

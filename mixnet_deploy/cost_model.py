@@ -13,9 +13,9 @@ from torch import nn
 from .deploy_modules import BlockConv, DeployConv, LoweredMixConv
 from .errors import MixdeployError
 from .lower import LayerInfo, Site, build_layer
+from .plan import FAST_TAPS
 
 TABLES = Path(__file__).parent / "cost_tables"
-LARGE = 5  # depthwise kernels above 5x5 leave XNNPACK's fast micro-kernels (3, 4, 9, 25 taps)
 FEATURES = ("dw_px", "dw_taps", "dw_px_unaligned", "dw_taps_unaligned", "dw_taps_large", "pw_macs", "pw_macs_unaligned",
             "split_elems", "segments", "block_adds", "pad_elems")
 
@@ -31,7 +31,7 @@ def _conv_features(conv: DeployConv, in_hw: tuple[int, int], align: int, f: dict
         tag = "" if c_in % align == 0 else "_unaligned"
         f["dw_px" + tag] += c_out * h * w
         f["dw_taps" + tag] += c_out * h * w * conv.kernel_size[0] ** 2
-        if conv.kernel_size[0] > LARGE:
+        if conv.kernel_size[0] * conv.kernel_size[1] > FAST_TAPS:  # XNNPACK's slow generic path
             f["dw_taps_large"] += c_out * h * w * conv.kernel_size[0] ** 2
     else:
         aligned = (c_in // groups) % align == 0 and (c_out // groups) % align == 0

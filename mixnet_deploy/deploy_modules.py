@@ -48,19 +48,17 @@ class BlockConv(nn.Module):
         kept = [(p, full[..., p[0]:p[0] + p[2], p[1]:p[1] + p[3]]) for p in pieces]
         kept = [(p, piece) for p, piece in kept if piece.any()]
         self.pieces = [p for p, _ in kept]
+        # per piece, the window of the padded input it reads (top, left, height, width)
+        self.spans = [(i, j, (self.out_hw[0] - 1) * stride + h, (self.out_hw[1] - 1) * stride + w)
+                      for i, j, h, w in self.pieces]
         self.weights = nn.ParameterList([nn.Parameter(piece.float()) for _, piece in kept])
         self.bias = nn.Parameter(bias.float())
-
-    def spans(self) -> list[tuple[int, int, int, int]]:
-        """Per piece, the input window it reads (top, left, height, width) in the padded input."""
-        return [(i, j, (self.out_hw[0] - 1) * self.stride + h, (self.out_hw[1] - 1) * self.stride + w)
-                for i, j, h, w in self.pieces]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = self.pads
         x = F.pad(x, (left, right, top, bottom))
         out = None
-        for n, (i, j, h, w) in enumerate(self.spans()):
+        for n, (i, j, h, w) in enumerate(self.spans):
             y = F.conv2d(x[:, :, i:i + h, j:j + w], self.weights[n], self.bias if n == 0 else None, self.stride, 0, 1,
                          self.channels)
             out = y if out is None else out + y

@@ -4,12 +4,13 @@ Depthwise MixConv choices: "split" (Split, one depthwise conv per group, Concat)
 conv of the largest kernel, smaller kernels zero-padded and centred), "fold<=K" (fold only the
 adjacent groups with kernels up to K), each optionally cut into pieces whose outputs add up:
 "+blockB" (every kernel larger than B into B x B squares) or "+strips" (every kernel larger than
-5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7). Grouped 1x1 MixConv choices: "grouped" (one Conv with
-groups=g), "dense" (one Conv with a block-diagonal weight), "split".
+5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7). Grouped 1x1 MixConv
+choices: "grouped" (one Conv with groups=g), "dense" (one Conv with a block-diagonal weight), "split".
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from .errors import MixdeployError
 
 _DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:\+(block3|block5|strips))?$")
 POINTWISE_CHOICES = ("grouped", "dense", "split")
-PIECES = {"block3": 3, "block5": 5, "strips": 5}  # how a kernel is cut -> the largest kernel left whole
 FAST_TAPS = 25  # XNNPACK's largest fast depthwise micro-kernel (5x5); more taps take a slow generic path
+PIECES = {"block3": 3, "block5": 5, "strips": math.isqrt(FAST_TAPS)}  # how a kernel is cut -> largest kernel left whole
 
 
 def pieces(kernel: int, scheme: str) -> list[tuple[int, int, int, int]]:

@@ -76,8 +76,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images.
     max_drop: keep the groups of keep_float.GROUPS in float, one more at a time, until top-1
     agreement with the float model is within `max_drop` points of 100 % (FLOAT_FOR_SPEED groups are
-    float from the start). io defaults to int8 for
-    TFLite and float32 (the only choice) for ONNX."""
+    float from the start). io defaults to int8 for TFLite and float32 (the only choice) for ONNX."""
     from exporters.formats import FORMATS
 
     loaded, fmt, file_plan = _source(source, checkpoint, fmt, calibrate_bn)
