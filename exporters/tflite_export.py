@@ -42,17 +42,21 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
 
+def _padded(tf, x, pads: tuple[int, int, int, int], kh: int, kw: int, s: int, dh: int = 1):
+    """x and the padding for a conv of a kh x kw kernel (rows dilated dh) with these static pads:
+    "SAME" where TF's own padding equals them, else an explicit PAD (XNNPACK folds a PAD that feeds a
+    conv into it) and "VALID"."""
+    h, w = int(x.shape[1]), int(x.shape[2])
+    if pads == (0, 0, 0, 0):
+        return x, "VALID"
+    if pads == same_pads(h, kh, s, dh) + same_pads(w, kw, s, 1):
+        return x, "SAME"
+    return tf.pad(x, [[0, 0], [pads[0], pads[1]], [pads[2], pads[3]], [0, 0]]), "VALID"
+
+
 def _conv(tf, x, conv: DeployConv):
     k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
-    h, w = int(x.shape[1]), int(x.shape[2])
-    pads = tuple(conv.pads)
-    if pads == (0, 0, 0, 0):
-        padding = "VALID"
-    elif pads == same_pads(h, k, s, d) + same_pads(w, k, s, d):
-        padding = "SAME"
-    else:
-        x = tf.pad(x, [[0, 0], [pads[0], pads[1]], [pads[2], pads[3]], [0, 0]])
-        padding = "VALID"
+    x, padding = _padded(tf, x, tuple(conv.pads), (k - 1) * d + 1, (k - 1) * d + 1, s)
     weight = _np(conv.weight)
     if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
         kernel = tf.constant(weight.transpose(2, 3, 0, 1))  # (k, k, C, 1)
@@ -64,11 +68,16 @@ def _conv(tf, x, conv: DeployConv):
 
 def _block(tf, x, block: BlockConv):
     top, bottom, left, right = block.pads
-    x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-    out = None
-    for weight, (i, j, h, w) in zip(block.weights, block.spans):
+    padded, out = None, None
+    for weight, piece, (i, j, h, w), own in zip(block.weights, block.pieces, block.spans, block.own_pads):
+        if own is None:
+            if padded is None:
+                padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+            src, padding = padded[:, i:i + h, j:j + w, :], "VALID"
+        else:
+            src, padding = _padded(tf, x, own, piece.height, piece.width, block.stride, piece.step)
         kernel = tf.constant(_np(weight).transpose(2, 3, 0, 1))
-        y = tf.nn.depthwise_conv2d(x[:, i:i + h, j:j + w, :], kernel, [1, block.stride, block.stride, 1], "VALID")
+        y = tf.nn.depthwise_conv2d(src, kernel, [1, block.stride, block.stride, 1], padding, dilations=[piece.step, 1])
         out = y if out is None else out + y
     return tf.nn.bias_add(out, tf.constant(_np(block.bias)))
 

@@ -49,9 +49,10 @@ def features(layer: nn.Module, in_hw: tuple[int, int], align: int) -> dict[str, 
             n, (h, w) = len(seg.pieces), seg.out_hw
             tag = "" if seg.channels % align == 0 else "_unaligned"
             f["dw_px" + tag] += n * seg.channels * h * w
-            f["dw_taps" + tag] += sum(ph * pw for _, _, ph, pw in seg.pieces) * seg.channels * h * w
+            f["dw_taps" + tag] += sum(p.height * p.width for p in seg.pieces) * seg.channels * h * w
             f["block_adds"] += (n - 1) * seg.channels * h * w
-            f["pad_elems"] += seg.channels * (in_hw[0] + seg.pads[0] + seg.pads[1]) * (in_hw[1] + seg.pads[2] + seg.pads[3])
+            if None in seg.own_pads:  # a piece reads a window of the padded input
+                f["pad_elems"] += seg.channels * (in_hw[0] + seg.pads[0] + seg.pads[1]) * (in_hw[1] + seg.pads[2] + seg.pads[3])
             out_elems += seg.channels * h * w
         else:
             h, w = _conv_features(seg, in_hw, align, f)

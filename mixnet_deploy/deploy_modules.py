@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_groups import Pads
+from .plan import Piece
 
 
 class DeployConv(nn.Conv2d):
@@ -29,15 +30,17 @@ class DeployConv(nn.Conv2d):
 
 
 class BlockConv(nn.Module):
-    """A large depthwise kernel cut into pieces (rectangles: top, left, height, width): pad once,
-    slice, one small VALID depthwise conv per piece, add. Exact up to float rounding; runtimes with
-    fast small kernels gain."""
+    """A large depthwise kernel cut into pieces (plan.Piece), one small depthwise conv per piece,
+    outputs added. A piece that needs only padding of the input (it is centred like the kernel)
+    reads the input itself; the others read windows of the input padded once. Exact up to float
+    rounding; runtimes with fast small kernels gain."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, pads: Pads,
-                 pieces: list[tuple[int, int, int, int]], in_hw: tuple[int, int]):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, pads: Pads, pieces: list[Piece],
+                 in_hw: tuple[int, int]):
         super().__init__()
         channels, _, k, _ = weight.shape
-        rows, cols = max(i + h for i, _, h, _ in pieces), max(j + w for _, j, _, w in pieces)
+        rows = max(p.top + (p.height - 1) * p.step + 1 for p in pieces)
+        cols = max(p.left + p.width for p in pieces)
         full = weight.new_zeros(channels, 1, rows, cols)
         full[..., :k, :k] = weight
         self.pads = (pads[0], pads[1] + rows - k, pads[2], pads[3] + cols - k)
@@ -45,22 +48,33 @@ class BlockConv(nn.Module):
         h = in_hw[0] + pads[0] + pads[1]
         w = in_hw[1] + pads[2] + pads[3]
         self.out_hw = ((h - k) // stride + 1, (w - k) // stride + 1)
-        kept = [(p, full[..., p[0]:p[0] + p[2], p[1]:p[1] + p[3]]) for p in pieces]
+        kept = [(p, full[..., p.top:p.top + (p.height - 1) * p.step + 1:p.step, p.left:p.left + p.width]) for p in pieces]
         kept = [(p, piece) for p, piece in kept if piece.any()]
         self.pieces = [p for p, _ in kept]
-        # per piece, the window of the padded input it reads (top, left, height, width)
-        self.spans = [(i, j, (self.out_hw[0] - 1) * stride + h, (self.out_hw[1] - 1) * stride + w)
-                      for i, j, h, w in self.pieces]
+        # per piece, the window of the padded input it reads (top, left, height, width) ...
+        self.spans = [(p.top, p.left, (self.out_hw[0] - 1) * stride + (p.height - 1) * p.step + 1,
+                       (self.out_hw[1] - 1) * stride + p.width) for p in self.pieces]
+        # ... and that window as pads of the unpadded input (top, bottom, left, right); None: it needs a crop
+        self.own_pads = []
+        for i, j, sh, sw in self.spans:
+            own = (pads[0] - i, i + sh - pads[0] - in_hw[0], pads[2] - j, j + sw - pads[2] - in_hw[1])
+            self.own_pads.append(own if min(own) >= 0 else None)
         self.weights = nn.ParameterList([nn.Parameter(piece.float()) for _, piece in kept])
         self.bias = nn.Parameter(bias.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = self.pads
-        x = F.pad(x, (left, right, top, bottom))
-        out = None
-        for n, (i, j, h, w) in enumerate(self.spans):
-            y = F.conv2d(x[:, :, i:i + h, j:j + w], self.weights[n], self.bias if n == 0 else None, self.stride, 0, 1,
-                         self.channels)
+        padded, out = None, None
+        for n, (piece, (i, j, h, w), own) in enumerate(zip(self.pieces, self.spans, self.own_pads)):
+            bias = self.bias if n == 0 else None
+            if own is None:
+                padded = F.pad(x, (left, right, top, bottom)) if padded is None else padded
+                src, padding = padded[:, :, i:i + h, j:j + w], (0, 0)
+            elif own[0] == own[1] and own[2] == own[3]:
+                src, padding = x, (own[0], own[2])
+            else:
+                src, padding = F.pad(x, (own[2], own[3], own[0], own[1])), (0, 0)
+            y = F.conv2d(src, self.weights[n], bias, self.stride, padding, (piece.step, 1), self.channels)
             out = y if out is None else out + y
         return out
 

@@ -3,9 +3,12 @@
 Depthwise MixConv choices: "split" (Split, one depthwise conv per group, Concat), "fold" (one
 conv of the largest kernel, smaller kernels zero-padded and centred), "fold<=K" (fold only the
 adjacent groups with kernels up to K), each optionally cut into pieces whose outputs add up:
-"+blockB" (every kernel larger than B into B x B squares) or "+strips" (every kernel larger than
-5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7). Grouped 1x1 MixConv
-choices: "grouped" (one Conv with groups=g), "dense" (one Conv with a block-diagonal weight), "split".
+"+blockB" (every kernel larger than B into B x B squares), "+strips" (every kernel larger than
+5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7) or, at stride 1, "+pairs"
+(a centred full-width band plus mirrored row pairs: rows c-a and c+a of a kernel centred on row c
+form one 2-row kernel dilated 2a; every piece is centred like the kernel, so each reads the
+unpadded input directly, with no pad or slice). Grouped 1x1 MixConv choices: "grouped" (one Conv
+with groups=g), "dense" (one Conv with a block-diagonal weight), "split".
 """
 from __future__ import annotations
 
@@ -14,24 +17,40 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import MixdeployError
 
-_DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:\+(block3|block5|strips))?$")
+_DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:\+(block3|block5|strips|pairs))?$")
 POINTWISE_CHOICES = ("grouped", "dense", "split")
 FAST_TAPS = 25  # XNNPACK's largest fast depthwise micro-kernel (5x5); more taps take a slow generic path
-PIECES = {"block3": 3, "block5": 5, "strips": math.isqrt(FAST_TAPS)}  # how a kernel is cut -> largest kernel left whole
+# how a kernel is cut -> largest kernel left whole
+PIECES = {"block3": 3, "block5": 5, "strips": math.isqrt(FAST_TAPS), "pairs": math.isqrt(FAST_TAPS)}
+PAIRS_MAX = FAST_TAPS // 2  # a row pair of a larger kernel has more than FAST_TAPS taps
 
 
-def pieces(kernel: int, scheme: str) -> list[tuple[int, int, int, int]]:
-    """Rectangles (top, left, height, width) that cover a kernel x kernel depthwise kernel: block x
-    block squares (the last row and column reach past the kernel, zero-padded) or full-width strips
-    of at most FAST_TAPS taps."""
+class Piece(NamedTuple):
+    """Part of a kernel: `height` rows from `top` every `step` rows, `width` columns from `left`."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    step: int = 1
+
+
+def pieces(kernel: int, scheme: str) -> list[Piece]:
+    """Pieces that cover a kernel x kernel depthwise kernel: block x block squares (the last row and
+    column reach past the kernel, zero-padded), full-width strips of at most FAST_TAPS taps, or a
+    centred band and mirrored row pairs of at most FAST_TAPS taps each."""
     if scheme == "strips":
         rows = max(1, FAST_TAPS // kernel)
-        return [(i, 0, min(rows, kernel - i), kernel) for i in range(0, kernel, rows)]
+        return [Piece(i, 0, min(rows, kernel - i), kernel) for i in range(0, kernel, rows)]
+    if scheme == "pairs":
+        c, half = kernel // 2, max(0, (FAST_TAPS // kernel - 1) // 2)
+        return [Piece(c - half, 0, 2 * half + 1, kernel)] + [Piece(c - a, 0, 2, kernel, 2 * a) for a in range(half + 1, c + 1)]
     b = PIECES[scheme]
-    return [(i, j, b, b) for i in range(0, kernel, b) for j in range(0, kernel, b)]
+    return [Piece(i, j, b, b) for i in range(0, kernel, b) for j in range(0, kernel, b)]
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,7 @@ class DepthwiseChoice:
         m = _DEPTHWISE.match(text)
         if not m:
             raise MixdeployError(f"bad depthwise choice {text!r}; use split, fold or fold<=K, optionally "
-                                 "+block3, +block5 or +strips")
+                                 "+block3, +block5, +strips or +pairs")
         merge = 0 if m.group(1) == "split" else int(m.group(2)) if m.group(2) else 10**6
         return cls(merge, m.group(3))
 
@@ -56,16 +75,17 @@ class DepthwiseChoice:
         return base + (f"+{self.cut}" if self.cut else "")
 
 
-def depthwise_candidates(kernels: list[int]) -> list[str]:
-    """Every distinct lowering of a depthwise MixConv with these (dense) kernel sizes."""
+def depthwise_candidates(kernels: list[int], stride: int = 1) -> list[str]:
+    """Every distinct lowering of a depthwise MixConv with these (dense) kernel sizes and stride
+    (+pairs: stride 1 only, TF has no strided dilated depthwise conv; kernels up to PAIRS_MAX)."""
     merges = ["split"] + [f"fold<={k}" for k in sorted(set(kernels))[1:-1]] + (["fold"] if len(kernels) > 1 else [])
+    largest = max(kernels)
+    cuts = [cut for cut, b in PIECES.items() if b < largest and (cut != "pairs" or (stride == 1 and largest <= PAIRS_MAX))]
     out = []
     for merge in merges:
         choice = DepthwiseChoice.parse(merge)
-        largest = max(kernels)
         out.append(merge)
-        out += [f"{merge}+{cut}" for cut, b in PIECES.items()
-                if b < largest and (choice.merge > 0 or any(k > b for k in kernels))]
+        out += [f"{merge}+{cut}" for cut in cuts if choice.merge > 0 or any(k > PIECES[cut] for k in kernels)]
     return out
 
 

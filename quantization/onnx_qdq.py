@@ -1,6 +1,8 @@
 """ONNX int8: QDQ through onnxruntime.quantization, per-channel weights."""
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +35,12 @@ def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: 
     prepared = out_path.with_name(out_path.name + ".prep.onnx")
     try:
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared), str(out_path), CalibrationReader(images, "input"), quant_format=QuantFormat.QDQ,
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=keep_float or [],
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress to stdout (breaks --json)
+            quantize_static(
+                str(prepared), str(out_path), CalibrationReader(images, "input"), quant_format=QuantFormat.QDQ,
+                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=keep_float or [],
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
     finally:
         prepared.unlink(missing_ok=True)

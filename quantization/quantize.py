@@ -25,6 +25,7 @@ from .calibration import load_folder
 from .keep_float import GROUPS, onnx_nodes, tflite_ops
 
 IO_TYPES = ("int8", "uint8", "float32")
+TFLITE_METHODS = ("minmax", "percentile")  # entropy is ONNX Runtime's alone
 
 
 @dataclass
@@ -87,8 +88,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         raise MixdeployError(f"--io {io!r}: use {', '.join(IO_TYPES)}")
     if fmt == "onnx" and io != "float32":
         raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
-    if fmt == "tflite" and method != "minmax":
-        raise MixdeployError("the TFLite converter calibrates with min/max only; use --method minmax for tflite")
+    if fmt == "tflite" and method not in TFLITE_METHODS:
+        raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
     out = Path(output) if output else Path(f"{loaded.name}_int8.{fmt}")
     check_writable(out, force)
     step("reading calibration images")
@@ -112,15 +113,21 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     kept: list[str] = list(FLOAT_FOR_SPEED.get(fmt, ()))
     to_keep = [g for g in GROUPS if g not in kept]
     budget: dict | None = None
+    images_np = calibration.images.numpy()
     try:
+        step(f"calibrating on {len(images_np)} images ({method})")
         if float_onnx is not None:
             from exporters.onnx_export import write_onnx
 
             write_onnx(lowered.module, size, float_onnx)
+            calibrated = None
+        else:
+            from .tflite_int8 import calibrate
+
+            calibrated = calibrate(lowered.module, size, images_np, method)
         while True:
-            step(f"calibrating on {len(calibration.images)} images and writing {out.name}"
-                 + (f" ({', '.join(kept)} in float)" if kept else ""))
-            _write(lowered.module, size, tmp, calibration.images.numpy(), method, io, kept, float_onnx)
+            step(f"writing {out.name}" + (f" ({', '.join(kept)} in float)" if kept else ""))
+            _write(tmp, images_np, method, io, kept, float_onnx, calibrated)
             candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
             agreement = compare(reference, candidate)
             if max_drop is None:
@@ -135,7 +142,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         step("per-layer SQNR")
         probe = held_out.images[:8].numpy()
         layers = (sensitivity.onnx_layers(float_onnx, tmp, probe) if float_onnx is not None
-                  else sensitivity.tflite_layers(lowered.module, size, probe))
+                  else sensitivity.tflite_layers(calibrated, probe))
         meta = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
                 "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
                 "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
@@ -161,16 +168,16 @@ LAYERS_SHOWN = 10
 FLOAT_FOR_SPEED = {"onnx": ("first_conv",)}
 
 
-def _write(module, size, path: Path, images: np.ndarray, method: str, io: str, kept: list[str],
-           float_onnx: Path | None) -> None:
-    """Write the int8 model with the `kept` groups in float: from `float_onnx` when given (QDQ),
-    else through the TFLite converter."""
+def _write(path: Path, images: np.ndarray, method: str, io: str, kept: list[str], float_onnx: Path | None,
+           calibrated: bytes | None) -> None:
+    """Write the int8 model with the `kept` groups in float: QDQ from `float_onnx` when given, else
+    from the `calibrated` TFLite model (float io when anything stays float)."""
     if float_onnx is not None:
         from .onnx_qdq import quantize_onnx
 
         quantize_onnx(float_onnx, path, images, method, onnx_nodes(float_onnx, kept))
         return
-    from .tflite_int8 import quantize_tflite
+    from .tflite_int8 import quantize_calibrated
 
     float_ops = tflite_ops(kept)
-    quantize_tflite(module, size, path, images, io_type="float32" if float_ops else io, float_ops=float_ops)
+    path.write_bytes(quantize_calibrated(calibrated, "float32" if float_ops else io, float_ops))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
 
 def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -39,11 +38,14 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray) -> list[di
     return sorted(rows, key=lambda r: r["sqnr_db"])
 
 
-def tflite_layers(module: nn.Module, input_size: tuple[int, int, int], images: np.ndarray) -> list[dict]:
-    """SQNR (dB) of every quantized op's output against float (TF's QuantizationDebugger)."""
-    from exporters.tflite_export import converter, tensorflow
+def tflite_layers(calibrated: bytes, images: np.ndarray) -> list[dict]:
+    """SQNR (dB) of every quantized op's output against float (TF's QuantizationDebugger on the
+    int8 model of a calibrated TFLite model, see tflite_int8.calibrate)."""
+    from exporters.tflite_export import tensorflow
 
     from devices.runners import quiet_native_stderr
+
+    from .tflite_int8 import quantize_calibrated
 
     tf = tensorflow()
     nhwc = images.transpose(0, 2, 3, 1).astype(np.float32)
@@ -57,7 +59,7 @@ def tflite_layers(module: nn.Module, input_size: tuple[int, int, int], images: n
                                                               np.concatenate([(q.ravel().astype(np.float64) - zero) * scale for q in quants]))})
     with quiet_native_stderr():
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter(module, input_size, representative=dataset), debug_dataset=dataset,
+            quant_debug_model_content=quantize_calibrated(calibrated, "float32", debug=True), debug_dataset=dataset,
             debug_options=options)
         debugger.run()
     rows = [{"layer": name, "sqnr_db": float(stats["sqnr_db"])} for name, stats in debugger.layer_statistics.items()]

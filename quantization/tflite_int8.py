@@ -1,4 +1,9 @@
-"""TFLite int8: full-integer quantization by the TFLite converter, calibrated on real images."""
+"""TFLite int8: full-integer quantization by the TFLite converter, calibrated on real images.
+
+Two steps, so the activation ranges can be chosen between them: the converter records every
+activation's min/max over the calibration images (a float model carrying those ranges), then its
+quantizer turns that model into int8. With the percentile method the ranges are clipped first, as
+ONNX Runtime's percentile calibrator does: (100 - PERCENTILE) / 2 % of the values cut at each end."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,31 +11,75 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from exporters.tflite_export import write_tflite
+from exporters.tflite_export import converter, tensorflow
+
+PERCENTILE = 99.999  # ONNX Runtime's default for its percentile calibrator
+BINS = 2048  # histogram bins per activation (ONNX Runtime uses 2048 for percentile)
+
+
+def calibrate(module: nn.Module, input_size: tuple[int, int, int], images: np.ndarray, method: str = "minmax") -> bytes:
+    """The float TFLite model of a lowered module with each activation's range recorded over the NCHW
+    calibration `images` (min/max, or clipped to percentiles with method "percentile")."""
+    from devices.runners import quiet_native_stderr
+
+    samples = images.transpose(0, 2, 3, 1)
+
+    def representative():
+        for sample in samples:
+            yield [sample[None].astype(np.float32)]
+
+    conv = converter(module, input_size, representative=representative)
+    conv._experimental_calibrate_only = True  # noqa: SLF001 (the converter's own two-step path, as its debugger uses)
+    with quiet_native_stderr():
+        calibrated = conv.convert()
+    return _clip_to_percentile(calibrated, samples) if method == "percentile" else calibrated
+
+
+def _clip_to_percentile(calibrated: bytes, samples: np.ndarray) -> bytes:
+    """`calibrated` with every recorded range narrowed to the PERCENTILE of its values: one
+    histogram per activation between its recorded min and max, filled by running the images."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
+    ranged = {i: t.quantization for i, t in enumerate(model.subgraphs[0].tensors)
+              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1}
+    interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    first = interpreter.get_input_details()[0]["index"]
+    counts = {i: np.zeros(BINS, np.int64) for i in ranged}
+    for sample in samples:
+        interpreter.set_tensor(first, sample[None].astype(np.float32))
+        interpreter.invoke()
+        for i, q in ranged.items():
+            lo, hi = q.min[0], q.max[0]
+            scaled = (interpreter.get_tensor(i).ravel() - lo) * (BINS / max(hi - lo, 1e-12))
+            counts[i] += np.bincount(np.clip(scaled.astype(np.int64), 0, BINS - 1), minlength=BINS)
+    cut = (100 - PERCENTILE) / 200
+    for i, q in ranged.items():
+        cdf = np.cumsum(counts[i]) / counts[i].sum()
+        edges = np.linspace(q.min[0], q.max[0], BINS + 1)
+        q.min = [float(min(0.0, edges[np.searchsorted(cdf, cut)]))]
+        q.max = [float(max(0.0, edges[np.searchsorted(cdf, 1 - cut) + 1]))]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def quantize_calibrated(calibrated: bytes, io_type: str = "int8", float_ops: list[str] | None = None,
+                        debug: bool = False) -> bytes:
+    """The int8 model (per-channel weights, int8 activations) of a calibrated model; ops of the types
+    in `float_ops` stay float; `debug` adds the numeric-verify ops TF's QuantizationDebugger reads."""
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    from devices.runners import quiet_native_stderr
+
+    io = getattr(tensorflow(), io_type)
+    with quiet_native_stderr():
+        return mlir_quantize(calibrated, input_data_type=io, output_data_type=io, enable_numeric_verify=debug,
+                             denylisted_ops=list(float_ops or []))
 
 
 def quantize_tflite(module: nn.Module, input_size: tuple[int, int, int], out_path: Path, images: np.ndarray,
-                    io_type: str = "int8", input_layout: str = "nhwc", float_ops: list[str] | None = None) -> None:
-    """Per-channel int8 weights and int8 activations of a lowered module; io per `io_type`; ops of
-    the types in `float_ops` stay in float (float io then)."""
-    nhwc = images.transpose(0, 2, 3, 1) if input_layout == "nhwc" else images
-
-    def representative():
-        for sample in nhwc:
-            yield [sample[None].astype(np.float32)]
-
-    if not float_ops:
-        write_tflite(module, input_size, out_path, input_layout=input_layout, representative=representative,
-                     io_type=io_type)
-        return
-    from devices.runners import quiet_native_stderr
-    from exporters.tflite_export import converter, tensorflow
-
-    tf = tensorflow()
-    conv = converter(module, input_size, input_layout=input_layout, representative=representative)
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops))
-    with quiet_native_stderr():
-        debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=representative,
-                                                             debug_options=options)
-        Path(out_path).write_bytes(debugger.get_nondebug_quantized_model())
+                    io_type: str = "int8", method: str = "minmax") -> None:
+    """Write the int8 TFLite model (NHWC input) of a lowered module calibrated on the NCHW `images`."""
+    Path(out_path).write_bytes(quantize_calibrated(calibrate(module, input_size, images, method), io_type))

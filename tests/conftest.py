@@ -53,7 +53,7 @@ def digits(request):
     in pytest's cache folder."""
     import digits as d
 
-    root = Path(request.config.cache.mkdir("mixdeploy_digits_v2"))
+    root = Path(request.config.cache.mkdir("mixdeploy_digits_v3"))
     if not (root / "eval").is_dir():
         d.write_dataset(root)
     checkpoint = root / "mixnet_s_digits.pth"

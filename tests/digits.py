@@ -27,10 +27,20 @@ def write_dataset(root: Path) -> None:
         Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR).convert("RGB").save(folder / f"{i}.png")
 
 
+def _shifted(batch: torch.Tensor, generator: torch.Generator, most: int = 2) -> torch.Tensor:
+    """Each image moved by up to `most` pixels in x and y, the border filled with the background."""
+    padded = torch.nn.functional.pad(batch, (most,) * 4, value=float(batch.min()))
+    offsets = torch.randint(0, 2 * most + 1, (len(batch), 2), generator=generator).tolist()
+    return torch.stack([p[:, i:i + SIZE, j:j + SIZE] for p, (i, j) in zip(padded, offsets)])
+
+
 def train(root: Path, epochs: int = 20) -> Path:
-    """mixnet_s (10 classes) trained on train/ for a fixed number of epochs with a cosine learning-rate
-    decay to zero (a converged model, as users quantize; deterministic on one machine); returns the
-    checkpoint path."""
+    """mixnet_s (10 classes) trained on train/ the way timm recipes train (AdamW with weight decay
+    0.05, label smoothing 0.1, random shifts of up to 2 pixels) for a fixed number of epochs with a
+    cosine learning-rate decay to zero: a converged, regularised model, as users quantize
+    (deterministic on one machine). Returns the checkpoint path. Without the regularisation (weight
+    decay 1e-4, no smoothing, no shifts) the model reached logits of 300 and its int8 accuracy drop
+    swung from -0.6 to 4.4 points with the number of calibration images; with it, -0.8 to 0.3."""
     import timm
 
     from mixnet_deploy.preprocess import PreprocessConfig
@@ -40,14 +50,15 @@ def train(root: Path, epochs: int = 20) -> Path:
     data = load_folder(root / "train", cfg, progress=False)
     x, y = data.images, torch.tensor([int(label) for label in data.labels])
     torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     model = timm.create_model("mixnet_s", num_classes=10)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     batches = -(-len(x) // 64)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(64):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = torch.nn.functional.cross_entropy(model(_shifted(x[idx], generator)), y[idx], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()

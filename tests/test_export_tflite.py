@@ -9,6 +9,7 @@ from devices.runners import LiteRtRunner
 from exporters.export import export
 from exporters.tflite_export import write_tflite
 from exporters.tflite_inspect import delegation, read_metadata
+from mixnet_deploy import MixConv
 from mixnet_deploy.lower import analyse, lower
 from mixnet_deploy.models import MIXNETS
 from mixnet_deploy.plan import Plan
@@ -43,6 +44,17 @@ def test_every_choice_converts_with_parity(tmp_path, layer):
         out = LiteRtRunner(tmp_path / "m.tflite").run(x.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), choice
         assert not delegation(tmp_path / "m.tflite")["not_delegated"], choice
+
+
+def test_pairs_read_the_input_itself(tmp_path):
+    """+pairs pieces are centred like their kernel: TF's SAME padding, no PAD and no STRIDED_SLICE."""
+    model = block(MixConv(64, (3, 5, 7, 9)), 64)
+    lowered = lower(model, (64, 14, 14), Plan({"1": "split+pairs"}))
+    write_tflite(lowered.module, (64, 14, 14), tmp_path / "p.tflite")
+    ops = delegation(tmp_path / "p.tflite")["ops"]
+    assert "PAD" not in ops and "STRIDED_SLICE" not in ops, ops
+    assert ops["DEPTHWISE_CONV_2D"] == 1 + 1 + 3 + 5  # 3x3, 5x5, 7x7 as 3 pieces, 9x9 as 5
+    assert max(depthwise_taps(tmp_path / "p.tflite")) <= 25
 
 
 @pytest.mark.parametrize("name", MIXNETS + ("mixconv_mobilenetv2_100",))

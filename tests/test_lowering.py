@@ -43,7 +43,7 @@ def test_every_choice_on_a_single_layer_equals_the_original(layer):
 
 def test_choices_build_what_they_say():
     model = block(MixConv(32, (3, 5, 7, 9)), 32)
-    built = {c: lower(model, (32, 16, 16), Plan({"1": c})).module[1] for c in ("split", "fold", "fold<=5", "fold+block3", "split+block5", "split+strips")}
+    built = {c: lower(model, (32, 16, 16), Plan({"1": c})).module[1] for c in ("split", "fold", "fold<=5", "fold+block3", "split+block5", "split+strips", "split+pairs")}
     assert [len(m.segments) for m in (built["split"], built["fold<=5"])] == [4, 3]
     assert built["fold"].segments[0].kernel_size == (9, 9) and len(built["fold"].segments) == 1
     assert isinstance(built["fold+block3"].segments[0], BlockConv) and len(built["fold+block3"].segments[0].pieces) == 9
@@ -51,14 +51,21 @@ def test_choices_build_what_they_say():
     assert [type(s).__name__ for s in five] == ["DeployConv", "DeployConv", "BlockConv", "BlockConv"]
     assert isinstance(built["split"], LoweredMixConv)
     assert [len(s.pieces) for s in built["split+strips"].segments[2:]] == [3, 5]  # 7x7: 3 strips, 9x9: 5
+    pairs = built["split+pairs"].segments[2:]  # 7x7: band + 2 pairs, 9x9: row + 4 pairs, none needs a crop
+    assert [len(s.pieces) for s in pairs] == [3, 5] and all(None not in s.own_pads for s in pairs)
+    assert None in built["split+strips"].segments[2].own_pads  # the top strip reads a window of the padded input
 
 
 def test_candidates_and_choice_grammar():
     assert depthwise_candidates([3, 5]) == ["split", "split+block3", "fold", "fold+block3"]
     assert "split+strips" in depthwise_candidates([3, 5, 7]) and "fold+strips" not in depthwise_candidates([3, 5])
-    assert pieces(7, "strips") == [(0, 0, 3, 7), (3, 0, 3, 7), (6, 0, 1, 7)]
-    assert pieces(9, "strips") == [(i, 0, 2 if i < 8 else 1, 9) for i in range(0, 9, 2)]
-    assert len(pieces(7, "block5")) == 4 and all(h * w <= 25 for *_, h, w in pieces(11, "strips"))
+    assert pieces(7, "strips") == [(0, 0, 3, 7, 1), (3, 0, 3, 7, 1), (6, 0, 1, 7, 1)]
+    assert pieces(9, "strips") == [(i, 0, 2 if i < 8 else 1, 9, 1) for i in range(0, 9, 2)]
+    assert len(pieces(7, "block5")) == 4 and all(p.height * p.width <= 25 for p in pieces(11, "strips"))
+    assert pieces(7, "pairs") == [(2, 0, 3, 7, 1), (1, 0, 2, 7, 4), (0, 0, 2, 7, 6)]  # rows 2-4, {1, 5}, {0, 6}
+    assert all(p.height * p.width <= 25 for k in (7, 9, 11) for p in pieces(k, "pairs"))
+    assert "split+pairs" in depthwise_candidates([3, 5, 7]) and "split+pairs" not in depthwise_candidates([3, 5, 7], 2)
+    assert "fold+pairs" not in depthwise_candidates([3, 13])  # a 13-wide row pair has 26 taps
     assert depthwise_candidates([3]) == ["split"]
     assert str(DepthwiseChoice.parse("fold<=7+block5")) == "fold<=7+block5"
     with pytest.raises(MixdeployError):

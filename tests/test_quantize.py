@@ -49,10 +49,9 @@ def test_digits_model_quantizes_with_small_accuracy_drop(tmp_path, digits, fmt, 
     assert result.code == 0, result.err
     report = json.loads(result.out)
     acc = report["accuracy"]
-    assert acc["float_top1"] > 85, acc
-    assert acc["top1_drop_points"] <= 2.0, acc  # measured: 1.4 (tflite) / see the closing notes
-    # the lowest per-sample cosine swings with the freshly trained model (0.36-0.9 seen): not gated
-    assert report["agreement"]["top1_agreement"] >= 0.95 and report["agreement"]["top5_agreement"] >= 0.99
+    assert acc["float_top1"] > 90, acc
+    assert acc["top1_drop_points"] <= 0.5, acc  # the issue's target; measured here -0.3 to 0.3 (100-400 images)
+    assert report["agreement"]["top1_agreement"] >= 0.98 and report["agreement"]["top5_agreement"] >= 0.99
     assert report["layers_losing_most"] and all("sqnr_db" in layer for layer in report["layers_losing_most"])
     assert report["calibration"]["used"] == 200 and report["calibration"]["evaluated"] == 360
     ops = report["ops"]
@@ -89,6 +88,8 @@ def test_bad_calibration_input(tmp_path, run_cli):
     assert_usage_error(run_cli("quantize", foreign, "--calib", PHOTOS, "-o", tmp_path / "f.onnx"), "not exported by mixdeploy")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--format", "onnx", "--io", "int8",
                                "-o", tmp_path / "x.onnx"), "--io float32")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--method", "entropy", "-o", out),
+                       "minmax or percentile for tflite")
     assert sorted(os.listdir(tmp_path)) == ["empty", "foreign.onnx", "single"]
 
 
@@ -109,14 +110,39 @@ def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
 def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits, fmt, run_cli):
     root, checkpoint = digits
     args = ["quantize", "mixnet_s", "--checkpoint", checkpoint, "--calib", root / "train", "--eval", root / "eval",
-            "--format", fmt, "--num-calib", "200", "--json", "--max-drop"]
-    loose = run_cli(*args, "5", "-o", tmp_path / f"loose.{fmt}")
+            "--format", fmt, "--json", "--max-drop"]
+    loose = run_cli(*args, "1", "--num-calib", "200", "-o", tmp_path / f"loose.{fmt}")
     assert loose.code == 0, loose.err
     report = json.loads(loose.out)
     assert report["max_drop"]["met"] and report["kept_float"] == (["first_conv"] if fmt == "onnx" else [])  # for speed
-    tight = run_cli(*args, "0.01", "-o", tmp_path / f"tight.{fmt}")
+    # two calibration images give ranges too narrow (top-1 agreement 98.6 % here): layers go float
+    tight = run_cli(*args, "0.01", "--num-calib", "2", "-o", tmp_path / f"tight.{fmt}")
     report = json.loads(tight.out)
     assert {"se_gate", "swish"} <= set(report["kept_float"])
     assert report["max_drop"]["latency_ms"] > 0 and report["max_drop"]["latency_all_int8_ms"] > 0
-    if not report["max_drop"]["met"]:  # measured here: int8 agreement stays at 96.7 % (see closing notes)
+    if not report["max_drop"]["met"]:
         assert tight.code == 1 and "not met" in tight.err and (tmp_path / f"tight.{fmt}").exists()
+
+
+def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
+    """One huge pixel among the calibration images stretches min/max ranges (the input's to 400);
+    percentile ranges leave it out, so ordinary inputs come out of the int8 model closer to float
+    (measured: mean error 0.41x of min/max's)."""
+    from devices.runners import LiteRtRunner
+    from mixnet_deploy.lower import LayerInfo
+    from mixnet_deploy.probes import probe
+    from quantization.tflite_int8 import quantize_tflite
+
+    info = LayerInfo("x", "depthwise", [16, 16], [16, 16], [3, 5], 1, (16, 16), (16, 16), ["split"])
+    module = probe(info, "split").module
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((64, 32, 16, 16)).astype(np.float32)
+    calib[3, 5, 4, 4] = 400.0  # 1 of 524288 input values: inside the 0.0005 % percentile cuts
+    fresh = rng.standard_normal((4, 32, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        reference = module(torch.from_numpy(fresh)).numpy().transpose(0, 2, 3, 1)
+    error = {}
+    for method in ("minmax", "percentile"):
+        quantize_tflite(module, (32, 16, 16), tmp_path / f"{method}.tflite", calib, io_type="float32", method=method)
+        error[method] = np.abs(LiteRtRunner(tmp_path / f"{method}.tflite").run(fresh.transpose(0, 2, 3, 1)) - reference).mean()
+    assert error["percentile"] < 0.6 * error["minmax"], error
