@@ -224,7 +224,8 @@ def _tuner(device: str, precision: str, threads: int, tunings: list, status):
 @click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
 @click.option("--num-calib", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
+              help="Activation ranges: min/max, clipped to the 99.999th percentile, or entropy (onnx only).")
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
 @click.option("--eval", "eval_dir", type=click.Path(), help="Held-out images (ImageFolder layout adds accuracy).")
 @click.option("--max-drop", type=click.FloatRange(min=0, max=100), help="Keep sensitive layers in float until "
