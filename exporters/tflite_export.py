@@ -77,7 +77,12 @@ def _block(tf, x, block: BlockConv):
         else:
             src, padding = _padded(tf, x, own, piece.height, piece.width, block.stride, piece.step)
         kernel = tf.constant(_np(weight).transpose(2, 3, 0, 1))
-        y = tf.nn.depthwise_conv2d(src, kernel, [1, block.stride, block.stride, 1], padding, dilations=[piece.step, 1])
+        strides = [1, block.stride, block.stride, 1]
+        if piece.step > 1 and block.stride > 1:  # tf.nn refuses stride with dilation; the op and TFLite take both
+            y = tf.raw_ops.DepthwiseConv2dNative(input=src, filter=kernel, strides=strides, padding=padding,
+                                                 dilations=[1, piece.step, 1, 1])
+        else:
+            y = tf.nn.depthwise_conv2d(src, kernel, strides, padding, dilations=[piece.step, 1])
         out = y if out is None else out + y
     return tf.nn.bias_add(out, tf.constant(_np(block.bias)))
 

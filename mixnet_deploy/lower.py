@@ -114,7 +114,7 @@ def layer_info(site: Site) -> LayerInfo | None:
     if kind is None:
         return None
     kernels = [g.dense().kernel for g in site.groups]
-    candidates = depthwise_candidates(kernels, site.groups[0].stride) if kind == "depthwise" else list(POINTWISE_CHOICES)
+    candidates = depthwise_candidates(kernels) if kind == "depthwise" else list(POINTWISE_CHOICES)
     return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], [g.out_channels for g in site.groups], kernels, site.groups[0].stride,
                      site.in_hw, site.out_hw, candidates)
 

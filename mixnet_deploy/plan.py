@@ -4,10 +4,10 @@ Depthwise MixConv choices: "split" (Split, one depthwise conv per group, Concat)
 conv of the largest kernel, smaller kernels zero-padded and centred), "fold<=K" (fold only the
 adjacent groups with kernels up to K), each optionally cut into pieces whose outputs add up:
 "+blockB" (every kernel larger than B into B x B squares), "+strips" (every kernel larger than
-5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7) or, at stride 1, "+pairs"
+5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7) or "+pairs"
 (a centred full-width band plus mirrored row pairs: rows c-a and c+a of a kernel centred on row c
 form one 2-row kernel dilated 2a; every piece is centred like the kernel, so each reads the
-unpadded input directly, with no pad or slice). Grouped 1x1 MixConv choices: "grouped" (one Conv
+input itself, padded but never cropped). Grouped 1x1 MixConv choices: "grouped" (one Conv
 with groups=g), "dense" (one Conv with a block-diagonal weight), "split".
 """
 from __future__ import annotations
@@ -75,12 +75,12 @@ class DepthwiseChoice:
         return base + (f"+{self.cut}" if self.cut else "")
 
 
-def depthwise_candidates(kernels: list[int], stride: int = 1) -> list[str]:
-    """Every distinct lowering of a depthwise MixConv with these (dense) kernel sizes and stride
-    (+pairs: stride 1 only, TF has no strided dilated depthwise conv; kernels up to PAIRS_MAX)."""
+def depthwise_candidates(kernels: list[int]) -> list[str]:
+    """Every distinct lowering of a depthwise MixConv with these (dense) kernel sizes (+pairs only
+    with kernels up to PAIRS_MAX)."""
     merges = ["split"] + [f"fold<={k}" for k in sorted(set(kernels))[1:-1]] + (["fold"] if len(kernels) > 1 else [])
     largest = max(kernels)
-    cuts = [cut for cut, b in PIECES.items() if b < largest and (cut != "pairs" or (stride == 1 and largest <= PAIRS_MAX))]
+    cuts = [cut for cut, b in PIECES.items() if b < largest and (cut != "pairs" or largest <= PAIRS_MAX)]
     out = []
     for merge in merges:
         choice = DepthwiseChoice.parse(merge)

@@ -64,7 +64,7 @@ def test_candidates_and_choice_grammar():
     assert len(pieces(7, "block5")) == 4 and all(p.height * p.width <= 25 for p in pieces(11, "strips"))
     assert pieces(7, "pairs") == [(2, 0, 3, 7, 1), (1, 0, 2, 7, 4), (0, 0, 2, 7, 6)]  # rows 2-4, {1, 5}, {0, 6}
     assert all(p.height * p.width <= 25 for k in (7, 9, 11) for p in pieces(k, "pairs"))
-    assert "split+pairs" in depthwise_candidates([3, 5, 7]) and "split+pairs" not in depthwise_candidates([3, 5, 7], 2)
+    assert "split+pairs" in depthwise_candidates([3, 5, 7]) and "split+pairs" not in depthwise_candidates([3, 5])
     assert "fold+pairs" not in depthwise_candidates([3, 13])  # a 13-wide row pair has 26 taps
     assert depthwise_candidates([3]) == ["split"]
     assert str(DepthwiseChoice.parse("fold<=7+block5")) == "fold<=7+block5"
