@@ -54,15 +54,21 @@ def _padded(tf, x, pads: tuple[int, int, int, int], kh: int, kw: int, s: int, dh
     return tf.pad(x, [[0, 0], [pads[0], pads[1]], [pads[2], pads[3]], [0, 0]]), "VALID"
 
 
+def _depthwise(tf, x, weight: torch.Tensor, s: int, padding: str, dh: int, dw: int):
+    """One DEPTHWISE_CONV_2D of a (C, 1, kh, kw) weight. The raw op, because tf.nn refuses a stride
+    together with a dilation, which the op and TFLite (XNNPACK too) take."""
+    kernel = tf.constant(_np(weight).transpose(2, 3, 0, 1))  # (kh, kw, C, 1)
+    return tf.raw_ops.DepthwiseConv2dNative(input=x, filter=kernel, strides=[1, s, s, 1], padding=padding,
+                                            dilations=[1, dh, dw, 1])
+
+
 def _conv(tf, x, conv: DeployConv):
     k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
     x, padding = _padded(tf, x, tuple(conv.pads), (k - 1) * d + 1, (k - 1) * d + 1, s)
-    weight = _np(conv.weight)
     if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
-        kernel = tf.constant(weight.transpose(2, 3, 0, 1))  # (k, k, C, 1)
-        y = tf.nn.depthwise_conv2d(x, kernel, [1, s, s, 1], padding, dilations=[d, d])
+        y = _depthwise(tf, x, conv.weight, s, padding, d, d)
     else:
-        y = tf.nn.conv2d(x, tf.constant(weight.transpose(2, 3, 1, 0)), s, padding, dilations=d)
+        y = tf.nn.conv2d(x, tf.constant(_np(conv.weight).transpose(2, 3, 1, 0)), s, padding, dilations=d)
     return tf.nn.bias_add(y, tf.constant(_np(conv.bias)))
 
 
@@ -76,13 +82,7 @@ def _block(tf, x, block: BlockConv):
             src, padding = padded[:, i:i + h, j:j + w, :], "VALID"
         else:
             src, padding = _padded(tf, x, own, piece.height, piece.width, block.stride, piece.step)
-        kernel = tf.constant(_np(weight).transpose(2, 3, 0, 1))
-        strides = [1, block.stride, block.stride, 1]
-        if piece.step > 1 and block.stride > 1:  # tf.nn refuses stride with dilation; the op and TFLite take both
-            y = tf.raw_ops.DepthwiseConv2dNative(input=src, filter=kernel, strides=strides, padding=padding,
-                                                 dilations=[1, piece.step, 1, 1])
-        else:
-            y = tf.nn.depthwise_conv2d(src, kernel, strides, padding, dilations=[piece.step, 1])
+        y = _depthwise(tf, src, weight, block.stride, padding, piece.step, 1)
         out = y if out is None else out + y
     return tf.nn.bias_add(out, tf.constant(_np(block.bias)))
 
