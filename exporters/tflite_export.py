@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from mixnet_deploy.conv_groups import same_pads
-from mixnet_deploy.deploy_modules import BlockConv, DeployConv, LoweredMixConv
+from mixnet_deploy.deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, trace
 from mixnet_deploy.errors import MixdeployError
 
 INPUT_NAME = "input"
@@ -31,11 +31,6 @@ def tensorflow():
     with quiet_native_stderr():
         import tensorflow as tf
     return tf
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, (DeployConv, BlockConv, LoweredMixConv)) or super().is_leaf_module(module, name)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -94,15 +89,28 @@ def _concat(tf, parts: list):
     return tf.concat(parts, 3) if len(parts) > 1 else parts[0]
 
 
+def _split(tf, x, splits: list[int]) -> list:
+    """x cut along channels: one SPLIT where XNNPACK takes it, else a slice per part."""
+    if len(set(splits)) == 1 and 1 < len(splits) <= MAX_SPLIT:
+        return tf.split(x, len(splits), axis=3)
+    starts = np.cumsum([0] + splits)
+    return [x[..., int(a):int(b)] for a, b in zip(starts[:-1], starts[1:])]
+
+
 def _mixconv(tf, x, mix: LoweredMixConv):
     if len(mix.segments) == 1:
         return _module(tf, x, mix.segments[0])
-    if len(set(mix.splits)) == 1 and len(mix.splits) <= MAX_SPLIT:
-        parts = tf.split(x, len(mix.splits), axis=3)
+    return _concat(tf, [_module(tf, p, seg) for p, seg in zip(_split(tf, x, mix.splits), mix.segments)])
+
+
+def _expanded(tf, x, mix: ExpandedMixConv):
+    ranges = sorted(set(mix.inputs))
+    if [a for a, _ in ranges] + [mix.in_channels] == [0] + [b for _, b in ranges]:  # the ranges cut the input
+        parts = dict(zip(ranges, _split(tf, x, [b - a for a, b in ranges]) if len(ranges) > 1 else [x]))
     else:
-        starts = np.cumsum([0] + mix.splits)
-        parts = [x[..., int(a):int(b)] for a, b in zip(starts[:-1], starts[1:])]
-    return _concat(tf, [_module(tf, p, seg) for p, seg in zip(parts, mix.segments)])
+        parts = {(a, b): x[..., a:b] for a, b in ranges}
+    return _concat(tf, [_module(tf, _module(tf, _conv(tf, parts[r], expand), mix.act), seg)
+                        for r, expand, seg in zip(mix.inputs, mix.expands, mix.segments)])
 
 
 def _module(tf, x, mod: nn.Module):
@@ -112,7 +120,13 @@ def _module(tf, x, mod: nn.Module):
         return _block(tf, x, mod)
     if isinstance(mod, LoweredMixConv):
         return _mixconv(tf, x, mod)
+    if isinstance(mod, ExpandedMixConv):
+        return _expanded(tf, x, mod)
     if isinstance(mod, (nn.Identity, nn.Dropout)):
+        return x
+    if isinstance(mod, nn.Sequential):
+        for m in mod:
+            x = _module(tf, x, m)
         return x
     if isinstance(mod, nn.ReLU):
         return tf.nn.relu(x)
@@ -168,7 +182,7 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
     """An NHWC tf.function computing `module` (a lowered model), weights as constants."""
     tf = tensorflow()
 
-    graph = _Tracer().trace(module)
+    graph = trace(module)
     modules = dict(module.named_modules())
     c, h, w = input_size
     shape = [1, h, w, c] if input_layout == "nhwc" else [1, c, h, w]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -92,3 +93,36 @@ class LoweredMixConv(nn.Module):
             return self.segments[0](x)
         parts = torch.split(x, self.splits, dim=1)
         return torch.cat([seg(p) for seg, p in zip(self.segments, parts)], dim=1)
+
+
+class ExpandedMixConv(nn.Module):
+    """A 1x1 conv, its elementwise activation and the LoweredMixConv it feeds as one module: each
+    segment gets its own rows of the 1x1 conv (reading only the input channels those rows read), so
+    the expanded tensor, the largest of an inverted residual block, is never split. Exact."""
+
+    def __init__(self, inputs: list[tuple[int, int]], expands: list[DeployConv], act: nn.Module,
+                 segments: list[nn.Module], in_channels: int):
+        super().__init__()
+        self.inputs = list(inputs)  # per segment, the input channel range its expand conv reads
+        self.expands = nn.ModuleList(expands)
+        self.act = act
+        self.segments = nn.ModuleList(segments)
+        self.in_channels = in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = {(a, b): x if (a, b) == (0, self.in_channels) else x[:, a:b] for a, b in dict.fromkeys(self.inputs)}
+        outs = [seg(self.act(expand(parts[r]))) for r, expand, seg in zip(self.inputs, self.expands, self.segments)]
+        return torch.cat(outs, dim=1)
+
+
+LEAVES = (DeployConv, BlockConv, LoweredMixConv, ExpandedMixConv)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, LEAVES) or super().is_leaf_module(module, name)
+
+
+def trace(module: nn.Module) -> fx.Graph:
+    """The data flow of a lowered module, with every deploy module as one node."""
+    return _Tracer().trace(module)

@@ -6,6 +6,7 @@ becomes static, and every MixConv is rebuilt from its plan choice out of deploy_
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from .complexity import mixconv_groups
 from .conv_groups import ConvGroup, crop, fold_batchnorm, merge, to_groups
-from .deploy_modules import BlockConv, DeployConv, LoweredMixConv
+from .deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, trace
 from .errors import MixdeployError
 from .parity import ParityReport, compare, reference_outputs
 from .preprocess import random_images
@@ -178,6 +179,64 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
+ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Hardswish)
+
+
+def _expand_rows(pw: DeployConv, splits: list[int]) -> list[tuple[tuple[int, int], DeployConv]] | None:
+    """Per split, the input channel range and the 1x1 conv of `pw`'s rows that feed it (None: a split
+    spans two of pw's groups)."""
+    out_per, in_per = pw.out_channels // pw.groups, pw.in_channels // pw.groups
+    rows, start = [], 0
+    for n in splits:
+        group = start // out_per
+        if (start + n - 1) // out_per != group:
+            return None
+        inputs = (group * in_per, (group + 1) * in_per) if pw.groups > 1 else (0, pw.in_channels)
+        conv = DeployConv(pw.weight[start:start + n].detach(), pw.bias[start:start + n].detach(), 1, 1, (0, 0, 0, 0), 1)
+        rows.append((inputs, conv))
+        start += n
+    return rows
+
+
+def split_expansions(module: nn.Module) -> int:
+    """Give each segment of a LoweredMixConv that is fed by a 1x1 conv (through elementwise
+    activations, nothing else reading any of them) its own rows of that conv (ExpandedMixConv), so the
+    runtime never copies the expanded tensor into parts. Rewrites `module` in place; returns how
+    many MixConvs it rewrote."""
+    graph = trace(module)
+    modules = dict(module.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+    def called(node, kinds):
+        ok = isinstance(node, torch.fx.Node) and node.op == "call_module" and calls[node.target] == 1
+        return ok and isinstance(modules[node.target], kinds) and len(node.users) == 1
+
+    rewritten = 0
+    for node in graph.nodes:
+        if not (node.op == "call_module" and isinstance(modules[node.target], LoweredMixConv)):
+            continue
+        mix, pw, acts = modules[node.target], node.args[0], []
+        while called(pw, ELEMENTWISE):
+            acts.insert(0, pw)
+            pw = pw.args[0]
+        if len(mix.segments) < 2 or not called(pw, DeployConv):
+            continue
+        conv = modules[pw.target]
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.pads != (0, 0, 0, 0):
+            continue
+        rows = _expand_rows(conv, mix.splits)
+        if rows is None:
+            continue
+        inputs, expands = zip(*rows)
+        chain = [modules[a.target] for a in acts if not isinstance(modules[a.target], nn.Identity)]
+        act = chain[0] if len(chain) == 1 else nn.Sequential(*chain)
+        _set(module, pw.target, ExpandedMixConv(list(inputs), list(expands), act, list(mix.segments), conv.in_channels))
+        for done in acts + [node]:
+            _set(module, done.target, nn.Identity())
+        rewritten += 1
+    return rewritten
+
+
 def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
     """The layers of `model` that take a plan choice."""
     return [info for site in discover(model, input_size) if (info := layer_info(site)) is not None]
@@ -219,6 +278,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
             _set(lowered, site.bn, copy.deepcopy(getattr(bn, "act", nn.Identity())))
         default = "split" if _kind(site.groups) == "depthwise" else "grouped"
         _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default)))
+    split_expansions(lowered)
     report = verify(model, lowered, input_size, check_inputs)
     return Lowered(lowered, plan, report)
 

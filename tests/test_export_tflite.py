@@ -13,7 +13,7 @@ from mixnet_deploy import MixConv
 from mixnet_deploy.lower import analyse, lower
 from mixnet_deploy.models import MIXNETS
 from mixnet_deploy.plan import Plan
-from test_lowering import LAYERS, block
+from test_lowering import LAYERS, block, expansion_block
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,22 @@ def test_pairs_read_the_input_itself(tmp_path):
     assert "PAD" not in ops and "STRIDED_SLICE" not in ops, ops
     assert ops["DEPTHWISE_CONV_2D"] == 1 + 1 + 3 + 5  # 3x3, 5x5, 7x7 as 3 pieces, 9x9 as 5
     assert max(depthwise_taps(tmp_path / "p.tflite")) <= 25
+
+
+def test_the_expanded_tensor_is_never_split(tmp_path):
+    """Each depthwise group is fed by its own rows of the expansion conv: the only SPLIT left is of
+    the narrow block input, where grouped expansion rows read different input channels."""
+    x = torch.randn(2, 24, 12, 12)
+    for groups, splits in ((1, 0), (2, 1)):
+        model = expansion_block(groups, (3, 5, 7, 9) if groups == 2 else (3, 5, 7))
+        lowered = lower(model, (24, 12, 12), Plan({"dw": "split"}))
+        write_tflite(lowered.module, (24, 12, 12), tmp_path / "e.tflite")
+        ops = delegation(tmp_path / "e.tflite")["ops"]
+        assert ops.get("SPLIT", 0) == splits and ops["CONV_2D"] == len(lowered.module.pw.expands), ops
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = LiteRtRunner(tmp_path / "e.tflite").run(x.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("name", MIXNETS + ("mixconv_mobilenetv2_100",))

@@ -10,9 +10,10 @@ from mixnet_deploy.plan import DepthwiseChoice, Plan, depthwise_candidates, piec
 from mixnet_deploy.preprocess import sample_photos
 
 
-def block(mix: nn.Module, channels: int) -> nn.Module:
-    """conv -> MixConv -> BatchNorm -> ReLU, the way timm uses a MixConv."""
-    model = nn.Sequential(nn.Conv2d(channels, channels, 1), mix, nn.BatchNorm2d(channels), nn.ReLU()).eval()
+def block(mix: nn.Module, channels: int, first: int = 1) -> nn.Module:
+    """first x first conv -> MixConv -> BatchNorm -> ReLU, the way timm uses a MixConv."""
+    conv = nn.Conv2d(channels, channels, first, padding=first // 2)
+    model = nn.Sequential(conv, mix, nn.BatchNorm2d(channels), nn.ReLU()).eval()
     return randomize_batchnorm(model)
 
 
@@ -42,7 +43,7 @@ def test_every_choice_on_a_single_layer_equals_the_original(layer):
 
 
 def test_choices_build_what_they_say():
-    model = block(MixConv(32, (3, 5, 7, 9)), 32)
+    model = block(MixConv(32, (3, 5, 7, 9)), 32, first=3)  # a 3x3 conv: the MixConv keeps its own split
     built = {c: lower(model, (32, 16, 16), Plan({"1": c})).module[1] for c in ("split", "fold", "fold<=5", "fold+block3", "split+block5", "split+strips", "split+pairs")}
     assert [len(m.segments) for m in (built["split"], built["fold<=5"])] == [4, 3]
     assert built["fold"].segments[0].kernel_size == (9, 9) and len(built["fold"].segments) == 1
@@ -70,6 +71,45 @@ def test_candidates_and_choice_grammar():
     assert str(DepthwiseChoice.parse("fold<=7+block5")) == "fold<=7+block5"
     with pytest.raises(MixdeployError):
         DepthwiseChoice.parse("fold<7")
+
+
+def expansion_block(expand_groups: int, kernels: tuple[int, ...], skip: bool = False) -> nn.Module:
+    """An inverted-residual start: grouped 1x1 expansion -> BatchNorm -> SiLU -> depthwise MixConv."""
+    from timm.layers import MixedConv2d
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = MixedConv2d(24, 96, [1] * expand_groups)
+            self.bn = nn.BatchNorm2d(96)
+            self.act = nn.SiLU()
+            self.dw = MixConv(96, kernels)
+
+        def forward(self, x):
+            y = self.act(self.bn(self.pw(x)))
+            return self.dw(y) + (y if skip else 0)
+
+    return randomize_batchnorm(Block().eval())
+
+
+def test_each_segment_gets_its_own_rows_of_the_expansion():
+    from mixnet_deploy.deploy_modules import ExpandedMixConv
+
+    x = torch.randn(2, 24, 12, 12)
+    for groups, kernels, inputs in ((1, (3, 5, 7), [(0, 24)] * 3), (2, (3, 5), [(0, 12), (12, 24)]),
+                                    (2, (3, 5, 7, 9), [(0, 12), (0, 12), (12, 24), (12, 24)])):
+        model = expansion_block(groups, kernels)
+        lowered = lower(model, (24, 12, 12), Plan({"dw": "split"})).module
+        assert isinstance(lowered.pw, ExpandedMixConv) and lowered.pw.inputs == inputs
+        assert isinstance(lowered.act, nn.Identity) and isinstance(lowered.dw, nn.Identity)
+        with torch.no_grad():
+            ref = model(x)
+            assert (lowered(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # not rewritten: a folded MixConv (one segment), an expansion read twice, a segment across two groups
+    for model, choice in ((expansion_block(1, (3, 5)), "fold"), (expansion_block(1, (3, 5), skip=True), "split"),
+                          (expansion_block(2, (3, 5, 7)), "split")):
+        lowered = lower(model, (24, 12, 12), Plan({"dw": choice})).module
+        assert not any(isinstance(m, ExpandedMixConv) for m in lowered.modules()), choice
 
 
 @pytest.mark.parametrize("choice", ["grouped", "dense", "split"])
