@@ -26,7 +26,7 @@ from mixnet_deploy import load_model  # noqa: E402
 from mixnet_deploy.cost_model import FEATURES, TABLES, CostModel, features, fit, shape_key  # noqa: E402
 from mixnet_deploy.lower import analyse, discover, layer_info, lower  # noqa: E402
 from mixnet_deploy.plan import Plan  # noqa: E402
-from mixnet_deploy.probes import probe  # noqa: E402
+from mixnet_deploy.probes import probe, probe_input, probed_layer  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.probe_timing import ALIGN, PROBE_TIMERS  # noqa: E402
 
@@ -86,9 +86,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for pid, info in enumerate(track(list(shapes.values()), description=f"probing {args.runtime}")):
             probes = {c: probe(info, c) for c in info.candidates}
-            times = timer(probes, (sum(info.channels), *info.in_hw), Path(tmp), args.rounds)
+            times = timer(probes, probe_input(info), Path(tmp), args.rounds)
             for choice, ms in times.items():
-                f = features(probes[choice].module[1], info.in_hw, ALIGN[args.runtime])
+                f = features(probed_layer(probes[choice]), info.in_hw, ALIGN[args.runtime])
                 raw.append({"probe": pid, "key": shape_key(info), "layer": info.name, "kind": info.kind, "channels": info.channels,
                             "kernels": info.kernels, "stride": info.stride, "in_hw": list(info.in_hw),
                             "choice": choice, "ms": ms, "features": f})

@@ -19,7 +19,7 @@ from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 from mixnet_deploy.preprocess import random_images
-from mixnet_deploy.probes import probe
+from mixnet_deploy.probes import probe, probe_input
 
 from .bench import Session, Settings
 from .transport import Transport
@@ -138,7 +138,7 @@ def _probe_times(tuner: Tuner, info: LayerInfo, host: Path) -> dict[str, float]:
     files = {}
     for i, choice in enumerate(info.candidates):
         path = host / f"probe{i}.{tuner.fmt}"
-        write_model(probe(info, choice).module, (sum(info.channels), *info.in_hw), path, tuner.fmt, tuner.precision)
+        write_model(probe(info, choice).module, probe_input(info), path, tuner.fmt, tuner.precision)
         files[choice] = path
     return {c: round(ms, 5) for c, ms in tuner.time(files).items()}
 

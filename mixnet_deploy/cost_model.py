@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .deploy_modules import BlockConv, DeployConv, LoweredMixConv
+from .deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv
 from .errors import MixdeployError
 from .lower import LayerInfo, Site, build_layer
 from .plan import FAST_TAPS
@@ -40,9 +40,10 @@ def _conv_features(conv: DeployConv, in_hw: tuple[int, int], align: int, f: dict
 
 
 def features(layer: nn.Module, in_hw: tuple[int, int], align: int) -> dict[str, float]:
-    """What a lowered layer (DeployConv, BlockConv or LoweredMixConv) costs, in the model's terms."""
+    """What a lowered layer (DeployConv, BlockConv, LoweredMixConv, or ExpandedMixConv without its
+    expansion rows, which its feeding conv costs anyway) costs, in the model's terms."""
     f = dict.fromkeys(FEATURES, 0.0)
-    segments = layer.segments if isinstance(layer, LoweredMixConv) else [layer]
+    segments = layer.segments if isinstance(layer, (LoweredMixConv, ExpandedMixConv)) else [layer]
     out_elems = 0
     for seg in segments:
         if isinstance(seg, BlockConv):
@@ -57,8 +58,9 @@ def features(layer: nn.Module, in_hw: tuple[int, int], align: int) -> dict[str, 
         else:
             h, w = _conv_features(seg, in_hw, align, f)
             out_elems += seg.out_channels * h * w
-    if len(segments) > 1:
-        f["split_elems"] += sum(layer.splits) * in_hw[0] * in_hw[1] + out_elems
+    if len(segments) > 1:  # an ExpandedMixConv's input is never split, only its outputs concatenated
+        split = sum(layer.splits) * in_hw[0] * in_hw[1] if isinstance(layer, LoweredMixConv) else 0
+        f["split_elems"] += split + out_elems
         f["segments"] += len(segments)
     return f
 

@@ -96,12 +96,12 @@ def test_bad_calibration_input(tmp_path, run_cli):
 def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
     from devices.runners import LiteRtRunner
     from mixnet_deploy.lower import LayerInfo
-    from mixnet_deploy.probes import probe
+    from mixnet_deploy.probes import probe, probe_input
     from quantization.tflite_int8 import quantize_tflite
 
     info = LayerInfo("x", "depthwise", [72] * 5, [72] * 5, [3, 5, 7, 9, 11], 2, (2, 2), (1, 1), ["fold+block3"])
-    calib = np.random.default_rng(0).standard_normal((8, 360, 2, 2)).astype(np.float32)
-    quantize_tflite(probe(info, "fold+block3").module, (360, 2, 2), tmp_path / "t.tflite", calib)
+    calib = np.random.default_rng(0).standard_normal((8, *probe_input(info))).astype(np.float32)
+    quantize_tflite(probe(info, "fold+block3").module, probe_input(info), tmp_path / "t.tflite", calib)
     out = LiteRtRunner(tmp_path / "t.tflite").run(calib[:2].transpose(0, 2, 3, 1))
     assert out.shape == (2, 1, 1, 360) and np.isfinite(out).all()
 
@@ -133,7 +133,7 @@ def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
     from mixnet_deploy.probes import probe
     from quantization.tflite_int8 import quantize_tflite
 
-    info = LayerInfo("x", "depthwise", [16, 16], [16, 16], [3, 5], 1, (16, 16), (16, 16), ["split"])
+    info = LayerInfo("x", "pointwise", [16, 16], [16, 16], [1, 1], 1, (16, 16), (16, 16), ["split"])
     module = probe(info, "split").module
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((64, 32, 16, 16)).astype(np.float32)
