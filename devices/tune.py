@@ -1,6 +1,6 @@
 """`mixdeploy export --tune DEVICE`: every candidate lowering of every MixConv layer shape timed on
 the device as a single-layer probe, the fastest chosen, the whole-model plan checked against the
-uniform plans; timings cached per device fingerprint, runtime version, precision and threads."""
+uniform plans; timings cached per device fingerprint, runtime version, precision, threads and probe version."""
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +19,7 @@ from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 from mixnet_deploy.preprocess import random_images
-from mixnet_deploy.probes import probe, probe_input
+from mixnet_deploy.probes import VERSION, probe, probe_input
 
 from .bench import Session, Settings
 from .transport import Transport
@@ -114,7 +114,7 @@ class Tuner:
         self.fingerprint = {"abi": info["abi"], "model": info["model"], "os": info["os"],
                             "cores": [c["max_khz"] for c in info["cores"]], "cpus": self.session.mask,
                             "runtime": self.session.check_python(fmt), "format": fmt, "precision": precision,
-                            "threads": threads, "emulated": info["emulated"]}
+                            "threads": threads, "emulated": info["emulated"], "probes": VERSION}
 
     def time(self, files: dict[str, Path]) -> dict[str, float]:
         """Best median ms of each file (name -> host path), timed in turns on the device."""

@@ -12,6 +12,7 @@ from .mixconv import MixConv
 from .plan import Plan
 
 FEED = 16  # input channels of a depthwise probe's 1x1 expansion conv
+VERSION = 2  # of the probe models: timings of other versions are not comparable (2: the expansion feed)
 
 
 def probe_input(info: LayerInfo) -> tuple[int, int, int]:
