@@ -202,8 +202,12 @@ def split_expansions(module: nn.Module) -> int:
     """Give each segment of a LoweredMixConv that is fed by a 1x1 conv (through elementwise
     activations, nothing else reading any of them) its own rows of that conv (ExpandedMixConv), so the
     runtime never copies the expanded tensor into parts. Rewrites `module` in place; returns how
-    many MixConvs it rewrote."""
-    graph = trace(module)
+    many MixConvs it rewrote (none in a model torch.fx cannot trace, such as one whose control flow
+    depends on its input: the rewrite is an optimisation, never needed)."""
+    try:
+        graph = trace(module)
+    except torch.fx.proxy.TraceError:
+        return 0
     modules = dict(module.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
 

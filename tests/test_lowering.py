@@ -112,6 +112,20 @@ def test_each_segment_gets_its_own_rows_of_the_expansion():
         assert not any(isinstance(m, ExpandedMixConv) for m in lowered.modules()), choice
 
 
+def test_a_model_fx_cannot_trace_still_lowers():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = expansion_block(1, (3, 5))
+
+        def forward(self, x):
+            return self.body(x) if x.mean() > -1e9 else -self.body(x)  # control flow on the input
+
+    model = Branchy().eval()
+    lowered = lower(model, (24, 12, 12), Plan({"body.dw": "split"}))
+    assert lowered.parity.passed and isinstance(lowered.module.body.dw, LoweredMixConv)
+
+
 @pytest.mark.parametrize("choice", ["grouped", "dense", "split"])
 @pytest.mark.parametrize("channels", [(16, 32), (15, 33)])
 def test_grouped_pointwise_choices(choice, channels):
