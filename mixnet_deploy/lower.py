@@ -217,7 +217,7 @@ def split_expansions(module: nn.Module) -> int:
 
     rewritten = 0
     for node in graph.nodes:
-        if not (node.op == "call_module" and isinstance(modules[node.target], LoweredMixConv)):
+        if not (node.op == "call_module" and isinstance(modules[node.target], LoweredMixConv) and calls[node.target] == 1):
             continue
         mix, pw, acts = modules[node.target], node.args[0], []
         while called(pw, ELEMENTWISE):

@@ -21,7 +21,7 @@ def probe_input(info: LayerInfo) -> tuple[int, int, int]:
 
 
 def probe(info: LayerInfo, choice: str) -> Lowered:
-    """A probe model for `info`, lowered with `choice` (its layer is module '1'). A depthwise MixConv
+    """A probe model for `info`, lowered with `choice` (its layer: `probed_layer`). A depthwise MixConv
     is fed by a 1x1 expansion conv, as in an inverted residual block (so a split one gets its own
     rows of it, see lower.split_expansions); a grouped 1x1 one by a depthwise 3x3 conv."""
     from timm.layers import MixedConv2d
