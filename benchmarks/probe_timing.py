@@ -1,6 +1,7 @@
 """Timing single-layer probes on a runtime of this machine (used by measure_costs.py)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +53,7 @@ def _timer(write: Callable, runner: type, suffix: str, nhwc: bool) -> Callable:
 
 
 PROBE_TIMERS = {
-    "onnxruntime": _timer(write_onnx, OrtRunner, ".onnx", nhwc=False),
+    "onnxruntime": _timer(functools.partial(write_onnx, scale_weights=True), OrtRunner, ".onnx", nhwc=False),  # as exported
     "onnxruntime_int8": _timer(_int8_onnx, OrtRunner, ".onnx", nhwc=False),
     "litert": _timer(write_tflite, LiteRtRunner, ".tflite", nhwc=True),
     "litert_int8": _timer(_int8_tflite, LiteRtRunner, ".tflite", nhwc=True),

@@ -57,7 +57,7 @@ def write_model(module: nn.Module, input_size: tuple[int, int, int], path: Path,
     else:
         from exporters.onnx_export import write_onnx
 
-        write_onnx(module, input_size, path)
+        write_onnx(module, input_size, path, scale_weights=True)  # as `mixdeploy export` writes it
 
 
 @dataclass

@@ -43,7 +43,8 @@ class OnnxFormat(_Runs):
     def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None:
         from .onnx_export import write_onnx
 
-        write_onnx(module, input_size, path, opset=options.get("opset", 18), dynamic_batch=options.get("dynamic_batch", False))
+        write_onnx(module, input_size, path, opset=options.get("opset", 18), dynamic_batch=options.get("dynamic_batch", False),
+                   scale_weights=True)
 
     def runner(self, path: Path):
         from devices.runners import OrtRunner

@@ -6,8 +6,9 @@ becomes static, and every MixConv is rebuilt from its plan choice out of deploy_
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ def layer_info(site: Site) -> LayerInfo | None:
     if kind is None:
         return None
     kernels = [g.dense().kernel for g in site.groups]
-    candidates = depthwise_candidates(kernels) if kind == "depthwise" else list(POINTWISE_CHOICES)
+    candidates = depthwise_candidates(kernels, [g.in_channels for g in site.groups]) if kind == "depthwise" else list(POINTWISE_CHOICES)
     return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], [g.out_channels for g in site.groups], kernels, site.groups[0].stride,
                      site.in_hw, site.out_hw, candidates)
 
@@ -125,23 +126,21 @@ def _conv(g: ConvGroup) -> DeployConv:
 
 
 def _depthwise(site: Site, choice: DepthwiseChoice) -> nn.Module:
-    runs: list[list[ConvGroup]] = []
-    for g in site.groups:
-        mergeable = g.dense().kernel <= choice.merge
-        if runs and mergeable and runs[-1][-1].dense().kernel <= choice.merge:
-            runs[-1].append(g)
-        else:
-            runs.append([g])
-    segments = []
-    for run in runs:
-        run = [crop(g, site.in_hw) for g in run]
+    groups = site.groups
+    starts = [0, *itertools.accumulate(g.in_channels for g in groups)]
+    segments, start = [], 0
+    ends = choice.ends([g.dense().kernel for g in groups], [g.in_channels for g in groups])
+    for end in ends:
+        run = [crop(replace(g, weight=g.weight[max(start, s) - s:end - s], bias=g.bias[max(start, s) - s:end - s]), site.in_hw)
+               for g, s in zip(groups, starts) if s < end and s + g.in_channels > start]
         g = merge(run, site.in_hw) if len(run) > 1 else run[0]
         if choice.cut and g.dense().kernel > PIECES[choice.cut]:
             g = g.dense()
             segments.append(BlockConv(g.weight, g.bias, g.stride, g.pads, pieces(g.kernel, choice.cut), site.in_hw))
         else:
             segments.append(_conv(g))
-    return LoweredMixConv([sum(g.in_channels for g in run) for run in runs], segments)
+        start = end
+    return LoweredMixConv([b - a for a, b in zip([0, *ends], ends)], segments)
 
 
 def _pointwise(groups: list[ConvGroup], choice: str) -> nn.Module:
@@ -182,18 +181,19 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Hardswish)
 
 
-def _expand_rows(pw: DeployConv, splits: list[int]) -> list[tuple[tuple[int, int], DeployConv]] | None:
-    """Per split, the input channel range and the 1x1 conv of `pw`'s rows that feed it (None: a split
-    spans two of pw's groups)."""
+def _expand_rows(pw: DeployConv, splits: list[int]) -> list[tuple[tuple[int, int], DeployConv]]:
+    """Per split, the input channel range and the 1x1 conv of `pw`'s rows that feed it (a split that
+    spans several of pw's groups reads all their inputs, its weight zero across groups: exact)."""
     out_per, in_per = pw.out_channels // pw.groups, pw.in_channels // pw.groups
     rows, start = [], 0
     for n in splits:
-        group = start // out_per
-        if (start + n - 1) // out_per != group:
-            return None
-        inputs = (group * in_per, (group + 1) * in_per) if pw.groups > 1 else (0, pw.in_channels)
-        conv = DeployConv(pw.weight[start:start + n].detach(), pw.bias[start:start + n].detach(), 1, 1, (0, 0, 0, 0), 1)
-        rows.append((inputs, conv))
+        first, last = start // out_per, (start + n - 1) // out_per
+        weight = pw.weight.new_zeros(n, (last - first + 1) * in_per, 1, 1)
+        for g in range(first, last + 1):
+            a, b = max(start, g * out_per), min(start + n, (g + 1) * out_per)
+            weight[a - start:b - start, (g - first) * in_per:(g - first + 1) * in_per] = pw.weight[a:b].detach()
+        conv = DeployConv(weight, pw.bias[start:start + n].detach(), 1, 1, (0, 0, 0, 0), 1)
+        rows.append(((first * in_per, (last + 1) * in_per), conv))
         start += n
     return rows
 
@@ -228,10 +228,7 @@ def split_expansions(module: nn.Module) -> int:
         conv = modules[pw.target]
         if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.pads != (0, 0, 0, 0):
             continue
-        rows = _expand_rows(conv, mix.splits)
-        if rows is None:
-            continue
-        inputs, expands = zip(*rows)
+        inputs, expands = zip(*_expand_rows(conv, mix.splits))
         chain = [modules[a.target] for a in acts if not isinstance(modules[a.target], nn.Identity)]
         act = chain[0] if len(chain) == 1 else nn.Sequential(*chain)
         _set(module, pw.target, ExpandedMixConv(list(inputs), list(expands), act, list(mix.segments), conv.in_channels))

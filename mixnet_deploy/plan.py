@@ -7,11 +7,15 @@ adjacent groups with kernels up to K), each optionally cut into pieces whose out
 5x5 into full-width strips of at most 25 taps: a 7x7 is 3x7 + 3x7 + 1x7) or "+pairs"
 (a centred full-width band plus mirrored row pairs: rows c-a and c+a of a kernel centred on row c
 form one 2-row kernel dilated 2a; every piece is centred like the kernel, so each reads the
-input itself, padded but never cropped). Grouped 1x1 MixConv choices: "grouped" (one Conv
+input itself, padded but never cropped). "@A" moves every boundary between
+segments down to a multiple of A channels (the channels moved join the next segment and take its
+kernel), so that a runtime with A-channel blocks (ONNX Runtime's NCHWc on AVX-512: 16) keeps the
+segments in its blocked layout. Grouped 1x1 MixConv choices: "grouped" (one Conv
 with groups=g), "dense" (one Conv with a block-diagonal weight), "split".
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -21,8 +25,9 @@ from typing import NamedTuple
 
 from .errors import MixdeployError
 
-_DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:\+(block3|block5|strips|pairs))?$")
+_DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:@(\d+))?(?:\+(block3|block5|strips|pairs))?$")
 POINTWISE_CHOICES = ("grouped", "dense", "split")
+ALIGN = 16  # the channel block that "@" candidates round segment boundaries to
 FAST_TAPS = 25  # XNNPACK's largest fast depthwise micro-kernel (5x5); more taps take a slow generic path
 # how a kernel is cut -> largest kernel left whole
 PIECES = {"block3": 3, "block5": 5, "strips": math.isqrt(FAST_TAPS), "pairs": math.isqrt(FAST_TAPS)}
@@ -60,32 +65,51 @@ class DepthwiseChoice:
 
     merge: int
     cut: str | None
+    align: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "DepthwiseChoice":
         m = _DEPTHWISE.match(text)
-        if not m:
+        if not m or (m.group(3) and int(m.group(3)) < 2):
             raise MixdeployError(f"bad depthwise choice {text!r}; use split, fold or fold<=K, optionally "
-                                 "+block3, +block5, +strips or +pairs")
+                                 "@A (A >= 2) and +block3, +block5, +strips or +pairs")
         merge = 0 if m.group(1) == "split" else int(m.group(2)) if m.group(2) else 10**6
-        return cls(merge, m.group(3))
+        return cls(merge, m.group(4), int(m.group(3) or 0))
 
     def __str__(self) -> str:
         base = "split" if self.merge == 0 else "fold" if self.merge >= 10**6 else f"fold<={self.merge}"
-        return base + (f"+{self.cut}" if self.cut else "")
+        return base + (f"@{self.align}" if self.align else "") + (f"+{self.cut}" if self.cut else "")
+
+    def ends(self, kernels: list[int], channels: list[int]) -> list[int]:
+        """Where each segment ends, in channels, for groups of these (dense) kernels and channel counts."""
+        ends: list[int] = []
+        for i, (k, total) in enumerate(zip(kernels, itertools.accumulate(channels))):
+            if ends and k <= self.merge and kernels[i - 1] <= self.merge:
+                ends[-1] = total
+            else:
+                ends.append(total)
+        if self.align:
+            ends = sorted({e // self.align * self.align for e in ends[:-1]} - {0}) + ends[-1:]
+        return ends
 
 
-def depthwise_candidates(kernels: list[int]) -> list[str]:
-    """Every distinct lowering of a depthwise MixConv with these (dense) kernel sizes (+pairs only
-    with kernels up to PAIRS_MAX)."""
+def depthwise_candidates(kernels: list[int], channels: list[int]) -> list[str]:
+    """Every distinct lowering of a depthwise MixConv with these (dense) kernel sizes and channel
+    counts (+pairs only with kernels up to PAIRS_MAX; @ALIGN where it moves a segment boundary)."""
     merges = ["split"] + [f"fold<={k}" for k in sorted(set(kernels))[1:-1]] + (["fold"] if len(kernels) > 1 else [])
     largest = max(kernels)
     cuts = [cut for cut, b in PIECES.items() if b < largest and (cut != "pairs" or largest <= PAIRS_MAX)]
+    choices = [DepthwiseChoice.parse(merge) for merge in merges]
+    seen = {tuple(c.ends(kernels, channels)) for c in choices}  # the ends alone fix the segments
     out = []
-    for merge in merges:
-        choice = DepthwiseChoice.parse(merge)
+    for merge, choice in zip(merges, choices):
         out.append(merge)
         out += [f"{merge}+{cut}" for cut in cuts if choice.merge > 0 or any(k > PIECES[cut] for k in kernels)]
+        aligned = DepthwiseChoice(choice.merge, None, ALIGN)
+        ends = tuple(aligned.ends(kernels, channels))
+        if ends not in seen:
+            seen.add(ends)
+            out.append(str(aligned))
     return out
 
 

@@ -41,6 +41,31 @@ def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
     graph = onnx.load(str(result.path)).graph
     assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    weights = {i.name for i in graph.initializer}
+    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) >= 10  # gates scale the weights
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_gate_scales_the_weights_of_the_conv_after_it(tmp_path, groups):
+    import torch
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    from exporters.onnx_export import write_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), SqueezeExcite(32, rd_ratio=0.25),
+                                torch.nn.Conv2d(32, 16, 1, groups=groups)).eval()
+    x = torch.randn(1, 8, 10, 12)
+    for scale, dynamic in ((True, False), (False, False), (True, True)):
+        path = tmp_path / f"{scale}{dynamic}.onnx"
+        write_onnx(model, (8, 10, 12), path, dynamic_batch=dynamic, scale_weights=scale)
+        graph = onnx.load(str(path)).graph
+        weights = {i.name for i in graph.initializer}
+        scaled = [n for n in graph.node if n.op_type == "Conv" and n.input[1] not in weights]
+        assert len(scaled) == (scale and not dynamic)  # the SE's own 1x1 convs (on 1x1 maps) are left alone
+        out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
+        ref = model(x).detach().numpy()
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_dynamic_batch_and_opset_17(tmp_path):

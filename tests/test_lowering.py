@@ -57,17 +57,28 @@ def test_choices_build_what_they_say():
     assert None in built["split+strips"].segments[2].own_pads  # the top strip reads a window of the padded input
 
 
+def test_aligned_choices_move_segment_boundaries_down_to_the_block():
+    model = block(MixConv(60, (3, 5, 7)), 60, first=3)  # groups of 20: boundaries at 20, 40
+    built = lower(model, (60, 12, 12), Plan({"1": "split@16"})).module[1]
+    assert built.splits == [16, 16, 28] and [s.kernel_size[0] for s in built.segments] == [3, 5, 7]
+    assert "split@16" in depthwise_candidates([3, 5, 7], [20, 20, 20])
+    assert not any("@" in c for c in depthwise_candidates([3, 5, 7], [16, 32, 16]))  # already aligned
+    assert str(DepthwiseChoice.parse("fold<=5@16+pairs")) == "fold<=5@16+pairs"
+    with pytest.raises(MixdeployError):
+        DepthwiseChoice.parse("split@1")
+
+
 def test_candidates_and_choice_grammar():
-    assert depthwise_candidates([3, 5]) == ["split", "split+block3", "fold", "fold+block3"]
-    assert "split+strips" in depthwise_candidates([3, 5, 7]) and "fold+strips" not in depthwise_candidates([3, 5])
+    assert depthwise_candidates([3, 5], [16, 16]) == ["split", "split+block3", "fold", "fold+block3"]
+    assert "split+strips" in depthwise_candidates([3, 5, 7], [16, 16, 16]) and "fold+strips" not in depthwise_candidates([3, 5], [16, 16])
     assert pieces(7, "strips") == [(0, 0, 3, 7, 1), (3, 0, 3, 7, 1), (6, 0, 1, 7, 1)]
     assert pieces(9, "strips") == [(i, 0, 2 if i < 8 else 1, 9, 1) for i in range(0, 9, 2)]
     assert len(pieces(7, "block5")) == 4 and all(p.height * p.width <= 25 for p in pieces(11, "strips"))
     assert pieces(7, "pairs") == [(2, 0, 3, 7, 1), (1, 0, 2, 7, 4), (0, 0, 2, 7, 6)]  # rows 2-4, {1, 5}, {0, 6}
     assert all(p.height * p.width <= 25 for k in (7, 9, 11) for p in pieces(k, "pairs"))
-    assert "split+pairs" in depthwise_candidates([3, 5, 7]) and "split+pairs" not in depthwise_candidates([3, 5])
-    assert "fold+pairs" not in depthwise_candidates([3, 13])  # a 13-wide row pair has 26 taps
-    assert depthwise_candidates([3]) == ["split"]
+    assert "split+pairs" in depthwise_candidates([3, 5, 7], [16, 16, 16]) and "split+pairs" not in depthwise_candidates([3, 5], [16, 16])
+    assert "fold+pairs" not in depthwise_candidates([3, 13], [16, 16])  # a 13-wide row pair has 26 taps
+    assert depthwise_candidates([3], [16]) == ["split"]
     assert str(DepthwiseChoice.parse("fold<=7+block5")) == "fold<=7+block5"
     with pytest.raises(MixdeployError):
         DepthwiseChoice.parse("fold<7")
@@ -97,7 +108,8 @@ def test_each_segment_gets_its_own_rows_of_the_expansion():
 
     x = torch.randn(2, 24, 12, 12)
     for groups, kernels, inputs in ((1, (3, 5, 7), [(0, 24)] * 3), (2, (3, 5), [(0, 12), (12, 24)]),
-                                    (2, (3, 5, 7, 9), [(0, 12), (0, 12), (12, 24), (12, 24)])):
+                                    (2, (3, 5, 7, 9), [(0, 12), (0, 12), (12, 24), (12, 24)]),
+                                    (2, (3, 5, 7), [(0, 12), (0, 24), (12, 24)])):  # the middle one spans both groups
         model = expansion_block(groups, kernels)
         lowered = lower(model, (24, 12, 12), Plan({"dw": "split"})).module
         assert isinstance(lowered.pw, ExpandedMixConv) and lowered.pw.inputs == inputs
@@ -105,9 +117,8 @@ def test_each_segment_gets_its_own_rows_of_the_expansion():
         with torch.no_grad():
             ref = model(x)
             assert (lowered(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
-    # not rewritten: a folded MixConv (one segment), an expansion read twice, a segment across two groups
-    for model, choice in ((expansion_block(1, (3, 5)), "fold"), (expansion_block(1, (3, 5), skip=True), "split"),
-                          (expansion_block(2, (3, 5, 7)), "split")):
+    # not rewritten: a folded MixConv (one segment), an expansion read twice
+    for model, choice in ((expansion_block(1, (3, 5)), "fold"), (expansion_block(1, (3, 5), skip=True), "split")):
         lowered = lower(model, (24, 12, 12), Plan({"dw": choice})).module
         assert not any(isinstance(m, ExpandedMixConv) for m in lowered.modules()), choice
 
