@@ -59,9 +59,10 @@ def scaled_weights(model) -> int:
     for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
     nodes, rewritten = list(graph.node), 0
     for mul in list(nodes):
-        if mul.op_type != "Mul" or len(users.get(mul.output[0], [])) != 1:
+        if mul.op_type != "Mul" or len(users.get(mul.output[0], [])) != 1 or mul.output[0] in outputs:
             continue
         x, scale = sorted(mul.input, key=lambda name: shapes.get(name, [0] * 4)[2:] == [1, 1])
         conv = users[mul.output[0]][0]

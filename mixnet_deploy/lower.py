@@ -130,9 +130,9 @@ def _depthwise(site: Site, choice: DepthwiseChoice) -> nn.Module:
     starts = [0, *itertools.accumulate(g.in_channels for g in groups)]
     segments, start = [], 0
     ends = choice.ends([g.dense().kernel for g in groups], [g.in_channels for g in groups])
-    for end in ends:
-        run = [crop(replace(g, weight=g.weight[max(start, s) - s:end - s], bias=g.bias[max(start, s) - s:end - s]), site.in_hw)
-               for g, s in zip(groups, starts) if s < end and s + g.in_channels > start]
+    for end in ends:  # a segment takes the channels [start, end) of every group that has some
+        run = [crop(replace(g, weight=g.weight[max(start, at) - at:end - at], bias=g.bias[max(start, at) - at:end - at]), site.in_hw)
+               for g, at in zip(groups, starts) if at < end and at + g.in_channels > start]
         g = merge(run, site.in_hw) if len(run) > 1 else run[0]
         if choice.cut and g.dense().kernel > PIECES[choice.cut]:
             g = g.dense()
