@@ -152,12 +152,17 @@ def _pointwise(groups: list[ConvGroup], choice: str) -> nn.Module:
     bias = torch.cat([g.bias for g in groups])
     if choice == "grouped" and len(set(ins)) == 1 and len(set(outs)) == 1:
         return DeployConv(torch.cat([g.weight for g in groups]), bias, first.stride, 1, first.pads, len(groups))
-    weight = first.weight.new_zeros(sum(outs), sum(ins), 1, 1)  # block-diagonal: exact for uneven splits too
+    return DeployConv(_block_diagonal([g.weight for g in groups]), bias, first.stride, 1, first.pads, 1)
+
+
+def _block_diagonal(weights: list[torch.Tensor]) -> torch.Tensor:
+    """One dense 1x1 weight equal to these groups' weights side by side (exact for uneven groups too)."""
+    out = weights[0].new_zeros(sum(w.shape[0] for w in weights), sum(w.shape[1] for w in weights), 1, 1)
     r = c = 0
-    for g in groups:
-        weight[r:r + g.out_channels, c:c + g.in_channels] = g.weight
-        r, c = r + g.out_channels, c + g.in_channels
-    return DeployConv(weight, bias, first.stride, 1, first.pads, 1)
+    for w in weights:
+        out[r:r + w.shape[0], c:c + w.shape[1]] = w
+        r, c = r + w.shape[0], c + w.shape[1]
+    return out
 
 
 def build_layer(site: Site, choice: str | None) -> nn.Module:
@@ -185,13 +190,11 @@ def _expand_rows(pw: DeployConv, splits: list[int]) -> list[tuple[tuple[int, int
     """Per split, the input channel range and the 1x1 conv of `pw`'s rows that feed it (a split that
     spans several of pw's groups reads all their inputs, its weight zero across groups: exact)."""
     out_per, in_per = pw.out_channels // pw.groups, pw.in_channels // pw.groups
+    dense = _block_diagonal(list(pw.weight.detach().chunk(pw.groups)))
     rows, start = [], 0
     for n in splits:
         first, last = start // out_per, (start + n - 1) // out_per
-        weight = pw.weight.new_zeros(n, (last - first + 1) * in_per, 1, 1)
-        for g in range(first, last + 1):
-            a, b = max(start, g * out_per), min(start + n, (g + 1) * out_per)
-            weight[a - start:b - start, (g - first) * in_per:(g - first + 1) * in_per] = pw.weight[a:b].detach()
+        weight = dense[start:start + n, first * in_per:(last + 1) * in_per]
         conv = DeployConv(weight, pw.bias[start:start + n].detach(), 1, 1, (0, 0, 0, 0), 1)
         rows.append(((first * in_per, (last + 1) * in_per), conv))
         start += n
