@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from devices.runners import LiteRtRunner, OrtRunner
+from exporters.formats import FORMATS
 from exporters.onnx_export import write_onnx
 from exporters.tflite_export import write_tflite
 
@@ -53,7 +54,7 @@ def _timer(write: Callable, runner: type, suffix: str, nhwc: bool) -> Callable:
 
 
 PROBE_TIMERS = {
-    "onnxruntime": _timer(functools.partial(write_onnx, scale_weights=True), OrtRunner, ".onnx", nhwc=False),  # as exported
+    "onnxruntime": _timer(functools.partial(FORMATS["onnx"].write, options={}), OrtRunner, ".onnx", nhwc=False),  # as exported
     "onnxruntime_int8": _timer(_int8_onnx, OrtRunner, ".onnx", nhwc=False),
     "litert": _timer(write_tflite, LiteRtRunner, ".tflite", nhwc=True),
     "litert_int8": _timer(_int8_tflite, LiteRtRunner, ".tflite", nhwc=True),

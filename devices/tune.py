@@ -55,9 +55,9 @@ def write_model(module: nn.Module, input_size: tuple[int, int, int], path: Path,
 
         write_tflite(module, input_size, path, fp16=precision == "fp16")
     else:
-        from exporters.onnx_export import write_onnx
+        from exporters.formats import FORMATS
 
-        write_onnx(module, input_size, path, scale_weights=True)  # as `mixdeploy export` writes it
+        FORMATS["onnx"].write(module, input_size, path, {})  # as `mixdeploy export` writes it
 
 
 @dataclass
