@@ -43,6 +43,7 @@ class LayerInfo:
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
     candidates: list[str]
+    feed: tuple[int, int] | None = None  # (in channels, groups) of the 1x1 conv that feeds a depthwise MixConv
 
 
 @dataclass
@@ -61,6 +62,17 @@ class Site:
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
     bn: str | None = None
+    feed: tuple[int, int] | None = None  # see LayerInfo.feed
+
+
+def _feed(previous: Site | None, groups: list[ConvGroup]) -> tuple[int, int] | None:
+    """(in channels, groups) of `previous` when it is the 1x1 conv that expands into these depthwise groups."""
+    if previous is None or not groups[0].depthwise:
+        return None
+    pw = previous.groups
+    if any(g.depthwise or g.kernel != 1 or g.stride != 1 for g in pw) or sum(g.out_channels for g in pw) != sum(g.in_channels for g in groups):
+        return None
+    return sum(g.in_channels for g in pw), len(pw)
 
 
 def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
@@ -74,7 +86,8 @@ def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
         def hook(mod, inp, out):
             groups = to_groups(mod, tuple(inp[0].shape[-2:]))
             if groups is not None:
-                site = Site(name, groups, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
+                previous = next(reversed(sites.values()), None)
+                site = Site(name, groups, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]), feed=_feed(previous, groups))
                 sites[id(mod)] = site
                 produced_by[id(out)] = site
         return hook
@@ -118,7 +131,7 @@ def layer_info(site: Site) -> LayerInfo | None:
     kernels = [g.dense().kernel for g in site.groups]
     candidates = depthwise_candidates(kernels, [g.in_channels for g in site.groups]) if kind == "depthwise" else list(POINTWISE_CHOICES)
     return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], [g.out_channels for g in site.groups], kernels, site.groups[0].stride,
-                     site.in_hw, site.out_hw, candidates)
+                     site.in_hw, site.out_hw, candidates, site.feed if kind == "depthwise" else None)
 
 
 def _conv(g: ConvGroup) -> DeployConv:

@@ -11,24 +11,30 @@ from .lower import LayerInfo, Lowered, lower
 from .mixconv import MixConv
 from .plan import Plan
 
-FEED = 16  # input channels of a depthwise probe's 1x1 expansion conv
-VERSION = 2  # of the probe models: timings of other versions are not comparable (2: the expansion feed)
+FEED = (16, 1)  # (in channels, groups) of the 1x1 expansion conv of a depthwise probe whose layer has none
+VERSION = 3  # of the probe models: timings of other versions are not comparable (3: the layer's own expansion)
+
+
+def _feed(info: LayerInfo) -> tuple[int, int]:
+    return info.feed or FEED
 
 
 def probe_input(info: LayerInfo) -> tuple[int, int, int]:
     """The input size of `info`'s probe model."""
-    return (FEED if info.kind == "depthwise" else sum(info.channels), *info.in_hw)
+    return (_feed(info)[0] if info.kind == "depthwise" else sum(info.channels), *info.in_hw)
 
 
 def probe(info: LayerInfo, choice: str) -> Lowered:
     """A probe model for `info`, lowered with `choice` (its layer: `probed_layer`). A depthwise MixConv
-    is fed by a 1x1 expansion conv, as in an inverted residual block (so a split one gets its own
-    rows of it, see lower.split_expansions); a grouped 1x1 one by a depthwise 3x3 conv."""
+    is fed by its layer's 1x1 expansion conv, with as many groups (or a dense one), as in an inverted
+    residual block (so a split one gets its own rows of it, see lower.split_expansions, and a
+    segment spanning two of its groups reads both); a grouped 1x1 one by a depthwise 3x3 conv."""
     from timm.layers import MixedConv2d
 
     channels, out = sum(info.channels), sum(info.out_channels)
     if info.kind == "depthwise":
-        feed = nn.Conv2d(FEED, channels, 1)
+        feed_in, feed_groups = _feed(info)
+        feed = MixedConv2d(feed_in, channels, [1] * feed_groups)
         layer = MixConv(channels, info.kernels, info.stride, partition=info.channels)
     else:
         feed = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)

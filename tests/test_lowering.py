@@ -123,6 +123,18 @@ def test_each_segment_gets_its_own_rows_of_the_expansion():
         assert not any(isinstance(m, ExpandedMixConv) for m in lowered.modules()), choice
 
 
+def test_probes_are_fed_by_the_layers_own_expansion():
+    from mixnet_deploy.deploy_modules import ExpandedMixConv
+    from mixnet_deploy.probes import probe, probe_input, probed_layer
+
+    expand, info = analyse(expansion_block(2, (3, 5, 7)), (24, 12, 12))
+    assert (expand.kind, expand.feed, info.kind, info.feed) == ("pointwise", None, "depthwise", (24, 2))
+    assert [i.feed for i in analyse(block(MixConv(30, (3, 5)), 30, first=3), (30, 8, 8))] == [None]  # fed by a 3x3
+    assert probe_input(info) == (24, 12, 12)
+    layer = probed_layer(probe(info, "split"))  # 32 channels each: the middle segment spans both expansion groups
+    assert isinstance(layer, ExpandedMixConv) and layer.inputs == [(0, 12), (0, 24), (12, 24)]
+
+
 def test_a_model_fx_cannot_trace_still_lowers():
     class Branchy(nn.Module):
         def __init__(self):
