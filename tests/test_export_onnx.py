@@ -8,6 +8,7 @@ import pytest
 from conftest import assert_usage_error
 from devices.runners import OrtRunner
 from exporters.export import export
+from mixnet_deploy import load_model
 from mixnet_deploy.models import MIXNETS
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,10 @@ def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
     assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     weights = {i.name for i in graph.initializer}
-    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) >= 10  # gates scale the weights
+    se = [name for name, mod in load_model("mixnet_s").module.named_modules() if type(getattr(mod, "se", None)).__name__ == "SqueezeExcite"]
+    one_conv = [b for b in se if result.plan.layers.get(f"{b}.conv_pwl") != "split"]  # a split projection starts with a Split
+    assert len(se) == 13 and len(one_conv) >= 5
+    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == len(one_conv)  # gates scale the weights
 
 
 @pytest.mark.parametrize("groups", [1, 2])
