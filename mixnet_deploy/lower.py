@@ -131,7 +131,7 @@ def layer_info(site: Site) -> LayerInfo | None:
     kernels = [g.dense().kernel for g in site.groups]
     candidates = depthwise_candidates(kernels, [g.in_channels for g in site.groups]) if kind == "depthwise" else list(POINTWISE_CHOICES)
     return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], [g.out_channels for g in site.groups], kernels, site.groups[0].stride,
-                     site.in_hw, site.out_hw, candidates, site.feed if kind == "depthwise" else None)
+                     site.in_hw, site.out_hw, candidates, site.feed)
 
 
 def _conv(g: ConvGroup) -> DeployConv:

@@ -15,13 +15,13 @@ FEED = (16, 1)  # (in channels, groups) of the 1x1 expansion conv of a depthwise
 VERSION = 3  # of the probe models: timings of other versions are not comparable (3: the layer's own expansion)
 
 
-def _feed(info: LayerInfo) -> tuple[int, int]:
+def _expansion(info: LayerInfo) -> tuple[int, int]:
     return info.feed or FEED
 
 
 def probe_input(info: LayerInfo) -> tuple[int, int, int]:
     """The input size of `info`'s probe model."""
-    return (_feed(info)[0] if info.kind == "depthwise" else sum(info.channels), *info.in_hw)
+    return (_expansion(info)[0] if info.kind == "depthwise" else sum(info.channels), *info.in_hw)
 
 
 def probe(info: LayerInfo, choice: str) -> Lowered:
@@ -33,7 +33,7 @@ def probe(info: LayerInfo, choice: str) -> Lowered:
 
     channels, out = sum(info.channels), sum(info.out_channels)
     if info.kind == "depthwise":
-        feed_in, feed_groups = _feed(info)
+        feed_in, feed_groups = _expansion(info)
         feed = MixedConv2d(feed_in, channels, [1] * feed_groups)
         layer = MixConv(channels, info.kernels, info.stride, partition=info.channels)
     else:

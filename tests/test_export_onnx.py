@@ -43,7 +43,9 @@ def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
     assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     weights = {i.name for i in graph.initializer}
-    se = [name for name, mod in load_model("mixnet_s").module.named_modules() if type(getattr(mod, "se", None)).__name__ == "SqueezeExcite"]
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    se = [name for name, mod in load_model("mixnet_s").module.named_modules() if isinstance(getattr(mod, "se", None), SqueezeExcite)]
     one_conv = [b for b in se if result.plan.layers.get(f"{b}.conv_pwl") != "split"]  # a split projection starts with a Split
     assert len(se) == 13 and len(one_conv) >= 5
     assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == len(one_conv)  # gates scale the weights
