@@ -47,9 +47,10 @@ def _drop_unused(graph) -> None:
 def scaled_weights(model) -> int:
     """Rewrite Mul(x, s) -> 1x1 Conv, with s one scale per channel of a batch-1 x (a squeeze-excite
     gate), as the Conv of x with its weight scaled by s: the same numbers up to rounding, without
-    the Mul, the pass over x that ONNX Runtime spends on it, or the re-layout around it. Returns how
-    many were rewritten."""
-    from onnx import helper, numpy_helper, shape_inference
+    the Mul, the pass over x that ONNX Runtime spends on it, or the re-layout around it. A Mul that
+    feeds a channel Split whose every part feeds such a Conv (a split projection) becomes a Split
+    of x and one of s, each Conv scaled by its part of s. Returns how many gates were folded."""
+    from onnx import helper, shape_inference
 
     graph = model.graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
@@ -60,29 +61,35 @@ def scaled_weights(model) -> int:
         for name in node.input:
             users.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
+
+    def only_user(name: str):
+        return users[name][0] if len(users.get(name, [])) == 1 and name not in outputs else None
+
     nodes, rewritten = list(graph.node), 0
     for mul in list(nodes):
-        if mul.op_type != "Mul" or len(users.get(mul.output[0], [])) != 1 or mul.output[0] in outputs:
+        user = only_user(mul.output[0]) if mul.op_type == "Mul" else None
+        if user is None:
             continue
         x, scale = sorted(mul.input, key=lambda name: shapes.get(name, [0] * 4)[2:] == [1, 1])
-        conv = users[mul.output[0]][0]
-        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-        w = weights.get(conv.input[1]) if conv.op_type == "Conv" and conv.input[0] == mul.output[0] else None
-        if w is None or list(w.dims[2:]) != [1, 1] or any(attrs.get("pads", [0])) or set(attrs.get("strides", [1])) != {1}:
+        channels = shapes.get(scale, [0, 0])[1]
+        if (len(shapes.get(x, [])) != 4 or shapes[x][:2] != [1, channels] or shapes[x][2:] == [1, 1]
+                or shapes[scale] != [1, channels, 1, 1]):
             continue
-        groups, (c_out, c_in) = attrs.get("group", 1), w.dims[:2]
-        if (len(shapes.get(x, [])) != 4 or shapes[x][:2] != [1, groups * c_in] or shapes[x][2:] == [1, 1]
-                or shapes.get(scale) != [1, groups * c_in, 1, 1]):
+        attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
+        if user.op_type == "Split" and attrs.get("axis", 0) in (1, -3):
+            convs = [(only_user(out), out, shapes.get(out, [0, 0])[1], f"{out}_gate") for out in user.output]
+            split = helper.make_node("Split", [scale, *user.input[1:]], [c[3] for c in convs], name=f"{user.output[0]}_gate")
+            split.attribute.extend(user.attribute)
+            scaling = [split]
+        else:
+            convs, scaling = [(user, mul.output[0], channels, scale)], []
+        if not all(_scalable(conv, part, n, weights) for conv, part, n, _ in convs):
             continue
-        name = conv.input[1] + "_scaled"
-        grouped = numpy_helper.from_array(numpy_helper.to_array(w).reshape(groups, c_out // groups, c_in), name + "_w")
-        shape = [numpy_helper.from_array(np.array(v, dtype=np.int64), name + k)
-                 for k, v in (("_s", [groups, 1, c_in]), ("_shape", [c_out, c_in, 1, 1]))]
-        graph.initializer.extend([grouped, *shape])
-        scaling = [helper.make_node("Reshape", [scale, name + "_s"], [name + "_s3"]),
-                   helper.make_node("Mul", [name + "_w", name + "_s3"], [name + "_3"]),
-                   helper.make_node("Reshape", [name + "_3", name + "_shape"], [name])]
-        conv.input[0], conv.input[1] = x, name
+        if len(convs) > 1 and sum(np.prod(weights[c[0].input[1]].dims) for c in convs) > np.prod(shapes[x]):
+            continue
+        for conv, part, _, part_scale in convs:
+            scaling += _scale(conv, part_scale, weights, graph.initializer)
+        user.input[0] = x  # the Conv, or the Split, now reads x itself
         at = nodes.index(mul)
         nodes[at:at + 1] = scaling
         rewritten += 1
@@ -90,6 +97,38 @@ def scaled_weights(model) -> int:
     graph.node.extend(nodes)
     _drop_unused(graph)
     return rewritten
+
+
+def _scalable(conv, x: str, channels: int, weights: dict) -> bool:
+    """Whether `conv` is a stride-1 unpadded 1x1 Conv of `x` (`channels` wide) with a constant weight."""
+    from onnx import helper
+
+    if conv is None or conv.op_type != "Conv" or conv.input[0] != x or conv.input[1] not in weights:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    w = weights[conv.input[1]]
+    return (list(w.dims[2:]) == [1, 1] and not any(attrs.get("pads", [0])) and set(attrs.get("strides", [1])) == {1}
+            and attrs.get("group", 1) * w.dims[1] == channels)
+
+
+def _scale(conv, scale: str, weights: dict, initializers) -> list:
+    """Rewire `conv` (see _scalable) to its weight scaled per input channel by `scale` (1, C, 1, 1);
+    returns the nodes that compute that weight."""
+    from onnx import helper, numpy_helper
+
+    w = weights[conv.input[1]]
+    groups = next((helper.get_attribute_value(a) for a in conv.attribute if a.name == "group"), 1)
+    c_out, c_in = w.dims[:2]
+    name = conv.input[1] + "_scaled"
+    conv.input[1] = name
+    if groups == 1:  # (c_out, c_in, 1, 1) x (1, c_in, 1, 1)
+        return [helper.make_node("Mul", [w.name, scale], [name])]
+    initializers.extend([numpy_helper.from_array(numpy_helper.to_array(w).reshape(groups, c_out // groups, c_in), name + "_w"),
+                         *(numpy_helper.from_array(np.array(v, dtype=np.int64), name + k)
+                           for k, v in (("_s", [groups, 1, c_in]), ("_shape", [c_out, c_in, 1, 1])))])
+    return [helper.make_node("Reshape", [scale, name + "_s"], [name + "_s3"]),
+            helper.make_node("Mul", [name + "_w", name + "_s3"], [name + "_3"]),
+            helper.make_node("Reshape", [name + "_3", name + "_shape"], [name])]
 
 
 def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, opset: int = 18,

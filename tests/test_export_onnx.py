@@ -4,6 +4,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from conftest import assert_usage_error
 from devices.runners import OrtRunner
@@ -45,10 +46,18 @@ def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
     weights = {i.name for i in graph.initializer}
     from timm.models._efficientnet_blocks import SqueezeExcite
 
-    se = [name for name, mod in load_model("mixnet_s").module.named_modules() if isinstance(getattr(mod, "se", None), SqueezeExcite)]
-    one_conv = [b for b in se if result.plan.layers.get(f"{b}.conv_pwl") != "split"]  # a split projection starts with a Split
-    assert len(se) == 13 and len(one_conv) >= 5
-    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == len(one_conv)  # gates scale the weights
+    model = load_model("mixnet_s").module
+    se = [name for name, mod in model.named_modules() if isinstance(getattr(mod, "se", None), SqueezeExcite)]
+    one_conv = [b for b in se if result.plan.layers.get(f"{b}.conv_pwl") != "split"]
+    gated = {}  # a split projection's gate goes into its weights when they are smaller than the gated tensor
+    for b in se:
+        model.get_submodule(f"{b}.conv_pwl").register_forward_hook(lambda m, i, o, b=b: gated.update({b: i[0].numel()}))
+    model(torch.randn(1, 3, 224, 224))
+    pwl = {b: list(model.get_submodule(f"{b}.conv_pwl").children()) for b in se}  # a split one: a MixedConv2d of convs
+    small = [b for b in se if b not in one_conv and sum(c.weight.numel() for c in pwl[b]) <= gated[b]]
+    parts = sum(len(pwl[b]) for b in small)
+    assert len(se) == 13 and len(one_conv) >= 5 and len(small) >= 1 and len(small) + len(one_conv) < len(se)
+    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == len(one_conv) + parts
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -72,6 +81,29 @@ def test_a_gate_scales_the_weights_of_the_conv_after_it(tmp_path, groups):
         out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
         ref = model(x).detach().numpy()
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("hw", [(10, 12), (2, 2)])
+def test_a_gate_before_a_split_projection_scales_each_part_when_its_weights_are_smaller(tmp_path, hw):
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    from exporters.onnx_export import write_onnx
+    from mixnet_deploy.deploy_modules import DeployConv, LoweredMixConv
+
+    torch.manual_seed(0)
+    parts = [DeployConv(torch.randn(8, 16, 1, 1), torch.randn(8), 1, 1, (0, 0, 0, 0), 1) for _ in range(2)]
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), SqueezeExcite(32, rd_ratio=0.25),
+                                LoweredMixConv([16, 16], parts)).eval()
+    path = tmp_path / "m.onnx"
+    write_onnx(model, (8, *hw), path, scale_weights=True)
+    graph = onnx.load(str(path)).graph
+    weights = {i.name for i in graph.initializer}
+    folded = hw[0] * hw[1] * 32 >= 2 * 8 * 16  # the gated tensor is larger than the two weights
+    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == 2 * folded
+    x = torch.randn(1, 8, *hw)
+    out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
+    ref = model(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_dynamic_batch_and_opset_17(tmp_path):
