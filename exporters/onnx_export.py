@@ -49,7 +49,9 @@ def scaled_weights(model) -> int:
     gate), as the Conv of x with its weight scaled by s: the same numbers up to rounding, without
     the Mul, the pass over x that ONNX Runtime spends on it, or the re-layout around it. A Mul that
     feeds a channel Split whose every part feeds such a Conv (a split projection) becomes a Split
-    of x and one of s, each Conv scaled by its part of s. Returns how many gates were folded."""
+    of x and one of s, each Conv scaled by its part of s, when those weights hold no more numbers
+    than x (scaling larger ones costs more than the pass saved; a single Conv's fold measured even
+    either way, so it is always taken). Returns how many gates were folded."""
     from onnx import helper, shape_inference
 
     graph = model.graph
@@ -73,7 +75,7 @@ def scaled_weights(model) -> int:
         x, scale = sorted(mul.input, key=lambda name: shapes.get(name, [0] * 4)[2:] == [1, 1])
         channels = shapes.get(scale, [0, 0])[1]
         if (len(shapes.get(x, [])) != 4 or shapes[x][:2] != [1, channels] or shapes[x][2:] == [1, 1]
-                or shapes[scale] != [1, channels, 1, 1]):
+                or shapes.get(scale) != [1, channels, 1, 1]):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
         if user.op_type == "Split" and attrs.get("axis", 0) in (1, -3):
@@ -119,7 +121,7 @@ def _scale(conv, scale: str, weights: dict, initializers) -> list:
     w = weights[conv.input[1]]
     groups = next((helper.get_attribute_value(a) for a in conv.attribute if a.name == "group"), 1)
     c_out, c_in = w.dims[:2]
-    name = conv.input[1] + "_scaled"
+    name = conv.output[0] + "_weight"  # unique even when two convs share a weight
     conv.input[1] = name
     if groups == 1:  # (c_out, c_in, 1, 1) x (1, c_in, 1, 1)
         return [helper.make_node("Mul", [w.name, scale], [name])]

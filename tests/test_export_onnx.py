@@ -106,6 +106,33 @@ def test_a_gate_before_a_split_projection_scales_each_part_when_its_weights_are_
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def test_two_gated_convs_sharing_a_weight_fold_apart(tmp_path):
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    from exporters.onnx_export import write_onnx
+
+    class Tied(torch.nn.Module):  # one projection applied after two gates: one weight, two Conv nodes
+        def __init__(self):
+            super().__init__()
+            self.conv, self.proj = torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.Conv2d(32, 16, 1)
+            self.se = torch.nn.ModuleList([SqueezeExcite(32, rd_ratio=0.25) for _ in range(2)])
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.proj(self.se[0](y)) - self.proj(self.se[1](y))
+
+    torch.manual_seed(0)
+    model, path = Tied().eval(), tmp_path / "tied.onnx"
+    write_onnx(model, (8, 10, 12), path, scale_weights=True)
+    graph = onnx.load(str(path)).graph
+    weights = {i.name for i in graph.initializer}
+    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == 2
+    x = torch.randn(1, 8, 10, 12)
+    out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
+    ref = model(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_dynamic_batch_and_opset_17(tmp_path):
     result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", plan="fold",
                      options={"dynamic_batch": True, "opset": 17})
