@@ -371,8 +371,8 @@ def _bench_table(measured: dict) -> None:
             table.add_row(*cells, f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
                           "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
     out.print(table)
-    for r in measured["results"][:1] if peers else measured["results"]:
-        out.print(f"{r['model']}, weights {r['weights']}, {r['runtime']}")
+    for line in dict.fromkeys(f"{r['model']}, weights {r['weights']}, {r['runtime']}" for r in measured["results"]):
+        out.print(line)  # one line per model and runtime, not per file
     for label, why in measured.get("missing_peers", {}).items():
         out.print(f"[yellow]{label}: {why}[/]")
 
