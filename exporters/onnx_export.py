@@ -50,8 +50,9 @@ def scaled_weights(model) -> int:
     the Mul, the pass over x that ONNX Runtime spends on it, or the re-layout around it. A Mul that
     feeds a channel Split whose every part feeds such a Conv (a split projection) becomes a Split
     of x and one of s, each Conv scaled by its part of s, when those weights hold no more numbers
-    than x (scaling larger ones costs more than the pass saved; a single Conv's fold measured even
-    either way, so it is always taken). Returns how many gates were folded."""
+    than x (scaling larger ones costs more than the pass saved; a single Conv is always folded:
+    timed both ways, it lost nothing). x must have a shape from shape inference (a gate on the
+    graph input itself is left alone). Returns how many gates were folded."""
     from onnx import helper, shape_inference
 
     graph = model.graph
@@ -78,7 +79,7 @@ def scaled_weights(model) -> int:
                 or shapes.get(scale) != [1, channels, 1, 1]):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
-        if user.op_type == "Split" and attrs.get("axis", 0) in (1, -3):
+        if user.op_type == "Split" and attrs.get("axis", 0) in (1, -3) and user.input[0] == mul.output[0]:
             convs = [(only_user(out), out, shapes.get(out, [0, 0])[1], f"{out}_gate") for out in user.output]
             split = helper.make_node("Split", [scale, *user.input[1:]], [c[3] for c in convs], name=f"{user.output[0]}_gate")
             split.attribute.extend(user.attribute)
@@ -92,8 +93,9 @@ def scaled_weights(model) -> int:
         for conv, part, _, part_scale in convs:
             scaling += _scale(conv, part_scale, weights, graph.initializer)
         user.input[0] = x  # the Conv, or the Split, now reads x itself
-        at = nodes.index(mul)
-        nodes[at:at + 1] = scaling
+        nodes.remove(mul)
+        at = nodes.index(user)  # everything the scaling reads (the gate, the split sizes) comes before it
+        nodes[at:at] = scaling
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -101,11 +103,11 @@ def scaled_weights(model) -> int:
     return rewritten
 
 
-def _scalable(conv, x: str, channels: int, weights: dict) -> bool:
-    """Whether `conv` is a stride-1 unpadded 1x1 Conv of `x` (`channels` wide) with a constant weight."""
+def _scalable(conv, part: str, channels: int, weights: dict) -> bool:
+    """Whether `conv` is a stride-1 unpadded 1x1 Conv of `part` (`channels` wide) with a constant weight."""
     from onnx import helper
 
-    if conv is None or conv.op_type != "Conv" or conv.input[0] != x or conv.input[1] not in weights:
+    if conv is None or conv.op_type != "Conv" or conv.input[0] != part or conv.input[1] not in weights:
         return False
     attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
     w = weights[conv.input[1]]
@@ -133,10 +135,51 @@ def _scale(conv, scale: str, weights: dict, initializers) -> list:
             helper.make_node("Reshape", [name + "_3", name + "_shape"], [name])]
 
 
+def opset_17(model):
+    """`model` (opset 18) at opset 17. onnx's version converter has no 18 -> 17 adapter for Split or
+    Pad, so the ops whose schema changed at 18 are rewritten here: Split's num_outputs becomes split
+    sizes, a Reduce's axes input becomes its attribute, Pad must have no axes input; any other op
+    changed at 18 is refused. Every other op reads the same at 17."""
+    from onnx import defs, helper, numpy_helper, shape_inference
+
+    from mixnet_deploy.errors import MixdeployError
+
+    graph = model.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in shape_inference.infer_shapes(model).graph.value_info}
+    shapes.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input})
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or defs.get_schema(node.op_type, 18).since_version < 18:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        reduce = node.op_type.startswith("Reduce") and "noop_with_empty_axes" not in attrs
+        if node.op_type == "Split" and "num_outputs" in attrs:
+            n, axis = attrs["num_outputs"].i, attrs["axis"].i if "axis" in attrs else 0
+            dim = shapes.get(node.input[0], [0] * 8)[axis]
+            if dim <= 0:
+                raise MixdeployError(f"cannot write Split ({node.name}) of an unknown size at opset 17; use --opset 18")
+            size = -(-dim // n)  # opset 18's rule: equal parts, the last one smaller
+            name = node.output[0] + "_sizes"
+            graph.initializer.append(numpy_helper.from_array(np.array([size] * (n - 1) + [dim - size * (n - 1)], np.int64), name))
+            node.input[1:] = [name]
+            node.attribute.remove(attrs["num_outputs"])
+        elif reduce and len(node.input) > 1 and node.input[1] in constants:
+            node.attribute.append(helper.make_attribute("axes", [int(a) for a in constants[node.input[1]]]))
+            del node.input[1:]
+        elif not (node.op_type == "Split" or (node.op_type == "Pad" and len(node.input) < 4) or (reduce and len(node.input) == 1)):
+            raise MixdeployError(f"cannot write {node.op_type} ({node.name}) at opset 17; use --opset 18")
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = 17
+    _drop_unused(graph)
+    return model
+
+
 def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, opset: int = 18,
                dynamic_batch: bool = False, scale_weights: bool = False) -> None:
-    """Export `module` (NCHW float32 input, batch 1 unless dynamic_batch) to `path`; below opset 18
-    the graph is exported at 18 and converted down with onnx's version converter. scale_weights:
+    """Export `module` (NCHW float32 input, batch 1 unless dynamic_batch) to `path` at `opset` >= 17
+    (17: exported at 18, then `opset_17`). scale_weights:
     fold per-channel gates into the 1x1 conv after them (`scaled_weights`; batch 1 only, float only:
     a quantizer would see those weights as activations)."""
     import onnx
@@ -153,7 +196,9 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
     global_average_pools(model)
     if scale_weights:
         scaled_weights(model)
-    if opset < 18:
-        model = onnx.version_converter.convert_version(model, opset)
-    onnx.checker.check_model(model)
+    if opset < 17:
+        raise ValueError(f"opset {opset}: 17 or higher")
+    if opset == 17:
+        model = opset_17(model)
+    onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))

@@ -137,9 +137,40 @@ def test_dynamic_batch_and_opset_17(tmp_path):
     result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", plan="fold",
                      options={"dynamic_batch": True, "opset": 17})
     model = onnx.load(str(result.path))
-    assert model.opset_import[0].version == 17 or any(o.version == 17 for o in model.opset_import if o.domain == "")
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
     x = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)
     assert OrtRunner(result.path).session.run(None, {"input": x})[0].shape == (3, 1000)
+    auto, = export("mixnet_s", "onnx", tmp_path / "a.onnx", options={"opset": 17})  # Splits, folded gates
+    assert auto.passed and "Split" in auto.ops and [o.version for o in onnx.load(str(auto.path)).opset_import] == [17]
+
+
+def test_opset_17_rewrites_the_ops_that_changed_at_18(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx_export import opset_17
+    from mixnet_deploy.errors import MixdeployError
+
+    def model(*extra):
+        nodes = [helper.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2),
+                 helper.make_node("Pad", ["a", "pads"], ["p"]),
+                 helper.make_node("ReduceMean", ["b", "axes"], ["m"], keepdims=1), *extra]
+        consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                  (("pads", [0, 0, 1, 2, 0, 0, 3, 0]), ("axes", [2, 3]), ("sizes", [1, 2, 9, 8]))]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 6, 6])],
+                                  [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 3, 10, 8]),
+                                   helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, 2, 1, 1])], consts)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    x = np.random.default_rng(0).standard_normal((1, 5, 6, 6), dtype=np.float32)
+    paths = {v: tmp_path / f"{v}.onnx" for v in (17, 18)}
+    onnx.save(model(), str(paths[18]))
+    onnx.save(opset_17(model()), str(paths[17]))
+    onnx.checker.check_model(str(paths[17]), full_check=True)
+    out = {v: OrtRunner(p).session.run(None, {"x": x}) for v, p in paths.items()}
+    assert [o.shape for o in out[17]] == [(1, 3, 10, 8), (1, 2, 1, 1)]  # the uneven split: 3 + 2 channels
+    assert all(np.array_equal(a, b) for a, b in zip(out[17], out[18]))
+    with pytest.raises(MixdeployError, match="Resize.*--opset 18"):
+        opset_17(model(helper.make_node("Resize", ["p", "", "", "sizes"], ["r"])))
 
 
 def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
