@@ -318,7 +318,9 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     try:
         counts = [int(t) for t in threads.split(",")]
     except ValueError:
-        raise MixdeployError(f"--threads {threads!r}: give thread counts like 1,2,4") from None
+        counts = [0]
+    if min(counts) < 1:
+        raise MixdeployError(f"--threads {threads!r}: give thread counts of 1 or more, like 1,2,4")
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
     with err.status("benchmarking") as status:

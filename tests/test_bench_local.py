@@ -33,3 +33,4 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
 def test_bench_bad_input(tmp_path, run_cli):
     assert_usage_error(run_cli("bench", tmp_path / "missing.tflite"), "does not exist")
     assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "one"), "--threads")
+    assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "1,0"), "1 or more")
