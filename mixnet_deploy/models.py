@@ -51,6 +51,9 @@ def _check_name(name: str) -> None:
     base = name.removeprefix(DROPIN_PREFIX)
     if name in MIXNETS or (name.startswith(DROPIN_PREFIX) and base in timm.list_models()):
         return
+    if "/" in name or Path(name).exists():  # a path, not a name
+        raise MixdeployError(f"{name} is a path, not a model name (known: {', '.join(known_models())}); give weights "
+                             "with --checkpoint PATH; info, quantize and bench take exported .onnx/.tflite files")
     close = difflib.get_close_matches(name, known_models(), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known_models())}"
     raise MixdeployError(f"unknown model {name!r}; {hint} (a MixConv drop-in is 'mixconv_' + a timm model name)")

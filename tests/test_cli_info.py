@@ -30,8 +30,11 @@ def test_console_script_runs():
     assert proc.returncode == 2 and "did you mean mixnet_s" in proc.stderr
 
 
-def test_unknown_model_suggests_closest(run_cli):
+def test_unknown_model_suggests_closest(run_cli, tmp_path):
     assert_usage_error(run_cli("info", "mixnet_ss"), "unknown model 'mixnet_ss'", "mixnet_s")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    assert_usage_error(run_cli("info", notes), "is a path, not a model name", "--checkpoint")
 
 
 def test_missing_checkpoint(run_cli, tmp_path):
