@@ -23,7 +23,7 @@ def global_average_pools(model) -> int:
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     nodes, rewritten = [], 0
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         axes = constants.get(node.input[1]) if len(node.input) > 1 else attrs.get("axes")
         if (node.op_type == "ReduceMean" and axes is not None and attrs.get("keepdims", 1) == 1
                 and sorted(int(a) % 4 for a in axes) == [2, 3]):
@@ -44,6 +44,20 @@ def _drop_unused(graph) -> None:
     graph.initializer.extend(keep)
 
 
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _shapes(model) -> dict[str, list[int]]:
+    """Every tensor's shape as shape inference (and the graph's inputs) give it; 0 for an unknown dim."""
+    from onnx import shape_inference
+
+    values = [*shape_inference.infer_shapes(model).graph.value_info, *model.graph.input]
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+
 def scaled_weights(model) -> int:
     """Rewrite Mul(x, s) -> 1x1 Conv, with s one scale per channel of a batch-1 x (a squeeze-excite
     gate), as the Conv of x with its weight scaled by s: the same numbers up to rounding, without
@@ -51,13 +65,11 @@ def scaled_weights(model) -> int:
     feeds a channel Split whose every part feeds such a Conv (a split projection) becomes a Split
     of x and one of s, each Conv scaled by its part of s, when those weights hold no more numbers
     than x (scaling larger ones costs more than the pass saved; a single Conv is always folded:
-    timed both ways, it lost nothing). x must have a shape from shape inference (a gate on the
-    graph input itself is left alone). Returns how many gates were folded."""
-    from onnx import helper, shape_inference
+    timed both ways, it lost nothing). Returns how many gates were folded."""
+    from onnx import helper
 
     graph = model.graph
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in shape_inference.infer_shapes(model).graph.value_info}
+    shapes = _shapes(model)
     weights = {i.name: i for i in graph.initializer}
     users: dict[str, list] = {}
     for node in graph.node:
@@ -78,8 +90,7 @@ def scaled_weights(model) -> int:
         if (len(shapes.get(x, [])) != 4 or shapes[x][:2] != [1, channels] or shapes[x][2:] == [1, 1]
                 or shapes.get(scale) != [1, channels, 1, 1]):
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in user.attribute}
-        if user.op_type == "Split" and attrs.get("axis", 0) in (1, -3) and user.input[0] == mul.output[0]:
+        if user.op_type == "Split" and _attrs(user).get("axis", 0) in (1, -3) and user.input[0] == mul.output[0]:
             convs = [(only_user(out), out, shapes.get(out, [0, 0])[1], f"{out}_gate") for out in user.output]
             split = helper.make_node("Split", [scale, *user.input[1:]], [c[3] for c in convs], name=f"{user.output[0]}_gate")
             split.attribute.extend(user.attribute)
@@ -105,11 +116,9 @@ def scaled_weights(model) -> int:
 
 def _scalable(conv, part: str, channels: int, weights: dict) -> bool:
     """Whether `conv` is a stride-1 unpadded 1x1 Conv of `part` (`channels` wide) with a constant weight."""
-    from onnx import helper
-
     if conv is None or conv.op_type != "Conv" or conv.input[0] != part or conv.input[1] not in weights:
         return False
-    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    attrs = _attrs(conv)
     w = weights[conv.input[1]]
     return (list(w.dims[2:]) == [1, 1] and not any(attrs.get("pads", [0])) and set(attrs.get("strides", [1])) == {1}
             and attrs.get("group", 1) * w.dims[1] == channels)
@@ -121,7 +130,7 @@ def _scale(conv, scale: str, weights: dict, initializers) -> list:
     from onnx import helper, numpy_helper
 
     w = weights[conv.input[1]]
-    groups = next((helper.get_attribute_value(a) for a in conv.attribute if a.name == "group"), 1)
+    groups = _attrs(conv).get("group", 1)
     c_out, c_in = w.dims[:2]
     name = conv.output[0] + "_weight"  # unique even when two convs share a weight
     conv.input[1] = name
@@ -140,15 +149,13 @@ def opset_17(model):
     Pad, so the ops whose schema changed at 18 are rewritten here: Split's num_outputs becomes split
     sizes, a Reduce's axes input becomes its attribute, Pad must have no axes input; any other op
     changed at 18 is refused. Every other op reads the same at 17."""
-    from onnx import defs, helper, numpy_helper, shape_inference
+    from onnx import defs, helper, numpy_helper
 
     from mixnet_deploy.errors import MixdeployError
 
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in shape_inference.infer_shapes(model).graph.value_info}
-    shapes.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input})
+    shapes = _shapes(model)
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or defs.get_schema(node.op_type, 18).since_version < 18:
             continue

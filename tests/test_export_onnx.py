@@ -60,56 +60,49 @@ def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
     assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == len(one_conv) + parts
 
 
+def gated_convs(model, size, path, **options) -> int:
+    """Write `model` to ONNX, check it against PyTorch in ORT on a random input; return how many of
+    its Convs have a weight computed at run time (a gate folded into it)."""
+    from exporters.onnx_export import write_onnx
+
+    write_onnx(model, size, path, **options)
+    graph = onnx.load(str(path)).graph
+    weights = {i.name for i in graph.initializer}
+    x = torch.randn(1, *size)
+    out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
+    ref = model(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    return sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_a_gate_scales_the_weights_of_the_conv_after_it(tmp_path, groups):
-    import torch
     from timm.models._efficientnet_blocks import SqueezeExcite
-
-    from exporters.onnx_export import write_onnx
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), SqueezeExcite(32, rd_ratio=0.25),
                                 torch.nn.Conv2d(32, 16, 1, groups=groups)).eval()
-    x = torch.randn(1, 8, 10, 12)
     for scale, dynamic in ((True, False), (False, False), (True, True)):
-        path = tmp_path / f"{scale}{dynamic}.onnx"
-        write_onnx(model, (8, 10, 12), path, dynamic_batch=dynamic, scale_weights=scale)
-        graph = onnx.load(str(path)).graph
-        weights = {i.name for i in graph.initializer}
-        scaled = [n for n in graph.node if n.op_type == "Conv" and n.input[1] not in weights]
-        assert len(scaled) == (scale and not dynamic)  # the SE's own 1x1 convs (on 1x1 maps) are left alone
-        out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
-        ref = model(x).detach().numpy()
-        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+        scaled = gated_convs(model, (8, 10, 12), tmp_path / f"{scale}{dynamic}.onnx", dynamic_batch=dynamic, scale_weights=scale)
+        assert scaled == (scale and not dynamic)  # the SE's own 1x1 convs (on 1x1 maps) are left alone
 
 
 @pytest.mark.parametrize("hw", [(10, 12), (2, 2)])
 def test_a_gate_before_a_split_projection_scales_each_part_when_its_weights_are_smaller(tmp_path, hw):
     from timm.models._efficientnet_blocks import SqueezeExcite
 
-    from exporters.onnx_export import write_onnx
     from mixnet_deploy.deploy_modules import DeployConv, LoweredMixConv
 
     torch.manual_seed(0)
     parts = [DeployConv(torch.randn(8, 16, 1, 1), torch.randn(8), 1, 1, (0, 0, 0, 0), 1) for _ in range(2)]
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), SqueezeExcite(32, rd_ratio=0.25),
                                 LoweredMixConv([16, 16], parts)).eval()
-    path = tmp_path / "m.onnx"
-    write_onnx(model, (8, *hw), path, scale_weights=True)
-    graph = onnx.load(str(path)).graph
-    weights = {i.name for i in graph.initializer}
     folded = hw[0] * hw[1] * 32 >= 2 * 8 * 16  # the gated tensor is larger than the two weights
-    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == 2 * folded
-    x = torch.randn(1, 8, *hw)
-    out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
-    ref = model(x).detach().numpy()
-    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert gated_convs(model, (8, *hw), tmp_path / "m.onnx", scale_weights=True) == 2 * folded
 
 
 def test_two_gated_convs_sharing_a_weight_fold_apart(tmp_path):
     from timm.models._efficientnet_blocks import SqueezeExcite
-
-    from exporters.onnx_export import write_onnx
 
     class Tied(torch.nn.Module):  # one projection applied after two gates: one weight, two Conv nodes
         def __init__(self):
@@ -122,15 +115,7 @@ def test_two_gated_convs_sharing_a_weight_fold_apart(tmp_path):
             return self.proj(self.se[0](y)) - self.proj(self.se[1](y))
 
     torch.manual_seed(0)
-    model, path = Tied().eval(), tmp_path / "tied.onnx"
-    write_onnx(model, (8, 10, 12), path, scale_weights=True)
-    graph = onnx.load(str(path)).graph
-    weights = {i.name for i in graph.initializer}
-    assert sum(n.op_type == "Conv" and n.input[1] not in weights for n in graph.node) == 2
-    x = torch.randn(1, 8, 10, 12)
-    out = OrtRunner(path).session.run(None, {"input": x.numpy()})[0]
-    ref = model(x).detach().numpy()
-    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert gated_convs(Tied().eval(), (8, 10, 12), tmp_path / "tied.onnx", scale_weights=True) == 2
 
 
 def test_dynamic_batch_and_opset_17(tmp_path):
