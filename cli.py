@@ -149,11 +149,13 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="What --tune times: fp32, fp16 (TFLite) or int8 (the plan `mixdeploy quantize` then reuses).")
 @click.option("--tune-threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--tune-runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs per candidate in each of 3 rounds (fewer for a slow or emulated device).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, fmt: str, output: str | None, plan: str,
            opset: int, dynamic_batch: bool, fp16: bool, input_layout: str, tune_device: str | None,
-           precision: str | None, tune_threads: int, force: bool, as_json: bool) -> None:
+           precision: str | None, tune_threads: int, tune_runs: int, force: bool, as_json: bool) -> None:
     """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime.
 
     With --tune DEVICE the lowering plan is measured on DEVICE: every MixConv layer's candidate
@@ -162,6 +164,10 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
 
     if precision and not tune_device:
         raise MixdeployError("--precision goes with --tune DEVICE (use --fp16 for a float16 TFLite export)")
+    given = click.get_current_context().get_parameter_source
+    for option in ("tune_threads", "tune_runs"):
+        if given(option) is not click.core.ParameterSource.DEFAULT and not tune_device:
+            raise MixdeployError(f"--{option.replace('_', '-')} goes with --tune DEVICE")
     if tune_device and plan != "auto":
         raise MixdeployError("--tune measures the plan; leave out --plan")
     fp16 = fp16 or precision == "fp16"
@@ -169,7 +175,8 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
     with err.status("exporting") as status:
         options = {"opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16, "input_layout": input_layout}
         if tune_device:
-            plan = _tuner(tune_device, precision or ("fp16" if fp16 else "fp32"), tune_threads, tunings, status)
+            plan = _tuner(tune_device, precision or ("fp16" if fp16 else "fp32"), tune_threads, tune_runs, tunings,
+                          status)
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
                              force=force, options=options, calibrate_bn=calibrate_bn,
                              step=lambda text: status.update(text))
@@ -200,7 +207,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         sys.exit(1)
 
 
-def _tuner(device: str, precision: str, threads: int, tunings: list, status):
+def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, status):
     """A planner for export(): tune on DEVICE for the format of each target, keeping each tuning."""
     from devices.connect import open_device
     from devices.tune import tune
@@ -208,7 +215,7 @@ def _tuner(device: str, precision: str, threads: int, tunings: list, status):
     def plan(module, size, target):
         fmt = "tflite" if target.startswith("litert") else "onnx"
         timed = "fp32" if fmt == "onnx" and precision == "fp16" else precision  # ONNX exports stay fp32
-        result = tune(module, size, open_device(device), fmt, timed, threads,
+        result = tune(module, size, open_device(device), fmt, timed, threads, runs=runs,
                       step=lambda text, done, total: status.update(f"tuning {fmt} on {device} [{done}/{total}]: {text}"))
         tunings.append(result)
         return result.plan

@@ -72,11 +72,12 @@ class Tuning:
     whole_model_ms: dict[str, float] = field(default_factory=dict)
     measured_shapes: int = 0
     cached_shapes: int = 0
+    timing: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "plan": self.plan.to_dict(), "layers": self.layers,
                 "refined": self.refined, "swaps": self.swaps, "whole_model_ms": self.whole_model_ms, "measured_shapes": self.measured_shapes,
-                "cached_shapes": self.cached_shapes}
+                "cached_shapes": self.cached_shapes, "timing": self.timing}
 
 
 class TimingCache:
@@ -209,7 +210,8 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
             cache.shapes[key] = _probe_times(tuner, info, host)
             cache.save()
         plan = Plan(target=target, source=f"tuned on {device.name}")
-        result = Tuning(plan, tuner.fingerprint, measured_shapes=len(todo), cached_shapes=len(shapes) - len(todo))
+        result = Tuning(plan, tuner.fingerprint, measured_shapes=len(todo), cached_shapes=len(shapes) - len(todo),
+                        timing={"rounds": rounds, "runs": runs})
         for info in layers:
             times = cache.shapes[shape_key(info)]
             choice = min(info.candidates, key=lambda c: times[c])

@@ -82,12 +82,13 @@ def test_tune_on_arm_then_cache_hit(sim_device, digits_exports, digits, run_cli,
     monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path / "cache"))
     _, checkpoint = digits
     args = ["export", "mixnet_s", "--checkpoint", checkpoint, "--format", "tflite", "--tune", sim_device["serial"],
-            "--json", "--force", "-o", tmp_path / "tuned.tflite"]
+            "--tune-runs", "3", "--json", "--force", "-o", tmp_path / "tuned.tflite"]  # emulated times: few runs
     first = run_cli(*args)
     assert first.code == 0, first.err
     tuning = json.loads(first.out)[0]["tuning"]
     assert tuning["measured_shapes"] > 5 and tuning["cached_shapes"] == 0
     assert tuning["fingerprint"]["abi"] == "arm64-v8a" and tuning["fingerprint"]["emulated"]
+    assert tuning["timing"] == {"rounds": 3, "runs": 3}
     assert set(tuning["whole_model_ms"]) == {"tuned", "auto", "split", "fold"}
     for layer in tuning["layers"]:
         assert layer["choice"] in layer["times_ms"] and min(layer["times_ms"].values()) > 0

@@ -188,7 +188,7 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, monkeypatch):
     assert first.code == 0, first.err
     report = json.loads(first.out)[0]
     tuning = report["tuning"]
-    assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0
+    assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0 and tuning["timing"]["runs"] == 20
     assert set(tuning["whole_model_ms"]) == {"tuned", "auto", "split", "fold"} and tuning["swaps"]
     assert report["plan"]["source"].endswith("on local") and report["parity"]["passed"]
     chosen = min(tuning["whole_model_ms"], key=tuning["whole_model_ms"].get)
@@ -208,3 +208,4 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, monkeypatch):
     assert third["measured_shapes"] == 1 and "split+strips" in json.loads(cache.read_text())["shapes"][stale]
     assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--plan", "fold"), "leave out --plan")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
+    assert_usage_error(run_cli("export", "mixnet_s", "--tune-runs", "3"), "--tune-runs goes with --tune")
