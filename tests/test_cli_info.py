@@ -72,3 +72,23 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
 
 def test_unknown_option_is_one_line(run_cli):
     assert_usage_error(run_cli("info", "mixnet_s", "--bogus"), "--bogus")
+
+
+def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
+    """`info MODEL --plan auto --target T` gives the cost model's plan for T; a plan FILE comes back as written."""
+    from mixnet_deploy import load_model
+    from mixnet_deploy.planner import make_plan
+
+    loaded = load_model("mixnet_s")
+    for target in ("onnxruntime", "litert"):
+        result = run_cli("info", "mixnet_s", "--plan", "auto", "--target", target, "--json")
+        assert result.code == 0, result.err
+        plan = json.loads(result.out)["plan"]
+        assert plan["target"] == target and plan["source"] == "auto"
+        assert plan["layers"] == make_plan("auto", loaded.module, loaded.preprocess.input_size, target).layers
+    plan["layers"] = dict.fromkeys(plan["layers"], "split")
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    mine = json.loads(run_cli("info", "mixnet_s", "--plan", tmp_path / "p.json", "--json").out)["plan"]
+    assert mine["layers"] == plan["layers"]
+    table = run_cli("info", "mixnet_s", "--plan", "fold").out
+    assert "blocks.5.2.conv_dw" in table and "fold" in table
