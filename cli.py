@@ -19,8 +19,22 @@ out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
+def _input_size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        sides = tuple(int(v) for v in value.lower().split("x"))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2):
+        raise click.BadParameter(f"{value!r}: give one side (192) or height x width (192x256)")
+    return (sides[0], sides[-1])
+
+
 def model_options(fn):
-    """MODEL plus the options that say which weights to load."""
+    """MODEL plus the options that say which weights to load and at what input resolution."""
+    fn = click.option("--input-size", callback=_input_size, metavar="N|HxW",
+                      help="Input resolution instead of the model's own (e.g. 192 or 192x256).")(fn)
     fn = click.option("--calibrate-bn", is_flag=True,
                       help="Random-init only: BatchNorm statistics from the shipped photos (realistic activations "
                            "for benchmarks and int8 without trained weights).")(fn)
@@ -41,8 +55,8 @@ def cli() -> None:
 @click.option("--target", type=click.Choice(["onnxruntime", "litert"]), default="onnxruntime", show_default=True,
               help="Runtime whose cost model makes the auto plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, plan: str | None, target: str,
-         as_json: bool) -> None:
+def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, input_size: tuple[int, int] | None,
+         plan: str | None, target: str, as_json: bool) -> None:
     """Parameters, multiply-adds, input config and MixConv layers of MODEL (and its lowering plan).
 
     MODEL may also be an exported .onnx or .tflite file: ops by type, what XNNPACK takes, size,
@@ -53,7 +67,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
     if model.endswith((".onnx", ".tflite")):
         _file_info(model, as_json)
         return
-    loaded = load_model(model, checkpoint, pretrained, calibrate_bn)
+    loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
     stats = count(loaded.module, loaded.preprocess.input_size)
     chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan else None
     if as_json:
@@ -153,7 +167,8 @@ def _render_parity(title: str, report) -> Table:
               help="Timed runs per candidate in each of 3 rounds (fewer for a slow or emulated device).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, fmt: str, output: str | None, plan: str,
+def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, input_size: tuple[int, int] | None,
+           fmt: str, output: str | None, plan: str,
            opset: int, dynamic_batch: bool, fp16: bool, input_layout: str, tune_device: str | None,
            precision: str | None, tune_threads: int, tune_runs: int, force: bool, as_json: bool) -> None:
     """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime.
@@ -178,7 +193,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
             plan = _tuner(tune_device, precision or ("fp16" if fp16 else "fp32"), tune_threads, tune_runs, tunings,
                           status)
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
-                             force=force, options=options, calibrate_bn=calibrate_bn,
+                             force=force, options=options, calibrate_bn=calibrate_bn, input_size=input_size,
                              step=lambda text: status.update(text))
     if as_json:
         reports = [r.to_dict() for r in results]

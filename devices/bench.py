@@ -15,7 +15,7 @@ from exporters.inspect_file import inspect_file
 from mixnet_deploy.errors import DeviceError, MixdeployError
 from mixnet_deploy.models import reload
 from mixnet_deploy.parity import compare, reference_outputs
-from mixnet_deploy.preprocess import SAMPLE_IMAGES, PreprocessConfig
+from mixnet_deploy.preprocess import SAMPLE_IMAGES
 
 from . import benchmark_model, runners
 from .device_info import cpu_mask, device_info, temperatures
@@ -79,9 +79,8 @@ def prepare(file: str, parity_dir: str | None, samples: int, meta: dict | None =
     key = json.dumps([meta["mixdeploy.weights"], meta["mixdeploy.model"], meta["mixdeploy.preprocess"]])
     references = {} if references is None else references
     if key not in references:
-        loaded = reload(meta["mixdeploy.weights"], meta["mixdeploy.model"])
-        cfg = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
-        images = load_folder(parity_dir or SAMPLE_IMAGES, cfg, limit=samples, progress=False).images
+        loaded = reload(meta)
+        images = load_folder(parity_dir or SAMPLE_IMAGES, loaded.preprocess, limit=samples, progress=False).images
         references[key] = images.numpy(), reference_outputs(loaded.module, images)
     images, reference = references[key]
     return Prepared(path, report, precision(report), images, reference)

@@ -85,17 +85,18 @@ def _versions() -> dict[str, str]:
 
 def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,
            pretrained: bool = False, plan: str | Planner = "auto", force: bool = False, options: dict | None = None,
-           calibrate_bn: bool = False,
+           calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
            step: Callable[[str], None] = lambda _: None) -> list[ExportResult]:
     """Export MODEL to each requested format; a file out of tolerance is kept as *.failed.EXT.
 
     plan: auto, split, fold, a plan file, or a function (module, input size, target) -> Plan, such as
-    a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16, input_layout (TFLite)."""
+    a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16, input_layout (TFLite).
+    input_size: (height, width) to export at instead of the model's own resolution."""
     paths = output_paths(model, fmt, output)
     for path in paths.values():
         check_writable(path, force)
     step(f"loading {model}")
-    loaded = load_model(model, checkpoint, pretrained, calibrate_bn)
+    loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
     size = loaded.preprocess.input_size
     photos = sample_photos(loaded.preprocess)
     x = torch.cat([random_images(4, size), photos])

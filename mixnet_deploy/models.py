@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -92,15 +92,20 @@ def _labels(num_classes: int) -> list[str] | None:
 
 
 RANDOM_SEED = 0
+MIN_SIDE = 32  # pixels: a MixNet halves its input five times
 RANDOM_INIT, CALIBRATED = "random-init", "random-init+calibrated-bn"
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
-               calibrate_bn: bool = False) -> LoadedModel:
+               calibrate_bn: bool = False, input_size: tuple[int, int] | None = None) -> LoadedModel:
     """Build `name` in eval mode: timm's pretrained weights, a local checkpoint, or random-init
     (always from the same seed, so that a random-init export can be rebuilt from its metadata;
-    calibrate_bn sets its BatchNorm statistics from the shipped photos)."""
+    calibrate_bn sets its BatchNorm statistics from the shipped photos). input_size (height, width)
+    replaces the model's own input resolution (MixNets pool globally, so any size of 32 or more runs)."""
     _check_name(name)
+    if input_size is not None and min(input_size) < MIN_SIDE:
+        raise MixdeployError(f"input size {input_size[0]}x{input_size[1]} is too small: MixNets downsample 32x, "
+                             f"give at least {MIN_SIDE}x{MIN_SIDE}")
     if checkpoint is not None and pretrained:
         raise MixdeployError("pass either --pretrained or --checkpoint, not both")
     if calibrate_bn and (checkpoint is not None or pretrained):
@@ -123,6 +128,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         calibrate_batchnorm(module, preprocess)
     if "preprocess" in extras:
         preprocess = PreprocessConfig.from_dict({**preprocess.to_dict(), **extras["preprocess"]})
+    if input_size is not None:
+        preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
     labels = list(extras["labels"]) if "labels" in extras else _labels(module.num_classes)
     return LoadedModel(name, module, preprocess, labels, weights)
 
@@ -160,10 +167,16 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def reload(weights: str, name: str) -> LoadedModel:
-    """The model an export's metadata names, rebuilt from its recorded weights."""
+def reload(meta: dict) -> LoadedModel:
+    """The model an export's metadata names, rebuilt from its recorded weights, with the
+    preprocessing (input size included) the file was exported for."""
+    weights, name = meta["mixdeploy.weights"], meta["mixdeploy.model"]
     if weights in (RANDOM_INIT, CALIBRATED, "pretrained"):
-        return load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED)
-    if not Path(weights).is_file():
+        loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED)
+    elif not Path(weights).is_file():
         raise MixdeployError(f"the export was made from {weights}, which is gone; pass the model name and --checkpoint")
-    return load_model(name, weights)
+    else:
+        loaded = load_model(name, weights)
+    if "mixdeploy.preprocess" in meta:
+        loaded.preprocess = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
+    return loaded

@@ -65,7 +65,7 @@ def _source(source: str, checkpoint: str | None, fmt: str | None,
         quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
-        return reload(meta["mixdeploy.weights"], meta["mixdeploy.model"]), Path(source).suffix[1:], meta.get("mixdeploy.plan")
+        return reload(meta), Path(source).suffix[1:], meta.get("mixdeploy.plan")
     return load_model(source, checkpoint, calibrate_bn=calibrate_bn), fmt or "tflite", None
 
 

@@ -6,11 +6,10 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_usage_error
+from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
 from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy import load_model
-from mixnet_deploy.models import MIXNETS
 
 pytestmark = pytest.mark.slow
 
@@ -19,16 +18,22 @@ def meta(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
-@pytest.mark.parametrize("name", MIXNETS + ("mixconv_mobilenetv2_100",))
-def test_every_model_exports_with_parity(tmp_path, name):
-    result, = export(name, "onnx", tmp_path / f"{name}.onnx")
-    assert result.passed and result.path == tmp_path / f"{name}.onnx"
+def check_export(result, path) -> None:
+    assert result.passed and result.path == path
     assert result.parity.rel_max <= 1e-5 and result.parity.samples >= 10
     assert "BatchNormalization" not in result.ops and "Pad" not in result.ops
 
 
+@pytest.mark.parametrize("name", SWEPT)
+def test_every_model_exports_with_parity(tmp_path, name):
+    result, = export(name, "onnx", tmp_path / f"{name}.onnx", input_size=SWEEP_SIZE)
+    check_export(result, tmp_path / f"{name}.onnx")
+    assert onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim[2].dim_value == SWEEP_SIZE[0]
+
+
 def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
     result, = export("mixnet_s", "onnx", tmp_path / "s.onnx", plan="auto")
+    check_export(result, tmp_path / "s.onnx")
     ops = result.ops
     for forbidden in ("BatchNormalization", "Pad", "Shape", "Gather", "ConstantOfShape", "Transpose"):
         assert forbidden not in ops, ops
@@ -186,6 +191,8 @@ def test_bad_export_input(tmp_path, run_cli):
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path), "is a directory")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--plan", "nonsense"), "--plan")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--opset", "13"), "13")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "16"), "at least 32x32")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "160x"), "--input-size")
     assert sorted(os.listdir(tmp_path)) == before
     (tmp_path / "a_file").write_text("x")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "a_file" / "m.onnx"), "does not exist")

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_usage_error
+from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
 from devices.runners import LiteRtRunner
 from exporters.export import export
 from exporters.tflite_export import write_tflite
 from exporters.tflite_inspect import delegation, read_metadata
 from mixnet_deploy import MixConv
 from mixnet_deploy.lower import analyse, lower
-from mixnet_deploy.models import MIXNETS
 from mixnet_deploy.plan import Plan
 from test_lowering import LAYERS, block, expansion_block
 
@@ -73,16 +72,22 @@ def test_the_expanded_tensor_is_never_split(tmp_path):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("name", MIXNETS + ("mixconv_mobilenetv2_100",))
-def test_every_model_converts_with_parity(tmp_path, name):
-    result, = export(name, "tflite", tmp_path / f"{name}.tflite")
+def check_conversion(result) -> None:
     assert result.passed and result.parity.rel_max <= 1e-5
     assert result.details["delegated"] == result.details["nodes"]
     assert "TRANSPOSE" not in result.ops and "SPLIT_V" not in result.ops
 
 
+@pytest.mark.parametrize("name", SWEPT)
+def test_every_model_converts_with_parity(tmp_path, name):
+    result, = export(name, "tflite", tmp_path / f"{name}.tflite", input_size=SWEEP_SIZE)
+    check_conversion(result)
+    assert result.details["inputs"][0]["shape"] == [1, *SWEEP_SIZE, 3]
+
+
 def test_mixnet_s_auto_plan_is_all_xnnpack_and_avoids_slow_kernels(tmp_path):
     result, = export("mixnet_s", "tflite", tmp_path / "s.tflite", plan="auto")
+    check_conversion(result)
     details = result.details
     assert details["partitions"] == 1 and details["not_delegated"] == {}
     assert max(depthwise_taps(result.path)) <= 25  # XNNPACK's fast kernels stop at 25 taps

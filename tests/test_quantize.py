@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import PHOTOS, assert_usage_error
+from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
 from mixnet_deploy.preprocess import eval_transform, load_images
 from quantization.calibration import find_images, load_folder
@@ -60,14 +61,18 @@ def test_digits_model_quantizes_with_small_accuracy_drop(tmp_path, digits, fmt, 
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fmt):
+    """Files exported at an input size of their own (not square, not 224) quantize at that size."""
     for name in ("mixnet_s", "mixconv_mobilenetv2_100"):
-        exported = run_cli("export", name, "--format", fmt, "-o", tmp_path / f"{name}.{fmt}", "--plan", "fold")
+        exported = run_cli("export", name, "--format", fmt, "-o", tmp_path / f"{name}.{fmt}", "--plan", "fold",
+                           "--input-size", "160x192")
         assert exported.code == 0, exported.err
         result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}_q.{fmt}", "--json")
         assert result.code == 0, result.err
         report = json.loads(result.out)
         assert report["model"] == name and report["calibration"]["used"] >= 10
         assert report["agreement"]["samples"] >= 2 and os.path.getsize(tmp_path / f"{name}_q.{fmt}") > 0
+        shape = inspect_file(tmp_path / f"{name}_q.{fmt}")["inputs"][0]["shape"]
+        assert shape == ([1, 3, 160, 192] if fmt == "onnx" else [1, 160, 192, 3])
 
 
 def test_bad_calibration_input(tmp_path, run_cli):
