@@ -73,11 +73,12 @@ class Tuning:
     measured_shapes: int = 0
     cached_shapes: int = 0
     timing: dict[str, int] = field(default_factory=dict)
+    probes: dict[str, int] = field(default_factory=lambda: {"converted": 0, "reused": 0})  # probe model files
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "plan": self.plan.to_dict(), "layers": self.layers,
                 "refined": self.refined, "swaps": self.swaps, "whole_model_ms": self.whole_model_ms, "measured_shapes": self.measured_shapes,
-                "cached_shapes": self.cached_shapes, "timing": self.timing}
+                "cached_shapes": self.cached_shapes, "timing": self.timing, "probes": self.probes}
 
 
 class TimingCache:
@@ -135,12 +136,34 @@ class Tuner:
         return {name: ms[remote[name]] for name in files}
 
 
-def _probe_times(tuner: Tuner, info: LayerInfo, host: Path) -> dict[str, float]:
-    files = {}
-    for i, choice in enumerate(info.candidates):
-        path = host / f"probe{i}.{tuner.fmt}"
-        write_model(probe(info, choice).module, probe_input(info), path, tuner.fmt, tuner.precision)
-        files[choice] = path
+def _probe_file(info: LayerInfo, choice: str, fmt: str, precision: str, counts: dict[str, int]) -> Path:
+    """The probe model file of one candidate, converted once per layer shape, format, precision and
+    converter version and kept in the cache (tuning another device or thread count reuses it)."""
+    import torch
+
+    versions = [torch.__version__]
+    if fmt == "tflite":
+        import tensorflow as tf
+
+        versions.append(tf.__version__)
+    key = json.dumps([shape_key(info), choice, fmt, precision, VERSION, versions])
+    path = cache_dir() / "probes" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.{fmt}"
+    if path.exists():
+        counts["reused"] += 1
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial.{fmt}")
+    try:
+        write_model(probe(info, choice).module, probe_input(info), partial, fmt, precision)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    counts["converted"] += 1
+    return path
+
+
+def _probe_times(tuner: Tuner, info: LayerInfo, counts: dict[str, int]) -> dict[str, float]:
+    files = {choice: _probe_file(info, choice, tuner.fmt, tuner.precision, counts) for choice in info.candidates}
     return {c: round(ms, 5) for c, ms in tuner.time(files).items()}
 
 
@@ -204,14 +227,14 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
         shapes = {shape_key(info): info for info in layers}
         # a shape is measured again when a lowering was added after it was cached
         todo = [key for key in shapes if not set(shapes[key].candidates) <= set(cache.shapes.get(key, {}))]
-        for i, key in enumerate(todo):
-            info = shapes[key]
-            step(f"layer {info.name}: {len(info.candidates)} candidates", i, len(todo))
-            cache.shapes[key] = _probe_times(tuner, info, host)
-            cache.save()
         plan = Plan(target=target, source=f"tuned on {device.name}")
         result = Tuning(plan, tuner.fingerprint, measured_shapes=len(todo), cached_shapes=len(shapes) - len(todo),
                         timing={"rounds": rounds, "runs": runs})
+        for i, key in enumerate(todo):
+            info = shapes[key]
+            step(f"layer {info.name}: {len(info.candidates)} candidates", i, len(todo))
+            cache.shapes[key] = _probe_times(tuner, info, result.probes)
+            cache.save()
         for info in layers:
             times = cache.shapes[shape_key(info)]
             choice = min(info.candidates, key=lambda c: times[c])

@@ -67,6 +67,25 @@ def digits(request):
     return root, checkpoint
 
 
+def probe_files(checkpoint: Path) -> int:
+    """How many probe models tuning the digits model builds: every candidate of every layer shape."""
+    from mixnet_deploy import load_model
+    from mixnet_deploy.cost_model import shape_key
+    from mixnet_deploy.lower import analyse
+
+    loaded = load_model("mixnet_s", checkpoint)
+    return sum({shape_key(i): len(i.candidates) for i in analyse(loaded.module, loaded.preprocess.input_size)}.values())
+
+
+@pytest.fixture
+def tune_cache(tmp_path_factory, monkeypatch) -> Path:
+    """$MIXDEPLOY_TUNE_CACHE shared by the tests that tune the digits model: each device's timings
+    get a file of their own, the probe model files are converted once for all of them."""
+    folder = tmp_path_factory.getbasetemp() / "tune_cache"
+    monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_exports(digits, tmp_path_factory):
     """The digits model exported for devices (fp32 and int8 TFLite, fp32 ONNX) and its eval photos: 32x32

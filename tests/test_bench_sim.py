@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import probe_files
 from devices import sim
 from devices.adb import AdbTransport
 from devices.bench import Settings, bench
@@ -78,8 +79,7 @@ def test_runner_failure_and_timeout_clean_up(sim_device, digits_exports, run_cli
     assert set(leftover_workdirs(serial)) <= set(before)  # ours removed (and any a lost run left)
 
 
-def test_tune_on_arm_then_cache_hit(sim_device, digits_exports, digits, run_cli, tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path / "cache"))
+def test_tune_on_arm_then_cache_hit(sim_device, digits_exports, digits, run_cli, tmp_path, tune_cache):
     _, checkpoint = digits
     args = ["export", "mixnet_s", "--checkpoint", checkpoint, "--format", "tflite", "--tune", sim_device["serial"],
             "--tune-runs", "3", "--json", "--force", "-o", tmp_path / "tuned.tflite"]  # emulated times: few runs
@@ -89,6 +89,7 @@ def test_tune_on_arm_then_cache_hit(sim_device, digits_exports, digits, run_cli,
     assert tuning["measured_shapes"] > 5 and tuning["cached_shapes"] == 0
     assert tuning["fingerprint"]["abi"] == "arm64-v8a" and tuning["fingerprint"]["emulated"]
     assert tuning["timing"] == {"rounds": 3, "runs": 3}
+    assert sum(tuning["probes"].values()) == probe_files(checkpoint)
     assert set(tuning["whole_model_ms"]) == {"tuned", "auto", "split", "fold"}
     for layer in tuning["layers"]:
         assert layer["choice"] in layer["times_ms"] and min(layer["times_ms"].values()) > 0
@@ -97,6 +98,7 @@ def test_tune_on_arm_then_cache_hit(sim_device, digits_exports, digits, run_cli,
     again = json.loads(second.out)[0]["tuning"]
     assert again["measured_shapes"] == 0 and again["cached_shapes"] == tuning["measured_shapes"]
     assert again["layers"] == tuning["layers"]  # every layer's times and choice come from the cache
+    assert again["probes"] == {"converted": 0, "reused": 0}
 
 
 def test_device_disappears_mid_tuning(sim_device, digits, tmp_path, monkeypatch):

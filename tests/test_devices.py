@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_usage_error
+from conftest import assert_usage_error, probe_files
 from devices.connect import open_device
 from devices.device_info import big_cores, cpu_mask, device_info
 from mixnet_deploy.errors import DeviceError
@@ -177,10 +177,11 @@ def test_bench_needs_files_or_peers(run_cli):
 
 
 @pytest.mark.slow
-def test_tune_on_this_machine(run_cli, digits, tmp_path, monkeypatch):
+def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache):
     """export --tune local: every layer shape measured, close calls tried in the whole model, the
     verdict cached; the second export measures nothing and gives the same plan."""
-    monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path / "cache"))
+    from devices.tune import TimingCache
+
     _, checkpoint = digits
     args = ["export", "mixnet_s", "--checkpoint", checkpoint, "--format", "tflite", "--tune", "local", "--json",
             "--force", "-o", tmp_path / "tuned.tflite"]
@@ -189,6 +190,7 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, monkeypatch):
     report = json.loads(first.out)[0]
     tuning = report["tuning"]
     assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0 and tuning["timing"]["runs"] == 20
+    assert sum(tuning["probes"].values()) == probe_files(checkpoint)  # reused if the ARM device's tuning ran first
     assert set(tuning["whole_model_ms"]) == {"tuned", "auto", "split", "fold"} and tuning["swaps"]
     assert report["plan"]["source"].endswith("on local") and report["parity"]["passed"]
     chosen = min(tuning["whole_model_ms"], key=tuning["whole_model_ms"].get)
@@ -199,13 +201,14 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, monkeypatch):
     second = run_cli(*args)
     again = json.loads(second.out)[0]
     assert again["tuning"]["measured_shapes"] == 0 and again["plan"]["layers"] == report["plan"]["layers"]
-    cache, = (tmp_path / "cache").glob("*.json")  # a cache written before a lowering existed lacks it
+    cache = TimingCache(tuning["fingerprint"]).path  # a cache written before a lowering existed lacks it
     data = json.loads(cache.read_text())
     stale = next(key for key, times in data["shapes"].items() if "split+strips" in times)
     del data["shapes"][stale]["split+strips"]
     cache.write_text(json.dumps(data))
     third = json.loads(run_cli(*args).out)[0]["tuning"]
     assert third["measured_shapes"] == 1 and "split+strips" in json.loads(cache.read_text())["shapes"][stale]
+    assert third["probes"]["converted"] == 0 and third["probes"]["reused"] > 1  # the shape's probe files were kept
     assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--plan", "fold"), "leave out --plan")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
     assert_usage_error(run_cli("export", "mixnet_s", "--tune-runs", "3"), "--tune-runs goes with --tune")

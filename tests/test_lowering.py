@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_batchnorm
+from conftest import SWEEP_SIZE, randomize_batchnorm
 from mixnet_deploy import MixConv, MixdeployError, load_model
 from mixnet_deploy.deploy_modules import BlockConv, LoweredMixConv
 from mixnet_deploy.lower import LoweringError, analyse, lower, preset_plan, verify
@@ -178,7 +178,7 @@ def test_tf_same_padding_becomes_static():
 
 @pytest.mark.parametrize("name", ["mixnet_s", "mixnet_m", "mixconv_mobilenetv2_100"])
 def test_whole_models_lower_with_every_preset_and_on_photos(name):
-    loaded = load_model(name)
+    loaded = load_model(name, input_size=None if name == "mixnet_s" else SWEEP_SIZE)
     randomize_batchnorm(loaded.module, seed=3)
     layers = analyse(loaded.module, loaded.preprocess.input_size)
     photos = sample_photos(loaded.preprocess)
