@@ -31,10 +31,13 @@ def _input_size(ctx, param, value: str | None) -> tuple[int, int] | None:
     return (sides[0], sides[-1])
 
 
+input_size_option = click.option("--input-size", callback=_input_size, metavar="N|HxW",
+                                 help="Input resolution of MODEL instead of its own (e.g. 192 or 192x256).")
+
+
 def model_options(fn):
     """MODEL plus the options that say which weights to load and at what input resolution."""
-    fn = click.option("--input-size", callback=_input_size, metavar="N|HxW",
-                      help="Input resolution instead of the model's own (e.g. 192 or 192x256).")(fn)
+    fn = input_size_option(fn)
     fn = click.option("--calibrate-bn", is_flag=True,
                       help="Random-init only: BatchNorm statistics from the shipped photos (realistic activations "
                            "for benchmarks and int8 without trained weights).")(fn)
@@ -245,6 +248,7 @@ def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, 
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), help="For a MODEL name (default tflite).")
 @click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
+@input_size_option
 @click.option("--num-calib", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
               help="Activation ranges: min/max, clipped to the 99.999th percentile, or entropy (onnx only).")
@@ -255,7 +259,7 @@ def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, 
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None,
-             calibrate_bn: bool, num_calib: int,
+             calibrate_bn: bool, input_size: tuple[int, int] | None, num_calib: int,
              method: str, io: str | None, eval_dir: str | None, max_drop: float | None, force: bool,
              as_json: bool) -> None:
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
@@ -265,7 +269,7 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, num_calib=num_calib,
                               method=method, io=io,
                               eval_dir=eval_dir, force=force, calibrate_bn=calibrate_bn, max_drop=max_drop,
-                              step=lambda text: status.update(text))
+                              input_size=input_size, step=lambda text: status.update(text))
     budget = result.details.get("max_drop")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -308,6 +312,7 @@ def _print_quantized(result) -> None:
               help="With --compare-peers: the precision compared (int8 calibrated on the parity photos).")
 @click.option("--checkpoint", type=click.Path(), help="With --compare-peers: local weights for MODEL.")
 @click.option("--calibrate-bn", is_flag=True, help="With --compare-peers: random-init BatchNorm statistics from photos.")
+@input_size_option
 @click.option("--device", default="local", show_default=True,
               help="local, an adb SERIAL (or adb:SERIAL; HOST:PORT is adb-connected), or ssh:USER@HOST[:PORT].")
 @click.option("--threads", default="1", show_default=True, help="Thread counts to sweep, e.g. 1,2,4.")
@@ -326,7 +331,7 @@ def _print_quantized(result) -> None:
 @click.option("--report", type=click.Path(), help="Also write a Markdown report here, with a PNG plot beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkpoint: str | None, calibrate_bn: bool,
-          device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
+          input_size: tuple[int, int] | None, device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
           benchmark_binary: str | None, python: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
           timeout: float, report: str | None, as_json: bool) -> None:
     """Latency and parity of exported FILES on a device, side by side (or, with --compare-peers
@@ -336,6 +341,9 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
 
     if bool(files) == bool(peer_model):
         raise MixdeployError("give exported FILES to bench, or --compare-peers MODEL (not both)")
+    if files and input_size:
+        raise MixdeployError("--input-size goes with --compare-peers MODEL; exported FILES keep the size they were "
+                             "exported at")
 
     try:
         counts = [int(t) for t in threads.split(",")]
@@ -351,7 +359,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
             from devices.compare_peers import compare_peers
 
             measured = compare_peers(peer_model, open_device(device), settings, precision, checkpoint, calibrate_bn,
-                                     step=lambda text: status.update(text))
+                                     input_size, step=lambda text: status.update(text))
         else:
             measured = run_bench(list(files), open_device(device), settings, step=lambda text: status.update(text))
     results = measured["results"]

@@ -47,7 +47,7 @@ def _peer_files(model, name: str, size: tuple[int, int, int], work: Path, precis
 
 
 def compare_peers(name: str, device: Transport, settings: Settings, precision: str = "fp32",
-                  checkpoint: str | None = None, calibrate_bn: bool = False,
+                  checkpoint: str | None = None, calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
                   step: Callable[[str], None] = lambda _: None) -> dict:
     """Ours (ONNX and TFLite) and the peers' files of NAME at `precision` (fp32 or int8, the int8
     ones calibrated on the same photos), benchmarked together; each row says whose file it is and
@@ -55,13 +55,13 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     from quantization.calibration import load_folder
     from quantization.quantize import quantize
 
-    loaded = load_model(name, checkpoint, calibrate_bn=calibrate_bn)
+    loaded = load_model(name, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size)
     with tempfile.TemporaryDirectory(prefix="mixdeploy-peers-") as tmp:
         work = Path(tmp)
         (work / "ours").mkdir()
         step(f"exporting {name} with mixdeploy")
         ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
-                                                 calibrate_bn=calibrate_bn, step=step)}
+                                                 calibrate_bn=calibrate_bn, input_size=input_size, step=step)}
         calib = load_folder(settings.parity_dir or SAMPLE_IMAGES, loaded.preprocess, progress=False).images.numpy()
         if precision == "int8":
             ours = {fmt: quantize(str(path), settings.parity_dir or SAMPLE_IMAGES,
@@ -78,5 +78,6 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
         who, fmt = owners[r["file"]]
         r.update(source=who, ratio_to_ours=r["latency_ms"]["median"] / ours_ms[fmt])
     measured["missing_peers"] = missing
-    measured["model"] = {"name": loaded.name, "weights": loaded.weights, "precision": precision}
+    measured["model"] = {"name": loaded.name, "weights": loaded.weights, "precision": precision,
+                         "input_size": list(loaded.preprocess.input_size)}
     return measured

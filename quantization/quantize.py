@@ -52,11 +52,14 @@ class QuantizeResult:
                 "plan": self.plan, **self.details}
 
 
-def _source(source: str, checkpoint: str | None, fmt: str | None,
-            calibrate_bn: bool) -> tuple[LoadedModel, str, dict | None]:
+def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: bool,
+            input_size: tuple[int, int] | None) -> tuple[LoadedModel, str, dict | None]:
     """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the format,
     and the file's lowering plan."""
     if source.endswith((".onnx", ".tflite")):
+        if input_size:
+            raise MixdeployError(f"--input-size is for a MODEL name; {source} keeps the size it was exported at "
+                                 "(export it again with --input-size)")
         report = inspect_file(source)
         meta = report.get("metadata", {})
         if "mixdeploy.model" not in meta:
@@ -66,13 +69,13 @@ def _source(source: str, checkpoint: str | None, fmt: str | None,
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
         return reload(meta), Path(source).suffix[1:], meta.get("mixdeploy.plan")
-    return load_model(source, checkpoint, calibrate_bn=calibrate_bn), fmt or "tflite", None
+    return load_model(source, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size), fmt or "tflite", None
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
              checkpoint: str | None = None, num_calib: int = 100, method: str = "minmax", io: str | None = None,
              eval_dir: str | Path | None = None, force: bool = False, max_drop: float | None = None,
-             calibrate_bn: bool = False,
+             calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images.
     max_drop: keep the groups of keep_float.GROUPS in float, one more at a time, until top-1
@@ -80,7 +83,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     float from the start). io defaults to int8 for TFLite and float32 (the only choice) for ONNX."""
     from exporters.formats import FORMATS
 
-    loaded, fmt, file_plan = _source(source, checkpoint, fmt, calibrate_bn)
+    loaded, fmt, file_plan = _source(source, checkpoint, fmt, calibrate_bn, input_size)
     if fmt not in ("tflite", "onnx"):
         raise MixdeployError(f"--format {fmt!r}: use tflite or onnx")
     io = io or ("float32" if fmt == "onnx" else "int8")

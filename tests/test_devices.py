@@ -152,9 +152,10 @@ def test_compare_peers(run_cli, digits):
     root, checkpoint = digits
     common = ["bench", "--compare-peers", "mixnet_s", "--checkpoint", checkpoint, "--parity", root / "eval",
               "--runs", "5"]
-    result = run_cli(*common, "--parity-samples", "8", "--json")
+    result = run_cli(*common, "--parity-samples", "8", "--input-size", "48", "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
+    assert report["model"]["input_size"] == [3, 48, 48]  # the digits model's own is 32x32; every file is 48x48
     rows = {r["source"]: r for r in report["results"]}
     ours = [r for r in report["results"] if r["source"] == "mixdeploy"]
     assert sorted(r["format"] for r in ours) == ["onnx", "tflite"] and all(r["ratio_to_ours"] == 1 for r in ours)
@@ -174,6 +175,7 @@ def test_compare_peers(run_cli, digits):
 def test_bench_needs_files_or_peers(run_cli):
     assert_usage_error(run_cli("bench"), "give exported FILES")
     assert_usage_error(run_cli("bench", "x.onnx", "--compare-peers", "mixnet_s"), "not both")
+    assert_usage_error(run_cli("bench", "x.onnx", "--input-size", "160"), "goes with --compare-peers")
 
 
 @pytest.mark.slow

@@ -91,6 +91,8 @@ def test_bad_calibration_input(tmp_path, run_cli):
     foreign = tmp_path / "foreign.onnx"
     torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),), str(foreign), dynamo=False)
     assert_usage_error(run_cli("quantize", foreign, "--calib", PHOTOS, "-o", tmp_path / "f.onnx"), "not exported by mixdeploy")
+    assert_usage_error(run_cli("quantize", foreign, "--calib", PHOTOS, "--input-size", "160", "-o", tmp_path / "f.onnx"),
+                       "keeps the size it was exported at")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--format", "onnx", "--io", "int8",
                                "-o", tmp_path / "x.onnx"), "--io float32")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--method", "entropy", "-o", out),
