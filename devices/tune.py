@@ -3,6 +3,7 @@ the device as a single-layer probe, the fastest chosen, the whole-model plan che
 uniform plans; timings cached per device fingerprint, runtime version, precision, threads and probe version."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -136,17 +137,22 @@ class Tuner:
         return {name: ms[remote[name]] for name in files}
 
 
+@functools.cache
+def _converter_versions(fmt: str) -> list[str]:
+    """What writes a probe file: torch, and TensorFlow's converter for TFLite."""
+    import torch
+
+    if fmt != "tflite":
+        return [torch.__version__]
+    import tensorflow as tf
+
+    return [torch.__version__, tf.__version__]
+
+
 def _probe_file(info: LayerInfo, choice: str, fmt: str, precision: str, counts: dict[str, int]) -> Path:
     """The probe model file of one candidate, converted once per layer shape, format, precision and
     converter version and kept in the cache (tuning another device or thread count reuses it)."""
-    import torch
-
-    versions = [torch.__version__]
-    if fmt == "tflite":
-        import tensorflow as tf
-
-        versions.append(tf.__version__)
-    key = json.dumps([shape_key(info), choice, fmt, precision, VERSION, versions])
+    key = json.dumps([shape_key(info), choice, fmt, precision, VERSION, _converter_versions(fmt)])
     path = cache_dir() / "probes" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.{fmt}"
     if path.exists():
         counts["reused"] += 1
