@@ -97,43 +97,21 @@ def _split(tf, x, splits: list[int]) -> list:
     return [x[..., int(a):int(b)] for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _mixconv(tf, x, mix: LoweredMixConv, act: nn.Module = nn.Identity()):
+def _mixconv(tf, x, mix: LoweredMixConv):
+    act = mix.out_act
     if len(mix.segments) == 1:
         return _module(tf, _module(tf, x, mix.segments[0]), act)
     return _concat(tf, [_module(tf, _module(tf, p, seg), act) for p, seg in zip(_split(tf, x, mix.splits), mix.segments)])
 
 
-def _expanded(tf, x, mix: ExpandedMixConv, act: nn.Module = nn.Identity()):
+def _expanded(tf, x, mix: ExpandedMixConv):
     ranges = sorted(set(mix.inputs))
     if [a for a, _ in ranges] + [mix.in_channels] == [0] + [b for _, b in ranges]:  # the ranges cut the input
         parts = dict(zip(ranges, _split(tf, x, [b - a for a, b in ranges]) if len(ranges) > 1 else [x]))
     else:
         parts = {(a, b): x[..., a:b] for a, b in ranges}
-    return _concat(tf, [_module(tf, _module(tf, _module(tf, _conv(tf, parts[r], expand), mix.act), seg), act)
+    return _concat(tf, [_module(tf, _module(tf, _module(tf, _conv(tf, parts[r], expand), mix.act), seg), mix.out_act)
                         for r, expand, seg in zip(mix.inputs, mix.expands, mix.segments)])
-
-
-def _relu_after_concat(graph: fx.Graph, modules: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """ReLUs that follow a MixConv kept in segments (through identities only): relu(concat(a, b))
-    is concat(relu(a), relu(b)), and each segment's last conv or add takes the ReLU as its fused
-    activation, so the graph keeps no RELU op (an int8 RELU after a CONCATENATION, with its own
-    output scale, is one XNNPACK leaves out). Returns MixConv node -> its ReLU module, and each
-    node in between or the ReLU -> the MixConv node whose output it now is."""
-    def sole_user_module(node: fx.Node) -> bool:
-        return node.op == "call_module" and len(node.users) == 1
-    acts, same = {}, {}
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], (nn.ReLU, nn.ReLU6)):
-            continue
-        chain, src = [node], node.args[0]
-        while sole_user_module(src) and isinstance(modules[src.target], (nn.Identity, nn.Dropout)):
-            chain.append(src)
-            src = src.args[0]
-        mix = modules[src.target] if sole_user_module(src) else None
-        if isinstance(mix, (LoweredMixConv, ExpandedMixConv)) and len(mix.segments) > 1:
-            acts[src.name] = modules[node.target]
-            same |= {n.name: src.name for n in chain}
-    return acts, same
 
 
 def _module(tf, x, mod: nn.Module):
@@ -207,7 +185,6 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
 
     graph = trace(module)
     modules = dict(module.named_modules())
-    acts, same = _relu_after_concat(graph, modules)
     c, h, w = input_size
     shape = [1, h, w, c] if input_layout == "nhwc" else [1, c, h, w]
 
@@ -221,12 +198,6 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
             if node.op == "placeholder":
                 env[node.name] = x
-            elif node.name in same:  # the ReLU went into the MixConv's segments
-                env[node.name] = env[same[node.name]]
-            elif node.name in acts:
-                mix = modules[node.target]
-                env[node.name] = (_mixconv if isinstance(mix, LoweredMixConv) else _expanded)(tf, args[0], mix,
-                                                                                              acts[node.name])
             elif node.op == "call_module":
                 env[node.name] = _module(tf, args[0], modules[node.target])
             elif node.op in ("call_function", "call_method"):

@@ -81,24 +81,27 @@ class BlockConv(nn.Module):
 
 
 class LoweredMixConv(nn.Module):
-    """Split the channels into segments, run each segment's conv, concatenate (one segment: no split)."""
+    """Split the channels into segments, run each segment's conv and then `out_act` (a ReLU that
+    followed the MixConv, moved in by lower.relu_into_segments), concatenate (one segment: no split)."""
 
     def __init__(self, splits: list[int], segments: list[nn.Module]):
         super().__init__()
         self.splits = list(splits)
         self.segments = nn.ModuleList(segments)
+        self.out_act: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.segments) == 1:
-            return self.segments[0](x)
+            return self.out_act(self.segments[0](x))
         parts = torch.split(x, self.splits, dim=1)
-        return torch.cat([seg(p) for seg, p in zip(self.segments, parts)], dim=1)
+        return torch.cat([self.out_act(seg(p)) for seg, p in zip(self.segments, parts)], dim=1)
 
 
 class ExpandedMixConv(nn.Module):
     """A 1x1 conv, its elementwise activation and the LoweredMixConv it feeds as one module: each
     segment gets its own rows of the 1x1 conv (reading only the input channels those rows read), so
-    the expanded tensor, the largest of an inverted residual block, is never split. Exact."""
+    the expanded tensor, the largest of an inverted residual block, is never split. Exact. `out_act`
+    as in LoweredMixConv."""
 
     def __init__(self, inputs: list[tuple[int, int]], expands: list[DeployConv], act: nn.Module,
                  segments: list[nn.Module], in_channels: int):
@@ -108,10 +111,12 @@ class ExpandedMixConv(nn.Module):
         self.act = act
         self.segments = nn.ModuleList(segments)
         self.in_channels = in_channels
+        self.out_act: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = {(a, b): x if (a, b) == (0, self.in_channels) else x[:, a:b] for a, b in dict.fromkeys(self.inputs)}
-        outs = [seg(self.act(expand(parts[r]))) for r, expand, seg in zip(self.inputs, self.expands, self.segments)]
+        outs = [self.out_act(seg(self.act(expand(parts[r]))))
+                for r, expand, seg in zip(self.inputs, self.expands, self.segments)]
         return torch.cat(outs, dim=1)
 
 

@@ -214,26 +214,45 @@ def _expand_rows(pw: DeployConv, splits: list[int]) -> list[tuple[tuple[int, int
     return rows
 
 
+class _Traced:
+    """A lowered module's graph, with how often each module is called."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.graph = trace(module)
+        self.modules = dict(module.named_modules())
+        self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
+
+    def calls_once(self, node: object, kinds: type | tuple[type, ...]) -> bool:
+        """`node` calls a module of `kinds` that no other node calls."""
+        return (isinstance(node, torch.fx.Node) and node.op == "call_module" and self.calls[node.target] == 1
+                and isinstance(self.modules[node.target], kinds))
+
+    def called(self, node: object, kinds: type | tuple[type, ...]) -> bool:
+        """calls_once, and only one node reads its output."""
+        return self.calls_once(node, kinds) and len(node.users) == 1
+
+
+def _traced(module: nn.Module) -> _Traced | None:
+    """None for a model torch.fx cannot trace (such as one whose control flow depends on its
+    input): the rewrites that use it are optimisations, never needed."""
+    try:
+        return _Traced(module)
+    except torch.fx.proxy.TraceError:
+        return None
+
+
 def split_expansions(module: nn.Module) -> int:
     """Give each segment of a LoweredMixConv that is fed by a 1x1 conv (through elementwise
     activations, nothing else reading any of them) its own rows of that conv (ExpandedMixConv), so the
     runtime never copies the expanded tensor into parts. Rewrites `module` in place; returns how
-    many MixConvs it rewrote (none in a model torch.fx cannot trace, such as one whose control flow
-    depends on its input: the rewrite is an optimisation, never needed)."""
-    try:
-        graph = trace(module)
-    except torch.fx.proxy.TraceError:
+    many MixConvs it rewrote."""
+    traced = _traced(module)
+    if traced is None:
         return 0
-    modules = dict(module.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-
-    def called(node, kinds):
-        ok = isinstance(node, torch.fx.Node) and node.op == "call_module" and calls[node.target] == 1
-        return ok and isinstance(modules[node.target], kinds) and len(node.users) == 1
-
+    modules, called = traced.modules, traced.called
     rewritten = 0
-    for node in graph.nodes:
-        if not (node.op == "call_module" and isinstance(modules[node.target], LoweredMixConv) and calls[node.target] == 1):
+    for node in traced.graph.nodes:
+        if not traced.calls_once(node, LoweredMixConv):
             continue
         mix, pw, acts = modules[node.target], node.args[0], []
         while called(pw, ELEMENTWISE):
@@ -252,6 +271,30 @@ def split_expansions(module: nn.Module) -> int:
             _set(module, done.target, nn.Identity())
         rewritten += 1
     return rewritten
+
+
+def relu_into_segments(module: nn.Module) -> int:
+    """Move a ReLU or ReLU6 that follows a MixConv kept in segments (through identities, nothing else
+    reading them) into each segment, relu(concat(a, b)) = concat(relu(a), relu(b)), where runtimes
+    fuse it into the segment's last conv: no activation after the concatenation is left (an int8
+    RELU after a CONCATENATION is one XNNPACK leaves out). In place; returns how many it moved."""
+    traced = _traced(module)
+    if traced is None:
+        return 0
+    moved = 0
+    for node in traced.graph.nodes:
+        if not traced.calls_once(node, (nn.ReLU, nn.ReLU6)):
+            continue
+        src = node.args[0]
+        while traced.called(src, (nn.Identity, nn.Dropout)):
+            src = src.args[0]
+        mix = traced.modules[src.target] if traced.called(src, (LoweredMixConv, ExpandedMixConv)) else None
+        if mix is None or len(mix.segments) < 2:
+            continue
+        mix.out_act = traced.modules[node.target]
+        _set(module, node.target, nn.Identity())
+        moved += 1
+    return moved
 
 
 def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
@@ -296,6 +339,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
         default = "split" if _kind(site.groups) == "depthwise" else "grouped"
         _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default)))
     split_expansions(lowered)
+    relu_into_segments(lowered)
     report = verify(model, lowered, input_size, check_inputs)
     return Lowered(lowered, plan, report)
 

@@ -123,6 +123,24 @@ def test_two_gated_convs_sharing_a_weight_fold_apart(tmp_path):
     assert gated_convs(Tied().eval(), (8, 10, 12), tmp_path / "tied.onnx", scale_weights=True) == 2
 
 
+def test_a_relu_after_a_split_mixconv_reads_a_conv_not_the_concat(tmp_path):
+    """The lowering moved the ReLU into each segment: every Relu/Clip reads a Conv, which ONNX
+    Runtime fuses with it; none is left after the Concat."""
+    from exporters.onnx_export import write_onnx
+    from test_lowering import relu_after_split_mixconvs
+
+    x = np.random.default_rng(0).standard_normal((1, 24, 12, 12), dtype=np.float32)
+    for model, lowered in relu_after_split_mixconvs():
+        write_onnx(lowered, (24, 12, 12), tmp_path / "r.onnx")
+        nodes = onnx.load(str(tmp_path / "r.onnx")).graph.node
+        producer = {out: n.op_type for n in nodes for out in n.output}
+        acts = [producer[n.input[0]] for n in nodes if n.op_type in ("Relu", "Clip")]
+        assert len(acts) >= 2 and set(acts) == {"Conv"} and "Concat" in producer.values()
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        assert np.abs(OrtRunner(tmp_path / "r.onnx").run(x) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_dynamic_batch_and_opset_17(tmp_path):
     result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", plan="fold",
                      options={"dynamic_batch": True, "opset": 17})

@@ -3,9 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from conftest import SWEEP_SIZE, SWEPT, assert_usage_error, randomize_batchnorm
+from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
 from devices.runners import LiteRtRunner
 from exporters.export import export
 from exporters.tflite_export import write_tflite
@@ -13,7 +12,7 @@ from exporters.tflite_inspect import delegation, read_metadata
 from mixnet_deploy import MixConv
 from mixnet_deploy.lower import analyse, lower
 from mixnet_deploy.plan import Plan
-from test_lowering import LAYERS, block, expansion_block
+from test_lowering import LAYERS, block, expansion_block, relu_after_split_mixconvs
 
 pytestmark = pytest.mark.slow
 
@@ -73,30 +72,24 @@ def test_the_expanded_tensor_is_never_split(tmp_path):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_a_relu_after_a_split_mixconv_goes_into_its_segments(tmp_path):
-    """relu(concat(a, b)) = concat(relu(a), relu(b)): each segment's last op takes the ReLU as its
-    fused activation, so no RELU op is left, fp32 or int8 (XNNPACK leaves out an int8 RELU after
-    a CONCATENATION), with a MixConv fed by an expansion conv or by the block input."""
+def test_a_relu_after_a_split_mixconv_is_fused_into_its_segments(tmp_path):
+    """The lowering moved the ReLU into each segment (test_lowering): each segment's last op takes it
+    as its fused activation, so no RELU op is left, fp32 or int8 (XNNPACK leaves out an int8 RELU
+    after a CONCATENATION)."""
     from quantization.tflite_int8 import quantize_tflite
 
-    torch.manual_seed(0)
-    expanded = nn.Sequential(nn.Conv2d(24, 96, 1), nn.BatchNorm2d(96), nn.ReLU(), MixConv(96, (3, 5, 7)),
-                             nn.BatchNorm2d(96), nn.Identity(), nn.ReLU(), nn.Conv2d(96, 16, 1))
-    direct = nn.Sequential(MixConv(24, (3, 5)), nn.ReLU6(), nn.Conv2d(24, 16, 1))
     x = torch.randn(8, 24, 12, 12)
-    for model in (expanded, direct):
-        randomize_batchnorm(model.eval())
-        lowered = lower(model, (24, 12, 12), Plan({"3" if model is expanded else "0": "split"}))
-        write_tflite(lowered.module, (24, 12, 12), tmp_path / "r.tflite")
+    for model, lowered in relu_after_split_mixconvs():
+        write_tflite(lowered, (24, 12, 12), tmp_path / "r.tflite")
         ops = delegation(tmp_path / "r.tflite")["ops"]
-        assert "RELU" not in ops and "CONCATENATION" in ops
+        assert "RELU" not in ops and "RELU6" not in ops and "CONCATENATION" in ops
         with torch.no_grad():
             ref = model(x).numpy()
         out = LiteRtRunner(tmp_path / "r.tflite").run(x.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-        quantize_tflite(lowered.module, (24, 12, 12), tmp_path / "q.tflite", x.numpy())
+        quantize_tflite(lowered, (24, 12, 12), tmp_path / "q.tflite", x.numpy())
         int8 = delegation(tmp_path / "q.tflite")
-        assert "RELU" not in int8["ops"] and int8["not_delegated"] == {} and int8["partitions"] == 1, int8
+        assert not {"RELU", "RELU6"} & set(int8["ops"]) and int8["not_delegated"] == {} and int8["partitions"] == 1, int8
 
 
 def check_conversion(result) -> None:

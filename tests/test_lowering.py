@@ -123,6 +123,42 @@ def test_each_segment_gets_its_own_rows_of_the_expansion():
         assert not any(isinstance(m, ExpandedMixConv) for m in lowered.modules()), choice
 
 
+def relu_after_split_mixconvs() -> list[tuple[nn.Module, nn.Module]]:
+    """(model, lowered module) for a ReLU after a split MixConv fed by an expansion conv (through
+    an Identity) and a ReLU6 after one fed by the block input."""
+    torch.manual_seed(0)
+    expanded = nn.Sequential(nn.Conv2d(24, 96, 1), nn.BatchNorm2d(96), nn.ReLU(), MixConv(96, (3, 5, 7)),
+                             nn.BatchNorm2d(96), nn.Identity(), nn.ReLU(), nn.Conv2d(96, 16, 1))
+    direct = nn.Sequential(MixConv(24, (3, 5)), nn.ReLU6(), nn.Conv2d(24, 16, 1))
+    return [(randomize_batchnorm(model.eval()), lower(model, (24, 12, 12), Plan({layer: "split"})).module)
+            for model, layer in ((expanded, "3"), (direct, "0"))]
+
+
+def test_a_relu_after_a_split_mixconv_moves_into_its_segments():
+    from mixnet_deploy.deploy_modules import ExpandedMixConv
+
+    x = torch.randn(2, 24, 12, 12)
+    for (model, lowered), kind in zip(relu_after_split_mixconvs(), (nn.ReLU, nn.ReLU6)):
+        mix, = [m for m in lowered if isinstance(m, (LoweredMixConv, ExpandedMixConv))]
+        assert isinstance(mix.out_act, kind) and not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in lowered)
+        with torch.no_grad():
+            ref = model(x)
+            assert (lowered(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # left after the concatenation: a MixConv whose output is read twice, a ReLU module called twice
+    class Twice(nn.Module):
+        def __init__(self, shared: bool):
+            super().__init__()
+            self.mix, self.relu, self.shared = MixConv(24, (3, 5)), nn.ReLU(), shared
+
+        def forward(self, x):
+            y = self.mix(x)
+            return self.relu(y) + (self.relu(x) if self.shared else y)
+
+    for shared in (False, True):
+        lowered = lower(Twice(shared).eval(), (24, 12, 12), Plan({"mix": "split"})).module
+        assert isinstance(lowered.relu, nn.ReLU) and isinstance(lowered.mix.out_act, nn.Identity)
+
+
 def test_probes_are_fed_by_the_layers_own_expansion():
     from mixnet_deploy.deploy_modules import ExpandedMixConv
     from mixnet_deploy.probes import probe, probe_input, probed_layer
