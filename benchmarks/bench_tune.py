@@ -3,8 +3,8 @@
     python benchmarks/bench_tune.py [--models mixnet_m] [--formats onnx,tflite] [--precisions fp32,int8]
 
 Tunes on this machine (an empty tuning cache, so every layer is measured), then times the whole
-model under the tuned, auto, split and fold plans in interleaved rounds. Writes
-benchmarks/results/tune.json and prints a Markdown table.
+model under the tuned, auto and split plans in interleaved rounds. Writes
+benchmarks/results/tune.json (tune_int8.json etc. for other precisions) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def main() -> None:
                               f"{stats['auto']['median']:.2f} ms, split {stats['split']['median']:.2f} ms "
                               f"(tuned/auto {row['tuned_vs_auto']:.3f}; {row['changed_layers']}/{row['layers']} "
                               f"layers differ; tuning {tune_s:.0f} s)", flush=True)
-    save_result("tune", rows=rows)
+    save_result("_".join(["tune"] + [p for p in args.precisions.split(",") if p != "fp32"]), rows=rows)
     print("\n| model | format | precision | threads | tuned (ms) | auto (ms) | split (ms) | tuned / auto | layers changed |"
           "\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
