@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     """On a device, printing one JSON line:
     `bench MODEL INPUTS.npy OUTPUTS.npy`: run MODEL on an NCHW float32 batch, save its outputs, time
     it per thread count (raw latencies, monotonic clock), with init, first inference and peak memory;
-    `time FILE...`: the best median ms of each file (single-layer probes when tuning a plan)."""
+    `time FILE...`: the fastest run's ms of each file (single-layer probes when tuning a plan)."""
     import argparse
     import json
 

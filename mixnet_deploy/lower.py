@@ -223,9 +223,9 @@ class _Traced:
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
 
     def calls_once(self, node: object, kinds: type | tuple[type, ...]) -> bool:
-        """`node` calls a module of `kinds` that no other node calls."""
+        """`node` calls a module of `kinds`, with one positional input, and no other node calls it."""
         return (isinstance(node, torch.fx.Node) and node.op == "call_module" and self.calls[node.target] == 1
-                and isinstance(self.modules[node.target], kinds))
+                and isinstance(self.modules[node.target], kinds) and len(node.args) == 1 and not node.kwargs)
 
     def called(self, node: object, kinds: type | tuple[type, ...]) -> bool:
         """calls_once, and only one node reads its output."""

@@ -144,19 +144,22 @@ def test_a_relu_after_a_split_mixconv_moves_into_its_segments():
         with torch.no_grad():
             ref = model(x)
             assert (lowered(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
-    # left after the concatenation: a MixConv whose output is read twice, a ReLU module called twice
+    # left after the concatenation: a MixConv whose output is read twice, a ReLU module called
+    # twice, a ReLU called with a keyword argument
     class Twice(nn.Module):
-        def __init__(self, shared: bool):
+        def __init__(self, case: str):
             super().__init__()
-            self.mix, self.relu, self.shared = MixConv(24, (3, 5)), nn.ReLU(), shared
+            self.mix, self.relu, self.case = MixConv(24, (3, 5)), nn.ReLU(), case
 
         def forward(self, x):
             y = self.mix(x)
-            return self.relu(y) + (self.relu(x) if self.shared else y)
+            if self.case == "keyword":
+                return self.relu(input=y)
+            return self.relu(y) + (self.relu(x) if self.case == "shared" else y)
 
-    for shared in (False, True):
-        lowered = lower(Twice(shared).eval(), (24, 12, 12), Plan({"mix": "split"})).module
-        assert isinstance(lowered.relu, nn.ReLU) and isinstance(lowered.mix.out_act, nn.Identity)
+    for case in ("read twice", "shared", "keyword"):
+        lowered = lower(Twice(case).eval(), (24, 12, 12), Plan({"mix": "split"})).module
+        assert isinstance(lowered.relu, nn.ReLU) and isinstance(lowered.mix.out_act, nn.Identity), case
 
 
 def test_probes_are_fed_by_the_layers_own_expansion():
