@@ -273,15 +273,14 @@ def split_expansions(module: nn.Module) -> int:
     return rewritten
 
 
-def relu_into_segments(module: nn.Module) -> int:
+def relu_into_segments(module: nn.Module) -> None:
     """Move a ReLU or ReLU6 that follows a MixConv kept in segments (through identities, nothing else
     reading them) into each segment, relu(concat(a, b)) = concat(relu(a), relu(b)), where runtimes
     fuse it into the segment's last conv: no activation after the concatenation is left (an int8
-    RELU after a CONCATENATION is one XNNPACK leaves out). In place; returns how many it moved."""
+    RELU after a CONCATENATION is one XNNPACK leaves out). In place."""
     traced = _traced(module)
     if traced is None:
-        return 0
-    moved = 0
+        return
     for node in traced.graph.nodes:
         if not traced.calls_once(node, (nn.ReLU, nn.ReLU6)):
             continue
@@ -293,8 +292,6 @@ def relu_into_segments(module: nn.Module) -> int:
             continue
         mix.out_act = traced.modules[node.target]
         _set(module, node.target, nn.Identity())
-        moved += 1
-    return moved
 
 
 def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
