@@ -35,6 +35,15 @@ input_size_option = click.option("--input-size", callback=_input_size, metavar="
                                  help="Input resolution of MODEL instead of its own (e.g. 192 or 192x256).")
 
 
+def _reject_given(names: tuple[str, ...], goes_with: str) -> None:
+    """A usage error when options among `names` (parameter names) were given: they only go with `goes_with`."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name in names and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise MixdeployError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with {goes_with}")
+
+
 def model_options(fn):
     """MODEL plus the options that say which weights to load and at what input resolution."""
     fn = input_size_option(fn)
@@ -182,10 +191,12 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
 
     if precision and not tune_device:
         raise MixdeployError("--precision goes with --tune DEVICE (use --fp16 for a float16 TFLite export)")
-    given = click.get_current_context().get_parameter_source
-    for option in ("tune_threads", "tune_runs"):
-        if given(option) is not click.core.ParameterSource.DEFAULT and not tune_device:
-            raise MixdeployError(f"--{option.replace('_', '-')} goes with --tune DEVICE")
+    if not tune_device:
+        _reject_given(("tune_threads", "tune_runs"), "--tune DEVICE")
+    if fmt == "onnx":
+        _reject_given(("fp16", "input_layout"), "--format tflite or all (TFLite only)")
+    if fmt == "tflite":
+        _reject_given(("opset", "dynamic_batch"), "--format onnx or all (ONNX only)")
     if tune_device and plan != "auto":
         raise MixdeployError("--tune measures the plan; leave out --plan")
     fp16 = fp16 or precision == "fp16"
@@ -328,12 +339,13 @@ def _print_quantized(result) -> None:
 @click.option("--cooldown", type=click.FloatRange(min=0), help="Seconds between models [default: 10 on a phone, else 0].")
 @click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
               help="Seconds one model may take on the device.")
-@click.option("--report", type=click.Path(), help="Also write a Markdown report here, with a PNG plot beside it.")
+@click.option("--report", type=click.Path(), help="Also write a Markdown report (.md) here, with a PNG plot beside it.")
+@click.option("--force", is_flag=True, help="Overwrite an existing report.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkpoint: str | None, calibrate_bn: bool,
           input_size: tuple[int, int] | None, device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
           benchmark_binary: str | None, python: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
-          timeout: float, report: str | None, as_json: bool) -> None:
+          timeout: float, report: str | None, force: bool, as_json: bool) -> None:
     """Latency and parity of exported FILES on a device, side by side (or, with --compare-peers
     MODEL, of mixdeploy's and the peers' exports of MODEL)."""
     from devices.bench import Settings, bench as run_bench
@@ -341,9 +353,16 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
 
     if bool(files) == bool(peer_model):
         raise MixdeployError("give exported FILES to bench, or --compare-peers MODEL (not both)")
-    if files and input_size:
-        raise MixdeployError("--input-size goes with --compare-peers MODEL; exported FILES keep the size they were "
-                             "exported at")
+    if files:
+        _reject_given(("precision", "checkpoint", "calibrate_bn", "input_size"),
+                      "--compare-peers MODEL; exported FILES keep what they were exported with")
+    if runner != "benchmark_model":
+        _reject_given(("benchmark_binary",), "--runner benchmark_model")
+    if report:
+        from exporters.export import check_writable
+
+        check_writable(Path(report), force, ".md")
+        check_writable(Path(report).with_suffix(".png"), force)
 
     try:
         counts = [int(t) for t in threads.split(",")]

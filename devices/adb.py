@@ -48,7 +48,12 @@ class AdbTransport(Transport):
         self.name = f"adb:{serial}"
         state = device_states(timeout).get(serial)
         if state is None and re.fullmatch(r"[\w.\-]+:\d+", serial):
-            adb(["connect", serial], timeout)
+            connect = adb(["connect", serial], timeout)
+            said = (connect.stdout + connect.stderr).strip()
+            if "connected to" not in said:  # adb exits 0 on a failed connect too; it leaves an offline entry
+                adb(["disconnect", serial], timeout)
+                raise DeviceError(f"could not connect to adb device {serial}: {said or 'no answer'}; "
+                                  "check that adbd listens there (adb tcpip PORT on the phone)")
             state = device_states(timeout).get(serial)
         if state is None:
             listed = ", ".join(device_states(timeout)) or "none"

@@ -22,7 +22,6 @@ def write_report(path: Path, device: dict, results: list[dict]) -> list[Path]:
     png = path.with_suffix(".png")
     if png == path:
         raise ValueError(f"the report is Markdown, not {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(png, _plot_png(device, results))
     _write_atomic(path, _markdown(device, results, png.name).encode())
     return [path, png]
@@ -51,6 +50,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # as any other output, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -63,13 +63,17 @@ def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, P
     return {fmt: base}
 
 
-def check_writable(path: Path, force: bool) -> None:
-    """Fail early, before any work, when `path` cannot or must not be written."""
+def check_writable(path: Path, force: bool, suffix: str | None = None) -> None:
+    """Fail early, before any work, when `path` cannot or must not be written (or lacks `suffix`)."""
     if path.is_dir():
         raise MixdeployError(f"output {path} is a directory; pass a file path")
+    if suffix is not None and path.suffix != suffix:
+        raise MixdeployError(f"output {path} must end in {suffix}, the kind of file written; choose another --output")
     if path.exists() and not force:
         raise MixdeployError(f"output {path} exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise MixdeployError(f"{parent} is a file, not a folder; choose another --output")
     if not parent.is_dir():
         raise MixdeployError(f"output folder {parent} does not exist; create it or choose another --output")
     if not os.access(parent, os.W_OK):
@@ -93,8 +97,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16, input_layout (TFLite).
     input_size: (height, width) to export at instead of the model's own resolution."""
     paths = output_paths(model, fmt, output)
-    for path in paths.values():
-        check_writable(path, force)
+    for name, path in paths.items():
+        check_writable(path, force, FORMATS[name].suffix)
     step(f"loading {model}")
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
     size = loaded.preprocess.input_size

@@ -21,6 +21,8 @@ def _onnx(path: Path) -> dict:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
         return {"name": v.name, "shape": dims, "dtype": dtype}
 
+    if not model.graph.node:
+        raise MixdeployError(f"{path} is not a readable ONNX file (it holds no graph)")
     meta = {}
     for prop in model.metadata_props:
         try:
@@ -47,6 +49,8 @@ def inspect_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MixdeployError(f"{path} does not exist; pass an exported .onnx or .tflite file or a model name")
-    fmt = "onnx" if path.suffix == ".onnx" else "tflite"
+    if path.suffix not in (".onnx", ".tflite"):
+        raise MixdeployError(f"{path}: mixdeploy reads .onnx and .tflite files; pass one of those or a model name")
+    fmt = path.suffix[1:]
     report = _onnx(path) if fmt == "onnx" else _tflite(path)
     return {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **report}

@@ -299,6 +299,18 @@ def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInf
     return [info for site in discover(model, input_size) if (info := layer_info(site)) is not None]
 
 
+def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
+    """Raise MixdeployError when `plan` names a layer not in `layers` or a choice that layer cannot take."""
+    unknown = sorted(set(plan.layers) - {layer.name for layer in layers})
+    if unknown:
+        raise MixdeployError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
+    for layer in layers:
+        choice = plan.layers.get(layer.name)
+        if choice is not None and choice not in layer.candidates:
+            raise MixdeployError(f"plan choice {choice!r} does not fit {layer.name}; "
+                                 f"candidates: {', '.join(layer.candidates)}")
+
+
 def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
     """'split' keeps every MixConv split; 'fold' folds every depthwise MixConv and groups every 1x1."""
     if preset not in ("split", "fold"):
@@ -319,14 +331,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
     plus `check_inputs` (e.g. real photos); raise LoweringError when it is out of tolerance."""
     model = model.eval()
     sites = discover(model, input_size)
-    infos = [info for site in sites if (info := layer_info(site)) is not None]
-    unknown = sorted(set(plan.layers) - {i.name for i in infos})
-    if unknown:
-        raise MixdeployError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
-    for info in infos:
-        choice = plan.layers.get(info.name)
-        if choice is not None and choice not in info.candidates:
-            raise MixdeployError(f"plan choice {choice!r} does not fit {info.name}; candidates: {', '.join(info.candidates)}")
+    check_plan(plan, [info for site in sites if (info := layer_info(site)) is not None])
     lowered = copy.deepcopy(model)
     for site in sites:
         if site.bn is not None:

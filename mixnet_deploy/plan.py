@@ -130,6 +130,8 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
             raise MixdeployError("a plan is a JSON object with a 'layers' mapping of layer name -> choice")
+        if data.get("version", 1) != 1:
+            raise MixdeployError(f"plan version {data['version']!r} is not one this mixdeploy reads (it writes version 1)")
         return cls(dict(data["layers"]), data.get("target", "onnxruntime"), data.get("source", "file"),
                    dict(data.get("estimates_ms", {})))
 

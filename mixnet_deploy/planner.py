@@ -7,7 +7,7 @@ from torch import nn
 
 from .cost_model import CostModel
 from .errors import MixdeployError
-from .lower import analyse, discover, layer_info, preset_plan
+from .lower import analyse, check_plan, discover, layer_info, preset_plan
 from .plan import Plan
 
 TARGETS = ("onnxruntime", "litert", "onnxruntime_int8", "litert_int8")
@@ -38,5 +38,9 @@ def make_plan(spec: str, model: nn.Module, input_size: tuple[int, int, int], tar
     if spec in ("split", "fold"):
         return preset_plan(analyse(model, input_size), spec, target)
     if not Path(spec).is_file():
+        if spec.endswith(".json") or "/" in spec:
+            raise MixdeployError(f"plan file {spec} does not exist; pass auto, split, fold or a plan JSON file")
         raise MixdeployError(f"--plan {spec!r} is neither auto, split, fold nor a plan JSON file")
-    return Plan.load(spec)
+    plan = Plan.load(spec)
+    check_plan(plan, analyse(model, input_size))
+    return plan

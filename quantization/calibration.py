@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from PIL import UnidentifiedImageError
+from rich.console import Console
 from rich.progress import Progress
 
 from mixnet_deploy.errors import MixdeployError
@@ -47,7 +48,7 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
     paths = find_images(folder)
     transform = eval_transform(cfg)
     tensors, used, skipped = [], [], []
-    with Progress(transient=True, disable=not progress) as bar:
+    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
         task = bar.add_task(f"reading {folder}", total=len(paths) if limit is None else min(limit, len(paths)))
         for path in paths:
             if limit is not None and len(used) >= limit:

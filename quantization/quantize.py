@@ -57,9 +57,11 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
     """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the format,
     and the file's lowering plan."""
     if source.endswith((".onnx", ".tflite")):
-        if input_size:
-            raise MixdeployError(f"--input-size is for a MODEL name; {source} keeps the size it was exported at "
-                                 "(export it again with --input-size)")
+        given = [name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
+                                          ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value]
+        if given:
+            raise MixdeployError(f"{', '.join(given)}: for a MODEL name only; {source} keeps the weights, format and "
+                                 "size it was exported with (export it again to change them)")
         report = inspect_file(source)
         meta = report.get("metadata", {})
         if "mixdeploy.model" not in meta:
@@ -94,14 +96,14 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     if fmt == "tflite" and method not in TFLITE_METHODS:
         raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
     out = Path(output) if output else Path(f"{loaded.name}_int8.{fmt}")
-    check_writable(out, force)
+    check_writable(out, force, FORMATS[fmt].suffix)
     step("reading calibration images")
-    images = load_folder(calib, loaded.preprocess)
+    # without --eval, a fifth of the images read is held out: read no more than that needs
+    images = load_folder(calib, loaded.preprocess, limit=num_calib if eval_dir else num_calib + -(-num_calib // 4))
     if eval_dir is not None:
-        calibration, held_out = images.split(num_calib)[0], load_folder(eval_dir, loaded.preprocess)
+        calibration, held_out = images, load_folder(eval_dir, loaded.preprocess)
     else:
-        n = min(num_calib, len(images.images) - max(1, len(images.images) // 5))
-        calibration, held_out = images.split(n)
+        calibration, held_out = images.split(len(images.images) - max(1, -(-len(images.images) // 5)))
     size = loaded.preprocess.input_size
     target = FORMATS[fmt].target + "_int8"
     step(f"planning and lowering for {target}")

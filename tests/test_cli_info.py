@@ -92,3 +92,15 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     assert mine["layers"] == plan["layers"]
     table = run_cli("info", "mixnet_s", "--plan", "fold").out
     assert "blocks.5.2.conv_dw" in table and "fold" in table
+    # a plan file is checked as export checks it: a choice the layer cannot take, a layer the model lacks
+    for layers, fragment in (({"blocks.2.0.conv_dw": 5}, "plan choice 5 does not fit blocks.2.0.conv_dw"),
+                             ({"blocks.9.conv_dw": "split"}, "layers this model does not have: blocks.9.conv_dw")):
+        (tmp_path / "bad.json").write_text(json.dumps({"version": 1, "layers": layers}))
+        assert_usage_error(run_cli("info", "mixnet_s", "--plan", tmp_path / "bad.json"), fragment)
+
+
+def test_info_of_an_empty_or_unknown_file(run_cli, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert_usage_error(run_cli("info", tmp_path / "empty.onnx"), "not a readable ONNX file")
+    (tmp_path / "notes.txt").write_text("x")
+    assert_usage_error(run_cli("bench", tmp_path / "notes.txt"), "reads .onnx and .tflite files")

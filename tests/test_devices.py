@@ -121,6 +121,12 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     assert_usage_error(run_cli("bench", model, "--device", "ssh:bad host"), "ssh:USER@HOST")
     absent = run_cli("bench", model, "--device", "no-such-serial")
     assert absent.code == 1 and "adb device no-such-serial not found" in absent.err
+    # a network serial nothing listens on: adb's own reason, and no offline entry left in `adb devices`
+    port = free_port()
+    refused = run_cli("bench", model, "--device", f"127.0.0.1:{port}")
+    assert refused.code == 1 and f"could not connect to adb device 127.0.0.1:{port}" in refused.err
+    assert "refused" in refused.err and len(refused.err.strip().splitlines()) == 1
+    assert f"127.0.0.1:{port}" not in subprocess.run(["adb", "devices"], capture_output=True, text=True).stdout
     monkeypatch.setenv("PATH", str(tmp_path))
     no_adb = run_cli("bench", model, "--device", "emulator-5554")
     assert no_adb.code == 1 and "adb not found" in no_adb.err and "apt-get install adb" in no_adb.err
@@ -176,6 +182,18 @@ def test_bench_needs_files_or_peers(run_cli):
     assert_usage_error(run_cli("bench"), "give exported FILES")
     assert_usage_error(run_cli("bench", "x.onnx", "--compare-peers", "mixnet_s"), "not both")
     assert_usage_error(run_cli("bench", "x.onnx", "--input-size", "160"), "goes with --compare-peers")
+    assert_usage_error(run_cli("bench", "x.onnx", "--checkpoint", "w.pth", "--precision", "int8"),
+                       "--precision, --checkpoint go with --compare-peers")
+    assert_usage_error(run_cli("bench", "x.onnx", "--benchmark-binary", "bm"), "goes with --runner benchmark_model")
+
+
+def test_bench_checks_the_report_path_before_measuring(run_cli, tmp_path):
+    """A bad --report fails at once, in one line, before any file is read (x.onnx does not exist)."""
+    assert_usage_error(run_cli("bench", "x.onnx", "--report", tmp_path / "r.png"), "must end in .md")
+    assert_usage_error(run_cli("bench", "x.onnx", "--report", tmp_path / "nope" / "r.md"), "does not exist")
+    (tmp_path / "r.md").write_text("old")
+    assert_usage_error(run_cli("bench", "x.onnx", "--report", tmp_path / "r.md"), "exists", "--force")
+    assert os.listdir(tmp_path) == ["r.md"]
 
 
 @pytest.mark.slow

@@ -212,5 +212,13 @@ def test_bad_export_input(tmp_path, run_cli):
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "16"), "at least 32x32")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "160x"), "--input-size")
     assert sorted(os.listdir(tmp_path)) == before
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.tflite"), "must end in .onnx")
+    assert_usage_error(run_cli("export", "mixnet_s", "--format", "tflite", "-o", tmp_path / "m.txt"), "must end in .tflite")
+    assert_usage_error(run_cli("export", "mixnet_s", "--fp16", "--input-layout", "nchw"),
+                       "--fp16, --input-layout go with --format tflite or all")
+    assert_usage_error(run_cli("export", "mixnet_s", "--format", "tflite", "--opset", "17"), "--opset goes with --format onnx")
+    assert_usage_error(run_cli("export", "mixnet_s", "--plan", tmp_path / "none.json"), "plan file", "does not exist")
+    (tmp_path / "v99.json").write_text(json.dumps({"version": 99, "layers": {}}))
+    assert_usage_error(run_cli("export", "mixnet_s", "--plan", tmp_path / "v99.json"), "plan version 99")
     (tmp_path / "a_file").write_text("x")
-    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "a_file" / "m.onnx"), "does not exist")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "a_file" / "m.onnx"), "a_file is a file, not a folder")

@@ -43,6 +43,7 @@ def rows(text: str, name: str) -> list[list[str]]:
 
 
 def test_report_tables_every_file_and_thread_count(tmp_path):
+    (tmp_path / "out").mkdir()
     md, png = write_report(tmp_path / "out" / "bench.md", DEVICE, RESULTS)
     assert (md.name, png.name, md.parent, png.parent) == ("bench.md", "bench.png", tmp_path / "out", tmp_path / "out")
     text = md.read_text()
