@@ -77,6 +77,8 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
     from mixnet_deploy.planner import make_plan
 
     if model.endswith((".onnx", ".tflite")):
+        _reject_given(("checkpoint", "pretrained", "calibrate_bn", "input_size", "plan", "target"),
+                      "a MODEL name; an exported FILE keeps what it was exported with")
         _file_info(model, as_json)
         return
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)

@@ -19,6 +19,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise MixdeployError(f"checkpoint {path} does not exist; pass the path of a .pth, .pt or .safetensors file")
     if path.is_dir():
         raise MixdeployError(f"checkpoint {path} is a directory; pass the weights file inside it (.pth, .pt or .safetensors)")
+    with path.open("rb") as f:
+        head = f.read(2)
+    if path.suffix != ".safetensors" and head != b"PK" and head[:1] != b"\x80":  # zip (torch.save) or legacy pickle
+        raise MixdeployError(f"checkpoint {path} is not a PyTorch file (torch.save writes a zip archive); "
+                             "pass a state_dict saved with torch.save or a .safetensors file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -27,9 +32,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):
+            raise MixdeployError(f"checkpoint {path} cannot be read: it holds pickled Python objects, not only "
+                                 "tensors (a whole model?), and mixdeploy loads weights only; save "
+                                 "model.state_dict() with torch.save") from None
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
         raise MixdeployError(
-            f"checkpoint {path} cannot be read as PyTorch weights ({first[:160]}); "
+            f"checkpoint {path} cannot be read as PyTorch weights ({type(exc).__name__}{': ' + first if first else ''}); "
             "pass a state_dict saved with torch.save or a .safetensors file"
         ) from None
     extras = {k: state[k] for k in ("preprocess", "labels") if isinstance(state, dict) and k in state}

@@ -48,7 +48,14 @@ def test_directory_as_checkpoint(run_cli, tmp_path):
 def test_corrupt_checkpoint(run_cli, tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"this is not a zip file nor a pickle" * 10)
-    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", path), "cannot be read")
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", path), "is not a PyTorch file")
+    truncated = tmp_path / "truncated.pth"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", truncated), "cannot be read")
+    whole = tmp_path / "whole.pth"
+    torch.save(torch.nn.Linear(2, 2), whole)  # a whole pickled model, not a state_dict
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", whole), "not only tensors", "model.state_dict()")
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x00" * 64)
     assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", bad), "cannot be read")
@@ -102,5 +109,7 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
 def test_info_of_an_empty_or_unknown_file(run_cli, tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     assert_usage_error(run_cli("info", tmp_path / "empty.onnx"), "not a readable ONNX file")
+    assert_usage_error(run_cli("info", tmp_path / "empty.onnx", "--plan", "auto", "--target", "litert"),
+                       "--plan, --target go with a MODEL name")
     (tmp_path / "notes.txt").write_text("x")
     assert_usage_error(run_cli("bench", tmp_path / "notes.txt"), "reads .onnx and .tflite files")
