@@ -76,6 +76,8 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
     from mixnet_deploy import count, load_model
     from mixnet_deploy.planner import make_plan
 
+    if not plan:
+        _reject_given(("target",), "--plan")
     if model.endswith((".onnx", ".tflite")):
         _reject_given(("checkpoint", "pretrained", "calibrate_bn", "input_size", "plan", "target"),
                       "a MODEL name; an exported FILE keeps what it was exported with")
@@ -360,6 +362,10 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
                       "--compare-peers MODEL; exported FILES keep what they were exported with")
     if runner != "benchmark_model":
         _reject_given(("benchmark_binary",), "--runner benchmark_model")
+    if not report:
+        _reject_given(("force",), "--report PATH")
+    if runner == "benchmark_model":
+        _reject_given(("python",), "--runner python")
     if report:
         from exporters.export import check_writable
 

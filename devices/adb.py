@@ -49,12 +49,12 @@ class AdbTransport(Transport):
         state = device_states(timeout).get(serial)
         if state is None and re.fullmatch(r"[\w.\-]+:\d+", serial):
             connect = adb(["connect", serial], timeout)
-            said = (connect.stdout + connect.stderr).strip()
-            if "connected to" not in said:  # adb exits 0 on a failed connect too; it leaves an offline entry
-                adb(["disconnect", serial], timeout)
-                raise DeviceError(f"could not connect to adb device {serial}: {said or 'no answer'}; "
-                                  "check that adbd listens there (adb tcpip PORT on the phone)")
             state = device_states(timeout).get(serial)
+            if state in (None, "offline"):  # adb exits 0 on a failed connect too, leaving an offline entry
+                adb(["disconnect", serial], timeout)
+                said = [line for line in (connect.stdout + "\n" + connect.stderr).splitlines() if line.strip()]
+                raise DeviceError(f"could not connect to adb device {serial}: {said[-1].strip() if said else 'no answer'}; "
+                                  "check that adbd listens there (`adb tcpip PORT` on the phone)")
         if state is None:
             listed = ", ".join(device_states(timeout)) or "none"
             raise DeviceError(f"adb device {serial} not found (adb devices lists: {listed}); "

@@ -66,18 +66,19 @@ def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, P
 def check_writable(path: Path, force: bool, suffix: str | None = None) -> None:
     """Fail early, before any work, when `path` cannot or must not be written (or lacks `suffix`)."""
     if path.is_dir():
-        raise MixdeployError(f"output {path} is a directory; pass a file path")
+        raise MixdeployError(f"output {path} is a directory; give a file path")
     if suffix is not None and path.suffix != suffix:
-        raise MixdeployError(f"output {path} must end in {suffix}, the kind of file written; choose another --output")
+        raise MixdeployError(f"output {path} must end in {suffix}, the suffix of the file written; rename it "
+                             "or pass the --format that fits it")
     if path.exists() and not force:
         raise MixdeployError(f"output {path} exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
-        raise MixdeployError(f"{parent} is a file, not a folder; choose another --output")
+        raise MixdeployError(f"{parent} is a file, not a folder; give another output path")
     if not parent.is_dir():
-        raise MixdeployError(f"output folder {parent} does not exist; create it or choose another --output")
+        raise MixdeployError(f"output folder {parent} does not exist; create it or give another output path")
     if not os.access(parent, os.W_OK):
-        raise MixdeployError(f"output folder {parent} is not writable; choose another --output")
+        raise MixdeployError(f"output folder {parent} is not writable; give another output path")
 
 
 def _versions() -> dict[str, str]:

@@ -48,9 +48,9 @@ def inspect_file(path: str | Path) -> dict:
     """Format, size, ops by type (and XNNPACK delegation for .tflite), tensors and embedded metadata."""
     path = Path(path)
     if not path.is_file():
-        raise MixdeployError(f"{path} does not exist; pass an exported .onnx or .tflite file or a model name")
+        raise MixdeployError(f"{path} does not exist; pass an exported .onnx or .tflite file")
     if path.suffix not in (".onnx", ".tflite"):
-        raise MixdeployError(f"{path}: mixdeploy reads .onnx and .tflite files; pass one of those or a model name")
+        raise MixdeployError(f"{path}: mixdeploy reads .onnx and .tflite files; pass one of those")
     fmt = path.suffix[1:]
     report = _onnx(path) if fmt == "onnx" else _tflite(path)
     return {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **report}

@@ -1,6 +1,7 @@
 """Reading a local checkpoint into a model, with errors that say what is wrong."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,11 +20,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise MixdeployError(f"checkpoint {path} does not exist; pass the path of a .pth, .pt or .safetensors file")
     if path.is_dir():
         raise MixdeployError(f"checkpoint {path} is a directory; pass the weights file inside it (.pth, .pt or .safetensors)")
-    with path.open("rb") as f:
-        head = f.read(2)
+    try:
+        with path.open("rb") as f:
+            head = f.read(2)
+    except OSError as exc:
+        raise MixdeployError(f"checkpoint {path} cannot be opened ({exc.strerror}); check its permissions") from None
     if path.suffix != ".safetensors" and head != b"PK" and head[:1] != b"\x80":  # zip (torch.save) or legacy pickle
         raise MixdeployError(f"checkpoint {path} is not a PyTorch file (torch.save writes a zip archive); "
                              "pass a state_dict saved with torch.save or a .safetensors file")
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        raise MixdeployError(f"checkpoint {path} is a TorchScript archive (torch.jit.save); save "
+                             "model.state_dict() with torch.save instead")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

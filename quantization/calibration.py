@@ -2,6 +2,7 @@
 as the model's config says (timm's eval transform)."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform, read_image
 
 MIN_IMAGES = 2
+SAMPLE_SEED = 0
 
 
 @dataclass
@@ -43,12 +45,19 @@ def find_images(folder: str | Path) -> list[Path]:
 
 def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = None,
                 progress: bool = True, minimum: int = MIN_IMAGES) -> ImageSet:
-    """Decode and preprocess up to `limit` readable images; unreadable ones are skipped and listed."""
+    """Decode and preprocess the readable images, or with `limit` as many of a seeded random sample of
+    them (spread over every class of an ImageFolder, not its first files); unreadable ones are skipped
+    and listed."""
     folder = Path(folder)
     paths = find_images(folder)
+    layout = [p.relative_to(folder).parts for p in paths]
+    labelled = all(len(parts) == 2 for parts in layout) and len({parts[0] for parts in layout}) > 1
+    if limit is not None and limit < len(paths):
+        random.Random(SAMPLE_SEED).shuffle(paths)
     transform = eval_transform(cfg)
     tensors, used, skipped = [], [], []
-    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not progress or not console.is_terminal) as bar:
         task = bar.add_task(f"reading {folder}", total=len(paths) if limit is None else min(limit, len(paths)))
         for path in paths:
             if limit is not None and len(used) >= limit:
@@ -62,7 +71,5 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
     if len(used) < minimum:
         raise MixdeployError(f"{folder} has {len(used)} usable image(s) (need at least {minimum}; "
                              f"{len(skipped)} unreadable); add JPEG, PNG, WebP or BMP photos")
-    top = {p.relative_to(folder).parts[0] for p in used}
-    labelled = all(len(p.relative_to(folder).parts) == 2 for p in used) and len(top) > 1
     labels = [p.relative_to(folder).parts[0] for p in used] if labelled else None
     return ImageSet(torch.stack(tensors), used, labels, skipped)

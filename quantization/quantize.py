@@ -1,6 +1,7 @@
 """`mixdeploy quantize`: calibrate on the user's images, write an int8 model, report what it costs."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from mixnet_deploy.planner import make_plan
 
 from . import sensitivity
 from .accuracy import accuracy
-from .calibration import load_folder
+from .calibration import MIN_IMAGES, load_folder
 from .keep_float import GROUPS, onnx_nodes, tflite_ops
 
 IO_TYPES = ("int8", "uint8", "float32")
@@ -60,8 +61,8 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
         given = [name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
                                           ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value]
         if given:
-            raise MixdeployError(f"{', '.join(given)}: for a MODEL name only; {source} keeps the weights, format and "
-                                 "size it was exported with (export it again to change them)")
+            raise MixdeployError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with a MODEL name; "
+                                 f"{source} keeps what it was exported with (export it again to change it)")
         report = inspect_file(source)
         meta = report.get("metadata", {})
         if "mixdeploy.model" not in meta:
@@ -99,11 +100,12 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     check_writable(out, force, FORMATS[fmt].suffix)
     step("reading calibration images")
     # without --eval, a fifth of the images read is held out: read no more than that needs
-    images = load_folder(calib, loaded.preprocess, limit=num_calib if eval_dir else num_calib + -(-num_calib // 4))
+    limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
+    images = load_folder(calib, loaded.preprocess, limit=limit, minimum=min(limit, MIN_IMAGES))
     if eval_dir is not None:
         calibration, held_out = images, load_folder(eval_dir, loaded.preprocess)
     else:
-        calibration, held_out = images.split(len(images.images) - max(1, -(-len(images.images) // 5)))
+        calibration, held_out = images.split(len(images.images) - max(1, math.ceil(len(images.images) / 5)))
     size = loaded.preprocess.input_size
     target = FORMATS[fmt].target + "_int8"
     step(f"planning and lowering for {target}")

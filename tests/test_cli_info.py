@@ -56,6 +56,9 @@ def test_corrupt_checkpoint(run_cli, tmp_path):
     whole = tmp_path / "whole.pth"
     torch.save(torch.nn.Linear(2, 2), whole)  # a whole pickled model, not a state_dict
     assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", whole), "not only tensors", "model.state_dict()")
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", scripted), "TorchScript archive")
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x00" * 64)
     assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", bad), "cannot be read")

@@ -126,7 +126,9 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     refused = run_cli("bench", model, "--device", f"127.0.0.1:{port}")
     assert refused.code == 1 and f"could not connect to adb device 127.0.0.1:{port}" in refused.err
     assert "refused" in refused.err and len(refused.err.strip().splitlines()) == 1
-    assert f"127.0.0.1:{port}" not in subprocess.run(["adb", "devices"], capture_output=True, text=True).stdout
+    unreachable = run_cli("device", "info", "10.255.255.1:5555")  # a connect that times out: adb lists it offline
+    assert unreachable.code == 1 and "could not connect to adb device 10.255.255.1:5555" in unreachable.err
+    assert "10.255.255.1" not in subprocess.run(["adb", "devices"], capture_output=True, text=True).stdout
     monkeypatch.setenv("PATH", str(tmp_path))
     no_adb = run_cli("bench", model, "--device", "emulator-5554")
     assert no_adb.code == 1 and "adb not found" in no_adb.err and "apt-get install adb" in no_adb.err

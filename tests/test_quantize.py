@@ -42,6 +42,26 @@ def test_finds_images_recursively_and_skips_unreadable(tmp_path):
     assert len(images.images) == 2 and [s[0].endswith("broken.png") for s in images.skipped] == [True]
 
 
+def test_a_limited_read_samples_every_class_and_decodes_only_the_sample(tmp_path, monkeypatch):
+    """--num-calib of an ImageFolder: a seeded sample across its classes, not its first files; the
+    rest of the folder is never decoded; a limit of one image is allowed when asked for."""
+    import quantization.calibration as calibration
+
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    for c in range(4):
+        (tmp_path / f"class{c}").mkdir()
+        for i, photo in enumerate(photos[:5]):
+            shutil.copy(photo, tmp_path / f"class{c}" / f"{i}.jpg")
+    decoded = []
+    read_image = calibration.read_image
+    monkeypatch.setattr(calibration, "read_image", lambda path, t: decoded.append(path) or read_image(path, t))
+    preprocess = load_model("mixnet_s").preprocess
+    images = load_folder(tmp_path, preprocess, limit=6, progress=False)
+    assert len(images.images) == 6 and decoded == images.paths
+    assert images.labels is not None and len(set(images.labels)) > 1  # the first 6 files span two classes at most
+    assert len(load_folder(tmp_path / "class0", preprocess, limit=1, minimum=1, progress=False).images) == 1
+
+
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_digits_model_quantizes_with_small_accuracy_drop(tmp_path, digits, fmt, run_cli):
     root, checkpoint = digits
@@ -96,7 +116,7 @@ def test_bad_calibration_input(tmp_path, run_cli):
     assert_usage_error(run_cli("quantize", foreign, "--calib", PHOTOS, "-o", tmp_path / "f.onnx"), "not exported by mixdeploy")
     for option in (["--input-size", "160"], ["--checkpoint", "w.pth"], ["--format", "tflite"], ["--calibrate-bn"]):
         assert_usage_error(run_cli("quantize", foreign, "--calib", PHOTOS, *option, "-o", tmp_path / "f.onnx"),
-                           f"{option[0]}: for a MODEL name only")
+                           f"{option[0]} goes with a MODEL name")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "-o", tmp_path / "q.onnx"), "must end in .tflite")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--format", "onnx", "--io", "int8",
                                "-o", tmp_path / "x.onnx"), "--io float32")
