@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.errors import MixdeployError, reject_options
 
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
@@ -38,10 +38,9 @@ input_size_option = click.option("--input-size", callback=_input_size, metavar="
 def _reject_given(names: tuple[str, ...], goes_with: str) -> None:
     """A usage error when options among `names` (parameter names) were given: they only go with `goes_with`."""
     ctx = click.get_current_context()
-    given = [p.opts[0] for p in ctx.command.params
-             if p.name in names and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
-    if given:
-        raise MixdeployError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with {goes_with}")
+    reject_options([p.opts[0] for p in ctx.command.params
+                    if p.name in names and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT],
+                   goes_with)
 
 
 def model_options(fn):
@@ -360,17 +359,17 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     if files:
         _reject_given(("precision", "checkpoint", "calibrate_bn", "input_size"),
                       "--compare-peers MODEL; exported FILES keep what they were exported with")
-    if runner != "benchmark_model":
-        _reject_given(("benchmark_binary",), "--runner benchmark_model")
-    if not report:
-        _reject_given(("force",), "--report PATH")
     if runner == "benchmark_model":
         _reject_given(("python",), "--runner python")
+    else:
+        _reject_given(("benchmark_binary",), "--runner benchmark_model")
     if report:
         from exporters.export import check_writable
 
         check_writable(Path(report), force, ".md")
         check_writable(Path(report).with_suffix(".png"), force)
+    else:
+        _reject_given(("force",), "--report PATH")
 
     try:
         counts = [int(t) for t in threads.split(",")]

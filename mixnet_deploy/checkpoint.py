@@ -28,9 +28,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.suffix != ".safetensors" and head != b"PK" and head[:1] != b"\x80":  # zip (torch.save) or legacy pickle
         raise MixdeployError(f"checkpoint {path} is not a PyTorch file (torch.save writes a zip archive); "
                              "pass a state_dict saved with torch.save or a .safetensors file")
-    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        raise MixdeployError(f"checkpoint {path} is a TorchScript archive (torch.jit.save); save "
-                             "model.state_dict() with torch.save instead")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith("/constants.pkl") for n in archive.namelist()):
+                raise MixdeployError(f"checkpoint {path} is a TorchScript archive (torch.jit.save); save "
+                                     "model.state_dict() with torch.save instead")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -7,6 +7,12 @@ class MixdeployError(Exception):
     exit_code = 2
 
 
+def reject_options(given: list[str], goes_with: str) -> None:
+    """Raise MixdeployError when options were `given` that only go with `goes_with`."""
+    if given:
+        raise MixdeployError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with {goes_with}")
+
+
 class DeviceError(MixdeployError):
     """A device that cannot be reached or that fails mid-run (adb missing, offline, timeout): exit code 1."""
 

@@ -13,7 +13,7 @@ import torch
 from exporters.export import check_writable
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
-from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.lower import lower
 from mixnet_deploy.models import LoadedModel, reload
 from mixnet_deploy.parity import ParityReport, compare
@@ -58,11 +58,9 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
     """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the format,
     and the file's lowering plan."""
     if source.endswith((".onnx", ".tflite")):
-        given = [name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
-                                          ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value]
-        if given:
-            raise MixdeployError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with a MODEL name; "
-                                 f"{source} keeps what it was exported with (export it again to change it)")
+        reject_options([name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
+                                                 ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value],
+                       f"a MODEL name; {source} keeps what it was exported with (export it again to change it)")
         report = inspect_file(source)
         meta = report.get("metadata", {})
         if "mixdeploy.model" not in meta:
