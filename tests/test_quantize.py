@@ -159,13 +159,15 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
 def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
     """One huge pixel among the calibration images stretches min/max ranges (the input's to 400);
     percentile ranges leave it out, so ordinary inputs come out of the int8 model closer to float
-    (measured: mean error 0.41x of min/max's)."""
+    (measured: mean error 0.52x of min/max's with these weights, 0.34-0.60x over eight weight seeds;
+    the probe's weights come from torch's global generator, so the test seeds it)."""
     from devices.runners import LiteRtRunner
     from mixnet_deploy.lower import LayerInfo
     from mixnet_deploy.probes import probe
     from quantization.tflite_int8 import quantize_tflite
 
     info = LayerInfo("x", "pointwise", [16, 16], [16, 16], [1, 1], 1, (16, 16), (16, 16), ["split"])
+    torch.manual_seed(0)
     module = probe(info, "split").module
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((64, 32, 16, 16)).astype(np.float32)
@@ -177,4 +179,4 @@ def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
     for method in ("minmax", "percentile"):
         quantize_tflite(module, (32, 16, 16), tmp_path / f"{method}.tflite", calib, io_type="float32", method=method)
         error[method] = np.abs(LiteRtRunner(tmp_path / f"{method}.tflite").run(fresh.transpose(0, 2, 3, 1)) - reference).mean()
-    assert error["percentile"] < 0.6 * error["minmax"], error
+    assert error["percentile"] < 0.7 * error["minmax"], error
