@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,8 +78,10 @@ def check_writable(path: Path, force: bool, suffix: str | None = None) -> None:
         raise MixdeployError(f"{parent} is a file, not a folder; give another output path")
     if not parent.is_dir():
         raise MixdeployError(f"output folder {parent} does not exist; create it or give another output path")
-    if not os.access(parent, os.W_OK):
-        raise MixdeployError(f"output folder {parent} is not writable; give another output path")
+    try:  # create a file there: os.access passes folders that take none (/proc, a read-only mount as root)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise MixdeployError(f"cannot write in output folder {parent} ({exc.strerror}); give another output path") from None
 
 
 def _versions() -> dict[str, str]:

@@ -222,3 +222,4 @@ def test_bad_export_input(tmp_path, run_cli):
     assert_usage_error(run_cli("export", "mixnet_s", "--plan", tmp_path / "v99.json"), "plan version 99")
     (tmp_path / "a_file").write_text("x")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "a_file" / "m.onnx"), "a_file is a file, not a folder")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", "/proc/m.onnx"), "cannot write in output folder /proc")
