@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import click
 from rich.console import Console
@@ -43,7 +44,7 @@ def _reject_given(names: tuple[str, ...], goes_with: str) -> None:
                    goes_with)
 
 
-def model_options(fn):
+def model_options(fn: Callable) -> Callable:
     """MODEL plus the options that say which weights to load and at what input resolution."""
     fn = input_size_option(fn)
     fn = click.option("--calibrate-bn", is_flag=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from torch import nn
 
 from devices.runners import LiteRtRunner, OrtRunner
 from exporters.formats import FORMATS
@@ -19,13 +20,13 @@ def _calibration(input_size: tuple[int, int, int]) -> np.ndarray:
     return np.random.default_rng(1).standard_normal((8, *input_size), dtype=np.float32)
 
 
-def _int8_tflite(module, input_size, path) -> None:
+def _int8_tflite(module: nn.Module, input_size: tuple[int, int, int], path: Path) -> None:
     from quantization.tflite_int8 import quantize_tflite
 
     quantize_tflite(module, input_size, path, _calibration(input_size), io_type="int8")
 
 
-def _int8_onnx(module, input_size, path) -> None:
+def _int8_onnx(module: nn.Module, input_size: tuple[int, int, int], path: Path) -> None:
     from quantization.onnx_qdq import quantize_onnx
 
     float_path = path.with_suffix(".float.onnx")

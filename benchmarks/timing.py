@@ -1,6 +1,8 @@
 """Interleaved latency measurement: every runner in turn, several rounds, so drift hits all alike."""
 from __future__ import annotations
 
+import argparse
+
 from devices.runners import latency_stats
 
 
@@ -13,10 +15,8 @@ def interleaved(runners: dict, x: dict, rounds: int = 5, runs: int = 40, warmup:
     return {name: latency_stats(t) for name, t in times.items()}
 
 
-def arguments(doc: str, models: str = "mixnet_s,mixnet_m,mixnet_l", threads: str = "1,2"):
+def arguments(doc: str, models: str = "mixnet_s,mixnet_m,mixnet_l", threads: str = "1,2") -> argparse.Namespace:
     """The options every benchmark script takes: --models, --threads, --rounds."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=models)
     parser.add_argument("--threads", default=threads)

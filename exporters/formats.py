@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from torch import nn
+
+if TYPE_CHECKING:
+    from devices.runners import LiteRtRunner, OrtRunner
 
 
 class Format(Protocol):
@@ -26,7 +29,7 @@ class Format(Protocol):
 class _Runs:
     """run and latency through the format's runner (files may carry a temporary suffix)."""
 
-    def runner(self, path: Path): ...
+    def runner(self, path: Path) -> OrtRunner | LiteRtRunner: ...
 
     def run(self, path: Path, x: np.ndarray) -> np.ndarray:
         runner = self.runner(path)
@@ -46,7 +49,7 @@ class OnnxFormat(_Runs):
         write_onnx(module, input_size, path, opset=options.get("opset", 18), dynamic_batch=options.get("dynamic_batch", False),
                    scale_weights=True)
 
-    def runner(self, path: Path):
+    def runner(self, path: Path) -> OrtRunner:
         from devices.runners import OrtRunner
 
         return OrtRunner(path)
@@ -78,7 +81,7 @@ class TfliteFormat(_Runs):
         write_tflite(module, input_size, path, fp16=options.get("fp16", False),
                      input_layout=options.get("input_layout", "nhwc"))
 
-    def runner(self, path: Path):
+    def runner(self, path: Path) -> LiteRtRunner:
         from devices.runners import LiteRtRunner
 
         return LiteRtRunner(path)

@@ -5,16 +5,20 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    import onnx
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def global_average_pools(model) -> int:
+def global_average_pools(model: onnx.ModelProto) -> int:
     """Rewrite spatial ReduceMean(keepdims=1) as GlobalAveragePool: the same numbers, an op that ONNX
     Runtime keeps in its blocked NCHWc layout and every opset has. Returns how many were rewritten."""
     from onnx import helper, numpy_helper
@@ -58,7 +62,7 @@ def _shapes(model) -> dict[str, list[int]]:
     return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
 
 
-def scaled_weights(model) -> int:
+def scaled_weights(model: onnx.ModelProto) -> int:
     """Rewrite Mul(x, s) -> 1x1 Conv, with s one scale per channel of a batch-1 x (a squeeze-excite
     gate), as the Conv of x with its weight scaled by s: the same numbers up to rounding, without
     the Mul, the pass over x that ONNX Runtime spends on it, or the re-layout around it. A Mul that
@@ -144,7 +148,7 @@ def _scale(conv, scale: str, weights: dict, initializers) -> list:
             helper.make_node("Reshape", [name + "_3", name + "_shape"], [name])]
 
 
-def opset_17(model):
+def opset_17(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` (opset 18) at opset 17. onnx's version converter has no 18 -> 17 adapter for Split or
     Pad, so the ops whose schema changed at 18 are rewritten here: Split's num_outputs becomes split
     sizes, a Reduce's axes input becomes its attribute, Pad must have no axes input; any other op

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def litert_torch(model: nn.Module, name: str, work: Path, input_size: tuple[int,
     return out
 
 
-def run_checked(fn, *args) -> tuple[Path | None, str | None]:
+def run_checked(fn: Callable[..., Path], *args: object) -> tuple[Path | None, str | None]:
     """(path, None) or (None, the reason the peer failed)."""
     try:
         return fn(*args), None

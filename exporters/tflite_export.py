@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import operator
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -15,13 +16,16 @@ from mixnet_deploy.conv_groups import same_pads
 from mixnet_deploy.deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, trace
 from mixnet_deploy.errors import MixdeployError
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MAX_SPLIT = 4  # XNNPACK delegates SPLIT with 2-4 equal outputs, never SPLIT_V
 MAX_CONCAT = 5  # ... and CONCATENATION with 2-5 inputs
 
 
-def tensorflow():
+def tensorflow() -> ModuleType:
     """TensorFlow, imported without the log lines it prints on import, and after torch._dynamo:
     torch imports triton lazily, and triton's native module crashes once TensorFlow is loaded."""
     import torch._dynamo  # noqa: F401
@@ -210,7 +214,7 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
 
 
 def converter(module: nn.Module, input_size: tuple[int, int, int], fp16: bool = False, input_layout: str = "nhwc",
-              representative: Callable | None = None, io_type: str = "float32"):
+              representative: Callable | None = None, io_type: str = "float32") -> tf.lite.TFLiteConverter:
     """A TFLite converter for `module`: fp32, fp16 weights, or (with a representative dataset) full int8."""
     tf = tensorflow()
     forward = to_tf_function(module, input_size, input_layout)

@@ -179,6 +179,7 @@ def _block_diagonal(weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def build_layer(site: Site, choice: str | None) -> nn.Module:
+    """The deploy module of the MixConv at `site` lowered with `choice` (None for a depthwise one: split)."""
     kind = _kind(site.groups)
     if kind == "depthwise":
         return _depthwise(site, DepthwiseChoice.parse(choice or "split"))

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -35,7 +39,7 @@ class ParityReport:
         return asdict(self)
 
 
-def reference_outputs(model, x) -> np.ndarray:
+def reference_outputs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """The PyTorch model's outputs computed in float64: the exact result that float32 files and
     rewrites are measured against (float32 PyTorch itself is off by a few 1e-6 on deep models)."""
     import copy

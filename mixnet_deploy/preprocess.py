@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -49,7 +50,7 @@ SAMPLE_IMAGES = Path(__file__).parent / "sample_images"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def eval_transform(cfg: PreprocessConfig):
+def eval_transform(cfg: PreprocessConfig) -> Callable[[Image.Image], torch.Tensor]:
     """timm's own eval transform for this config (resize, centre crop, to tensor, normalize)."""
     from timm.data import create_transform
 
@@ -57,7 +58,7 @@ def eval_transform(cfg: PreprocessConfig):
                             std=cfg.std, crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode, is_training=False)
 
 
-def read_image(path: Path, transform) -> torch.Tensor:
+def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """One image decoded with Pillow as RGB and passed through `transform`."""
     with Image.open(path) as img:
         return transform(img.convert("RGB"))
