@@ -127,6 +127,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
 
 def _file_info(path: str, as_json: bool) -> None:
     from exporters.inspect_file import inspect_file
+    from mixnet_deploy.parity import ParityReport
 
     report = inspect_file(path)
     if as_json:
@@ -142,8 +143,8 @@ def _file_info(path: str, as_json: bool) -> None:
     meta = report.get("metadata", {})
     if meta:
         parity = meta.get("mixdeploy.parity", {})
-        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); export parity "
-                  f"{'PASS' if parity.get('passed') else 'FAIL'}, max rel {parity.get('rel_max', float('nan')):.3g}")
+        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: "
+                  f"{ParityReport(**parity).summary() if parity else 'not recorded'}")
     else:
         out.print("no mixdeploy metadata: not exported by mixdeploy")
 
@@ -294,6 +295,13 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         click.echo(f"mixdeploy: error: --max-drop {budget['budget_points']} not met even with "
                    f"{', '.join(result.kept_float)} in float (top-1 agreement {budget['top1_agreement']:.1%}); "
                    f"{result.path} is written; try more calibration images or --method percentile", err=True)
+    if not result.agreement.passed:
+        hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init ones "
+                "with --calibrate-bn (on export for a file)" if result.weights == "random-init"
+                else "try more calibration images, --method percentile or --max-drop")
+        click.echo(f"mixdeploy: error: int8 parity out of tolerance ({result.agreement.summary()}); kept as "
+                   f"{result.path}; {hint}", err=True)
+    if (budget and not budget["met"]) or not result.agreement.passed:
         sys.exit(1)
 
 
@@ -304,7 +312,8 @@ def _print_quantized(result) -> None:
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()))
     a = result.agreement
     out.print(f"vs float on {cal['evaluated']} held-out images: top-1 agreement {a.top1_agreement:.1%}, "
-              f"top-5 {a.top5_agreement:.1%}, cosine {a.cosine:.5f}, SQNR {a.sqnr_db:.1f} dB")
+              f"top-5 {a.top5_agreement:.1%}, cosine {a.cosine:.5f} (at least {a.tolerance['min_cosine']}: "
+              f"{'PASS' if a.passed else 'FAIL'}), SQNR {a.sqnr_db:.1f} dB")
     budget = result.details.get("max_drop")
     if budget:
         out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
@@ -312,7 +321,7 @@ def _print_quantized(result) -> None:
                   f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
     worst = result.details.get("layers_losing_most", [])
     if worst:
-        out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst[:5]))
+        out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))
     if result.accuracy:
         acc = result.accuracy
         out.print(f"accuracy: float top-1 {acc['float_top1']:.1f} %, int8 top-1 {acc['int8_top1']:.1f} % "

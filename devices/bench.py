@@ -14,7 +14,7 @@ import numpy as np
 from exporters.inspect_file import inspect_file
 from mixnet_deploy.errors import DeviceError, MixdeployError
 from mixnet_deploy.models import reload
-from mixnet_deploy.parity import compare, reference_outputs
+from mixnet_deploy.parity import DEPLOYED_TOLERANCE, compare, reference_outputs
 from mixnet_deploy.preprocess import SAMPLE_IMAGES
 
 from . import benchmark_model, runners
@@ -22,10 +22,6 @@ from .device_info import cpu_mask, device_info, temperatures
 from .runners import latency_stats
 from .transport import Transport
 
-# what a deployed file must keep of the PyTorch model's outputs, per precision; top-1 agreement of
-# fp16 and int8 is reported, not gated: it depends on the model's margins (random-init logits are flat)
-THRESHOLDS = {"fp32": {"max_rel": 1e-4, "min_top1": 1.0}, "fp16": {"min_cosine": 0.999},
-              "int8": {"min_cosine": 0.97}}
 
 
 @dataclass
@@ -198,7 +194,7 @@ class Session:
         else:
             self.check_python(item.path.suffix[1:])
             measured = self.run_python(item)
-        parity = compare(item.reference, measured["outputs"], **THRESHOLDS[item.precision])
+        parity = compare(item.reference, measured["outputs"], **DEPLOYED_TOLERANCE[item.precision])
         latency = measured["latency_ms"]
         meta = item.report["metadata"]
         return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],

@@ -31,7 +31,9 @@ def global_average_pools(model: onnx.ModelProto) -> int:
         axes = constants.get(node.input[1]) if len(node.input) > 1 else attrs.get("axes")
         if (node.op_type == "ReduceMean" and axes is not None and attrs.get("keepdims", 1) == 1
                 and sorted(int(a) % 4 for a in axes) == [2, 3]):
-            nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+            pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
+            pool.metadata_props.extend(node.metadata_props)  # the PyTorch module it came from, for reports
+            nodes.append(pool)
             rewritten += 1
         else:
             nodes.append(node)

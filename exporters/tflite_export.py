@@ -203,9 +203,11 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
             if node.op == "placeholder":
                 env[node.name] = x
             elif node.op == "call_module":
-                env[node.name] = _module(tf, args[0], modules[node.target])
+                with tf.name_scope(node.target):  # the tensors carry the PyTorch module's name
+                    env[node.name] = _module(tf, args[0], modules[node.target])
             elif node.op in ("call_function", "call_method"):
-                env[node.name] = _function(tf, node, list(args), dict(kwargs))
+                with tf.name_scope(next(reversed(node.meta.get("nn_module_stack") or {node.name: None}))):
+                    env[node.name] = _function(tf, node, list(args), dict(kwargs))
             elif node.op == "output":
                 return {OUTPUT_NAME: tf.identity(args[0], name=OUTPUT_NAME)}
         raise MixdeployError("the traced model has no output")

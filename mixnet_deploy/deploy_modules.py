@@ -11,13 +11,15 @@ from .plan import Piece
 
 
 class DeployConv(nn.Conv2d):
-    """A Conv2d with static, possibly asymmetric pads (top, bottom, left, right) and a bias."""
+    """A Conv2d with static, possibly asymmetric pads (top, bottom, left, right) and a bias, in the
+    dtype of `weight` (lower() builds in float64, verifies, then rounds to float32 once)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, dilation: int, pads: Pads, groups: int):
         out_ch, in_per_group, k, _ = weight.shape
         symmetric = pads[0] == pads[1] and pads[2] == pads[3]
         padding = (pads[0], pads[2]) if symmetric else (0, 0)
-        super().__init__(in_per_group * groups, out_ch, k, stride, padding, dilation, groups, bias=True)
+        super().__init__(in_per_group * groups, out_ch, k, stride, padding, dilation, groups, bias=True,
+                         dtype=weight.dtype)
         self.weight.data.copy_(weight)
         self.bias.data.copy_(bias)
         self.pads = tuple(pads)
@@ -60,8 +62,8 @@ class BlockConv(nn.Module):
         for i, j, sh, sw in self.spans:
             own = (pads[0] - i, i + sh - pads[0] - in_hw[0], pads[2] - j, j + sw - pads[2] - in_hw[1])
             self.own_pads.append(own if min(own) >= 0 else None)
-        self.weights = nn.ParameterList([nn.Parameter(piece.float()) for _, piece in kept])
-        self.bias = nn.Parameter(bias.float())
+        self.weights = nn.ParameterList([nn.Parameter(piece) for _, piece in kept])
+        self.bias = nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = self.pads

@@ -344,14 +344,15 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
     split_expansions(lowered)
     relu_into_segments(lowered)
     report = verify(model, lowered, input_size, check_inputs)
-    return Lowered(lowered, plan, report)
+    return Lowered(lowered.float(), plan, report)  # the rewrites' float64 weights, rounded once
 
 
 def verify(reference: nn.Module, candidate: nn.Module, input_size: tuple[int, int, int],
            check_inputs: torch.Tensor | None = None) -> ParityReport:
     """Compare `candidate` with `reference`, both computed in float64, on fresh random images (and
-    `check_inputs`): a test of the rewrite itself, free of float32 rounding (which grows with a
-    model's depth and logit scale, and which the exported file's own parity check measures).
+    `check_inputs`): a test of the rewrite itself (lower() verifies the rewritten weights before
+    rounding them to float32), free of float32 rounding (which grows with a model's depth and
+    logit scale, and which the exported file's own parity check measures).
     Out of tolerance is an error."""
     x = random_images(4, input_size)
     if check_inputs is not None:

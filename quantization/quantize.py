@@ -16,7 +16,7 @@ from mixnet_deploy import load_model
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.lower import lower
 from mixnet_deploy.models import LoadedModel, reload
-from mixnet_deploy.parity import ParityReport, compare
+from mixnet_deploy.parity import DEPLOYED_TOLERANCE, ParityReport, compare
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 
@@ -134,7 +134,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
             step(f"writing {out.name}" + (f" ({', '.join(kept)} in float)" if kept else ""))
             _write(tmp, images_np, method, io, kept, float_onnx, calibrated)
             candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
-            agreement = compare(reference, candidate)
+            agreement = compare(reference, candidate, **DEPLOYED_TOLERANCE["int8"])
             if max_drop is None:
                 break
             latency = FORMATS[fmt].latency(tmp, held_out.images[:1].numpy())
@@ -154,6 +154,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict()}
         FORMATS[fmt].add_metadata(tmp, meta)
+        if not agreement.passed:  # as export does: a file out of tolerance is kept under another name
+            out = out.with_suffix(".failed" + out.suffix)
         os.replace(tmp, out)
     finally:
         for path in filter(None, (tmp, float_onnx)):

@@ -1,7 +1,9 @@
 """Per-layer SQNR between float and quantized activations: which layers lose most."""
 from __future__ import annotations
 
+import ast
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -11,8 +13,20 @@ def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(10 * np.log10(max(np.sum(reference.astype(np.float64) ** 2), 1e-30) / max(err, 1e-30)))
 
 
+def _worst_per_module(sqnr: dict[str, float], module_of: Callable[[str], str]) -> list[dict]:
+    """Rows {layer: PyTorch module, sqnr_db: its worst tensor's SQNR}, worst first."""
+    worst: dict[str, float] = {}
+    for tensor, value in sqnr.items():
+        module = module_of(tensor)
+        worst[module] = min(value, worst.get(module, value))
+    return [{"layer": m, "sqnr_db": v} for m, v in sorted(worst.items(), key=lambda item: item[1])]
+
+
 def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray) -> list[dict]:
-    """SQNR (dB) of every activation of the QDQ model against the float model (ORT's qdq_loss_debug)."""
+    """SQNR (dB) of the QDQ model's activations against the float model's (ORT's qdq_loss_debug),
+    per PyTorch module (torch.onnx records each node's module path in its metadata)."""
+    import onnx
+
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations, create_activation_matching, modify_model_output_intermediate_tensors)
 
@@ -27,20 +41,24 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray) -> list[di
     finally:
         float_aug.unlink(missing_ok=True)
         qdq_aug.unlink(missing_ok=True)
-    rows = []
+    sqnr = {}
     for name, pair in matching.items():
         # post_qdq: the activation as the next op sees it (quantized; a removed ReLU is the clamp)
         quant = pair.get("post_qdq") or pair.get("pre_qdq")
         if "float" in pair and quant:
-            ref = np.concatenate([a.ravel() for a in pair["float"]])
-            got = np.concatenate([a.ravel() for a in quant])
-            rows.append({"layer": name, "sqnr_db": _sqnr(ref, got)})
-    return sorted(rows, key=lambda r: r["sqnr_db"])
+            sqnr[name] = _sqnr(np.concatenate([a.ravel() for a in pair["float"]]),
+                               np.concatenate([a.ravel() for a in quant]))
+    scopes = {out: ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+              for node in onnx.load(str(float_path)).graph.node
+              for meta in [{p.key: p.value for p in node.metadata_props}] if "pkg.torch.onnx.name_scopes" in meta
+              for out in node.output}
+    return _worst_per_module(sqnr, lambda t: scopes[t][-2] if len(scopes.get(t, ())) > 1 and scopes[t][-2] else t)
 
 
 def tflite_layers(calibrated: bytes, images: np.ndarray) -> list[dict]:
-    """SQNR (dB) of every quantized op's output against float (TF's QuantizationDebugger on the
-    int8 model of a calibrated TFLite model, see tflite_int8.calibrate)."""
+    """SQNR (dB) of the quantized ops' outputs against float (TF's QuantizationDebugger on the int8
+    model of a calibrated TFLite model, see tflite_int8.calibrate), per PyTorch module (the TFLite
+    writer names each tensor's scope after its module: NumericVerify/blocks.1.0.conv_dw/...:N)."""
     from exporters.tflite_export import tensorflow
 
     from devices.runners import quiet_native_stderr
@@ -62,5 +80,5 @@ def tflite_layers(calibrated: bytes, images: np.ndarray) -> list[dict]:
             quant_debug_model_content=quantize_calibrated(calibrated, "float32", debug=True), debug_dataset=dataset,
             debug_options=options)
         debugger.run()
-    rows = [{"layer": name, "sqnr_db": float(stats["sqnr_db"])} for name, stats in debugger.layer_statistics.items()]
-    return sorted(rows, key=lambda r: r["sqnr_db"])
+    return _worst_per_module({name: float(stats["sqnr_db"]) for name, stats in debugger.layer_statistics.items()},
+                             lambda t: t.removeprefix("NumericVerify/").split(";")[0].rpartition("/")[0] or t)

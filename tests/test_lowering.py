@@ -225,6 +225,9 @@ def test_whole_models_lower_with_every_preset_and_on_photos(name):
                  Plan({layer.name: layer.candidates[-1] for layer in layers})):
         lowered = lower(loaded.module, loaded.preprocess.input_size, plan, check_inputs=photos)
         assert lowered.parity.samples == 4 + len(photos) and lowered.parity.top1_agreement == 1.0
+        # the rewrite is verified before its float64 weights are rounded: exact but for float64 rounding
+        assert lowered.parity.rel_max < 1e-10, lowered.parity.summary()
+        assert all(p.dtype == torch.float32 for p in lowered.module.parameters())
 
 
 def test_bad_plans_are_rejected():

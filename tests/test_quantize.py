@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,21 +82,38 @@ def test_digits_model_quantizes_with_small_accuracy_drop(tmp_path, digits, fmt, 
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fmt):
-    """Files exported at an input size of their own (not square, not 224) quantize at that size."""
-    for name in ("mixnet_s", "mixconv_mobilenetv2_100"):
+    """Files exported at an input size of their own (not square, not 224) quantize at that size. The
+    int8 file must keep cosine 0.97 of the float model's logits, as bench demands. Random-init
+    mixnet_s does not (cosine 0.89 measured; its random-init activations have no realistic ranges),
+    so its file is kept as *.failed and the command fails, naming the fix; the random-init drop-in
+    MobileNetV2 does (0.999)."""
+    for name, passes in (("mixnet_s", False), ("mixconv_mobilenetv2_100", True)):
         exported = run_cli("export", name, "--format", fmt, "-o", tmp_path / f"{name}.{fmt}", "--plan", "fold",
                            "--input-size", "160x192")
         assert exported.code == 0, exported.err
         result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}_q.{fmt}", "--json",
                          "--num-calib", "8")
-        assert result.code == 0, result.err
+        written = tmp_path / f"{name}_q{'' if passes else '.failed'}.{fmt}"
+        if passes:
+            assert result.code == 0, result.err
+        else:
+            assert result.code == 1 and result.err.count("\n") == 1 and "int8 parity out of tolerance" in result.err
+            assert f"kept as {written}" in result.err and "--calibrate-bn" in result.err
         assert result.out.startswith("{")  # the progress bar draws on stderr, never into the JSON
         report = json.loads(result.out)
         # 8 calibrate, a fifth of the 10 read is held out: the folder's other photos are never decoded
         assert report["model"] == name and report["calibration"]["used"] == 8 and report["calibration"]["evaluated"] == 2
-        assert report["agreement"]["samples"] >= 2 and os.path.getsize(tmp_path / f"{name}_q.{fmt}") > 0
-        shape = inspect_file(tmp_path / f"{name}_q.{fmt}")["inputs"][0]["shape"]
-        assert shape == ([1, 3, 160, 192] if fmt == "onnx" else [1, 160, 192, 3])
+        assert report["agreement"]["passed"] == passes and report["path"] == str(written)
+        assert report["agreement"]["tolerance"] == {"min_cosine": 0.97}
+        assert (tmp_path / f"{name}_q.{fmt}").exists() == passes
+        info = inspect_file(written)
+        assert info["inputs"][0]["shape"] == ([1, 3, 160, 192] if fmt == "onnx" else [1, 160, 192, 3])
+        assert info["metadata"]["mixdeploy.parity"]["passed"] == passes
+        # the report names the PyTorch modules that lose most, worst first
+        layers = report["layers_losing_most"]
+        assert len(layers) == 10 and all(r["layer"].startswith(("blocks.", "conv_stem", "bn1", "conv_head", "bn2"))
+                                          and not set(r["layer"]) & set("/:;") for r in layers), layers
+        assert [r["sqnr_db"] for r in layers] == sorted(r["sqnr_db"] for r in layers)
 
 
 def test_bad_calibration_input(tmp_path, run_cli):
@@ -153,7 +171,7 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
     assert {"se_gate", "swish"} <= set(report["kept_float"])
     assert report["max_drop"]["latency_ms"] > 0 and report["max_drop"]["latency_all_int8_ms"] > 0
     if not report["max_drop"]["met"]:
-        assert tight.code == 1 and "not met" in tight.err and (tmp_path / f"tight.{fmt}").exists()
+        assert tight.code == 1 and "not met" in tight.err and Path(report["path"]).exists()
 
 
 def test_percentile_calibration_clips_a_rare_outlier(tmp_path):

@@ -5,8 +5,7 @@ import numpy as np
 from PIL import Image
 
 from devices.report import EMULATION_NOTE, write_report
-
-THRESHOLDS = {"fp32": {"max_rel": 1e-4, "min_top1": 1.0}, "fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.97}}
+from mixnet_deploy.parity import DEPLOYED_TOLERANCE
 
 DEVICE = {"name": "adb:127.0.0.1:5555", "abi": "arm64-v8a", "model": "sdk_gphone64_arm64", "os": "Android 14",
           "cores": [{"cpu": i, "max_khz": 1800000 if i < 4 else 2400000} for i in range(8)], "big_cores": [4, 5, 6, 7],
@@ -30,7 +29,7 @@ def result(file: str, precision: str, median_ms: float, cosine: float, top1: flo
             "latency_ms": latency["1"], "latency_by_threads": latency,
             "parity": {"samples": 14, "top1_agreement": top1, "top5_agreement": 1.0, "cosine": cosine,
                        "max_abs": 1e-6, "rel_max": 2e-7, "psnr_db": 120.04, "sqnr_db": 110.0,
-                       "tolerance": THRESHOLDS[precision], "passed": passed},
+                       "tolerance": DEPLOYED_TOLERANCE[precision], "passed": passed},
             "runner": "python"}
 
 
