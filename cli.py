@@ -176,7 +176,7 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--input-layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
               help="TFLite input layout (nchw adds one transpose at the input).")
 @click.option("--tune", "tune_device", metavar="DEVICE",
-              help="Measure the plan on DEVICE (local, SERIAL, adb:SERIAL, ssh:USER@HOST) instead of --plan.")
+              help="Measure the plan on DEVICE (local, SERIAL, adb:SERIAL, ssh:USER@HOST[:PORT]) instead of --plan.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="What --tune times: fp32, fp16 (TFLite) or int8 (the plan `mixdeploy quantize` then reuses).")
 @click.option("--tune-threads", type=click.IntRange(min=1), default=1, show_default=True)
@@ -466,7 +466,7 @@ def device_info_command(spec: str, as_json: bool) -> None:
     freqs = ", ".join(f"cpu{c['cpu']} {c['max_khz'] / 1e6:.2f} GHz" if c["max_khz"] else f"cpu{c['cpu']}"
                       for c in info["cores"])
     out.print(f"[bold]{info['name']}[/]  {info['abi']}  {info['model']}  {info['os']}"
-              + ("  [red](emulated: latency is not meaningful)[/]" if info["emulated"] else ""))
+              + ("  [red](emulated: latency is not meaningful)[/]" if info["emulated"] else "  (not emulated)"))
     out.print(f"cores: {freqs}; big: {info['big_cores']}; governor: {info['governor'] or 'unknown'}")
     out.print(f"free memory: {info['mem_free_mb']} MB; temperatures: "
               + (", ".join(f"{k} {v:.1f} C" for k, v in info["temps"].items()) or "not readable"))
