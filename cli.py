@@ -143,8 +143,10 @@ def _file_info(path: str, as_json: bool) -> None:
     meta = report.get("metadata", {})
     if meta:
         parity = meta.get("mixdeploy.parity", {})
+        stored = ParityReport.from_dict(parity)
         out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: "
-                  f"{ParityReport(**parity).summary() if parity else 'not recorded'}")
+                  + (stored.summary() if stored else "PASS" if parity.get("passed") else "FAIL" if parity
+                     else "not recorded"))
     else:
         out.print("no mixdeploy metadata: not exported by mixdeploy")
 
@@ -291,17 +293,16 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         _print_quantized(result)
-    if budget and not budget["met"]:
-        click.echo(f"mixdeploy: error: --max-drop {budget['budget_points']} not met even with "
-                   f"{', '.join(result.kept_float)} in float (top-1 agreement {budget['top1_agreement']:.1%}); "
-                   f"{result.path} is written; try more calibration images or --method percentile", err=True)
+    problems = [f"--max-drop {budget['budget_points']} not met even with {', '.join(result.kept_float)} in float "
+                f"(top-1 agreement {budget['top1_agreement']:.1%})"] if budget and not budget["met"] else []
     if not result.agreement.passed:
+        problems.append(f"int8 parity out of tolerance ({result.agreement.summary()})")
+    if problems:
         hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init ones "
                 "with --calibrate-bn (on export for a file)" if result.weights == "random-init"
-                else "try more calibration images, --method percentile or --max-drop")
-        click.echo(f"mixdeploy: error: int8 parity out of tolerance ({result.agreement.summary()}); kept as "
-                   f"{result.path}; {hint}", err=True)
-    if (budget and not budget["met"]) or not result.agreement.passed:
+                else "try more calibration images" + (", --method percentile" if method != "percentile" else "")
+                + (" or --max-drop" if max_drop is None else ""))
+        click.echo(f"mixdeploy: error: {'; '.join(problems)}; kept as {result.path}; {hint}", err=True)
         sys.exit(1)
 
 

@@ -3,6 +3,7 @@ TensorFlow function with constant weights, then converted with the TFLite conver
 from __future__ import annotations
 
 import operator
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable
@@ -183,6 +184,12 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
     raise MixdeployError(f"the TFLite writer cannot translate {target}; open an issue with the model name")
 
 
+def _scope(module_path: str) -> str:
+    """An absolute TF name scope for a PyTorch module path: re-entered as itself (no `_1` suffix),
+    characters TF refuses in scope names replaced."""
+    return re.sub(r"[^A-Za-z0-9_.>-]", "_", module_path).lstrip("_->") + "/"
+
+
 def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_layout: str = "nhwc") -> Callable:
     """An NHWC tf.function computing `module` (a lowered model), weights as constants."""
     tf = tensorflow()
@@ -203,10 +210,11 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
             if node.op == "placeholder":
                 env[node.name] = x
             elif node.op == "call_module":
-                with tf.name_scope(node.target):  # the tensors carry the PyTorch module's name
+                with tf.name_scope(_scope(node.target)):  # the tensors carry the PyTorch module's name
                     env[node.name] = _module(tf, args[0], modules[node.target])
             elif node.op in ("call_function", "call_method"):
-                with tf.name_scope(next(reversed(node.meta.get("nn_module_stack") or {node.name: None}))):
+                stack = list((node.meta.get("nn_module_stack") or {}).values())
+                with tf.name_scope(_scope(stack[-1][0] if stack else node.name)):
                     env[node.name] = _function(tf, node, list(args), dict(kwargs))
             elif node.op == "output":
                 return {OUTPUT_NAME: tf.identity(args[0], name=OUTPUT_NAME)}

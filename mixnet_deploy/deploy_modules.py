@@ -133,3 +133,8 @@ class _Tracer(fx.Tracer):
 def trace(module: nn.Module) -> fx.Graph:
     """The data flow of a lowered module, with every deploy module as one node."""
     return _Tracer().trace(module)
+
+
+def modules_called(module: nn.Module) -> set[str]:
+    """The paths of the modules that `trace` keeps whole (the writers translate each as one piece)."""
+    return {str(node.target) for node in trace(module).nodes if node.op == "call_module"}

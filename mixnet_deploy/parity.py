@@ -43,6 +43,15 @@ class ParityReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, stored: dict) -> ParityReport | None:
+        """The report `to_dict` stored (in a file's metadata), or None when it has other fields
+        (empty, or written by another version)."""
+        try:
+            return cls(**stored)
+        except TypeError:
+            return None
+
 
 def reference_outputs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """The PyTorch model's outputs computed in float64: the exact result that float32 files and

@@ -13,6 +13,7 @@ import torch
 from exporters.export import check_writable
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
+from mixnet_deploy.deploy_modules import modules_called
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.lower import lower
 from mixnet_deploy.models import LoadedModel, reload
@@ -80,8 +81,10 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images.
     max_drop: keep the groups of keep_float.GROUPS in float, one more at a time, until top-1
-    agreement with the float model is within `max_drop` points of 100 % (FLOAT_FOR_SPEED groups are
-    float from the start). io defaults to int8 for TFLite and float32 (the only choice) for ONNX."""
+    agreement with the float model is within `max_drop` points of 100 % and the int8 tolerance
+    holds (FLOAT_FOR_SPEED groups are float from the start). io defaults to int8 for TFLite and
+    float32 (the only choice) for ONNX. A file out of the int8 tolerance (DEPLOYED_TOLERANCE) is
+    kept as NAME.failed.EXT: see the result's path and agreement.passed."""
     from exporters.formats import FORMATS
 
     loaded, fmt, file_plan = _source(source, checkpoint, fmt, calibrate_bn, input_size)
@@ -141,13 +144,13 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
             budget = budget or {"budget_points": max_drop, "latency_all_int8_ms": latency}
             budget.update(latency_ms=latency, top1_agreement=agreement.top1_agreement,
                           met=agreement.top1_agreement * 100 >= 100 - max_drop)
-            if budget["met"] or not to_keep:
+            if (budget["met"] and agreement.passed) or not to_keep:
                 break
             kept.append(to_keep.pop(0))
         step("per-layer SQNR")
         probe = held_out.images[:8].numpy()
-        layers = (sensitivity.onnx_layers(float_onnx, tmp, probe) if float_onnx is not None
-                  else sensitivity.tflite_layers(calibrated, probe))
+        layers = (sensitivity.onnx_layers(float_onnx, tmp, probe, modules_called(lowered.module))
+                  if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe))
         meta = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
                 "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
                 "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,

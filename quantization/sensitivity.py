@@ -22,9 +22,10 @@ def _worst_per_module(sqnr: dict[str, float], module_of: Callable[[str], str]) -
     return [{"layer": m, "sqnr_db": v} for m, v in sorted(worst.items(), key=lambda item: item[1])]
 
 
-def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray) -> list[dict]:
+def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: set[str]) -> list[dict]:
     """SQNR (dB) of the QDQ model's activations against the float model's (ORT's qdq_loss_debug),
-    per PyTorch module (torch.onnx records each node's module path in its metadata)."""
+    per PyTorch module: torch.onnx records each node's module path in its metadata, and a node
+    inside one of `leaves` (the modules the TFLite writer translates whole) counts as that module."""
     import onnx
 
     from onnxruntime.quantization.qdq_loss_debug import (
@@ -48,11 +49,13 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray) -> list[di
         if "float" in pair and quant:
             sqnr[name] = _sqnr(np.concatenate([a.ravel() for a in pair["float"]]),
                                np.concatenate([a.ravel() for a in quant]))
-    scopes = {out: ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
-              for node in onnx.load(str(float_path)).graph.node
-              for meta in [{p.key: p.value for p in node.metadata_props}] if "pkg.torch.onnx.name_scopes" in meta
-              for out in node.output}
-    return _worst_per_module(sqnr, lambda t: scopes[t][-2] if len(scopes.get(t, ())) > 1 and scopes[t][-2] else t)
+    modules = {}  # tensor -> the module path of the node that wrote it (its name scopes end in the op's name)
+    for node in onnx.load(str(float_path)).graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        paths = [s for s in ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))[:-1] if s]
+        if paths:
+            modules.update(dict.fromkeys(node.output, next((s for s in paths if s in leaves), paths[-1])))
+    return _worst_per_module(sqnr, lambda t: modules.get(t, t))
 
 
 def tflite_layers(calibrated: bytes, images: np.ndarray) -> list[dict]:
@@ -81,4 +84,5 @@ def tflite_layers(calibrated: bytes, images: np.ndarray) -> list[dict]:
             debug_options=options)
         debugger.run()
     return _worst_per_module({name: float(stats["sqnr_db"]) for name, stats in debugger.layer_statistics.items()},
-                             lambda t: t.removeprefix("NumericVerify/").split(";")[0].rpartition("/")[0] or t)
+                             lambda t: t.removeprefix("NumericVerify/").split(";")[0].rpartition("/")[0]
+                             or t.split(":")[0])

@@ -45,6 +45,34 @@ def test_every_choice_converts_with_parity(tmp_path, layer):
         assert not delegation(tmp_path / "m.tflite")["not_delegated"], choice
 
 
+def test_tensors_are_named_after_their_modules(tmp_path):
+    """Each tensor's scope is its PyTorch module (what quantize's SQNR report names): a module whose
+    ops run in two places (SE's mean and gate multiply) or that is called twice keeps one scope, and a
+    module name TF refuses as a scope (leading underscore) is cleaned, not fatal."""
+    from ai_edge_litert.interpreter import Interpreter
+    from timm.layers import SqueezeExcite
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.se, self._odd, self.shared = SqueezeExcite(8), torch.nn.Conv2d(8, 8, 1), SqueezeExcite(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.shared(self.shared(self._odd(self.se(x))))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    write_tflite(lower(model, (8, 6, 6), Plan({})).module, (8, 6, 6), tmp_path / "n.tflite")
+    scopes = {d["name"].split(";")[0].rpartition("/")[0] for d in Interpreter(str(tmp_path / "n.tflite")).get_tensor_details()}
+    assert {"se", "se.fc1", "odd", "shared", "shared.gate"} <= scopes, scopes
+    assert not [s for s in scopes if s.endswith("_1")], scopes
+    x = torch.randn(2, 8, 6, 6)
+    out = LiteRtRunner(tmp_path / "n.tflite").run(x.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_pairs_read_the_input_itself(tmp_path):
     """+pairs pieces are centred like their kernel: TF's SAME padding, no PAD and no STRIDED_SLICE."""
     model = block(MixConv(64, (3, 5, 7, 9)), 64)

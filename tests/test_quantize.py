@@ -112,7 +112,8 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         # the report names the PyTorch modules that lose most, worst first
         layers = report["layers_losing_most"]
         assert len(layers) == 10 and all(r["layer"].startswith(("blocks.", "conv_stem", "bn1", "conv_head", "bn2"))
-                                          and not set(r["layer"]) & set("/:;") for r in layers), layers
+                                          and not set(r["layer"]) & set("/:;") and ".segments." not in r["layer"]
+                                          for r in layers), layers  # a lowered MixConv is one module, as in TFLite
         assert [r["sqnr_db"] for r in layers] == sorted(r["sqnr_db"] for r in layers)
 
 
@@ -171,7 +172,7 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
     assert {"se_gate", "swish"} <= set(report["kept_float"])
     assert report["max_drop"]["latency_ms"] > 0 and report["max_drop"]["latency_all_int8_ms"] > 0
     if not report["max_drop"]["met"]:
-        assert tight.code == 1 and "not met" in tight.err and Path(report["path"]).exists()
+        assert tight.code == 1 and "not met" in tight.err and tight.err.count("\n") == 1 and Path(report["path"]).exists()
 
 
 def test_percentile_calibration_clips_a_rare_outlier(tmp_path):

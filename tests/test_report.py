@@ -87,3 +87,11 @@ def test_emulated_device_and_failed_parity_are_loud(tmp_path):
     assert [row[16] for row in rows(text, "s.tflite")] == ["PASS"] * 3
     assert "min_cosine ≥ 0.97 (measured 0.9100000): **FAIL**" in text
     assert png.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["emu.md", "emu.png"]
+
+
+def test_stored_parity_of_another_form_is_not_a_report():
+    from mixnet_deploy.parity import ParityReport, compare
+
+    report = compare(np.eye(3), np.eye(3) * 1.01, min_cosine=0.97)
+    assert ParityReport.from_dict(report.to_dict()) == report
+    assert ParityReport.from_dict({"passed": True, "rel_max": 0.1}) is None and ParityReport.from_dict({}) is None
