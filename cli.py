@@ -144,9 +144,8 @@ def _file_info(path: str, as_json: bool) -> None:
     if meta:
         parity = meta.get("mixdeploy.parity", {})
         stored = ParityReport.from_dict(parity)
-        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: "
-                  + (stored.summary() if stored else "PASS" if parity.get("passed") else "FAIL" if parity
-                     else "not recorded"))
+        verdict = stored.summary() if stored else ("PASS" if parity.get("passed") else "FAIL") if parity else "not recorded"
+        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: {verdict}")
     else:
         out.print("no mixdeploy metadata: not exported by mixdeploy")
 
@@ -281,6 +280,7 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
              method: str, io: str | None, eval_dir: str | None, max_drop: float | None, force: bool,
              as_json: bool) -> None:
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
+    from mixnet_deploy.models import RANDOM_INIT
     from quantization.quantize import quantize as run_quantize
 
     with err.status("quantizing") as status:
@@ -299,7 +299,7 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         problems.append(f"int8 parity out of tolerance ({result.agreement.summary()})")
     if problems:
         hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init ones "
-                "with --calibrate-bn (on export for a file)" if result.weights == "random-init"
+                "with --calibrate-bn (on export for a file)" if result.weights == RANDOM_INIT
                 else "try more calibration images" + (", --method percentile" if method != "percentile" else "")
                 + (" or --max-drop" if max_drop is None else ""))
         click.echo(f"mixdeploy: error: {'; '.join(problems)}; kept as {result.path}; {hint}", err=True)

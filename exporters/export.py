@@ -84,6 +84,11 @@ def check_writable(path: Path, force: bool, suffix: str | None = None) -> None:
         raise MixdeployError(f"cannot write in output folder {parent} ({exc.strerror}); give another output path") from None
 
 
+def kept_as(path: Path, passed: bool) -> Path:
+    """Where a written file goes: `path`, or NAME.failed.EXT when it is out of tolerance."""
+    return path if passed else path.with_suffix(".failed" + path.suffix)
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import timm
@@ -128,7 +133,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
             candidate = writer.run(tmp, x.numpy())
             report = compare(reference, candidate, **writer.tolerance(options or {}))
             writer.add_metadata(tmp, dict(metadata, **{"mixdeploy.parity": report.to_dict()}))
-            final = path if report.passed else path.with_suffix(".failed" + path.suffix)
+            final = kept_as(path, report.passed)
             os.replace(tmp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exporters.export import check_writable
+from exporters.export import check_writable, kept_as
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
 from mixnet_deploy.deploy_modules import modules_called
@@ -157,8 +157,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict()}
         FORMATS[fmt].add_metadata(tmp, meta)
-        if not agreement.passed:  # as export does: a file out of tolerance is kept under another name
-            out = out.with_suffix(".failed" + out.suffix)
+        out = kept_as(out, agreement.passed)
         os.replace(tmp, out)
     finally:
         for path in filter(None, (tmp, float_onnx)):
