@@ -1,14 +1,17 @@
 """The `mixdeploy` command: parse arguments, call the Python API, render a table or JSON."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import threading
+import time
 from dataclasses import asdict
 
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import click
 from rich.console import Console
@@ -18,6 +21,31 @@ from mixnet_deploy.errors import MixdeployError, reject_options
 
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
+HEARTBEAT_S = 10.0  # how often long work reports its current step when stderr is not a terminal
+
+
+@contextlib.contextmanager
+def _progress(title: str) -> Iterator[Callable[[str], None]]:
+    """Yield a function that sets the current step of long work. On a terminal: a spinner on
+    stderr. Elsewhere (logs, CI): a line `mixdeploy: [ELAPSED s] STEP` every HEARTBEAT_S seconds,
+    so work that ends sooner, or stops at bad input, prints nothing more than its result."""
+    if err.is_terminal:
+        with err.status(title) as status:
+            yield status.update
+        return
+    current, started, done = [title], time.monotonic(), threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            click.echo(f"mixdeploy: [{time.monotonic() - started:.0f} s] {current[0]}", err=True)
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        yield lambda text: current.__setitem__(0, text)
+    finally:
+        done.set()
+        thread.join()
 
 
 def _input_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -74,7 +102,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
     MODEL may also be an exported .onnx or .tflite file: ops by type, what XNNPACK takes, size,
     input/output tensors and the metadata mixdeploy embedded."""
     from mixnet_deploy import count, load_model
-    from mixnet_deploy.planner import make_plan
+    from mixnet_deploy.planner import make_plan, read_spec
 
     if not plan:
         _reject_given(("target",), "--plan")
@@ -83,6 +111,8 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
                       "a MODEL name; an exported FILE keeps what it was exported with")
         _file_info(model, as_json)
         return
+    if plan:
+        read_spec(plan)
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
     stats = count(loaded.module, loaded.preprocess.input_size)
     chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan else None
@@ -207,14 +237,14 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         raise MixdeployError("--tune measures the plan; leave out --plan")
     fp16 = fp16 or precision == "fp16"
     tunings: list = []
-    with err.status("exporting") as status:
+    with _progress("exporting") as step:
         options = {"opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16, "input_layout": input_layout}
         if tune_device:
             plan = _tuner(tune_device, precision or ("fp16" if fp16 else "fp32"), tune_threads, tune_runs, tunings,
-                          status)
+                          step)
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
                              force=force, options=options, calibrate_bn=calibrate_bn, input_size=input_size,
-                             step=lambda text: status.update(text))
+                             step=step)
     if as_json:
         reports = [r.to_dict() for r in results]
         for report, tuning in zip(reports, tunings):
@@ -242,7 +272,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         sys.exit(1)
 
 
-def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, status):
+def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, report: Callable[[str], None]):
     """A planner for export(): tune on DEVICE for the format of each target, keeping each tuning."""
     from devices.connect import open_device
     from devices.tune import tune
@@ -251,7 +281,7 @@ def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, 
         fmt = "tflite" if target.startswith("litert") else "onnx"
         timed = "fp32" if fmt == "onnx" and precision == "fp16" else precision  # ONNX exports stay fp32
         result = tune(module, size, open_device(device), fmt, timed, threads, runs=runs,
-                      step=lambda text, done, total: status.update(f"tuning {fmt} on {device} [{done}/{total}]: {text}"))
+                      step=lambda text, done, total: report(f"tuning {fmt} on {device} [{done}/{total}]: {text}"))
         tunings.append(result)
         return result.plan
 
@@ -283,11 +313,11 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     from mixnet_deploy.models import RANDOM_INIT
     from quantization.quantize import quantize as run_quantize
 
-    with err.status("quantizing") as status:
+    with _progress("quantizing") as step:
         result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, num_calib=num_calib,
                               method=method, io=io,
                               eval_dir=eval_dir, force=force, calibrate_bn=calibrate_bn, max_drop=max_drop,
-                              input_size=input_size, step=lambda text: status.update(text))
+                              input_size=input_size, step=step)
     budget = result.details.get("max_drop")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -390,15 +420,14 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         raise MixdeployError(f"--threads {threads!r}: give thread counts of 1 or more, like 1,2,4")
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
-    with err.status("benchmarking") as status:
-        status.update(f"connecting to {device}")
+    with _progress(f"connecting to {device}") as step:
         if peer_model:
             from devices.compare_peers import compare_peers
 
             measured = compare_peers(peer_model, open_device(device), settings, precision, checkpoint, calibrate_bn,
-                                     input_size, step=lambda text: status.update(text))
+                                     input_size, step=step)
         else:
-            measured = run_bench(list(files), open_device(device), settings, step=lambda text: status.update(text))
+            measured = run_bench(list(files), open_device(device), settings, step=step)
     results = measured["results"]
     if report:
         from devices.report import write_report

@@ -15,7 +15,7 @@ from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.lower import lower
 from mixnet_deploy.parity import ParityReport, compare, reference_outputs
 from mixnet_deploy.plan import Plan
-from mixnet_deploy.planner import make_plan
+from mixnet_deploy.planner import make_plan, read_spec
 from mixnet_deploy.preprocess import random_images, sample_photos
 
 from .formats import FORMATS, Format
@@ -108,6 +108,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     paths = output_paths(model, fmt, output)
     for name, path in paths.items():
         check_writable(path, force, FORMATS[name].suffix)
+    if not callable(plan):
+        read_spec(plan)
     step(f"loading {model}")
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
     size = loaded.preprocess.input_size

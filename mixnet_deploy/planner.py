@@ -37,10 +37,18 @@ def make_plan(spec: str, model: nn.Module, input_size: tuple[int, int, int], tar
         return auto_plan(model, input_size, target)
     if spec in ("split", "fold"):
         return preset_plan(analyse(model, input_size), spec, target)
+    plan = read_spec(spec)
+    check_plan(plan, analyse(model, input_size))
+    return plan
+
+
+def read_spec(spec: str) -> Plan | None:
+    """None for auto, split and fold; the plan in the JSON file `spec` names; else MixdeployError
+    (no model needed: commands check --plan before loading one)."""
+    if spec in ("auto", "split", "fold"):
+        return None
     if not Path(spec).is_file():
         if spec.endswith(".json") or "/" in spec:
             raise MixdeployError(f"plan file {spec} does not exist; pass auto, split, fold or a plan JSON file")
         raise MixdeployError(f"--plan {spec!r} is neither auto, split, fold nor a plan JSON file")
-    plan = Plan.load(spec)
-    check_plan(plan, analyse(model, input_size))
-    return plan
+    return Plan.load(spec)

@@ -1,6 +1,7 @@
 """Shared fixtures: the CLI run in-process, real photos, small checkpoints."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,19 @@ SWEEP_SIZE = (160, 160)
 SWEPT = tuple(name for name in MIXNETS + DROPIN_EXAMPLES if name != "mixnet_s")
 
 
+HEARTBEAT = re.compile(r"^mixdeploy: \[\d+ s\] ")  # the progress line long work prints when stderr is no terminal
+
+
 @dataclass
 class Result:
     code: int
     out: str
     err: str
+
+    @property
+    def message(self) -> list[str]:
+        """The lines of stderr other than progress heartbeats."""
+        return [line for line in self.err.splitlines() if not HEARTBEAT.match(line)]
 
 
 @pytest.fixture
@@ -42,9 +51,9 @@ def run_cli(capsys):
 
 
 def assert_usage_error(result: Result, *fragments: str) -> None:
-    """Exit code 2, one line on stderr naming the problem, no traceback."""
+    """Exit code 2, one line on stderr naming the problem (besides progress heartbeats), no traceback."""
     assert result.code == 2, result
-    lines = result.err.strip().splitlines()
+    lines = result.message
     assert len(lines) == 1, result.err
     assert "Traceback" not in result.err
     for fragment in fragments:

@@ -110,14 +110,14 @@ def test_bench_over_ssh(sshd, digits_exports, run_cli, tmp_path):
     missing = run_cli("bench", files[0], "--device", sshd, "--python", "/bin/false", "--runs", "1",
                       "--parity-samples", "2", "--parity", digits_exports["eval"])
     assert missing.code == 1 and "cannot import numpy and ai_edge_litert" in missing.err
-    assert len(missing.err.strip().splitlines()) == 1
+    assert len(missing.message) == 1
 
 
 def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     model = digits_exports["fp32.tflite"]
     closed = run_cli("bench", model, "--device", f"ssh:root@127.0.0.1:{free_port()}")
     assert closed.code == 1 and "ssh to root@127.0.0.1 failed" in closed.err and "refused" in closed.err
-    assert len(closed.err.strip().splitlines()) == 1
+    assert len(closed.message) == 1
     assert_usage_error(run_cli("bench", model, "--device", "ssh:bad host"), "ssh:USER@HOST")
     absent = run_cli("bench", model, "--device", "no-such-serial")
     assert absent.code == 1 and "adb device no-such-serial not found" in absent.err
@@ -125,7 +125,7 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     port = free_port()
     refused = run_cli("bench", model, "--device", f"127.0.0.1:{port}")
     assert refused.code == 1 and f"could not connect to adb device 127.0.0.1:{port}" in refused.err
-    assert "refused" in refused.err and len(refused.err.strip().splitlines()) == 1
+    assert "refused" in refused.err and len(refused.message) == 1
     unreachable = run_cli("device", "info", "10.255.255.1:5555")  # a connect that times out: adb lists it offline
     assert unreachable.code == 1 and "could not connect to adb device 10.255.255.1:5555" in unreachable.err
     assert "10.255.255.1" not in subprocess.run(["adb", "devices"], capture_output=True, text=True).stdout

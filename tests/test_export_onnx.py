@@ -191,9 +191,14 @@ def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
     assert sorted(os.listdir(tmp_path)) == ["m.failed.onnx"]
 
 
-def test_cli_export_prints_parity_and_json(tmp_path, run_cli):
+def test_cli_export_prints_parity_and_json(tmp_path, monkeypatch, run_cli):
+    import cli
+
+    monkeypatch.setattr(cli, "HEARTBEAT_S", 0.05)  # stderr is no terminal here: progress comes as heartbeat lines
     result = run_cli("export", "mixnet_s", "--format", "onnx", "-o", tmp_path / "m.onnx", "--json")
     assert result.code == 0, result.err
+    assert result.err and not result.message  # every stderr line is a heartbeat
+    assert any("lowering and verifying" in line for line in result.err.splitlines())
     report, = json.loads(result.out)
     assert report["passed"] and report["parity"]["top1_agreement"] == 1.0 and report["ops"]["Conv"] > 50
     again = run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx")
