@@ -101,12 +101,13 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
 
     MODEL may also be an exported .onnx or .tflite file: ops by type, what XNNPACK takes, size,
     input/output tensors and the metadata mixdeploy embedded."""
+    from devices.runners import file_format
     from mixnet_deploy import count, load_model
     from mixnet_deploy.planner import make_plan, read_spec
 
     if not plan:
         _reject_given(("target",), "--plan")
-    if model.endswith((".onnx", ".tflite")):
+    if file_format(model):
         _reject_given(("checkpoint", "pretrained", "calibrate_bn", "input_size", "plan", "target"),
                       "a MODEL name; an exported FILE keeps what it was exported with")
         _file_info(model, as_json)

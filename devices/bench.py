@@ -129,7 +129,7 @@ class Session:
     def run_python(self, item: Prepared) -> dict:
         """Push the model and the parity inputs, run the runner, pull the outputs."""
         s, work = self.settings, self.device.workdir
-        model = f"{work}/model{item.path.suffix}"
+        model = f"{work}/model.{item.report['format']}"
         self.device.push(item.path, model)
         np.save(self.host / "inputs.npy", item.images.astype(np.float32))
         self.device.push(self.host / "inputs.npy", f"{work}/inputs.npy")
@@ -151,7 +151,7 @@ class Session:
         """LiteRT's benchmark_model: one timed run per thread count, then one run per parity image fed
         through --input_layer_value_files, its --output_filepath pulled back."""
         s, work = self.settings, self.device.workdir
-        if item.path.suffix != ".tflite":
+        if item.report["format"] != "tflite":
             raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {item.path.name} with --runner python")
         if self.binary is None:
             self.binary = benchmark_model.install(self.device, benchmark_model.find_binary(s.benchmark_binary,
@@ -192,13 +192,13 @@ class Session:
         if s.runner == "benchmark_model":
             measured = self.run_benchmark_model(item)
         else:
-            self.check_python(item.path.suffix[1:])
+            self.check_python(item.report["format"])
             measured = self.run_python(item)
         parity = compare(item.reference, measured["outputs"], **DEPLOYED_TOLERANCE[item.precision])
         latency = measured["latency_ms"]
         meta = item.report["metadata"]
         return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
-                "format": item.path.suffix[1:], "precision": item.precision, "size_bytes": item.report["size_bytes"],
+                "format": item.report["format"], "precision": item.precision, "size_bytes": item.report["size_bytes"],
                 "runner": s.runner, "runtime": measured["runtime"], "cpus": self.mask,
                 "init_ms": measured["init_ms"], "first_inference_ms": measured["first_inference_ms"],
                 "peak_memory_mb": measured["peak_memory_mb"], "model_memory_mb": measured["model_memory_mb"],

@@ -50,9 +50,15 @@ def latency_stats(times: list[float]) -> dict:
             "runs": len(a), "raw": [round(float(t), 4) for t in a]}
 
 
+def file_format(path: str | Path) -> str | None:
+    """"onnx" or "tflite" by the file's suffix, in any letter case; None for any other file."""
+    fmt = Path(path).suffix[1:].lower()
+    return fmt if fmt in ("onnx", "tflite") else None
+
+
 def runner_for(path: str | Path, threads: int = 1) -> "OrtRunner | LiteRtRunner":
     """The runtime for a file: ONNX Runtime for .onnx, LiteRT for .tflite."""
-    return OrtRunner(path, threads) if Path(path).suffix == ".onnx" else LiteRtRunner(path, threads)
+    return OrtRunner(path, threads) if file_format(path) == "onnx" else LiteRtRunner(path, threads)
 
 
 class OrtRunner:
@@ -159,7 +165,7 @@ def time_files(paths: list[str], threads: int = 1, runs: int = 20, warmup: int =
 
 def runtime_version(model: str) -> str:
     """The runtime that runs `model` here, with its version."""
-    if model.endswith(".onnx"):
+    if file_format(model) == "onnx":
         import onnxruntime as runtime
     else:
         import ai_edge_litert as runtime

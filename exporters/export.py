@@ -59,7 +59,7 @@ def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, P
         raise MixdeployError(f"unknown format {fmt!r}; use {', '.join(FORMATS)} or all")
     base = Path(output) if output else Path(model)
     if fmt == "all" or not output:
-        return {n: base.with_suffix(FORMATS[n].suffix) if base.suffix in {f.suffix for f in FORMATS.values()}
+        return {n: base.with_suffix(FORMATS[n].suffix) if base.suffix.lower() in {f.suffix for f in FORMATS.values()}
                 else base.parent / (base.name + FORMATS[n].suffix) for n in names}
     return {fmt: base}
 
@@ -68,7 +68,7 @@ def check_writable(path: Path, force: bool, suffix: str | None = None) -> None:
     """Fail early, before any work, when `path` cannot or must not be written (or lacks `suffix`)."""
     if path.is_dir():
         raise MixdeployError(f"output {path} is a directory; give a file path")
-    if suffix is not None and path.suffix != suffix:
+    if suffix is not None and path.suffix.lower() != suffix:
         raise MixdeployError(f"output {path} must end in {suffix}, the suffix of the file written; rename it "
                              "or pass the --format that fits it")
     if path.exists() and not force:

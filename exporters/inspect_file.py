@@ -5,6 +5,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from devices.runners import file_format
 from mixnet_deploy.errors import MixdeployError
 
 
@@ -49,8 +50,8 @@ def inspect_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MixdeployError(f"{path} does not exist; pass an exported .onnx or .tflite file")
-    if path.suffix not in (".onnx", ".tflite"):
+    fmt = file_format(path)
+    if fmt is None:
         raise MixdeployError(f"{path}: mixdeploy reads .onnx and .tflite files; pass one of those")
-    fmt = path.suffix[1:]
     report = _onnx(path) if fmt == "onnx" else _tflite(path)
     return {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **report}

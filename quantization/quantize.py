@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from devices.runners import file_format
 from exporters.export import check_writable, kept_as
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
@@ -58,7 +59,7 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
             input_size: tuple[int, int] | None) -> tuple[LoadedModel, str, dict | None]:
     """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the format,
     and the file's lowering plan."""
-    if source.endswith((".onnx", ".tflite")):
+    if file_format(source):
         reject_options([name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
                                                  ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value],
                        f"a MODEL name; {source} keeps what it was exported with (export it again to change it)")
@@ -70,7 +71,7 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
         quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
-        return reload(meta), Path(source).suffix[1:], meta.get("mixdeploy.plan")
+        return reload(meta), report["format"], meta.get("mixdeploy.plan")
     return load_model(source, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size), fmt or "tflite", None
 
 

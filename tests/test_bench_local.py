@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow
 def test_bench_compares_files_side_by_side(tmp_path, run_cli):
     assert run_cli("export", "mixnet_s", "--calibrate-bn", "--format", "all", "-o", tmp_path / "s").code == 0
     assert run_cli("quantize", tmp_path / "s.tflite", "--calib", PHOTOS, "-o", tmp_path / "s_int8.tflite").code == 0
-    files = [tmp_path / "s.onnx", tmp_path / "s.tflite", tmp_path / "s_int8.tflite"]
+    (tmp_path / "s.onnx").rename(tmp_path / "S.ONNX")  # suffixes in any letter case
+    files = [tmp_path / "S.ONNX", tmp_path / "s.tflite", tmp_path / "s_int8.tflite"]
     result = run_cli("bench", *files, "--threads", "1,2", "--runs", "5", "--json", "--report", tmp_path / "r.md")
     assert result.code == 0, result.err
     report = json.loads(result.out)
@@ -18,7 +19,7 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
     markdown = (tmp_path / "r.md").read_text()
     assert all(f.name in markdown for f in files) and (tmp_path / "r.png").stat().st_size > 10_000
     rows = report["results"]
-    assert [r["precision"] for r in rows] == ["fp32", "fp32", "int8"]
+    assert [(r["format"], r["precision"]) for r in rows] == [("onnx", "fp32"), ("tflite", "fp32"), ("tflite", "int8")]
     for r in rows:
         assert r["latency_ms"]["median"] > 0 and len(r["latency_ms"]["raw"]) == 5
         assert set(r["latency_by_threads"]) == {"1", "2"}
