@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -34,10 +35,14 @@ def _progress(title: str) -> Iterator[Callable[[str], None]]:
             yield status.update
         return
     current, started, done = [title], time.monotonic(), threading.Event()
+    try:  # a copy of stderr's descriptor: quiet_native_stderr() points descriptor 2 at /dev/null meanwhile
+        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, io.UnsupportedOperation):  # stderr without a descriptor (captured)
+        stream = sys.stderr
 
     def heartbeat() -> None:
         while not done.wait(HEARTBEAT_S):
-            click.echo(f"mixdeploy: [{time.monotonic() - started:.0f} s] {current[0]}", err=True)
+            print(f"mixdeploy: [{time.monotonic() - started:.0f} s] {current[0]}", file=stream, flush=True)
 
     thread = threading.Thread(target=heartbeat, daemon=True)
     thread.start()
@@ -46,6 +51,8 @@ def _progress(title: str) -> Iterator[Callable[[str], None]]:
     finally:
         done.set()
         thread.join()
+        if stream is not sys.stderr:
+            stream.close()
 
 
 def _input_size(ctx, param, value: str | None) -> tuple[int, int] | None:

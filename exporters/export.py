@@ -115,6 +115,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     size = loaded.preprocess.input_size
     photos = sample_photos(loaded.preprocess)
     x = torch.cat([random_images(4, size), photos])
+    step(f"PyTorch reference in float64 on {len(x)} images")
     reference = reference_outputs(loaded.module, x)
     results = []
     for name, path in paths.items():
