@@ -116,3 +116,21 @@ def test_info_of_an_empty_or_unknown_file(run_cli, tmp_path):
                        "--plan, --target go with a MODEL name")
     (tmp_path / "notes.txt").write_text("x")
     assert_usage_error(run_cli("bench", tmp_path / "notes.txt"), "reads .onnx and .tflite files")
+
+
+def test_heartbeat_reaches_stderr_while_native_logs_are_silenced():
+    """Without a terminal, long work prints its current step; TFLite's conversion points descriptor 2
+    at /dev/null meanwhile (quiet_native_stderr), which must not swallow those lines."""
+    from conftest import HEARTBEAT
+
+    script = ("import time, cli\n"
+              "from devices.runners import quiet_native_stderr\n"
+              "cli.HEARTBEAT_S = 0.05\n"
+              "with cli._progress('first') as step:\n"
+              "    step('converting')\n"
+              "    with quiet_native_stderr():\n"
+              "        time.sleep(0.5)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 0 and len(lines) >= 3, proc.stderr
+    assert all(HEARTBEAT.match(line) and line.endswith("converting") for line in lines), proc.stderr
