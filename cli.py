@@ -241,6 +241,13 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         _reject_given(("fp16", "input_layout"), "--format tflite or all (TFLite only)")
     if fmt == "tflite":
         _reject_given(("opset", "dynamic_batch"), "--format onnx or all (ONNX only)")
+    if fmt == "onnx" and precision == "fp16":
+        raise MixdeployError("--precision fp16 goes with --format tflite or all (ONNX exports stay fp32)")
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise MixdeployError(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to "
+                             f"{onnx.defs.onnx_opset_version()}; give 17 to {onnx.defs.onnx_opset_version()}")
     if tune_device and plan != "auto":
         raise MixdeployError("--tune measures the plan; leave out --plan")
     fp16 = fp16 or precision == "fp16"

@@ -65,7 +65,7 @@ def prepare(file: str, parity_dir: str | None, samples: int, meta: dict | None =
     """Inspect a file, preprocess the parity photos with its model's own config (from the file's
     metadata, or `meta` for a peer's file), compute PyTorch's outputs (shared through `references`
     by files of the same model)."""
-    from quantization.calibration import load_folder
+    from quantization.calibration import MIN_IMAGES, load_folder
 
     path = Path(file)
     report = inspect_file(path)
@@ -76,7 +76,8 @@ def prepare(file: str, parity_dir: str | None, samples: int, meta: dict | None =
     references = {} if references is None else references
     if key not in references:
         loaded = reload(meta)
-        images = load_folder(parity_dir or SAMPLE_IMAGES, loaded.preprocess, limit=samples, progress=False).images
+        images = load_folder(parity_dir or SAMPLE_IMAGES, loaded.preprocess, limit=samples, progress=False,
+                             minimum=min(samples, MIN_IMAGES)).images
         references[key] = images.numpy(), reference_outputs(loaded.module, images)
     images, reference = references[key]
     return Prepared(path, report, precision(report), images, reference)

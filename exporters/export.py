@@ -125,9 +125,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
                                                                                           writer.target)
         step("lowering and verifying against the original")
         lowered = lower(loaded.module, size, chosen, check_inputs=photos)
-        metadata = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
-                    "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
-                    "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}
+        metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}
         tmp = path.with_name(f".{path.name}.partial")
         try:
             step(f"writing {path.name}")

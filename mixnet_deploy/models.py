@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import socket
 from dataclasses import dataclass, replace
@@ -33,11 +34,18 @@ class LoadedModel:
     module: nn.Module
     preprocess: PreprocessConfig
     labels: list[str] | None
-    weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint path
+    weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint's absolute path
+    sha256: str | None = None  # of the checkpoint file
 
     @property
     def random_init(self) -> bool:
         return self.weights.startswith("random-init")
+
+    def metadata(self) -> dict:
+        """What an exported file records so that reload() can rebuild this model."""
+        return {"mixdeploy.model": self.name, "mixdeploy.weights": self.weights,
+                "mixdeploy.preprocess": self.preprocess.to_dict(), "mixdeploy.labels": self.labels,
+                **({"mixdeploy.weights_sha256": self.sha256} if self.sha256 else {})}
 
 
 def known_models() -> tuple[str, ...]:
@@ -93,6 +101,7 @@ def _labels(num_classes: int) -> list[str] | None:
 
 RANDOM_SEED = 0
 MIN_SIDE = 32  # pixels: a MixNet halves its input five times
+MAX_SIDE = 1024  # pixels: export's float64 reference at 2048 needs more memory than a 24 GB machine has
 RANDOM_INIT, CALIBRATED = "random-init", "random-init+calibrated-bn"
 
 
@@ -106,6 +115,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if input_size is not None and min(input_size) < MIN_SIDE:
         raise MixdeployError(f"input size {input_size[0]}x{input_size[1]} is too small: MixNets downsample 32x, "
                              f"give at least {MIN_SIDE}x{MIN_SIDE}")
+    if input_size is not None and max(input_size) > MAX_SIDE:
+        raise MixdeployError(f"input size {input_size[0]}x{input_size[1]} is too large: give at most "
+                             f"{MAX_SIDE}x{MAX_SIDE} (classifiers are trained at 224-600)")
     if checkpoint is not None and pretrained:
         raise MixdeployError("pass either --pretrained or --checkpoint, not both")
     if calibrate_bn and (checkpoint is not None or pretrained):
@@ -121,7 +133,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if state is not None:
         apply_state_dict(module, state, str(checkpoint), name)
     module.eval()
-    weights = (str(checkpoint) if checkpoint is not None else "pretrained" if pretrained
+    weights = (str(Path(checkpoint).resolve()) if checkpoint is not None else "pretrained" if pretrained
                else CALIBRATED if calibrate_bn else RANDOM_INIT)
     preprocess = PreprocessConfig.from_model(module)
     if calibrate_bn:
@@ -131,7 +143,11 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if input_size is not None:
         preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
     labels = list(extras["labels"]) if "labels" in extras else _labels(module.num_classes)
-    return LoadedModel(name, module, preprocess, labels, weights)
+    digest = None
+    if checkpoint is not None:
+        with open(checkpoint, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return LoadedModel(name, module, preprocess, labels, weights, digest)
 
 
 def calibrate_batchnorm(model: nn.Module, preprocess: PreprocessConfig) -> None:
@@ -177,6 +193,9 @@ def reload(meta: dict) -> LoadedModel:
         raise MixdeployError(f"the export was made from {weights}, which is gone; pass the model name and --checkpoint")
     else:
         loaded = load_model(name, weights)
+        if meta.get("mixdeploy.weights_sha256", loaded.sha256) != loaded.sha256:
+            raise MixdeployError(f"{weights} has changed since the export was made from it (its SHA-256 differs); "
+                                 "export the model again, or pass the model name and --checkpoint")
     if "mixdeploy.preprocess" in meta:
         loaded.preprocess = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
     return loaded

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -58,9 +59,14 @@ def eval_transform(cfg: PreprocessConfig) -> Callable[[Image.Image], torch.Tenso
                             std=cfg.std, crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode, is_training=False)
 
 
+WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG); convert("RGB") would clip it
+
+
 def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """One image decoded with Pillow as RGB and passed through `transform`."""
+    """One image decoded with Pillow as RGB (16-bit grayscale scaled to 8 bits) and passed through `transform`."""
     with Image.open(path) as img:
+        if img.mode in WIDE_GRAY:
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         return transform(img.convert("RGB"))
 
 

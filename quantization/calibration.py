@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import Progress
 
@@ -66,7 +66,7 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
                 tensors.append(read_image(path, transform))
                 used.append(path)
                 bar.advance(task)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
                 skipped.append((str(path), type(exc).__name__))
     if len(used) < minimum:
         raise MixdeployError(f"{folder} has {len(used)} usable image(s) (need at least {minimum}; "

@@ -152,9 +152,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         probe = held_out.images[:8].numpy()
         layers = (sensitivity.onnx_layers(float_onnx, tmp, probe, modules_called(lowered.module))
                   if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe))
-        meta = {"mixdeploy.model": loaded.name, "mixdeploy.weights": loaded.weights,
-                "mixdeploy.preprocess": loaded.preprocess.to_dict(), "mixdeploy.labels": loaded.labels,
-                "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
+        meta = {**loaded.metadata(), "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
                 "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict()}
         FORMATS[fmt].add_metadata(tmp, meta)

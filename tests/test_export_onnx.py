@@ -214,6 +214,11 @@ def test_bad_export_input(tmp_path, run_cli):
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path), "is a directory")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--plan", "nonsense"), "--plan")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--opset", "13"), "13")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--opset", "99"), "knows opsets up to")
+    assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--precision", "fp16"),
+                       "--precision fp16 goes with --format tflite")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "4000x224"),
+                       "at most 1024x1024")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "16"), "at least 32x32")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "160x"), "--input-size")
     assert sorted(os.listdir(tmp_path)) == before

@@ -71,3 +71,22 @@ def test_safetensors_checkpoint_with_other_class_count(tmp_path):
     save_file(model.state_dict(), str(path))
     loaded = load_model("mixnet_s", checkpoint=path)
     assert loaded.module.num_classes == 10 and loaded.labels is None
+
+
+def test_exports_record_where_their_weights_are_and_what_they_were(tmp_path, monkeypatch):
+    """A relative --checkpoint is recorded as an absolute path with its SHA-256: quantize and bench
+    rebuild the model from any folder, and refuse weights changed since the export."""
+    from conftest import randomize_batchnorm
+    from mixnet_deploy.errors import MixdeployError
+    from mixnet_deploy.models import reload
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(load_model("mixnet_s").module.state_dict(), "w.pth")
+    meta = load_model("mixnet_s", checkpoint="w.pth").metadata()
+    assert meta["mixdeploy.weights"] == str((tmp_path / "w.pth").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert reload(meta).sha256 == meta["mixdeploy.weights_sha256"]
+    torch.save(randomize_batchnorm(load_model("mixnet_s").module).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(MixdeployError, match="has changed since the export was made from it"):
+        reload(meta)

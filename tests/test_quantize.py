@@ -43,6 +43,23 @@ def test_finds_images_recursively_and_skips_unreadable(tmp_path):
     assert len(images.images) == 2 and [s[0].endswith("broken.png") for s in images.skipped] == [True]
 
 
+def test_wide_and_huge_images(tmp_path, monkeypatch):
+    """A 16-bit grayscale PNG reads as its 8-bit version (not clipped white); an image over Pillow's
+    decompression-bomb limit is skipped and listed like any unreadable file."""
+    from PIL import Image
+
+    gray = np.asarray(Image.open(PHOTOS / "coffee.jpg").convert("L"))
+    Image.fromarray(gray).save(tmp_path / "a8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "b16.png")
+    assert Image.open(tmp_path / "b16.png").mode.startswith("I")
+    Image.open(PHOTOS / "coffee.jpg").resize((1200, 1200)).save(tmp_path / "c_big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600 * 600)  # errors above twice this
+    images = load_folder(tmp_path, load_model("mixnet_s").preprocess, progress=False)
+    assert [p.name for p in images.paths] == ["a8.png", "b16.png"]
+    assert torch.equal(images.images[0], images.images[1])
+    assert images.skipped == [(str(tmp_path / "c_big.png"), "DecompressionBombError")]
+
+
 def test_a_limited_read_samples_every_class_and_decodes_only_the_sample(tmp_path, monkeypatch):
     """--num-calib of an ImageFolder: a seeded sample across its classes, not its first files; the
     rest of the folder is never decoded; a limit of one image is allowed when asked for."""
