@@ -24,10 +24,16 @@ class SshTransport(Transport):
         if not match:
             raise MixdeployError(f"--device ssh:{target}: give ssh:USER@HOST or ssh:USER@HOST:PORT")
         user, self.host, port = match.groups()
+        if port and not 0 < int(port) < 65536:
+            raise MixdeployError(f"--device ssh:{target}: port {port} is not a TCP port (1-65535)")
         self.name = f"ssh:{target}"
         self.destination = f"{user}@{self.host}" if user else self.host
-        self.options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}",
-                        *shlex.split(os.environ.get("MIXDEPLOY_SSH_OPTIONS", ""))]
+        try:
+            extra = shlex.split(os.environ.get("MIXDEPLOY_SSH_OPTIONS", ""))
+        except ValueError as exc:
+            raise MixdeployError(f"MIXDEPLOY_SSH_OPTIONS cannot be split like a shell line ({exc}); "
+                                 "balance its quotes") from None
+        self.options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", *extra]
         self.port = port or "22"
         self.shell("true", timeout=timeout)
 

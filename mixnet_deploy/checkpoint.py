@@ -1,6 +1,7 @@
 """Reading a local checkpoint into a model, with errors that say what is wrong."""
 from __future__ import annotations
 
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise MixdeployError(f"checkpoint {path} cannot be read: it holds pickled Python objects, not only "
                                  "tensors (a whole model?), and mixdeploy loads weights only; save "
                                  "model.state_dict() with torch.save") from None
-        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        first = textwrap.shorten(str(exc).strip().splitlines()[0], 120, placeholder=" ...") if str(exc).strip() else ""
         raise MixdeployError(
             f"checkpoint {path} cannot be read as PyTorch weights ({type(exc).__name__}{': ' + first if first else ''}); "
             "pass a state_dict saved with torch.save or a .safetensors file"

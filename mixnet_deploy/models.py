@@ -15,7 +15,7 @@ from torch import nn
 from .checkpoint import apply_state_dict, read_checkpoint
 from .dropin import replace_depthwise
 from .errors import MixdeployError
-from .preprocess import PreprocessConfig
+from .preprocess import MAX_SIDE, MIN_SIDE, PreprocessConfig
 
 MIXNETS = (
     "mixnet_s", "mixnet_m", "mixnet_l", "mixnet_xl", "mixnet_xxl",
@@ -72,7 +72,10 @@ def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith(DROPIN_PREFIX):
-        model = timm.create_model(name.removeprefix(DROPIN_PREFIX), **kwargs)
+        base = name.removeprefix(DROPIN_PREFIX)
+        if base in MIXNETS:
+            raise MixdeployError(f"{name}: {base} already has MixConv layers; use {base}")
+        model = timm.create_model(base, **kwargs)
         if replace_depthwise(model, DROPIN_KERNELS) == 0:
             raise MixdeployError(f"{name}: the timm model has no depthwise convolution to replace with MixConv")
         return model
@@ -100,8 +103,6 @@ def _labels(num_classes: int) -> list[str] | None:
 
 
 RANDOM_SEED = 0
-MIN_SIDE = 32  # pixels: a MixNet halves its input five times
-MAX_SIDE = 1024  # pixels: export's float64 reference at 2048 needs more memory than a 24 GB machine has
 RANDOM_INIT, CALIBRATED = "random-init", "random-init+calibrated-bn"
 
 
@@ -126,6 +127,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     num_classes = None
     if state is not None:
         head = [k for k in ("classifier.weight", "head.fc.weight", "fc.weight") if k in state]
+        if head and state[head[0]].ndim != 2:
+            raise MixdeployError(f"checkpoint {checkpoint}: {head[0]} has shape {tuple(state[head[0]].shape)}; a "
+                                 "classifier weight is (classes, features): is it a checkpoint of another architecture?")
         num_classes = state[head[0]].shape[0] if head else None
     with torch.random.fork_rng():
         torch.manual_seed(RANDOM_SEED)
@@ -139,10 +143,15 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if calibrate_bn:
         calibrate_batchnorm(module, preprocess)
     if "preprocess" in extras:
-        preprocess = PreprocessConfig.from_dict({**preprocess.to_dict(), **extras["preprocess"]})
+        preprocess = preprocess.updated(extras["preprocess"], f"checkpoint {checkpoint}")
     if input_size is not None:
         preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
-    labels = list(extras["labels"]) if "labels" in extras else _labels(module.num_classes)
+    labels = extras["labels"] if "labels" in extras else _labels(module.num_classes)
+    if labels is not None and not (isinstance(labels, (list, tuple)) and len(labels) == module.num_classes
+                                   and all(isinstance(label, str) for label in labels)):
+        raise MixdeployError(f"checkpoint {checkpoint}: 'labels' must be a list of {module.num_classes} class names "
+                             "(one per output of the classifier)")
+    labels = list(labels) if labels is not None else None
     digest = None
     if checkpoint is not None:
         with open(checkpoint, "rb") as f:

@@ -10,6 +10,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .errors import MixdeployError
+
+
+MIN_SIDE = 32  # pixels: a MixNet halves its input five times
+MAX_SIDE = 1024  # pixels: export's float64 reference at 2048 needs more memory than a 24 GB machine has
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -26,6 +32,31 @@ class PreprocessConfig:
     def from_dict(cls, data: dict) -> "PreprocessConfig":
         """From to_dict() output or JSON (lists become tuples)."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def updated(self, data: object, source: str) -> "PreprocessConfig":
+        """This config with the entries of a user's mapping (a checkpoint's 'preprocess'), every key
+        known and every value usable, else MixdeployError naming the first that is not."""
+        base = asdict(self)
+        if not isinstance(data, dict) or set(data) - set(base):
+            extra = sorted(map(str, set(data) - set(base))) if isinstance(data, dict) else []
+            raise MixdeployError(f"{source}: 'preprocess' must map some of {', '.join(base)} to values"
+                                 + (f"; unknown: {', '.join(extra)}" if extra else ""))
+        ok = {
+            "input_size": lambda v: len(v) == 3 and v[0] == 3 and all(isinstance(s, int) and MIN_SIDE <= s <= MAX_SIDE for s in v[1:]),
+            "mean": lambda v: len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
+            "std": lambda v: len(v) == 3 and all(isinstance(x, (int, float)) and x > 0 for x in v),
+            "crop_pct": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+            "crop_mode": lambda v: v in ("center", "squash", "border"),
+            "interpolation": lambda v: v in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"),
+        }
+        for key, value in data.items():
+            try:
+                good = ok[key](value)
+            except TypeError:
+                good = False
+            if not good:
+                raise MixdeployError(f"{source}: preprocess {key} {value!r} is not usable (like {base[key]!r})")
+        return self.from_dict({**base, **data})
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "PreprocessConfig":

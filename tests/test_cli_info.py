@@ -75,6 +75,31 @@ def test_checkpoint_of_another_architecture(run_cli, tmp_path):
     assert_usage_error(run_cli("info", "mixnet_m", "--checkpoint", s_path), "does not fit mixnet_m")
 
 
+def test_checkpoint_preprocess_labels_and_head_are_checked(run_cli, tmp_path):
+    """A checkpoint's own 'preprocess' and 'labels' entries and its classifier are checked when read."""
+    import timm
+
+    state = timm.create_model("mixnet_s").state_dict()
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": state, "preprocess": {"input_size": [3, 192, 192], "interpolation": "bilinear"},
+                "labels": [f"c{i}" for i in range(1000)]}, good)
+    report = json.loads(run_cli("info", "mixnet_s", "--checkpoint", good, "--json").out)
+    assert report["preprocess"]["input_size"] == [3, 192, 192] and report["preprocess"]["interpolation"] == "bilinear"
+    for extras, fragment in (({"preprocess": {"bogus": 1}}, "unknown: bogus"), ({"preprocess": "224"}, "'preprocess' must map"),
+                             ({"preprocess": {"input_size": [64, 64]}}, "preprocess input_size [64, 64] is not usable"),
+                             ({"preprocess": {"input_size": [3, 8, 8]}}, "input_size [3, 8, 8] is not usable"),
+                             ({"preprocess": {"interpolation": "nope"}}, "interpolation 'nope'"),
+                             ({"preprocess": {"std": [0, 0, 0]}}, "std [0, 0, 0]"),
+                             ({"labels": 5}, "'labels' must be a list of 1000 class names"),
+                             ({"labels": "cat"}, "'labels' must be a list"), ({"labels": ["a", "b"]}, "1000 class names")):
+        path = tmp_path / "bad.pth"
+        torch.save({"state_dict": state, **extras}, path)
+        assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", path), f"checkpoint {path}", fragment)
+    torch.save({**state, "classifier.weight": torch.tensor(1.0)}, tmp_path / "scalar.pth")
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", tmp_path / "scalar.pth"), "classifier.weight has shape ()")
+    assert_usage_error(run_cli("info", "mixconv_mixnet_s"), "mixnet_s already has MixConv layers; use mixnet_s")
+
+
 def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     assert_usage_error(run_cli("info", "mixnet_s", "--pretrained"), "unreachable", "--checkpoint PATH")
@@ -103,9 +128,10 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     table = run_cli("info", "mixnet_s", "--plan", "fold").out
     assert "blocks.5.2.conv_dw" in table and "fold" in table
     # a plan file is checked as export checks it: a choice the layer cannot take, a layer the model lacks
-    for layers, fragment in (({"blocks.2.0.conv_dw": 5}, "plan choice 5 does not fit blocks.2.0.conv_dw"),
-                             ({"blocks.9.conv_dw": "split"}, "layers this model does not have: blocks.9.conv_dw")):
-        (tmp_path / "bad.json").write_text(json.dumps({"version": 1, "layers": layers}))
+    for plan, fragment in (({"layers": {"blocks.2.0.conv_dw": 5}}, "plan choice 5 does not fit blocks.2.0.conv_dw"),
+                           ({"layers": {"blocks.9.conv_dw": "split"}}, "layers this model does not have: blocks.9.conv_dw"),
+                           ({"layers": {}, "estimates_ms": "x"}, "estimates_ms maps layer names to numbers")):
+        (tmp_path / "bad.json").write_text(json.dumps({"version": 1, **plan}))
         assert_usage_error(run_cli("info", "mixnet_s", "--plan", tmp_path / "bad.json"), fragment)
 
 
