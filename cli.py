@@ -415,6 +415,12 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     if files:
         _reject_given(("precision", "checkpoint", "calibrate_bn", "input_size"),
                       "--compare-peers MODEL; exported FILES keep what they were exported with")
+    from mixnet_deploy.models import known_models
+
+    named = [f for f in files if f in known_models() and not Path(f).exists()]
+    if named:
+        raise MixdeployError(f"{named[0]} is a model name; bench takes exported .onnx/.tflite files "
+                             f"(`mixdeploy export {named[0]}` first), or --compare-peers {named[0]}")
     if runner == "benchmark_model":
         _reject_given(("python",), "--runner python")
     else:
@@ -456,7 +462,9 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     # with --compare-peers a peer's file failing parity is a finding, not our failure
     failed = [r["file"] for r in results if not r["parity"]["passed"] and r.get("source", "mixdeploy") == "mixdeploy"]
     if failed:
-        click.echo(f"mixdeploy: error: parity failed for {', '.join(failed)}", err=True)
+        click.echo(f"mixdeploy: error: parity failed for {', '.join(failed)} (see the table); an int8 file out of "
+                   "tolerance needs a re-quantization (more --calib images, --method percentile, --max-drop), a "
+                   "float file a fresh export", err=True)
         sys.exit(1)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mixnet_deploy.errors import DeviceError
+from mixnet_deploy.errors import DeviceError, MixdeployError
 
 from .transport import ShellResult, Transport, run_host
 
@@ -44,6 +44,11 @@ class AdbTransport(Transport):
 
     def __init__(self, serial: str, timeout: float = 30) -> None:
         super().__init__()
+        if not serial.strip():
+            raise MixdeployError("--device adb: names no device; give adb:SERIAL (see `adb devices`)")
+        port = re.fullmatch(r"[\w.\-]+:(\d+)", serial)
+        if port and not 0 < int(port.group(1)) < 65536:
+            raise MixdeployError(f"--device {serial}: port {port.group(1)} is not a TCP port (1-65535)")
         self.serial = serial
         self.name = f"adb:{serial}"
         state = device_states(timeout).get(serial)

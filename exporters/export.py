@@ -69,8 +69,7 @@ def check_writable(path: Path, force: bool, suffix: str | None = None) -> None:
     if path.is_dir():
         raise MixdeployError(f"output {path} is a directory; give a file path")
     if suffix is not None and path.suffix.lower() != suffix:
-        raise MixdeployError(f"output {path} must end in {suffix}, the suffix of the file written; rename it "
-                             "or pass the --format that fits it")
+        raise MixdeployError(f"output {path} must end in {suffix}, the suffix of the file written; give a {suffix} path")
     if path.exists() and not force:
         raise MixdeployError(f"output {path} exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")

@@ -49,7 +49,8 @@ def inspect_file(path: str | Path) -> dict:
     """Format, size, ops by type (and XNNPACK delegation for .tflite), tensors and embedded metadata."""
     path = Path(path)
     if not path.is_file():
-        raise MixdeployError(f"{path} does not exist; pass an exported .onnx or .tflite file")
+        raise MixdeployError(f"{path} {'is a directory' if path.is_dir() else 'does not exist'}; pass an exported "
+                             ".onnx or .tflite file")
     fmt = file_format(path)
     if fmt is None:
         raise MixdeployError(f"{path}: mixdeploy reads .onnx and .tflite files; pass one of those")

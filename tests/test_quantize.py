@@ -108,6 +108,8 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         exported = run_cli("export", name, "--format", fmt, "-o", tmp_path / f"{name}.{fmt}", "--plan", "fold",
                            "--input-size", "160x192")
         assert exported.code == 0, exported.err
+        assert_usage_error(run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}.{fmt}",
+                                   "--force"), "is the float file being quantized")
         result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}_q.{fmt}", "--json",
                          "--num-calib", "8")
         written = tmp_path / f"{name}_q{'' if passes else '.failed'}.{fmt}"
