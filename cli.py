@@ -128,7 +128,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         report = {
             "model": loaded.name, "weights": loaded.weights, "params": stats.params, "macs": stats.macs,
             "conv_macs": stats.conv_macs, "preprocess": loaded.preprocess.to_dict(),
-            "num_classes": loaded.module.num_classes, "labels": "imagenet-1k" if loaded.labels else None,
+            "num_classes": loaded.module.num_classes, "labels": loaded.labels,
             "mixconv_layers": [asdict(layer) for layer in stats.mixconv_layers],
         }
         if chosen:

@@ -51,7 +51,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"checkpoint {path} cannot be read as PyTorch weights ({type(exc).__name__}{': ' + first if first else ''}); "
             "pass a state_dict saved with torch.save or a .safetensors file"
         ) from None
-    extras = {k: state[k] for k in ("preprocess", "labels") if isinstance(state, dict) and k in state}
+    extras = {k: state.pop(k) for k in ("preprocess", "labels") if isinstance(state, dict) and k in state}
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -60,7 +60,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise MixdeployError(
             f"checkpoint {path} holds no state_dict (looked at the top level and under {', '.join(WRAPPER_KEYS)})"
         )
-    return {k.removeprefix("module."): v for k, v in state.items()}, extras
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel / DDP
+    for prefix in ("_orig_mod.", "model."):  # torch.compile, Lightning modules
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state, extras
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
