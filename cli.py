@@ -30,19 +30,25 @@ def _progress(title: str) -> Iterator[Callable[[str], None]]:
     """Yield a function that sets the current step of long work. On a terminal: a spinner on
     stderr. Elsewhere (logs, CI): a line `mixdeploy: [ELAPSED s] STEP` every HEARTBEAT_S seconds,
     so work that ends sooner, or stops at bad input, prints nothing more than its result."""
-    if err.is_terminal:
+    if sys.stderr is None:  # closed (2>&-): nowhere to report
+        yield lambda _: None
+        return
+    if sys.stderr.isatty() and not err.is_dumb_terminal:  # not rich's is_terminal: FORCE_COLOR sets that in logs
         with err.status(title) as status:
             yield status.update
         return
     current, started, done = [title], time.monotonic(), threading.Event()
     try:  # a copy of stderr's descriptor: quiet_native_stderr() points descriptor 2 at /dev/null meanwhile
         stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
-    except (AttributeError, OSError, io.UnsupportedOperation):  # stderr without a descriptor (captured)
+    except (OSError, io.UnsupportedOperation):  # stderr without a descriptor (captured)
         stream = sys.stderr
 
     def heartbeat() -> None:
         while not done.wait(HEARTBEAT_S):
-            print(f"mixdeploy: [{time.monotonic() - started:.0f} s] {current[0]}", file=stream, flush=True)
+            try:
+                print(f"mixdeploy: [{time.monotonic() - started:.0f} s] {current[0]}", file=stream, flush=True)
+            except (OSError, ValueError):  # the reader went away (a closed pipe): stop reporting
+                return
 
     thread = threading.Thread(target=heartbeat, daemon=True)
     thread.start()

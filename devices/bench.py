@@ -72,7 +72,8 @@ def prepare(file: str, parity_dir: str | None, samples: int, meta: dict | None =
     report["metadata"] = meta = meta or report.get("metadata", {})
     if "mixdeploy.model" not in meta:
         raise MixdeployError(f"{path} carries no mixdeploy metadata; bench files written by mixdeploy export/quantize")
-    key = json.dumps([meta["mixdeploy.weights"], meta["mixdeploy.model"], meta["mixdeploy.preprocess"]])
+    key = json.dumps([meta["mixdeploy.weights"], meta.get("mixdeploy.weights_sha256"), meta["mixdeploy.model"],
+                      meta["mixdeploy.preprocess"]])
     references = {} if references is None else references
     if key not in references:
         loaded = reload(meta)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from devices.runners import file_format
 from mixnet_deploy import __version__, load_model
 from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.lower import lower
@@ -59,17 +60,20 @@ def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, P
         raise MixdeployError(f"unknown format {fmt!r}; use {', '.join(FORMATS)} or all")
     base = Path(output) if output else Path(model)
     if fmt == "all" or not output:
-        return {n: base.with_suffix(FORMATS[n].suffix) if base.suffix.lower() in {f.suffix for f in FORMATS.values()}
+        return {n: base.with_suffix(FORMATS[n].suffix) if file_format(base)
                 else base.parent / (base.name + FORMATS[n].suffix) for n in names}
     return {fmt: base}
 
 
-def check_writable(path: Path, force: bool, suffix: str | None = None) -> None:
-    """Fail early, before any work, when `path` cannot or must not be written (or lacks `suffix`)."""
+def check_writable(path: Path, force: bool, suffix: str | None = None, format_option: bool = False) -> None:
+    """Fail early, before any work, when `path` cannot or must not be written (or lacks `suffix`;
+    format_option: the command takes a --format that could fit the path instead)."""
     if path.is_dir():
         raise MixdeployError(f"output {path} is a directory; give a file path")
     if suffix is not None and path.suffix.lower() != suffix:
-        raise MixdeployError(f"output {path} must end in {suffix}, the suffix of the file written; give a {suffix} path")
+        other = file_format(path) if format_option else None
+        raise MixdeployError(f"output {path} must end in {suffix}, the suffix of the file written; give a path "
+                             f"ending in {suffix}" + (f" or pass --format {other}" if other else ""))
     if path.exists() and not force:
         raise MixdeployError(f"output {path} exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -106,7 +110,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     input_size: (height, width) to export at instead of the model's own resolution."""
     paths = output_paths(model, fmt, output)
     for name, path in paths.items():
-        check_writable(path, force, FORMATS[name].suffix)
+        check_writable(path, force, FORMATS[name].suffix, format_option=True)
     if not callable(plan):
         read_spec(plan)
     step(f"loading {model}")

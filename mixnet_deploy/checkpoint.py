@@ -61,9 +61,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"checkpoint {path} holds no state_dict (looked at the top level and under {', '.join(WRAPPER_KEYS)})"
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel / DDP
-    for prefix in ("_orig_mod.", "model."):  # torch.compile, Lightning modules
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    wrapped = True
+    while state and wrapped:  # torch.compile's and Lightning's wrappers, nested either way
+        wrapped = False
+        for prefix in ("_orig_mod.", "model."):
+            if all(k.startswith(prefix) for k in state):
+                state, wrapped = {k.removeprefix(prefix): v for k, v in state.items()}, True
     return state, extras
 
 

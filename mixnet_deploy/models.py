@@ -57,6 +57,8 @@ def _check_name(name: str) -> None:
     import timm
 
     base = name.removeprefix(DROPIN_PREFIX)
+    if name.startswith(DROPIN_PREFIX) and base in MIXNETS:
+        raise MixdeployError(f"{name}: {base} already has MixConv layers; use {base}")
     if name in MIXNETS or (name.startswith(DROPIN_PREFIX) and base in timm.list_models()):
         return
     if "/" in name or Path(name).exists():  # a path, not a name
@@ -72,10 +74,7 @@ def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith(DROPIN_PREFIX):
-        base = name.removeprefix(DROPIN_PREFIX)
-        if base in MIXNETS:
-            raise MixdeployError(f"{name}: {base} already has MixConv layers; use {base}")
-        model = timm.create_model(base, **kwargs)
+        model = timm.create_model(name.removeprefix(DROPIN_PREFIX), **kwargs)
         if replace_depthwise(model, DROPIN_KERNELS) == 0:
             raise MixdeployError(f"{name}: the timm model has no depthwise convolution to replace with MixConv")
         return model
@@ -152,11 +151,16 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         raise MixdeployError(f"checkpoint {checkpoint}: 'labels' must be a list of {module.num_classes} class names "
                              "(one per output of the classifier)")
     labels = list(labels) if labels is not None else None
-    digest = None
-    if checkpoint is not None:
-        with open(checkpoint, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return LoadedModel(name, module, preprocess, labels, weights, digest)
+    return LoadedModel(name, module, preprocess, labels, weights, file_sha256(checkpoint) if checkpoint else None)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def calibrate_batchnorm(model: nn.Module, preprocess: PreprocessConfig) -> None:
@@ -200,11 +204,11 @@ def reload(meta: dict) -> LoadedModel:
         loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED)
     elif not Path(weights).is_file():
         raise MixdeployError(f"the export was made from {weights}, which is gone; pass the model name and --checkpoint")
+    elif meta.get("mixdeploy.weights_sha256") not in (None, file_sha256(weights)):
+        raise MixdeployError(f"{weights} has changed since the export was made from it (its SHA-256 differs); "
+                             "export the model again, or pass the model name and --checkpoint")
     else:
         loaded = load_model(name, weights)
-        if meta.get("mixdeploy.weights_sha256", loaded.sha256) != loaded.sha256:
-            raise MixdeployError(f"{weights} has changed since the export was made from it (its SHA-256 differs); "
-                                 "export the model again, or pass the model name and --checkpoint")
     if "mixdeploy.preprocess" in meta:
         loaded.preprocess = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
     return loaded

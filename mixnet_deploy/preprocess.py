@@ -1,6 +1,7 @@
 """A model's preprocessing, as timm's pretrained config states it."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -95,7 +96,10 @@ WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG); 
 
 def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """One image decoded with Pillow as RGB (16-bit grayscale scaled to 8 bits) and passed through `transform`."""
-    with Image.open(path) as img:
+    with warnings.catch_warnings():  # images of 1-2x Pillow's pixel limit decode (above it they raise)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    with img:
         if img.mode in WIDE_GRAY:
             img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         return transform(img.convert("RGB"))

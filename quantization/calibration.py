@@ -3,6 +3,7 @@ as the model's config says (timm's eval transform)."""
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
     transform = eval_transform(cfg)
     tensors, used, skipped = [], [], []
     console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not progress or not console.is_terminal) as bar:
+    interactive = sys.stderr is not None and sys.stderr.isatty() and not console.is_dumb_terminal
+    with Progress(console=console, transient=True, disable=not progress or not interactive) as bar:
         task = bar.add_task(f"reading {folder}", total=len(paths) if limit is None else min(limit, len(paths)))
         for path in paths:
             if limit is not None and len(used) >= limit:

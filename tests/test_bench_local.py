@@ -31,12 +31,14 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
     assert table.out.count("weights random-init+calibrated-bn") == 1  # two LiteRT files of one model: one line
 
 
-def test_bench_bad_input(tmp_path, run_cli):
+def test_bench_bad_input(tmp_path, run_cli, monkeypatch):
     assert_usage_error(run_cli("bench", tmp_path / "missing.tflite"), "does not exist")
     assert_usage_error(run_cli("bench", tmp_path), "is a directory")
     assert_usage_error(run_cli("bench", "mixnet_s"), "is a model name", "--compare-peers mixnet_s")
     for device, fragment in (("adb:", "names no device"), ("adb:127.0.0.1:99999", "not a TCP port"),
                              ("ssh:u@127.0.0.1:99999", "not a TCP port")):
         assert_usage_error(run_cli("bench", PHOTOS / "coffee.jpg", "--device", device), fragment)
+    monkeypatch.setenv("MIXDEPLOY_SSH_OPTIONS", '-i "my key')
+    assert_usage_error(run_cli("bench", PHOTOS / "coffee.jpg", "--device", "ssh:u@127.0.0.1"), "balance its quotes")
     assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "one"), "--threads")
     assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "1,0"), "1 or more")

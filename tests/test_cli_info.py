@@ -86,8 +86,8 @@ def test_checkpoint_preprocess_labels_and_head_are_checked(run_cli, tmp_path):
     report = json.loads(run_cli("info", "mixnet_s", "--checkpoint", good, "--json").out)
     assert report["preprocess"]["input_size"] == [3, 192, 192] and report["preprocess"]["interpolation"] == "bilinear"
     assert report["labels"][:2] == ["c0", "c1"]
-    lightning = tmp_path / "lightning.pth"  # a bare state_dict under Lightning's "model." prefix, with labels beside it
-    torch.save({**{f"model.{k}": v for k, v in state.items()}, "labels": [f"c{i}" for i in range(1000)]}, lightning)
+    lightning = tmp_path / "lightning.pth"  # a bare state_dict of a compiled model in a Lightning module, labels beside it
+    torch.save({**{f"model._orig_mod.{k}": v for k, v in state.items()}, "labels": [f"c{i}" for i in range(1000)]}, lightning)
     assert json.loads(run_cli("info", "mixnet_s", "--checkpoint", lightning, "--json").out)["labels"][999] == "c999"
     for extras, fragment in (({"preprocess": {"bogus": 1}}, "unknown: bogus"), ({"preprocess": "224"}, "'preprocess' must map"),
                              ({"preprocess": {"input_size": [64, 64]}}, "preprocess input_size [64, 64] is not usable"),

@@ -207,7 +207,7 @@ def test_cli_export_prints_parity_and_json(tmp_path, monkeypatch, run_cli):
     assert forced.code == 0 and "PASS" in forced.out and "random-init" in forced.out
 
 
-def test_bad_export_input(tmp_path, run_cli):
+def test_bad_export_input(tmp_path, run_cli, monkeypatch):
     before = sorted(os.listdir(tmp_path))
     assert_usage_error(run_cli("export", "mixnet_s", "--format", "coreml"), "coreml")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "nope" / "m.onnx"), "does not exist")
@@ -222,7 +222,7 @@ def test_bad_export_input(tmp_path, run_cli):
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "16"), "at least 32x32")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "160x"), "--input-size")
     assert sorted(os.listdir(tmp_path)) == before
-    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.tflite"), "must end in .onnx")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.tflite"), "must end in .onnx", "--format tflite")
     assert_usage_error(run_cli("export", "mixnet_s", "--format", "tflite", "-o", tmp_path / "m.txt"), "must end in .tflite")
     assert_usage_error(run_cli("export", "mixnet_s", "--fp16", "--input-layout", "nchw"),
                        "--fp16, --input-layout go with --format tflite or all")
@@ -233,3 +233,6 @@ def test_bad_export_input(tmp_path, run_cli):
     (tmp_path / "a_file").write_text("x")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "a_file" / "m.onnx"), "a_file is a file, not a folder")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", "/proc/m.onnx"), "cannot write in output folder /proc")
+    # --plan is checked before any model is loaded
+    monkeypatch.setattr("exporters.export.load_model", lambda *a, **k: pytest.fail("loaded a model before checking --plan"))
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--plan", "nonsense"), "--plan")
