@@ -94,8 +94,11 @@ class TimingCache:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             data = {}
-        self.shapes: dict[str, dict[str, float]] = data.get("shapes", {})
-        self.decisions: dict[str, dict] = data.get("decisions", {})  # model + plan -> whole-model verdict
+        shapes, decisions = (data.get("shapes"), data.get("decisions")) if isinstance(data, dict) else (None, None)
+        well_formed = isinstance(shapes, dict) and all(isinstance(v, dict) for v in shapes.values())
+        # a file of another form is measured again, like an unreadable one
+        self.shapes: dict[str, dict[str, float]] = shapes if well_formed else {}
+        self.decisions: dict[str, dict] = decisions if well_formed and isinstance(decisions, dict) else {}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

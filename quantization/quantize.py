@@ -138,6 +138,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
             calibrated = calibrate(lowered.module, size, images_np, method)
         while True:
             step(f"writing {out.name}" + (f" ({', '.join(kept)} in float)" if kept else ""))
+            io = "float32" if tflite_ops(kept) else io  # TFLite ops kept in float take float input and output
             _write(tmp, images_np, method, io, kept, float_onnx, calibrated)
             candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
             agreement = compare(reference, candidate, **DEPLOYED_TOLERANCE["int8"])
@@ -158,7 +159,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict()}
         FORMATS[fmt].add_metadata(tmp, meta)
-        out = kept_as(out, agreement.passed)
+        out = kept_as(out, agreement.passed and (budget is None or budget["met"]))
         os.replace(tmp, out)
     finally:
         for path in filter(None, (tmp, float_onnx)):
@@ -181,7 +182,7 @@ FLOAT_FOR_SPEED = {"onnx": ("first_conv",)}
 def _write(path: Path, images: np.ndarray, method: str, io: str, kept: list[str], float_onnx: Path | None,
            calibrated: bytes | None) -> None:
     """Write the int8 model with the `kept` groups in float: QDQ from `float_onnx` when given, else
-    from the `calibrated` TFLite model (float io when anything stays float)."""
+    from the `calibrated` TFLite model with `io` input and output."""
     if float_onnx is not None:
         from .onnx_qdq import quantize_onnx
 
@@ -189,5 +190,4 @@ def _write(path: Path, images: np.ndarray, method: str, io: str, kept: list[str]
         return
     from .tflite_int8 import quantize_calibrated
 
-    float_ops = tflite_ops(kept)
-    path.write_bytes(quantize_calibrated(calibrated, "float32" if float_ops else io, float_ops))
+    path.write_bytes(quantize_calibrated(calibrated, io, tflite_ops(kept)))

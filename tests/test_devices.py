@@ -234,3 +234,17 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache):
     assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--plan", "fold"), "leave out --plan")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
     assert_usage_error(run_cli("export", "mixnet_s", "--tune-runs", "3"), "--tune-runs goes with --tune")
+
+
+def test_a_timing_cache_of_another_form_is_measured_again(tmp_path, monkeypatch):
+    """A cache file that is not the JSON tuning writes (hand-edited, another version) counts as empty."""
+    from devices.tune import TimingCache
+
+    monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path))
+    fingerprint = {"device": "local", "format": "onnx"}
+    for text in ("[1, 2]", '{"shapes": [1]}', '{"shapes": {"k": 3}}', '{"shapes": {}, "decisions": 5}', "not json"):
+        TimingCache(fingerprint).path.write_text(text)
+        cache = TimingCache(fingerprint)
+        assert (cache.shapes, cache.decisions) == ({}, {}), text
+    TimingCache(fingerprint).path.write_text('{"shapes": {"k": {"split": 1.5}}, "decisions": {"m": {}}}')
+    assert TimingCache(fingerprint).shapes == {"k": {"split": 1.5}}

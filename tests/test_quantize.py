@@ -189,9 +189,12 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
     tight = run_cli(*args, "0.01", "--num-calib", "2", "-o", tmp_path / f"tight.{fmt}")
     report = json.loads(tight.out)
     assert {"se_gate", "swish"} <= set(report["kept_float"])
+    assert report["io"] == inspect_file(report["path"])["inputs"][0]["dtype"] == "float32"  # float ops kept (TFLite's said int8)
     assert report["max_drop"]["latency_ms"] > 0 and report["max_drop"]["latency_all_int8_ms"] > 0
-    if not report["max_drop"]["met"]:
-        assert tight.code == 1 and "not met" in tight.err and len(tight.message) == 1 and Path(report["path"]).exists()
+    if not report["max_drop"]["met"]:  # a failed run leaves nothing at the requested path
+        assert tight.code == 1 and "not met" in tight.err and len(tight.message) == 1
+        assert report["path"] == str(tmp_path / f"tight.failed.{fmt}") and Path(report["path"]).exists()
+        assert not (tmp_path / f"tight.{fmt}").exists()
 
 
 def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
