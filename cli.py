@@ -18,12 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-# PyTorch's OpenMP threads sleep instead of spinning while they wait (set before torch loads): spinning
-# made export's float64 reference and lowering check 10x slower (mixnet_s TFLite: 290 s instead of 20 s)
-# whenever another process kept one of this machine's two cores busy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from mixnet_deploy.errors import MixdeployError, reject_options  # noqa: E402
+from mixnet_deploy.errors import MixdeployError, reject_options
 
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)

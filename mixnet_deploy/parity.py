@@ -60,8 +60,13 @@ def reference_outputs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 
     import torch
 
-    with torch.no_grad():
-        return copy.deepcopy(model).double().eval()(x.double()).numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # float64 convs run as many small parallel regions: one thread is as fast idle,
+    try:  # and 10x faster when another process keeps a core busy (its threads wait on each other)
+        with torch.no_grad():
+            return copy.deepcopy(model).double().eval()(x.double()).numpy()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None = None,
