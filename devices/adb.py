@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mixnet_deploy.errors import DeviceError, MixdeployError
 
-from .transport import ShellResult, Transport, run_host
+from .transport import ShellResult, Transport, check_port, run_host
 
 INSTALL = "install Android platform-tools (Debian/Ubuntu: apt-get install adb) and put adb on PATH"
 # what the adb client prints when the device, not the command, failed
@@ -46,9 +46,8 @@ class AdbTransport(Transport):
         super().__init__()
         if not serial.strip():
             raise MixdeployError("--device adb: names no device; give adb:SERIAL (see `adb devices`)")
-        port = re.fullmatch(r"[\w.\-]+:(\d+)", serial)
-        if port and not 0 < int(port.group(1)) < 65536:
-            raise MixdeployError(f"--device {serial}: port {port.group(1)} is not a TCP port (1-65535)")
+        network = re.fullmatch(r"[\w.\-]+:(\d+)", serial)
+        check_port(network and network.group(1), serial)
         self.serial = serial
         self.name = f"adb:{serial}"
         state = device_states(timeout).get(serial)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mixnet_deploy.errors import DeviceError, MixdeployError
 
-from .transport import ShellResult, Transport, run_host
+from .transport import ShellResult, Transport, check_port, run_host
 
 INSTALL = "install an OpenSSH client (Debian/Ubuntu: apt-get install openssh-client)"
 
@@ -24,8 +24,7 @@ class SshTransport(Transport):
         if not match:
             raise MixdeployError(f"--device ssh:{target}: give ssh:USER@HOST or ssh:USER@HOST:PORT")
         user, self.host, port = match.groups()
-        if port and not 0 < int(port) < 65536:
-            raise MixdeployError(f"--device ssh:{target}: port {port} is not a TCP port (1-65535)")
+        check_port(port, f"ssh:{target}")
         self.name = f"ssh:{target}"
         self.destination = f"{user}@{self.host}" if user else self.host
         try:

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixnet_deploy.errors import DeviceError
+from mixnet_deploy.errors import DeviceError, MixdeployError
 
 
 @dataclass
@@ -113,3 +113,9 @@ def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = N
     except subprocess.TimeoutExpired:
         raise DeviceError(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
     return ShellResult(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
+
+
+def check_port(port: str | None, device: str) -> None:
+    """A usage error unless `port` (digits, or None for the default) is a TCP port."""
+    if port and not 0 < int(port) < 65536:
+        raise MixdeployError(f"--device {device}: port {port} is not a TCP port (1-65535)")

@@ -20,6 +20,7 @@ from mixnet_deploy.planner import make_plan, read_spec
 from mixnet_deploy.preprocess import random_images, sample_photos
 
 from .formats import FORMATS, Format
+from .onnx_export import check_opset
 
 Planner = Callable[[torch.nn.Module, tuple[int, int, int], str], Plan]
 
@@ -111,6 +112,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     paths = output_paths(model, fmt, output)
     for name, path in paths.items():
         check_writable(path, force, FORMATS[name].suffix, format_option=True)
+    if "onnx" in paths:
+        check_opset((options or {}).get("opset", 18))
     if not callable(plan):
         read_spec(plan)
     step(f"loading {model}")

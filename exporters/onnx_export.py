@@ -189,6 +189,18 @@ def opset_17(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def check_opset(opset: int) -> None:
+    """A usage error unless `opset` is one mixdeploy writes: 17 up to the newest the installed onnx knows."""
+    import onnx
+
+    from mixnet_deploy.errors import MixdeployError
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise MixdeployError(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
+                             f"give 17 to {newest}")
+
+
 def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, opset: int = 18,
                dynamic_batch: bool = False, scale_weights: bool = False) -> None:
     """Export `module` (NCHW float32 input, batch 1 unless dynamic_batch) to `path` at `opset` >= 17
@@ -197,6 +209,7 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
     a quantizer would see those weights as activations)."""
     import onnx
 
+    check_opset(opset)
     example = (torch.randn(1, *input_size),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -209,8 +222,6 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
     global_average_pools(model)
     if scale_weights:
         scaled_weights(model)
-    if opset < 17:
-        raise ValueError(f"opset {opset}: 17 or higher")
     if opset == 17:
         model = opset_17(model)
     onnx.checker.check_model(model, full_check=True)

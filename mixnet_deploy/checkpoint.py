@@ -61,12 +61,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"checkpoint {path} holds no state_dict (looked at the top level and under {', '.join(WRAPPER_KEYS)})"
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel / DDP
-    wrapped = True
-    while state and wrapped:  # torch.compile's and Lightning's wrappers, nested either way
-        wrapped = False
-        for prefix in ("_orig_mod.", "model."):
-            if all(k.startswith(prefix) for k in state):
-                state, wrapped = {k.removeprefix(prefix): v for k, v in state.items()}, True
+    # torch.compile's and Lightning's wrappers, nested either way
+    while state and (prefix := next((p for p in ("_orig_mod.", "model.") if all(k.startswith(p) for k in state)), None)):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state, extras
 
 

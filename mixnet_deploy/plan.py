@@ -137,8 +137,7 @@ class Plan:
                 or not isinstance(estimates, dict) or not all(isinstance(v, (int, float)) for v in estimates.values())):
             raise MixdeployError("a plan's target and source are strings and its estimates_ms maps layer names "
                                  "to numbers (or leave them out)")
-        return cls(dict(data["layers"]), data.get("target", "onnxruntime"), data.get("source", "file"),
-                   dict(data.get("estimates_ms", {})))
+        return cls(dict(data["layers"]), data.get("target", "onnxruntime"), data.get("source", "file"), dict(estimates))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

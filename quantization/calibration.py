@@ -3,7 +3,6 @@ as the model's config says (timm's eval transform)."""
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.terminal import stderr_is_interactive
 from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform, read_image
 
 MIN_IMAGES = 2
@@ -58,8 +58,7 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
     transform = eval_transform(cfg)
     tensors, used, skipped = [], [], []
     console = Console(stderr=True)
-    interactive = sys.stderr is not None and sys.stderr.isatty() and not console.is_dumb_terminal
-    with Progress(console=console, transient=True, disable=not progress or not interactive) as bar:
+    with Progress(console=console, transient=True, disable=not progress or not stderr_is_interactive()) as bar:
         task = bar.add_task(f"reading {folder}", total=len(paths) if limit is None else min(limit, len(paths)))
         for path in paths:
             if limit is not None and len(used) >= limit:

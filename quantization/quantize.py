@@ -99,9 +99,10 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     if fmt == "tflite" and method not in TFLITE_METHODS:
         raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
     out = Path(output) if output else Path(f"{loaded.name}_int8.{fmt}")
-    if file_format(source) and out.resolve() == Path(source).resolve():
+    from_file = file_format(source) is not None
+    if from_file and out.resolve() == Path(source).resolve():
         raise MixdeployError(f"output {out} is the float file being quantized; give another --output")
-    check_writable(out, force, FORMATS[fmt].suffix, format_option=not file_format(source))
+    check_writable(out, force, FORMATS[fmt].suffix, format_option=not from_file)
     step("reading calibration images")
     # without --eval, a fifth of the images read is held out: read no more than that needs
     limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
