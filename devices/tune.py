@@ -17,6 +17,7 @@ from torch import nn
 from mixnet_deploy.cost_model import shape_key
 from mixnet_deploy.errors import DeviceError, MixdeployError
 from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
+from mixnet_deploy.models import file_sha256
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 from mixnet_deploy.preprocess import random_images
@@ -155,17 +156,22 @@ def _converter_versions(fmt: str) -> list[str]:
 
 def _probe_file(info: LayerInfo, choice: str, fmt: str, precision: str, counts: dict[str, int]) -> Path:
     """The probe model file of one candidate, converted once per layer shape, format, precision and
-    converter version and kept in the cache (tuning another device or thread count reuses it)."""
+    converter version and kept in the cache (tuning another device or thread count reuses it). A
+    file whose SHA-256 no longer matches the one recorded beside it (truncated, damaged) is converted again."""
     key = json.dumps([shape_key(info), choice, fmt, precision, VERSION, _converter_versions(fmt)])
     path = cache_dir() / "probes" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.{fmt}"
-    if path.exists():
+    recorded = path.with_name(path.name + ".sha256")
+    if path.exists() and recorded.exists() and recorded.read_text() == file_sha256(path):
         counts["reused"] += 1
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.{fmt}")
     try:
         write_model(probe(info, choice).module, probe_input(info), partial, fmt, precision)
+        digest = file_sha256(partial)
         os.replace(partial, path)
+        partial.write_text(digest)  # the digest, renamed in place the same way
+        os.replace(partial, recorded)
     finally:
         partial.unlink(missing_ok=True)
     counts["converted"] += 1

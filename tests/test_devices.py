@@ -248,3 +248,29 @@ def test_a_timing_cache_of_another_form_is_measured_again(tmp_path, monkeypatch)
         assert (cache.shapes, cache.decisions) == ({}, {}), text
     TimingCache(fingerprint).path.write_text('{"shapes": {"k": {"split": 1.5}}, "decisions": {"m": {}}}')
     assert TimingCache(fingerprint).shapes == {"k": {"split": 1.5}}
+
+
+def test_a_damaged_probe_file_is_converted_again(tmp_path, monkeypatch):
+    """A probe model in the cache that no longer matches its recorded SHA-256 (truncated by a full
+    disk, a crash before the data reached it) is converted again, not sent to the device."""
+    import onnx
+    import timm
+
+    from devices.tune import _probe_file
+    from mixnet_deploy.lower import analyse
+
+    monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path))
+    info = analyse(timm.create_model("mixnet_s").eval(), (3, 64, 64))[0]
+    counts = {"converted": 0, "reused": 0}
+    path = _probe_file(info, info.candidates[0], "onnx", "fp32", counts)
+    assert _probe_file(info, info.candidates[0], "onnx", "fp32", counts) == path
+    assert counts == {"converted": 1, "reused": 1}
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    assert _probe_file(info, info.candidates[0], "onnx", "fp32", counts) == path
+    assert counts == {"converted": 2, "reused": 1}
+    onnx.checker.check_model(str(path))
+    path.with_name(path.name + ".sha256").unlink()  # written before its digest: converted again too
+    _probe_file(info, info.candidates[0], "onnx", "fp32", counts)
+    assert counts == {"converted": 3, "reused": 1} and sorted(p.name for p in path.parent.iterdir()) == [
+        path.name, path.name + ".sha256"]
