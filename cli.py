@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -552,9 +553,22 @@ def device_sim(action: str, port: int | None, as_json: bool) -> None:
         out.print(", ".join(f"{k} {v}" for k, v in result.items()))
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so the work unwinds like Ctrl-C: work folders (here
+    and on the device) and partial output files are removed on the way out. A BaseException, so no
+    `except Exception` on the way swallows it."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = [signal.signal(sig, _terminate) for sig in handled] if in_main_thread else []
     try:
         cli.main(args=argv, prog_name="mixdeploy", standalone_mode=False)
     except MixdeployError as exc:
@@ -563,9 +577,16 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("mixdeploy: aborted", err=True)
         sys.exit(130)
+    except Terminated as exc:
+        signum = exc.args[0]
+        click.echo(f"mixdeploy: stopped by {signal.Signals(signum).name}", err=True)
+        sys.exit(128 + signum)
     except click.ClickException as exc:
         click.echo(f"mixdeploy: error: {exc.format_message()} (see mixdeploy --help)", err=True)
         sys.exit(2)
+    finally:
+        for sig, handler in zip(handled, previous):
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,14 +106,23 @@ def _save_stale(stale: dict[str, list[str]]) -> None:
 
 
 def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = None) -> ShellResult:
-    """Run a host command (adb, ssh, a local shell); a missing program or a timeout is a DeviceError."""
+    """Run a host command (adb, ssh, a local shell); a missing program or a timeout is a DeviceError.
+    The command runs in a process group of its own, killed whole on a timeout or when mixdeploy is
+    stopped (a shell's children, such as a local benchmark, would otherwise run on)."""
     try:
-        done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
     except FileNotFoundError:
         raise DeviceError(f"{argv[0]} not found: {what}") from None
-    except subprocess.TimeoutExpired:
-        raise DeviceError(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
-    return ShellResult(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
+    try:
+        stdout, stderr = proc.communicate(input, timeout=timeout)
+    except BaseException as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise DeviceError(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
+        raise
+    return ShellResult(proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
 
 
 def check_port(port: str | None, device: str) -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -274,3 +275,39 @@ def test_a_damaged_probe_file_is_converted_again(tmp_path, monkeypatch):
     _probe_file(info, info.candidates[0], "onnx", "fp32", counts)
     assert counts == {"converted": 3, "reused": 1} and sorted(p.name for p in path.parent.iterdir()) == [
         path.name, path.name + ".sha256"]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of this machine's processes that contain `text`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_sigterm_stops_a_local_bench_and_leaves_nothing(digits_exports, tmp_path):
+    """A cancelled CI job or `timeout` sends SIGTERM: mixdeploy unwinds like Ctrl-C (exit 143, one
+    line), kills the benchmark it started (it ran on, orphaned) and removes its work folders."""
+    from conftest import HEARTBEAT
+
+    exe = Path(sys.executable).with_name("mixdeploy")
+    proc = subprocess.Popen([exe, "bench", digits_exports["fp32.onnx"], "--runs", "100000000", "--parity",
+                             digits_exports["eval"], "--parity-samples", "2"], env={**os.environ, "TMPDIR": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not [c for c in processes_mentioning(str(tmp_path)) if c.startswith(sys.executable) and "runner.py bench" in c]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1)  # the benchmark runs, under the shell that started it
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and [line for line in stderr.splitlines() if not HEARTBEAT.match(line)] == [
+        "mixdeploy: stopped by SIGTERM"], stderr
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("mixdeploy")]
+    time.sleep(0.5)
+    assert not processes_mentioning(str(tmp_path))
