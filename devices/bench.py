@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from exporters.inspect_file import inspect_file
-from mixnet_deploy.errors import DeviceError, MixdeployError
+from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 from mixnet_deploy.models import reload
 from mixnet_deploy.parity import DEPLOYED_TOLERANCE, compare, reference_outputs
 from mixnet_deploy.preprocess import SAMPLE_IMAGES
@@ -191,11 +191,14 @@ class Session:
         """One file: temperatures around the run, timings, on-device parity."""
         s = self.settings
         temps_before = temperatures(self.device)
-        if s.runner == "benchmark_model":
-            measured = self.run_benchmark_model(item)
-        else:
+        if s.runner == "python":
             self.check_python(item.report["format"])
-            measured = self.run_python(item)
+        try:
+            measured = self.run_benchmark_model(item) if s.runner == "benchmark_model" else self.run_python(item)
+        except DeviceTimeout:
+            raise DeviceTimeout(f"{item.path.name} did not finish on {self.device.name} within --timeout {s.timeout:g} s "
+                                f"({s.runs} runs at {','.join(map(str, s.threads))} thread(s)): raise --timeout or "
+                                "lower --runs") from None
         parity = compare(item.reference, measured["outputs"], **DEPLOYED_TOLERANCE[item.precision])
         latency = measured["latency_ms"]
         meta = item.report["metadata"]

@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixnet_deploy.errors import DeviceError, MixdeployError
+from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 
 
 @dataclass
@@ -120,7 +120,7 @@ def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = N
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise DeviceError(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
+            raise DeviceTimeout(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
         raise
     return ShellResult(proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
 

@@ -17,3 +17,7 @@ class DeviceError(MixdeployError):
     """A device that cannot be reached or that fails mid-run (adb missing, offline, timeout): exit code 1."""
 
     exit_code = 1
+
+
+class DeviceTimeout(DeviceError):
+    """A device command that did not finish in its time limit."""
