@@ -539,12 +539,18 @@ def device_sim(action: str, port: int | None, as_json: bool) -> None:
     Latency there is emulated; parity is real, computed by ARM kernels. Needs root."""
     from devices import sim
 
+    if action in ("build", "status"):
+        _reject_given(("port",), "start or stop")
     if action == "build":
         result = {"rootfs": str(sim.build())}
     elif action == "start":
         result = sim.start(port or sim.PORT)
     else:
         if action == "stop":
+            running = sim.status()["port"]
+            if port and running and port != running:
+                raise MixdeployError(f"the ARM64 simulator runs on port {running}, not {port}: "
+                                     "`mixdeploy device sim stop` stops it")
             sim.stop()
         result = sim.status()
     if as_json:

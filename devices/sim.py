@@ -127,7 +127,7 @@ def start(port: int = PORT) -> dict:
     if current["running"]:
         if current["port"] != port:
             raise MixdeployError(f"the ARM64 simulator already runs as {current['serial']}: stop it first "
-                                 "(python -m devices.sim stop)")
+                                 "(mixdeploy device sim stop)")
         _adb_connect(current["serial"])  # the adb server may have been restarted since
         return _device(current)
     stop()  # clear what a crashed daemon left behind

@@ -4,6 +4,7 @@ stop/start. The first run builds the root filesystem (about 2-3 minutes)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_usage_error
 from devices import sim
 from mixnet_deploy.errors import MixdeployError
 
@@ -138,11 +140,16 @@ def test_litert_on_device_matches_x86(sim_device, tmp_path):
     np.testing.assert_array_equal(arm64["arr_1"], x86["arr_1"])  # int8 kernels: bit-exact (no SME)
 
 
-def test_stop_start_and_status(sim_device):
+def test_stop_start_and_status(sim_device, run_cli):
     running = sim.start()  # already running: the same device
     assert running["serial"] == sim_device["serial"] and running["pid"] == sim.status()["pid"]
     assert sim.status()["running"] and sim.status()["serial"] == sim_device["serial"]
-    sim.stop()
+    port = int(sim_device["serial"].rsplit(":", 1)[1])
+    assert_usage_error(run_cli("device", "sim", "stop", "--port", port + 1), f"runs on port {port}, not {port + 1}")
+    assert_usage_error(run_cli("device", "sim", "status", "--port", port), "--port goes with start or stop")
+    assert sim.status()["running"]
+    stopped = run_cli("device", "sim", "stop", "--port", port, "--json")
+    assert stopped.code == 0 and json.loads(stopped.out)["running"] is False
     assert not sim.status()["running"] and sim.status()["built"]
     assert adb(sim_device, "get-state").returncode != 0
     restarted = sim.start()
