@@ -60,18 +60,22 @@ class Prepared:
     reference: np.ndarray
 
 
-def prepare(file: str, parity_dir: str | None, samples: int, meta: dict | None = None,
-            references: dict | None = None) -> Prepared:
-    """Inspect a file, preprocess the parity photos with its model's own config (from the file's
-    metadata, or `meta` for a peer's file), compute PyTorch's outputs (shared through `references`
-    by files of the same model)."""
-    from quantization.calibration import MIN_IMAGES, load_folder
-
-    path = Path(file)
-    report = inspect_file(path)
+def described(file: str, meta: dict | None = None) -> dict:
+    """inspect_file's report of an exported file with the metadata bench needs (the file's own, or
+    `meta` for a peer's file); a MixdeployError for a file mixdeploy did not describe."""
+    report = inspect_file(file)
     report["metadata"] = meta = meta or report.get("metadata", {})
     if "mixdeploy.model" not in meta:
-        raise MixdeployError(f"{path} carries no mixdeploy metadata; bench files written by mixdeploy export/quantize")
+        raise MixdeployError(f"{file} carries no mixdeploy metadata; bench files written by mixdeploy export/quantize")
+    return report
+
+
+def prepare(file: str, report: dict, parity_dir: str | None, samples: int, references: dict | None = None) -> Prepared:
+    """Preprocess the parity photos with the file's model's own config and compute PyTorch's outputs
+    (shared through `references` by files of the same model)."""
+    from quantization.calibration import MIN_IMAGES, load_folder
+
+    meta = report["metadata"]
     key = json.dumps([meta["mixdeploy.weights"], meta.get("mixdeploy.weights_sha256"), meta["mixdeploy.model"],
                       meta["mixdeploy.preprocess"]])
     references = {} if references is None else references
@@ -81,7 +85,7 @@ def prepare(file: str, parity_dir: str | None, samples: int, meta: dict | None =
                              minimum=min(samples, MIN_IMAGES)).images
         references[key] = images.numpy(), reference_outputs(loaded.module, images)
     images, reference = references[key]
-    return Prepared(path, report, precision(report), images, reference)
+    return Prepared(Path(file), report, precision(report), images, reference)
 
 
 def core_mask(cpus: str | None, info: dict) -> str | None:
@@ -149,15 +153,19 @@ class Session:
         measured["latency_ms"] = {t: latency_stats(raw) for t, raw in measured["latency_ms"].items()}
         return measured
 
+    def ready(self, formats: set[str]) -> None:
+        """What runs the files is on the device: python3 with each format's runtime, or benchmark_model."""
+        if self.settings.runner == "python":
+            for fmt in sorted(formats):
+                self.check_python(fmt)
+        else:
+            binary = benchmark_model.find_binary(self.settings.benchmark_binary, self.info["abi"])
+            self.binary = benchmark_model.install(self.device, binary)
+
     def run_benchmark_model(self, item: Prepared) -> dict:
         """LiteRT's benchmark_model: one timed run per thread count, then one run per parity image fed
         through --input_layer_value_files, its --output_filepath pulled back."""
         s, work = self.settings, self.device.workdir
-        if item.report["format"] != "tflite":
-            raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {item.path.name} with --runner python")
-        if self.binary is None:
-            self.binary = benchmark_model.install(self.device, benchmark_model.find_binary(s.benchmark_binary,
-                                                                                           self.info["abi"]))
         model = f"{work}/model.tflite"
         self.device.push(item.path, model)
         latency, first = {}, None
@@ -191,8 +199,6 @@ class Session:
         """One file: temperatures around the run, timings, on-device parity."""
         s = self.settings
         temps_before = temperatures(self.device)
-        if s.runner == "python":
-            self.check_python(item.report["format"])
         try:
             measured = self.run_benchmark_model(item) if s.runner == "benchmark_model" else self.run_python(item)
         except DeviceTimeout:
@@ -223,13 +229,17 @@ def bench(files: list[str], device: Transport, settings: Settings,
     thread count (every raw timing kept), temperatures, and parity with the PyTorch model; the
     device's facts alongside. `metadata` gives the model of files mixdeploy did not write (peers').
     The device's work folder is removed whatever happens."""
-    prepared, references = [], {}
-    for file in files:
-        step(f"{Path(file).name}: PyTorch reference on real photos")
-        prepared.append(prepare(file, settings.parity_dir, settings.parity_samples, (metadata or {}).get(str(file)),
-                                references))
+    reports = [(file, described(file, (metadata or {}).get(str(file)))) for file in files]
+    onnx = [Path(file).name for file, report in reports if report["format"] != "tflite"]
+    if settings.runner == "benchmark_model" and onnx:
+        raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {onnx[0]} with --runner python")
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
-        session = Session(device, settings, Path(host))
+        session = Session(device, settings, Path(host))  # the device and its runner first: they fail in seconds
+        session.ready({report["format"] for _, report in reports})
+        prepared, references = [], {}
+        for file, report in reports:
+            step(f"{Path(file).name}: PyTorch reference on real photos")
+            prepared.append(prepare(file, report, settings.parity_dir, settings.parity_samples, references))
         results = []
         for i, item in enumerate(prepared):
             if i and session.cooldown():
