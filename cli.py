@@ -385,6 +385,8 @@ def _print_quantized(result) -> None:
               help="With --compare-peers: the precision compared (int8 calibrated on the parity photos).")
 @click.option("--checkpoint", type=click.Path(), help="With --compare-peers: local weights for MODEL.")
 @click.option("--calibrate-bn", is_flag=True, help="With --compare-peers: random-init BatchNorm statistics from photos.")
+@click.option("--keep", type=click.Path(), help="With --compare-peers: keep every compared file in this new or empty "
+              "folder [default: a temporary one, removed].")
 @input_size_option
 @click.option("--device", default="local", show_default=True,
               help="local, an adb SERIAL (or adb:SERIAL; HOST:PORT is adb-connected), or ssh:USER@HOST[:PORT].")
@@ -405,7 +407,7 @@ def _print_quantized(result) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkpoint: str | None, calibrate_bn: bool,
-          input_size: tuple[int, int] | None, device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
+          keep: str | None, input_size: tuple[int, int] | None, device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
           benchmark_binary: str | None, python: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
           timeout: float, report: str | None, force: bool, as_json: bool) -> None:
     """Latency and parity of exported FILES on a device, side by side (or, with --compare-peers
@@ -416,7 +418,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     if bool(files) == bool(peer_model):
         raise MixdeployError("give exported FILES to bench, or --compare-peers MODEL (not both)")
     if files:
-        _reject_given(("precision", "checkpoint", "calibrate_bn", "input_size"),
+        _reject_given(("precision", "checkpoint", "calibrate_bn", "input_size", "keep"),
                       "--compare-peers MODEL; exported FILES keep what they were exported with")
     from mixnet_deploy.models import known_models
 
@@ -444,12 +446,13 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         raise MixdeployError(f"--threads {threads!r}: give thread counts of 1 or more, like 1,2,4")
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
+    from devices.compare_peers import compare_peers, keep_folder
+
+    kept = keep_folder(keep) if keep else None  # before connecting: a bad folder fails at once
     with _progress(f"connecting to {device}") as step:
         if peer_model:
-            from devices.compare_peers import compare_peers
-
             measured = compare_peers(peer_model, open_device(device), settings, precision, checkpoint, calibrate_bn,
-                                     input_size, step=step)
+                                     input_size, kept, step=step)
         else:
             measured = run_bench(list(files), open_device(device), settings, step=step)
     results = measured["results"]
@@ -499,6 +502,8 @@ def _bench_table(measured: dict) -> None:
         out.print(line)  # one line per model and runtime, not per file
     for label, why in measured.get("missing_peers", {}).items():
         out.print(f"[yellow]{label}: {why}[/]")
+    if measured.get("kept_in"):
+        out.print(f"files kept in {measured['kept_in']}")
 
 
 @cli.group()

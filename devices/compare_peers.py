@@ -2,6 +2,7 @@
 by every peer available here, benchmarked side by side on one device with parity."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -10,6 +11,7 @@ from exporters import peers
 from exporters.export import export
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
+from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.preprocess import SAMPLE_IMAGES
 
 from .bench import Settings, bench
@@ -46,18 +48,32 @@ def _peer_files(model, name: str, size: tuple[int, int, int], work: Path, precis
     return files, missing
 
 
+def keep_folder(keep: str) -> Path:
+    """--keep DIR: a new or empty folder (created), so no earlier comparison's files are mixed in."""
+    folder = Path(keep)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise MixdeployError(f"--keep {keep}: {'is not a folder' if not folder.is_dir() else 'is not empty'}; "
+                             "give a new or empty folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MixdeployError(f"--keep {keep}: cannot create it ({exc.strerror})") from None
+    return folder
+
+
 def compare_peers(name: str, device: Transport, settings: Settings, precision: str = "fp32",
                   checkpoint: str | None = None, calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
-                  step: Callable[[str], None] = lambda _: None) -> dict:
+                  keep: Path | None = None, step: Callable[[str], None] = lambda _: None) -> dict:
     """Ours (ONNX and TFLite) and the peers' files of NAME at `precision` (fp32 or int8, the int8
     ones calibrated on the same photos), benchmarked together; each row says whose file it is and
-    its median latency relative to ours in the same format."""
+    its median latency relative to ours in the same format. The files are written to `keep` (from
+    keep_folder) or to a temporary folder (removed; rows then name them relative to it)."""
     from quantization.calibration import load_folder
     from quantization.quantize import quantize
 
     loaded = load_model(name, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size)
-    with tempfile.TemporaryDirectory(prefix="mixdeploy-peers-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mixdeploy-peers-")))
         (work / "ours").mkdir()
         step(f"exporting {name} with mixdeploy")
         ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
@@ -77,7 +93,10 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     for r in measured["results"]:
         who, fmt = owners[r["file"]]
         r.update(source=who, ratio_to_ours=r["latency_ms"]["median"] / ours_ms[fmt])
+        if not keep:
+            r["file"] = str(Path(r["file"]).relative_to(work))
     measured["missing_peers"] = missing
+    measured["kept_in"] = str(keep.resolve()) if keep else None
     measured["model"] = {"name": loaded.name, "weights": loaded.weights, "precision": precision,
                          "input_size": list(loaded.preprocess.input_size)}
     return measured

@@ -157,7 +157,7 @@ def test_benchmark_model_runner_needs_a_binary(run_cli, digits_exports, tmp_path
 
 
 @pytest.mark.slow
-def test_compare_peers(run_cli, digits):
+def test_compare_peers(run_cli, digits, tmp_path):
     """Ours against the peers this machine has (always the plain export or ORT's quantizer; onnx2tf
     and litert-torch when benchmarks/peers/setup.sh made their environments)."""
     from exporters import peers
@@ -175,14 +175,17 @@ def test_compare_peers(run_cli, digits):
     plain = rows["plain torch.onnx.export"]
     assert plain["format"] == "onnx" and plain["parity"]["samples"] == 8 and plain["ratio_to_ours"] > 0
     assert all(r["parity"]["passed"] and r["precision"] == "fp32" for r in report["results"])
+    assert report["kept_in"] is None and not any(Path(r["file"]).is_absolute() for r in report["results"])
     for peer in ("onnx2tf", "litert_torch"):
         assert (peer in rows) == peers.available()[peer]
         if not peers.available()[peer]:
             assert any(label.startswith(peer) for label in report["missing_peers"])
     # int8: ours quantized, ORT's quantizer with its defaults as the ONNX peer; a peer failing parity is a finding
-    table = run_cli(*common, "--parity-samples", "4", "--precision", "int8")
+    table = run_cli(*common, "--parity-samples", "4", "--precision", "int8", "--keep", tmp_path / "kept")
     assert table.code == 0, table.err
     assert "vs ours" in table.out and "ORT quantize_static (defaults)" in table.out and "int8" in table.out
+    assert f"files kept in {tmp_path / 'kept'}" in table.out and (tmp_path / "kept" / "ours" / "mixnet_s_int8.onnx").exists()
+    assert_usage_error(run_cli(*common, "--keep", tmp_path / "kept"), "--keep", "is not empty")
 
 
 def test_bench_needs_files_or_peers(run_cli):
@@ -192,6 +195,7 @@ def test_bench_needs_files_or_peers(run_cli):
     assert_usage_error(run_cli("bench", "x.onnx", "--checkpoint", "w.pth", "--precision", "int8"),
                        "--precision, --checkpoint go with --compare-peers")
     assert_usage_error(run_cli("bench", "x.onnx", "--benchmark-binary", "bm"), "goes with --runner benchmark_model")
+    assert_usage_error(run_cli("bench", "x.onnx", "--keep", "k"), "--keep goes with --compare-peers")
 
 
 def test_bench_checks_the_report_path_before_measuring(run_cli, tmp_path):
