@@ -34,7 +34,7 @@ def _markdown(device: dict, results: list[dict], plot_name: str) -> str:
     lines = [f"{title}, {datetime.now():%Y-%m-%d %H:%M}", ""]
     if device.get("emulated"):
         lines += [f"> **⚠ EMULATED: {EMULATION_NOTE}.**", ""]
-    lines += ["## Device", "", *_device_lines(device), "", "## Results", ""]
+    lines += ["## Device", "", *_device_lines(device, results[0].get("cpus")), "", "## Results", ""]
     sources = sorted({(r["model"], r["weights"], r.get("runner", "python")) for r in results})
     runs = "/".join(str(n) for n in sorted({lat["runs"] for r in results for lat in r["latency_by_threads"].values()}))
     lines += [f"- {m}, weights {w}, timed by the {runner} runner" for m, w, runner in sources]
@@ -66,31 +66,37 @@ def _thread_counts(results: list[dict]) -> tuple[list[str], str]:
     return threads, ref
 
 
-def _device_lines(device: dict) -> list[str]:
+def _device_lines(device: dict, mask: str | None) -> list[str]:
     before, after = device.get("temps_before") or {}, device.get("temps_after") or {}
     temps = ", ".join(f"{z} {before.get(z, '?')} → {after.get(z, '?')} °C" for z in sorted({*before, *after}))
     free = device.get("mem_free_mb")
     return [f"- ABI: {device.get('abi', 'unknown')}", f"- Model: {device.get('model', 'unknown')}",
-            f"- OS: {device.get('os', 'unknown')}", f"- Cores: {_cores(device)}",
+            f"- OS: {device.get('os', 'unknown')}", f"- Cores: {_cores(device, mask)}",
             f"- Governor: {device.get('governor', 'unknown')}",
             f"- Free memory: {'unknown' if free is None else f'{free} MB'}",
             f"- Temperatures (before → after): {temps or 'unknown'}",
             f"- Emulated: {'yes' if device.get('emulated') else 'no'}"]
 
 
-def _cores(device: dict) -> str:
-    """Runs of consecutive cores with the same max frequency, e.g. `cpu0–3 1.80 GHz; cpu4–7 2.40 GHz (big, used)`."""
-    big = set(device.get("big_cores") or [])
-    runs: list[list] = []  # [first cpu, last cpu, khz, big]
-    for core in sorted(device.get("cores") or [], key=lambda c: c["cpu"]):
-        key = (core.get("max_khz"), core["cpu"] in big)
+def _cores(device: dict, mask: str | None) -> str:
+    """Runs of consecutive cores alike in max frequency, bigness and use, e.g. `cpu0–3 1.80 GHz;
+    cpu4–7 2.40 GHz (big, used)`: big only on a CPU whose cores differ, used = in the --cpus mask."""
+    cores = sorted(device.get("cores") or [], key=lambda c: c["cpu"])
+    big = set(device.get("big_cores") or []) if len({c.get("max_khz") for c in cores}) > 1 else set()
+    runs: list[list] = []  # [first cpu, last cpu, khz, tags]
+    for core in cores:
+        tags = [tag for tag, on in (("big", core["cpu"] in big), ("used", mask and int(mask, 16) >> core["cpu"] & 1))
+                if on]
+        key = (core.get("max_khz"), ", ".join(tags))
         if runs and runs[-1][1] == core["cpu"] - 1 and tuple(runs[-1][2:]) == key:
             runs[-1][1] = core["cpu"]
         else:
             runs.append([core["cpu"], core["cpu"], *key])
     parts = [f"cpu{a}" + (f"–{b}" if b > a else "") + (f" {khz / 1e6:.2f} GHz" if khz else " ? GHz")
-             + (" **(big, used)**" if is_big else "") for a, b, khz, is_big in runs]
-    return f"{sum(b - a + 1 for a, b, *_ in runs)}: " + "; ".join(parts) if runs else "unknown"
+             + (f" **({tags})**" if tags else "") for a, b, khz, tags in runs]
+    if not runs:
+        return "unknown"
+    return f"{len(cores)}: " + "; ".join(parts) + ("" if mask else " (not pinned: any core)")
 
 
 def number(value: float | None, spec: str = ".2f") -> str:

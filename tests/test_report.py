@@ -47,7 +47,7 @@ def test_report_tables_every_file_and_thread_count(tmp_path):
     assert (md.name, png.name, md.parent, png.parent) == ("bench.md", "bench.png", tmp_path / "out", tmp_path / "out")
     text = md.read_text()
     assert text.startswith("# Benchmark on adb:127.0.0.1:5555, ")
-    assert "- Cores: 8: cpu0–3 1.80 GHz; cpu4–7 2.40 GHz **(big, used)**" in text
+    assert "- Cores: 8: cpu0–3 1.80 GHz; cpu4–7 2.40 GHz **(big)** (not pinned: any core)" in text
     assert "zone0 41.2 → 43.5 °C" in text and "Free memory: 1234 MB" in text and "Governor: schedutil" in text
     assert EMULATION_NOTE not in text and "Emulated: no" in text
     assert "![median latency and parity per file](bench.png)" in text
@@ -95,3 +95,15 @@ def test_stored_parity_of_another_form_is_not_a_report():
     report = compare(np.eye(3), np.eye(3) * 1.01, min_cosine=0.97)
     assert ParityReport.from_dict(report.to_dict()) == report
     assert ParityReport.from_dict({"passed": True, "rel_max": 0.1}) is None and ParityReport.from_dict({}) is None
+
+
+def test_report_marks_the_cores_of_the_cpus_mask(tmp_path):
+    """--cpus f0 on a phone: its big cores used; a mask of little cores: those; a CPU whose cores
+    are alike has no big ones."""
+    for mask, cores in (("f0", "cpu0–3 1.80 GHz; cpu4–7 2.40 GHz **(big, used)**"),
+                        ("3", "cpu0–1 1.80 GHz **(used)**; cpu2–3 1.80 GHz; cpu4–7 2.40 GHz **(big)**")):
+        write_report(tmp_path / "r.md", DEVICE, [{**r, "cpus": mask} for r in RESULTS])
+        assert f"- Cores: 8: {cores}\n" in (tmp_path / "r.md").read_text()
+    alike = {**DEVICE, "cores": [{"cpu": i, "max_khz": 2800000} for i in range(2)], "big_cores": [0, 1]}
+    write_report(tmp_path / "r.md", alike, [{**r, "cpus": "2"} for r in RESULTS])
+    assert "- Cores: 2: cpu0 2.80 GHz; cpu1 2.80 GHz **(used)**\n" in (tmp_path / "r.md").read_text()
