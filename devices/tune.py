@@ -15,7 +15,7 @@ from typing import Callable
 from torch import nn
 
 from mixnet_deploy.cost_model import shape_key
-from mixnet_deploy.errors import DeviceError, MixdeployError
+from mixnet_deploy.errors import DeviceError, MixdeployError, is_number
 from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
 from mixnet_deploy.models import file_sha256
 from mixnet_deploy.plan import Plan
@@ -96,7 +96,8 @@ class TimingCache:
         except (OSError, ValueError):
             data = {}
         shapes, decisions = (data.get("shapes"), data.get("decisions")) if isinstance(data, dict) else (None, None)
-        well_formed = isinstance(shapes, dict) and all(isinstance(v, dict) for v in shapes.values())
+        well_formed = isinstance(shapes, dict) and all(isinstance(v, dict) and all(map(is_number, v.values()))
+                                                       for v in shapes.values())
         # a file of another form is measured again, like an unreadable one
         self.shapes: dict[str, dict[str, float]] = shapes if well_formed else {}
         self.decisions: dict[str, dict] = decisions if well_formed and isinstance(decisions, dict) else {}

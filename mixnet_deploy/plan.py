@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import MixdeployError
+from .errors import MixdeployError, is_number
 
 _DEPTHWISE = re.compile(r"^(split|fold|fold<=(\d+))(?:@(\d+))?(?:\+(block3|block5|strips|pairs))?$")
 POINTWISE_CHOICES = ("grouped", "dense", "split")
@@ -134,7 +134,7 @@ class Plan:
             raise MixdeployError(f"plan version {data['version']!r} is not one this mixdeploy reads (it writes version 1)")
         estimates = data.get("estimates_ms", {})
         if (not isinstance(data.get("target", ""), str) or not isinstance(data.get("source", ""), str)
-                or not isinstance(estimates, dict) or not all(isinstance(v, (int, float)) for v in estimates.values())):
+                or not isinstance(estimates, dict) or not all(is_number(v) for v in estimates.values())):
             raise MixdeployError("a plan's target and source are strings and its estimates_ms maps layer names "
                                  "to numbers (or leave them out)")
         return cls(dict(data["layers"]), data.get("target", "onnxruntime"), data.get("source", "file"), dict(estimates))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import MixdeployError
+from .errors import MixdeployError, is_number
 
 
 MIN_SIDE = 32  # pixels: a MixNet halves its input five times
@@ -44,9 +44,9 @@ class PreprocessConfig:
                                  + (f"; unknown: {', '.join(extra)}" if extra else ""))
         ok = {
             "input_size": lambda v: len(v) == 3 and v[0] == 3 and all(isinstance(s, int) and MIN_SIDE <= s <= MAX_SIDE for s in v[1:]),
-            "mean": lambda v: len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
-            "std": lambda v: len(v) == 3 and all(isinstance(x, (int, float)) and x > 0 for x in v),
-            "crop_pct": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+            "mean": lambda v: len(v) == 3 and all(is_number(x) for x in v),
+            "std": lambda v: len(v) == 3 and all(is_number(x) and x > 0 for x in v),
+            "crop_pct": lambda v: is_number(v) and 0 < v <= 1,
             "crop_mode": lambda v: v in ("center", "squash", "border"),
             "interpolation": lambda v: v in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"),
         }

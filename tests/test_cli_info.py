@@ -94,6 +94,8 @@ def test_checkpoint_preprocess_labels_and_head_are_checked(run_cli, tmp_path):
                              ({"preprocess": {"input_size": [3, 8, 8]}}, "input_size [3, 8, 8] is not usable"),
                              ({"preprocess": {"interpolation": "nope"}}, "interpolation 'nope'"),
                              ({"preprocess": {"std": [0, 0, 0]}}, "std [0, 0, 0]"),
+                             ({"preprocess": {"mean": [True, 0.5, float("nan")]}}, "mean [True, 0.5, nan]"),
+                             ({"preprocess": {"crop_pct": True}}, "crop_pct True"),
                              ({"labels": 5}, "'labels' must be a list of 1000 class names"),
                              ({"labels": "cat"}, "'labels' must be a list"), ({"labels": ["a", "b"]}, "1000 class names")):
         path = tmp_path / "bad.pth"
@@ -134,7 +136,8 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     # a plan file is checked as export checks it: a choice the layer cannot take, a layer the model lacks
     for plan, fragment in (({"layers": {"blocks.2.0.conv_dw": 5}}, "plan choice 5 does not fit blocks.2.0.conv_dw"),
                            ({"layers": {"blocks.9.conv_dw": "split"}}, "layers this model does not have: blocks.9.conv_dw"),
-                           ({"layers": {}, "estimates_ms": "x"}, "estimates_ms maps layer names to numbers")):
+                           ({"layers": {}, "estimates_ms": "x"}, "estimates_ms maps layer names to numbers"),
+                           ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": True}}, "to numbers")):
         (tmp_path / "bad.json").write_text(json.dumps({"version": 1, **plan}))
         assert_usage_error(run_cli("info", "mixnet_s", "--plan", tmp_path / "bad.json"), fragment)
 

@@ -251,7 +251,8 @@ def test_a_timing_cache_of_another_form_is_measured_again(tmp_path, monkeypatch)
 
     monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path))
     fingerprint = {"device": "local", "format": "onnx"}
-    for text in ("[1, 2]", '{"shapes": [1]}', '{"shapes": {"k": 3}}', '{"shapes": {}, "decisions": 5}', "not json"):
+    for text in ("[1, 2]", '{"shapes": [1]}', '{"shapes": {"k": 3}}', '{"shapes": {}, "decisions": 5}', "not json",
+                 '{"shapes": {"k": {"split": "1.5"}}}', '{"shapes": {"k": {"split": true}}}'):
         TimingCache(fingerprint).path.write_text(text)
         cache = TimingCache(fingerprint)
         assert (cache.shapes, cache.decisions) == ({}, {}), text
