@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -368,6 +369,12 @@ def _print_quantized(result) -> None:
         out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
                   f"{', '.join(result.kept_float) or 'nothing'}; latency {budget['latency_ms']:.2f} ms vs "
                   f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
+        points = budget["budget_points"]  # images enough for one disagreement to fit the budget, and at least 100
+        needed = max(100, math.ceil(100 / points)) if points else 100
+        if budget["images"] < needed:
+            out.print(f"[yellow]judged on {budget['images']} held-out images (one disagreement = "
+                      f"{budget['points_per_image']:.3g} points): pass --eval DIR with at least {needed} images "
+                      "for a verdict at this budget[/]")
     worst = result.details.get("layers_losing_most", [])
     if worst:
         out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))

@@ -146,7 +146,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
             if max_drop is None:
                 break
             latency = FORMATS[fmt].latency(tmp, held_out.images[:1].numpy())
-            budget = budget or {"budget_points": max_drop, "latency_all_int8_ms": latency}
+            budget = budget or {"budget_points": max_drop, "latency_all_int8_ms": latency,
+                                "images": len(held_out.images), "points_per_image": 100 / len(held_out.images)}
             budget.update(latency_ms=latency, top1_agreement=agreement.top1_agreement,
                           met=agreement.top1_agreement * 100 >= 100 - max_drop)
             if (budget["met"] and agreement.passed) or not to_keep:

@@ -185,6 +185,7 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
     assert loose.code == 0, loose.err
     report = json.loads(loose.out)
     assert report["max_drop"]["met"] and report["kept_float"] == (["first_conv"] if fmt == "onnx" else [])  # for speed
+    assert report["max_drop"]["images"] == report["calibration"]["evaluated"] == 360
     # two calibration images give ranges too narrow (top-1 agreement 98.6 % here): layers go float
     tight = run_cli(*args, "0.01", "--num-calib", "2", "-o", tmp_path / f"tight.{fmt}")
     report = json.loads(tight.out)
@@ -195,6 +196,10 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
         assert tight.code == 1 and "not met" in tight.err and len(tight.message) == 1
         assert report["path"] == str(tmp_path / f"tight.failed.{fmt}") and Path(report["path"]).exists()
         assert not (tmp_path / f"tight.{fmt}").exists()
+    # without --eval a fifth of the calibration images is held out: 3 here, too few to judge 1 point
+    coarse = run_cli(*args[:6], "--format", fmt, "--max-drop", "1", "--num-calib", "10", "-o", tmp_path / f"c.{fmt}")
+    assert "judged on 3 held-out images (one disagreement = 33.3 points): pass --eval DIR with at least 100" in " ".join(
+        coarse.out.split())
 
 
 def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
