@@ -32,36 +32,46 @@ HEARTBEAT_S = 10.0  # how often long work reports its current step when stderr i
 def _progress(title: str) -> Iterator[Callable[[str], None]]:
     """Yield a function that sets the current step of long work. On a terminal: a spinner on
     stderr. Elsewhere (logs, CI): a line `mixdeploy: [ELAPSED s] STEP` every HEARTBEAT_S seconds,
-    so work that ends sooner, or stops at bad input, prints nothing more than its result."""
+    so work that ends sooner, or stops at bad input, prints nothing more than its result. Both write
+    to a copy of stderr's descriptor: quiet_native_stderr() points descriptor 2 at /dev/null meanwhile."""
     if sys.stderr is None:  # closed (2>&-): nowhere to report
         yield lambda _: None
         return
-    if stderr_is_interactive():
-        with err.status(title) as status:
-            yield status.update
-        return
-    current, started, done = [title], time.monotonic(), threading.Event()
-    try:  # a copy of stderr's descriptor: quiet_native_stderr() points descriptor 2 at /dev/null meanwhile
+    try:
         stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
     except (OSError, io.UnsupportedOperation):  # stderr without a descriptor (captured)
         stream = sys.stderr
+    try:
+        if stderr_is_interactive():
+            with Console(file=stream).status(title) as status:
+                yield status.update
+        else:
+            with _heartbeat(title, stream) as step:
+                yield step
+    finally:
+        if stream is not sys.stderr:
+            stream.close()
 
-    def heartbeat() -> None:
+
+@contextlib.contextmanager
+def _heartbeat(title: str, stream) -> Iterator[Callable[[str], None]]:
+    """The current step printed to `stream` every HEARTBEAT_S seconds, from a thread."""
+    current, started, done = [title], time.monotonic(), threading.Event()
+
+    def beat() -> None:
         while not done.wait(HEARTBEAT_S):
             try:
                 print(f"mixdeploy: [{time.monotonic() - started:.0f} s] {current[0]}", file=stream, flush=True)
             except (OSError, ValueError):  # the reader went away (a closed pipe): stop reporting
                 return
 
-    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread = threading.Thread(target=beat, daemon=True)
     thread.start()
     try:
         yield lambda text: current.__setitem__(0, text)
     finally:
         done.set()
         thread.join()
-        if stream is not sys.stderr:
-            stream.close()
 
 
 def _input_size(ctx, param, value: str | None) -> tuple[int, int] | None:

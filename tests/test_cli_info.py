@@ -167,3 +167,32 @@ def test_heartbeat_reaches_stderr_while_native_logs_are_silenced():
     lines = proc.stderr.splitlines()
     assert proc.returncode == 0 and len(lines) >= 3, proc.stderr
     assert all(HEARTBEAT.match(line) and line.endswith("converting") for line in lines), proc.stderr
+
+
+def test_spinner_keeps_drawing_while_native_logs_are_silenced():
+    """On a terminal the spinner shows each step, also while TFLite's conversion has descriptor 2 at
+    /dev/null (it froze there, its last step hidden until the conversion ended)."""
+    script = ("import time, cli\n"
+              "from devices.runners import quiet_native_stderr\n"
+              "with cli._progress('first') as step:\n"
+              "    with quiet_native_stderr():\n"
+              "        step('converting')\n"
+              "        time.sleep(1)\n"
+              "    step('finishing')\n"
+              "    time.sleep(0.3)\n")
+    main, child = os.openpty()  # a real terminal for the child's stdin, stdout and stderr
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=child, stdout=child, stderr=child, cwd=ROOT,
+                            env={**os.environ, "TERM": "xterm"})
+    os.close(child)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    assert proc.wait(timeout=30) == 0, shown
+    assert b"converting" in shown and b"finishing" in shown, shown
