@@ -2,6 +2,7 @@
 always removed, and what the device is (ABI, cores, governor, temperatures, memory)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -117,7 +118,8 @@ def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = N
     try:
         stdout, stderr = proc.communicate(input, timeout=timeout)
     except BaseException as exc:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the whole group may have ended meanwhile
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
             raise DeviceTimeout(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
