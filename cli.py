@@ -74,6 +74,16 @@ def _heartbeat(title: str, stream) -> Iterator[Callable[[str], None]]:
         thread.join()
 
 
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan, which passes every bound (a comparison with nan is false)."""
+
+    def convert(self, value, param, ctx) -> float:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
 def _input_size(ctx, param, value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -330,7 +340,7 @@ def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, 
               help="Activation ranges: min/max, clipped to the 99.999th percentile, or entropy (onnx only).")
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
 @click.option("--eval", "eval_dir", type=click.Path(), help="Held-out images (ImageFolder layout adds accuracy).")
-@click.option("--max-drop", type=click.FloatRange(min=0, max=100), help="Keep sensitive layers in float until "
+@click.option("--max-drop", type=Finite(min=0, max=100), help="Keep sensitive layers in float until "
               "top-1 agreement with float is within POINTS of 100 %.", metavar="POINTS")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
@@ -357,12 +367,22 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     if not result.agreement.passed:
         problems.append(f"int8 parity out of tolerance ({result.agreement.summary()})")
     if problems:
-        hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init ones "
-                "with --calibrate-bn (on export for a file)" if result.weights == RANDOM_INIT
-                else "try more calibration images" + (", --method percentile" if method != "percentile" else "")
-                + (" or --max-drop" if max_drop is None else ""))
+        if result.weights == RANDOM_INIT:
+            hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init "
+                    "ones with --calibrate-bn (on export for a file)")
+        elif budget and budget["images"] < _images_for(budget):
+            hint = f"judged on {budget['images']} images: pass --eval DIR with at least {_images_for(budget)}"
+        else:
+            hint = ("try more calibration images" + (", --method percentile" if method != "percentile" else "")
+                    + (" or --max-drop" if max_drop is None else ""))
         click.echo(f"mixdeploy: error: {'; '.join(problems)}; kept as {result.path}; {hint}", err=True)
         sys.exit(1)
+
+
+def _images_for(budget: dict) -> int:
+    """Held-out images enough to judge a --max-drop budget: one disagreement fits it, and at least 100."""
+    points = budget["budget_points"]
+    return max(100, math.ceil(100 / points)) if points else 100
 
 
 def _print_quantized(result) -> None:
@@ -379,12 +399,10 @@ def _print_quantized(result) -> None:
         out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
                   f"{', '.join(result.kept_float) or 'nothing'}; latency {budget['latency_ms']:.2f} ms vs "
                   f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
-        points = budget["budget_points"]  # images enough for one disagreement to fit the budget, and at least 100
-        needed = max(100, math.ceil(100 / points)) if points else 100
-        if budget["images"] < needed:
+        if budget["images"] < _images_for(budget):
             out.print(f"[yellow]judged on {budget['images']} held-out images (one disagreement = "
-                      f"{budget['points_per_image']:.3g} points): pass --eval DIR with at least {needed} images "
-                      "for a verdict at this budget[/]")
+                      f"{budget['points_per_image']:.3g} points): pass --eval DIR with at least {_images_for(budget)} "
+                      "images for a verdict at this budget[/]")
     worst = result.details.get("layers_losing_most", [])
     if worst:
         out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))
@@ -417,8 +435,8 @@ def _print_quantized(result) -> None:
 @click.option("--python", "python", help="The device's Python for the python runner [default: python3].")
 @click.option("--parity", "parity_dir", type=click.Path(), help="Photos for the parity check (default: the shipped ones).")
 @click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--cooldown", type=click.FloatRange(min=0), help="Seconds between models [default: 10 on a phone, else 0].")
-@click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+@click.option("--cooldown", type=Finite(min=0, max=3600), help="Seconds between models [default: 10 on a phone, else 0].")
+@click.option("--timeout", type=Finite(min=1, max=86400), default=900, show_default=True,
               help="Seconds one model may take on the device.")
 @click.option("--report", type=click.Path(), help="Also write a Markdown report (.md) here, with a PNG plot beside it.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
@@ -582,9 +600,9 @@ def device_sim(action: str, port: int | None, as_json: bool) -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread so the work unwinds like Ctrl-C: work folders (here
-    and on the device) and partial output files are removed on the way out. A BaseException, so no
-    `except Exception` on the way swallows it."""
+    """SIGINT (Ctrl-C), SIGTERM or SIGHUP, raised in the main thread so the work unwinds: work folders
+    (here and on the device) and partial output files are removed on the way out. A BaseException,
+    like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
 
 
 def _terminate(signum: int, frame) -> None:
@@ -594,7 +612,7 @@ def _terminate(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    handled = (signal.SIGTERM, signal.SIGHUP)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
     previous = [signal.signal(sig, _terminate) for sig in handled] if in_main_thread else []
     try:
@@ -602,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     except MixdeployError as exc:
         click.echo(f"mixdeploy: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # end of input at a prompt
         click.echo("mixdeploy: aborted", err=True)
         sys.exit(130)
     except Terminated as exc:

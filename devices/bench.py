@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.inspect_file import inspect_file
+from exporters.inspect_file import exported_format, inspect_file
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 from mixnet_deploy.models import reload
 from mixnet_deploy.parity import DEPLOYED_TOLERANCE, compare, reference_outputs
@@ -100,7 +100,9 @@ def core_mask(cpus: str | None, info: dict) -> str | None:
     except ValueError:
         raise MixdeployError(f"--cpus {cpus}: give a hex core mask such as f0, or big") from None
     if mask <= 0 or mask >= 1 << len(info["cores"]):
-        raise MixdeployError(f"--cpus {cpus}: the device has cores 0-{len(info['cores']) - 1}")
+        raise MixdeployError(f"--cpus {cpus}: {'selects no core' if mask <= 0 else 'names a core the device lacks'}; "
+                             f"the device has cores 0-{len(info['cores']) - 1} (mask {(1 << len(info['cores'])) - 1:x} "
+                             "for all of them)")
     return format(mask, "x")
 
 
@@ -229,15 +231,18 @@ def bench(files: list[str], device: Transport, settings: Settings,
     thread count (every raw timing kept), temperatures, and parity with the PyTorch model; the
     device's facts alongside. `metadata` gives the model of files mixdeploy did not write (peers').
     The device's work folder is removed whatever happens."""
-    reports = [(file, described(file, (metadata or {}).get(str(file)))) for file in files]
-    onnx = [Path(file).name for file, report in reports if report["format"] != "tflite"]
+    formats = {file: exported_format(file) for file in files}
+    onnx = [Path(file).name for file, fmt in formats.items() if fmt != "tflite"]
     if settings.runner == "benchmark_model" and onnx:
         raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {onnx[0]} with --runner python")
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
-        session = Session(device, settings, Path(host))  # the device and its runner first: they fail in seconds
-        session.ready({report["format"] for _, report in reports})
+        # the device and its runner before reading the files (TensorFlow loads in seconds) and the
+        # PyTorch reference (minutes for a large model): a missing runtime or binary fails at once
+        session = Session(device, settings, Path(host))
+        session.ready(set(formats.values()))
         prepared, references = [], {}
-        for file, report in reports:
+        for file in files:
+            report = described(file, (metadata or {}).get(str(file)))
             step(f"{Path(file).name}: PyTorch reference on real photos")
             prepared.append(prepare(file, report, settings.parity_dir, settings.parity_samples, references))
         results = []

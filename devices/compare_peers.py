@@ -3,6 +3,7 @@ by every peer available here, benchmarked side by side on one device with parity
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -56,9 +57,23 @@ def keep_folder(keep: str) -> Path:
                              "give a new or empty folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
-        raise MixdeployError(f"--keep {keep}: cannot create it ({exc.strerror})") from None
+        raise MixdeployError(f"--keep {keep}: cannot write in it ({exc.strerror})") from None
     return folder
+
+
+def _emptied_on_failure(folder: Path) -> Callable:
+    """An exit callback for an ExitStack: when the block failed or was stopped, remove what it wrote in `folder`."""
+    def exit_(kind, *_) -> None:
+        if kind is None:
+            return
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return exit_
 
 
 def compare_peers(name: str, device: Transport, settings: Settings, precision: str = "fp32",
@@ -74,6 +89,8 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     loaded = load_model(name, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size)
     with contextlib.ExitStack() as stack:
         work = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mixdeploy-peers-")))
+        if keep:  # it was empty: a failed or stopped comparison leaves it so, and can be run again
+            stack.push(_emptied_on_failure(keep))
         (work / "ours").mkdir()
         step(f"exporting {name} with mixdeploy")
         ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,

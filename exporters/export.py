@@ -123,28 +123,35 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     x = torch.cat([random_images(4, size), photos])
     step(f"PyTorch reference in float64 on {len(x)} images")
     reference = reference_outputs(loaded.module, x)
-    results = []
-    for name, path in paths.items():
-        writer: Format = FORMATS[name]
-        step(f"planning for {writer.target}")
-        chosen = plan(loaded.module, size, writer.target) if callable(plan) else make_plan(plan, loaded.module, size,
-                                                                                          writer.target)
-        step("lowering and verifying against the original")
-        lowered = lower(loaded.module, size, chosen, check_inputs=photos)
-        metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            step(f"writing {path.name}")
-            writer.write(lowered.module, size, tmp, options or {})
-            step(f"checking {path.name} in {writer.runtime_name}")
-            candidate = writer.run(tmp, x.numpy())
-            report = compare(reference, candidate, **writer.tolerance(options or {}))
-            writer.add_metadata(tmp, dict(metadata, **{"mixdeploy.parity": report.to_dict()}))
-            final = kept_as(path, report.passed)
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        results.append(ExportResult(name, final, loaded.name, loaded.weights, chosen, lowered.parity, report,
-                                    writer.inspect(final), final.stat().st_size))
+    results: list[ExportResult] = []
+    written: list[Path] = []
+    try:  # every file or none: a format that fails or is stopped takes the ones written before it away
+        for name, path in paths.items():
+            writer: Format = FORMATS[name]
+            step(f"planning for {writer.target}")
+            chosen = (plan(loaded.module, size, writer.target) if callable(plan)
+                      else make_plan(plan, loaded.module, size, writer.target))
+            step("lowering and verifying against the original")
+            lowered = lower(loaded.module, size, chosen, check_inputs=photos)
+            metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}
+            tmp = path.with_name(f".{path.name}.partial")
+            try:
+                step(f"writing {path.name}")
+                writer.write(lowered.module, size, tmp, options or {})
+                step(f"checking {path.name} in {writer.runtime_name}")
+                candidate = writer.run(tmp, x.numpy())
+                report = compare(reference, candidate, **writer.tolerance(options or {}))
+                writer.add_metadata(tmp, dict(metadata, **{"mixdeploy.parity": report.to_dict()}))
+                final = kept_as(path, report.passed)
+                os.replace(tmp, final)
+                written.append(final)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            results.append(ExportResult(name, final, loaded.name, loaded.weights, chosen, lowered.parity, report,
+                                        writer.inspect(final), final.stat().st_size))
+    except BaseException:
+        for final in written:
+            final.unlink(missing_ok=True)
+        raise
     return results

@@ -45,8 +45,9 @@ def _tflite(path: Path) -> dict:
     return report | {"metadata": read_metadata(path)}
 
 
-def inspect_file(path: str | Path) -> dict:
-    """Format, size, ops by type (and XNNPACK delegation for .tflite), tensors and embedded metadata."""
+def exported_format(path: str | Path) -> str:
+    """onnx or tflite for an existing file with that suffix, else a MixdeployError saying what is wrong
+    (without reading the file: a quick check before slow work)."""
     path = Path(path)
     if not path.is_file():
         raise MixdeployError(f"{path} {'is a directory' if path.is_dir() else 'does not exist'}; pass an exported "
@@ -54,5 +55,12 @@ def inspect_file(path: str | Path) -> dict:
     fmt = file_format(path)
     if fmt is None:
         raise MixdeployError(f"{path}: mixdeploy reads .onnx and .tflite files; pass one of those")
+    return fmt
+
+
+def inspect_file(path: str | Path) -> dict:
+    """Format, size, ops by type (and XNNPACK delegation for .tflite), tensors and embedded metadata."""
+    path = Path(path)
+    fmt = exported_format(path)
     report = _onnx(path) if fmt == "onnx" else _tflite(path)
     return {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **report}

@@ -130,13 +130,13 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
             raise MixdeployError("a plan is a JSON object with a 'layers' mapping of layer name -> choice")
-        if data.get("version", 1) != 1:
+        if data.get("version", 1) != 1 or isinstance(data.get("version"), bool):
             raise MixdeployError(f"plan version {data['version']!r} is not one this mixdeploy reads (it writes version 1)")
         estimates = data.get("estimates_ms", {})
         if (not isinstance(data.get("target", ""), str) or not isinstance(data.get("source", ""), str)
-                or not isinstance(estimates, dict) or not all(is_number(v) for v in estimates.values())):
+                or not isinstance(estimates, dict) or not all(is_number(v) and v >= 0 for v in estimates.values())):
             raise MixdeployError("a plan's target and source are strings and its estimates_ms maps layer names "
-                                 "to numbers (or leave them out)")
+                                 "to milliseconds, 0 or more (or leave them out)")
         return cls(dict(data["layers"]), data.get("target", "onnxruntime"), data.get("source", "file"), dict(estimates))
 
     @classmethod

@@ -136,8 +136,10 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     # a plan file is checked as export checks it: a choice the layer cannot take, a layer the model lacks
     for plan, fragment in (({"layers": {"blocks.2.0.conv_dw": 5}}, "plan choice 5 does not fit blocks.2.0.conv_dw"),
                            ({"layers": {"blocks.9.conv_dw": "split"}}, "layers this model does not have: blocks.9.conv_dw"),
-                           ({"layers": {}, "estimates_ms": "x"}, "estimates_ms maps layer names to numbers"),
-                           ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": True}}, "to numbers")):
+                           ({"layers": {}, "estimates_ms": "x"}, "estimates_ms maps layer names to milliseconds"),
+                           ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": True}}, "to milliseconds"),
+                           ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": -1.0}}, "0 or more"),
+                           ({"layers": {}, "version": True}, "plan version True is not one")):
         (tmp_path / "bad.json").write_text(json.dumps({"version": 1, **plan}))
         assert_usage_error(run_cli("info", "mixnet_s", "--plan", tmp_path / "bad.json"), fragment)
 

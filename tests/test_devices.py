@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,7 +139,11 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
 def test_bad_bench_options(run_cli, digits_exports):
     model = digits_exports["fp32.tflite"]
     assert_usage_error(run_cli("bench", model, "--cpus", "zz", "--parity", digits_exports["eval"]), "--cpus zz")
-    assert_usage_error(run_cli("bench", model, "--cpus", "ff0", "--parity", digits_exports["eval"]), "cores 0-")
+    assert_usage_error(run_cli("bench", model, "--cpus", "ff0", "--parity", digits_exports["eval"]), "lacks", "cores 0-")
+    assert_usage_error(run_cli("bench", model, "--cpus", "0", "--parity", digits_exports["eval"]), "selects no core")
+    for option, value, fragment in (("--timeout", "nan", "not a number"), ("--timeout", "1e9", "1<=x<=86400"),
+                                    ("--cooldown", "inf", "0<=x<=3600"), ("--cooldown", "nan", "not a number")):
+        assert_usage_error(run_cli("bench", model, option, value), option, fragment)
 
 
 def test_benchmark_model_runner_needs_a_binary(run_cli, digits_exports, tmp_path, monkeypatch):
@@ -186,6 +191,29 @@ def test_compare_peers(run_cli, digits, tmp_path):
     assert "vs ours" in table.out and "ORT quantize_static (defaults)" in table.out and "int8" in table.out
     assert f"files kept in {tmp_path / 'kept'}" in table.out and (tmp_path / "kept" / "ours" / "mixnet_s_int8.onnx").exists()
     assert_usage_error(run_cli(*common, "--keep", tmp_path / "kept"), "--keep", "is not empty")
+
+
+def test_compare_peers_keep_folder(run_cli, digits, tmp_path, monkeypatch):
+    """--keep DIR must be a new or empty folder mixdeploy can write in; a comparison that fails
+    after writing files there leaves it empty again, so the same command can run again."""
+    import devices.compare_peers
+    from exporters import peers
+
+    root, checkpoint = digits
+    monkeypatch.setattr(peers, "available", lambda: {"onnx2tf": False, "litert_torch": False})
+
+    def device_gone(*_, **__):
+        raise DeviceError("gone")
+
+    monkeypatch.setattr(devices.compare_peers, "bench", device_gone)  # after every file was written
+    args = ["bench", "--compare-peers", "mixnet_s", "--checkpoint", checkpoint, "--parity", root / "eval", "--keep"]
+    failed = run_cli(*args, tmp_path / "kept")
+    assert failed.code == 1 and failed.message == ["mixdeploy: error: gone"]
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())
+    (tmp_path / "kept" / "old.onnx").write_bytes(b"x")
+    assert_usage_error(run_cli(*args, tmp_path / "kept"), "is not empty")
+    assert_usage_error(run_cli(*args, tmp_path / "kept" / "old.onnx"), "is not a folder")
+    assert_usage_error(run_cli(*args, "/proc/mixdeploy-kept"), "cannot write in it")
 
 
 def test_bench_needs_files_or_peers(run_cli):
@@ -299,9 +327,10 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_sigterm_stops_a_local_bench_and_leaves_nothing(digits_exports, tmp_path):
-    """A cancelled CI job or `timeout` sends SIGTERM: mixdeploy unwinds like Ctrl-C (exit 143, one
-    line), kills the benchmark it started (it ran on, orphaned) and removes its work folders."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_ends_a_local_bench_and_leaves_nothing(digits_exports, tmp_path, signum):
+    """A cancelled CI job or `timeout` sends SIGTERM, Ctrl-C SIGINT: mixdeploy unwinds (exit 128 + N,
+    one line), kills the benchmark it started (it ran on, orphaned) and removes its work folders."""
     from conftest import HEARTBEAT
 
     exe = Path(sys.executable).with_name("mixdeploy")
@@ -313,10 +342,10 @@ def test_sigterm_stops_a_local_bench_and_leaves_nothing(digits_exports, tmp_path
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     time.sleep(1)  # the benchmark runs, under the shell that started it
-    proc.terminate()
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and [line for line in stderr.splitlines() if not HEARTBEAT.match(line)] == [
-        "mixdeploy: stopped by SIGTERM"], stderr
+    assert proc.returncode == 128 + signum and [line for line in stderr.splitlines() if not HEARTBEAT.match(line)] == [
+        f"mixdeploy: stopped by {signum.name}"], stderr
     assert not [name for name in os.listdir(tmp_path) if name.startswith("mixdeploy")]
     time.sleep(0.5)
     assert not processes_mentioning(str(tmp_path))

@@ -191,6 +191,22 @@ def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
     assert sorted(os.listdir(tmp_path)) == ["m.failed.onnx"]
 
 
+def test_export_all_writes_every_file_or_none(tmp_path, monkeypatch, run_cli):
+    """A stop (Ctrl-C, SIGTERM) or a failure while writing the TFLite file takes the ONNX file written
+    before it away: a re-run is not refused for an output left over from a run that did not finish."""
+    from cli import Terminated
+    from exporters.formats import TfliteFormat
+
+    def stopped(*_):
+        assert (tmp_path / "m.onnx").exists()  # the ONNX file was complete by then
+        raise Terminated(15)
+
+    monkeypatch.setattr(TfliteFormat, "write", stopped)
+    result = run_cli("export", "mixnet_s", "--format", "all", "--input-size", "64", "-o", tmp_path / "m")
+    assert result.code == 143 and result.message == ["mixdeploy: stopped by SIGTERM"]
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_export_prints_parity_and_json(tmp_path, monkeypatch, run_cli):
     import cli
 
