@@ -38,7 +38,8 @@ def _progress(title: str) -> Iterator[Callable[[str], None]]:
         yield lambda _: None
         return
     try:
-        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding=sys.stderr.encoding,
+                           errors="backslashreplace")  # as sys.stderr: a step's name never stops the reports
     except (OSError, io.UnsupportedOperation):  # stderr without a descriptor (captured)
         stream = sys.stderr
     try:
@@ -75,12 +76,12 @@ def _heartbeat(title: str, stream) -> Iterator[Callable[[str], None]]:
 
 
 class Finite(click.FloatRange):
-    """A FloatRange that also refuses nan, which passes every bound (a comparison with nan is false)."""
+    """A FloatRange that also refuses nan, which passes every bound (a comparison with nan is false), and inf."""
 
     def convert(self, value, param, ctx) -> float:
         number = super().convert(value, param, ctx)
-        if math.isnan(number):
-            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
 
 
@@ -370,8 +371,8 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         if result.weights == RANDOM_INIT:
             hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init "
                     "ones with --calibrate-bn (on export for a file)")
-        elif budget and budget["images"] < _images_for(budget):
-            hint = f"judged on {budget['images']} images: pass --eval DIR with at least {_images_for(budget)}"
+        elif budget and not budget["met"] and _eval_advice(budget):
+            hint = _eval_advice(budget)
         else:
             hint = ("try more calibration images" + (", --method percentile" if method != "percentile" else "")
                     + (" or --max-drop" if max_drop is None else ""))
@@ -379,10 +380,15 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         sys.exit(1)
 
 
-def _images_for(budget: dict) -> int:
-    """Held-out images enough to judge a --max-drop budget: one disagreement fits it, and at least 100."""
+def _eval_advice(budget: dict) -> str | None:
+    """What to do when too few held-out images judged a --max-drop budget (enough: one disagreement
+    fits the budget, and at least 100), else None."""
     points = budget["budget_points"]
-    return max(100, math.ceil(100 / points)) if points else 100
+    needed = max(100, math.ceil(100 / points)) if points else 100
+    if budget["images"] >= needed:
+        return None
+    return (f"judged on {budget['images']} held-out images (one disagreement = {budget['points_per_image']:.3g} "
+            f"points): pass --eval DIR with at least {needed} images for a verdict at this budget")
 
 
 def _print_quantized(result) -> None:
@@ -399,10 +405,8 @@ def _print_quantized(result) -> None:
         out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
                   f"{', '.join(result.kept_float) or 'nothing'}; latency {budget['latency_ms']:.2f} ms vs "
                   f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
-        if budget["images"] < _images_for(budget):
-            out.print(f"[yellow]judged on {budget['images']} held-out images (one disagreement = "
-                      f"{budget['points_per_image']:.3g} points): pass --eval DIR with at least {_images_for(budget)} "
-                      "images for a verdict at this budget[/]")
+        if _eval_advice(budget):
+            out.print(f"[yellow]{_eval_advice(budget)}[/]")
     worst = result.details.get("layers_losing_most", [])
     if worst:
         out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))
@@ -463,6 +467,8 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
                              f"(`mixdeploy export {named[0]}` first), or --compare-peers {named[0]}")
     if runner == "benchmark_model":
         _reject_given(("python",), "--runner python")
+        if peer_model:
+            raise MixdeployError("--compare-peers benches ONNX files too: leave out --runner benchmark_model")
     else:
         _reject_given(("benchmark_binary",), "--runner benchmark_model")
     if report:
@@ -599,6 +605,9 @@ def device_sim(action: str, port: int | None, as_json: bool) -> None:
         out.print(", ".join(f"{k} {v}" for k, v in result.items()))
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Terminated(BaseException):
     """SIGINT (Ctrl-C), SIGTERM or SIGHUP, raised in the main thread so the work unwinds: work folders
     (here and on the device) and partial output files are removed on the way out. A BaseException,
@@ -606,15 +615,22 @@ class Terminated(BaseException):
 
 
 def _terminate(signum: int, frame) -> None:
+    for sig in STOPS:  # a second signal must not cut the clean-up short
+        if signal.getsignal(sig) is _terminate:
+            signal.signal(sig, signal.SIG_IGN)
     raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
-    previous = [signal.signal(sig, _terminate) for sig in handled] if in_main_thread else []
+    # only in the main thread can handlers be set; a signal ignored already (nohup, `cmd &` in a
+    # script) stays ignored, and one handled outside Python (getsignal gives None) is left alone
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in STOPS} if in_main_thread else {}
+    handled = {sig: old for sig, old in previous.items() if old not in (signal.SIG_IGN, None)}
+    for sig in handled:
+        signal.signal(sig, _terminate)
     try:
         cli.main(args=argv, prog_name="mixdeploy", standalone_mode=False)
     except MixdeployError as exc:
@@ -625,14 +641,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Terminated as exc:
         signum = exc.args[0]
-        click.echo(f"mixdeploy: stopped by {signal.Signals(signum).name}", err=True)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            click.echo(f"mixdeploy: stopped by {signal.Signals(signum).name}", err=True)
         sys.exit(128 + signum)
     except click.ClickException as exc:
         click.echo(f"mixdeploy: error: {exc.format_message()} (see mixdeploy --help)", err=True)
         sys.exit(2)
     finally:
-        for sig, handler in zip(handled, previous):
-            signal.signal(sig, handler)
+        for sig, old in handled.items():
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":

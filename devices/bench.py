@@ -168,6 +168,7 @@ class Session:
         """LiteRT's benchmark_model: one timed run per thread count, then one run per parity image fed
         through --input_layer_value_files, its --output_filepath pulled back."""
         s, work = self.settings, self.device.workdir
+        assert self.binary is not None, "ready() installs benchmark_model first"
         model = f"{work}/model.tflite"
         self.device.push(item.path, model)
         latency, first = {}, None
@@ -203,10 +204,12 @@ class Session:
         temps_before = temperatures(self.device)
         try:
             measured = self.run_benchmark_model(item) if s.runner == "benchmark_model" else self.run_python(item)
-        except DeviceTimeout:
+        except DeviceTimeout as exc:
+            if exc.seconds != s.timeout:  # a copy's own limit, not the run's
+                raise
             raise DeviceTimeout(f"{item.path.name} did not finish on {self.device.name} within --timeout {s.timeout:g} s "
                                 f"({s.runs} runs at {','.join(map(str, s.threads))} thread(s)): raise --timeout or "
-                                "lower --runs") from None
+                                "lower --runs", s.timeout) from None
         parity = compare(item.reference, measured["outputs"], **DEPLOYED_TOLERANCE[item.precision])
         latency = measured["latency_ms"]
         meta = item.report["metadata"]
@@ -232,9 +235,9 @@ def bench(files: list[str], device: Transport, settings: Settings,
     device's facts alongside. `metadata` gives the model of files mixdeploy did not write (peers').
     The device's work folder is removed whatever happens."""
     formats = {file: exported_format(file) for file in files}
-    onnx = [Path(file).name for file, fmt in formats.items() if fmt != "tflite"]
-    if settings.runner == "benchmark_model" and onnx:
-        raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {onnx[0]} with --runner python")
+    not_tflite = [Path(file).name for file, fmt in formats.items() if fmt != "tflite"]
+    if settings.runner == "benchmark_model" and not_tflite:
+        raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {not_tflite[0]} with --runner python")
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
         # the device and its runner before reading the files (TensorFlow loads in seconds) and the
         # PyTorch reference (minutes for a large model): a missing runtime or binary fails at once

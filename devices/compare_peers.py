@@ -52,10 +52,10 @@ def _peer_files(model, name: str, size: tuple[int, int, int], work: Path, precis
 def keep_folder(keep: str) -> Path:
     """--keep DIR: a new or empty folder (created), so no earlier comparison's files are mixed in."""
     folder = Path(keep)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise MixdeployError(f"--keep {keep}: {'is not a folder' if not folder.is_dir() else 'is not empty'}; "
-                             "give a new or empty folder")
     try:
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise MixdeployError(f"--keep {keep}: {'is not a folder' if not folder.is_dir() else 'is not empty'}; "
+                                 "give a new or empty folder")
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
@@ -68,11 +68,12 @@ def _emptied_on_failure(folder: Path) -> Callable:
     def exit_(kind, *_) -> None:
         if kind is None:
             return
-        for entry in folder.iterdir():
+        for entry in folder.iterdir():  # best effort: the error that got here is the one to report
             if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
+                shutil.rmtree(entry, ignore_errors=True)
             else:
-                entry.unlink()
+                with contextlib.suppress(OSError):
+                    entry.unlink()
     return exit_
 
 

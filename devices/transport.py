@@ -75,11 +75,14 @@ class Transport:
         if self._workdir is not None:
             try:
                 self._shell(shlex.join(["rm", "-rf", self._workdir]), 30)
-            except DeviceError:
+            except BaseException as exc:  # a lost device, or a stop (Ctrl-C) meanwhile: removed next time
                 stale = _stale()
                 stale.setdefault(self.name, []).append(self._workdir)
                 _save_stale(stale)
-            self._workdir = None
+                if not isinstance(exc, DeviceError):
+                    raise
+            finally:
+                self._workdir = None
 
     def __enter__(self) -> "Transport":
         return self
@@ -118,11 +121,12 @@ def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = N
     try:
         stdout, stderr = proc.communicate(input, timeout=timeout)
     except BaseException as exc:
-        with contextlib.suppress(ProcessLookupError):  # the whole group may have ended meanwhile
+        with contextlib.suppress(OSError):  # the whole group may have ended meanwhile
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a process that left the group may hold the pipes
+            proc.communicate(timeout=5)
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise DeviceTimeout(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s") from None
+            raise DeviceTimeout(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s", timeout) from None
         raise
     return ShellResult(proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
 

@@ -1,7 +1,6 @@
 """`mixdeploy export`: load -> plan -> lower -> write -> check in the target runtime, as one call."""
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -123,10 +122,10 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     x = torch.cat([random_images(4, size), photos])
     step(f"PyTorch reference in float64 on {len(x)} images")
     reference = reference_outputs(loaded.module, x)
-    results: list[ExportResult] = []
-    written: list[Path] = []
-    try:  # every file or none: a format that fails or is stopped takes the ones written before it away
-        for name, path in paths.items():
+    checked: list[tuple[str, Path, Plan, ParityReport, ParityReport]] = []
+    partials = {name: path.with_name(f".{path.name}.partial") for name, path in paths.items()}
+    try:  # every format is written and checked before any file takes its place: all of them or none
+        for name, tmp in partials.items():
             writer: Format = FORMATS[name]
             step(f"planning for {writer.target}")
             chosen = (plan(loaded.module, size, writer.target) if callable(plan)
@@ -134,24 +133,18 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
             step("lowering and verifying against the original")
             lowered = lower(loaded.module, size, chosen, check_inputs=photos)
             metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}
-            tmp = path.with_name(f".{path.name}.partial")
-            try:
-                step(f"writing {path.name}")
-                writer.write(lowered.module, size, tmp, options or {})
-                step(f"checking {path.name} in {writer.runtime_name}")
-                candidate = writer.run(tmp, x.numpy())
-                report = compare(reference, candidate, **writer.tolerance(options or {}))
-                writer.add_metadata(tmp, dict(metadata, **{"mixdeploy.parity": report.to_dict()}))
-                final = kept_as(path, report.passed)
-                os.replace(tmp, final)
-                written.append(final)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            results.append(ExportResult(name, final, loaded.name, loaded.weights, chosen, lowered.parity, report,
-                                        writer.inspect(final), final.stat().st_size))
-    except BaseException:
-        for final in written:
-            final.unlink(missing_ok=True)
-        raise
-    return results
+            step(f"writing {paths[name].name}")
+            writer.write(lowered.module, size, tmp, options or {})
+            step(f"checking {paths[name].name} in {writer.runtime_name}")
+            candidate = writer.run(tmp, x.numpy())
+            report = compare(reference, candidate, **writer.tolerance(options or {}))
+            writer.add_metadata(tmp, dict(metadata, **{"mixdeploy.parity": report.to_dict()}))
+            checked.append((name, kept_as(paths[name], report.passed), chosen, lowered.parity, report))
+        for name, final, *_ in checked:
+            os.replace(partials[name], final)
+    finally:
+        for tmp in partials.values():
+            tmp.unlink(missing_ok=True)
+    return [ExportResult(name, final, loaded.name, loaded.weights, chosen, lowering, report,
+                         FORMATS[name].inspect(final), final.stat().st_size)
+            for name, final, chosen, lowering, report in checked]

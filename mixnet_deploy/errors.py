@@ -26,4 +26,8 @@ class DeviceError(MixdeployError):
 
 
 class DeviceTimeout(DeviceError):
-    """A device command that did not finish in its time limit."""
+    """A device command that did not finish in its time limit (`seconds`)."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds

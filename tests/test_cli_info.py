@@ -1,7 +1,9 @@
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -186,8 +188,10 @@ def test_spinner_keeps_drawing_while_native_logs_are_silenced():
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=child, stdout=child, stderr=child, cwd=ROOT,
                             env={**os.environ, "TERM": "xterm"})
     os.close(child)
-    shown = b""
-    while True:
+    shown, deadline = b"", time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not select.select([main], [], [], 1)[0]:
+            continue
         try:
             chunk = os.read(main, 4096)
         except OSError:  # the child closed the terminal

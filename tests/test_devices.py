@@ -193,6 +193,7 @@ def test_compare_peers(run_cli, digits, tmp_path):
     assert_usage_error(run_cli(*common, "--keep", tmp_path / "kept"), "--keep", "is not empty")
 
 
+@pytest.mark.slow
 def test_compare_peers_keep_folder(run_cli, digits, tmp_path, monkeypatch):
     """--keep DIR must be a new or empty folder mixdeploy can write in; a comparison that fails
     after writing files there leaves it empty again, so the same command can run again."""
@@ -224,6 +225,8 @@ def test_bench_needs_files_or_peers(run_cli):
                        "--precision, --checkpoint go with --compare-peers")
     assert_usage_error(run_cli("bench", "x.onnx", "--benchmark-binary", "bm"), "goes with --runner benchmark_model")
     assert_usage_error(run_cli("bench", "x.onnx", "--keep", "k"), "--keep goes with --compare-peers")
+    assert_usage_error(run_cli("bench", "--compare-peers", "mixnet_s", "--runner", "benchmark_model"),
+                       "benches ONNX files too")
 
 
 def test_bench_checks_the_report_path_before_measuring(run_cli, tmp_path):
@@ -330,18 +333,24 @@ def processes_mentioning(text: str) -> list[str]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_ends_a_local_bench_and_leaves_nothing(digits_exports, tmp_path, signum):
     """A cancelled CI job or `timeout` sends SIGTERM, Ctrl-C SIGINT: mixdeploy unwinds (exit 128 + N,
-    one line), kills the benchmark it started (it ran on, orphaned) and removes its work folders."""
+    one line), kills the benchmark it started (it ran on, orphaned) and removes its work folders; a
+    second signal does not cut that short. Started under nohup, it ignores SIGHUP as nohup asks."""
     from conftest import HEARTBEAT
 
     exe = Path(sys.executable).with_name("mixdeploy")
-    proc = subprocess.Popen([exe, "bench", digits_exports["fp32.onnx"], "--runs", "100000000", "--parity",
+    proc = subprocess.Popen(["nohup", exe, "bench", digits_exports["fp32.onnx"], "--runs", "100000000", "--parity",
                              digits_exports["eval"], "--parity-samples", "2"], env={**os.environ, "TMPDIR": str(tmp_path)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not [c for c in processes_mentioning(str(tmp_path)) if c.startswith(sys.executable) and "runner.py bench" in c]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     time.sleep(1)  # the benchmark runs, under the shell that started it
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert proc.poll() is None
+    proc.send_signal(signum)
+    time.sleep(0.05)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum and [line for line in stderr.splitlines() if not HEARTBEAT.match(line)] == [

@@ -192,19 +192,24 @@ def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
 
 
 def test_export_all_writes_every_file_or_none(tmp_path, monkeypatch, run_cli):
-    """A stop (Ctrl-C, SIGTERM) or a failure while writing the TFLite file takes the ONNX file written
-    before it away: a re-run is not refused for an output left over from a run that did not finish."""
+    """A stop (Ctrl-C, SIGTERM) or a failure while writing the TFLite file leaves no ONNX file either
+    (a re-run was refused for it) and, with --force, the files of the run before untouched."""
     from cli import Terminated
     from exporters.formats import TfliteFormat
 
     def stopped(*_):
-        assert (tmp_path / "m.onnx").exists()  # the ONNX file was complete by then
+        assert list(tmp_path.glob(".m.onnx.partial"))  # the ONNX file was written and checked by then
         raise Terminated(15)
 
     monkeypatch.setattr(TfliteFormat, "write", stopped)
-    result = run_cli("export", "mixnet_s", "--format", "all", "--input-size", "64", "-o", tmp_path / "m")
+    args = ["export", "mixnet_s", "--format", "all", "--input-size", "64", "-o", tmp_path / "m"]
+    result = run_cli(*args)
     assert result.code == 143 and result.message == ["mixdeploy: stopped by SIGTERM"]
     assert os.listdir(tmp_path) == []
+    (tmp_path / "m.onnx").write_bytes(b"before")
+    (tmp_path / "m.tflite").write_bytes(b"before")
+    assert run_cli(*args, "--force").code == 143
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"m.onnx": b"before", "m.tflite": b"before"}
 
 
 def test_cli_export_prints_parity_and_json(tmp_path, monkeypatch, run_cli):
