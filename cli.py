@@ -647,9 +647,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"mixdeploy: error: {exc.format_message()} (see mixdeploy --help)", err=True)
         sys.exit(2)
-    finally:
+    finally:  # after a stop they stay ignored: a late signal would kill the process before it exits 128+N
         for sig, old in handled.items():
-            signal.signal(sig, old)
+            if signal.getsignal(sig) is _terminate:
+                signal.signal(sig, old)
 
 
 if __name__ == "__main__":

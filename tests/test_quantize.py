@@ -161,7 +161,7 @@ def test_bad_calibration_input(tmp_path, run_cli):
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--method", "entropy", "-o", out),
                        "minmax or percentile for tflite")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--max-drop", "nan", "-o", out),
-                       "--max-drop", "'nan' is not a number")
+                       "--max-drop", "'nan' is not a finite number")
     assert sorted(os.listdir(tmp_path)) == ["empty", "foreign.onnx", "single"]
 
 
