@@ -371,8 +371,8 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         if result.weights == RANDOM_INIT:
             hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init "
                     "ones with --calibrate-bn (on export for a file)")
-        elif budget and not budget["met"] and _eval_advice(budget):
-            hint = _eval_advice(budget)
+        elif budget and not budget["met"] and (advice := _eval_advice(budget)):
+            hint = advice
         else:
             hint = ("try more calibration images" + (", --method percentile" if method != "percentile" else "")
                     + (" or --max-drop" if max_drop is None else ""))
@@ -405,8 +405,8 @@ def _print_quantized(result) -> None:
         out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
                   f"{', '.join(result.kept_float) or 'nothing'}; latency {budget['latency_ms']:.2f} ms vs "
                   f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
-        if _eval_advice(budget):
-            out.print(f"[yellow]{_eval_advice(budget)}[/]")
+        if advice := _eval_advice(budget):
+            out.print(f"[yellow]{advice}[/]")
     worst = result.details.get("layers_losing_most", [])
     if worst:
         out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))
@@ -487,11 +487,15 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         raise MixdeployError(f"--threads {threads!r}: give thread counts of 1 or more, like 1,2,4")
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
-    from devices.compare_peers import compare_peers, keep_folder
+    kept = None
+    if keep:  # (only with --compare-peers) before connecting: a bad folder fails at once
+        from devices.compare_peers import keep_folder
 
-    kept = keep_folder(keep) if keep else None  # before connecting: a bad folder fails at once
+        kept = keep_folder(keep)
     with _progress(f"connecting to {device}") as step:
         if peer_model:
+            from devices.compare_peers import compare_peers
+
             measured = compare_peers(peer_model, open_device(device), settings, precision, checkpoint, calibrate_bn,
                                      input_size, kept, step=step)
         else:
@@ -614,7 +618,7 @@ class Terminated(BaseException):
     like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
 
 
-def _terminate(signum: int, frame) -> None:
+def _terminate(signum: int, _frame) -> None:
     for sig in STOPS:  # a second signal must not cut the clean-up short
         if signal.getsignal(sig) is _terminate:
             signal.signal(sig, signal.SIG_IGN)

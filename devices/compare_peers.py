@@ -6,7 +6,7 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from exporters import peers
 from exporters.export import export
@@ -63,18 +63,24 @@ def keep_folder(keep: str) -> Path:
     return folder
 
 
-def _emptied_on_failure(folder: Path) -> Callable:
-    """An exit callback for an ExitStack: when the block failed or was stopped, remove what it wrote in `folder`."""
-    def exit_(kind, *_) -> None:
-        if kind is None:
-            return
-        for entry in folder.iterdir():  # best effort: the error that got here is the one to report
+@contextlib.contextmanager
+def _work_folder(keep: Path | None) -> Iterator[Path]:
+    """`keep` (empty from keep_folder, and emptied again when the comparison fails or is stopped, so it
+    can run again), or a temporary folder removed at the end."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="mixdeploy-peers-") as tmp:
+            yield Path(tmp)
+        return
+    try:
+        yield keep
+    except BaseException:
+        for entry in keep.iterdir():  # best effort: the error that got here is the one to report
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
                     entry.unlink()
-    return exit_
+        raise
 
 
 def compare_peers(name: str, device: Transport, settings: Settings, precision: str = "fp32",
@@ -88,10 +94,7 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     from quantization.quantize import quantize
 
     loaded = load_model(name, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size)
-    with contextlib.ExitStack() as stack:
-        work = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mixdeploy-peers-")))
-        if keep:  # it was empty: a failed or stopped comparison leaves it so, and can be run again
-            stack.push(_emptied_on_failure(keep))
+    with _work_folder(keep) as work:
         (work / "ours").mkdir()
         step(f"exporting {name} with mixdeploy")
         ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,

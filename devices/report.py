@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+
+from .atomic import write_atomic
 
 EMULATION_NOTE = "latency measured under QEMU emulation: meaningless for speed; parity is real, computed by ARM kernels"
 # parity tolerance -> (the measured value it bounds, how it bounds it, how that value is printed)
@@ -22,8 +22,8 @@ def write_report(path: Path, device: dict, results: list[dict]) -> list[Path]:
     png = path.with_suffix(".png")
     if png == path:
         raise ValueError(f"the report is Markdown, not {path}")
-    _write_atomic(png, _plot_png(device, results))
-    _write_atomic(path, _markdown(device, results, png.name).encode())
+    write_atomic(png, _plot_png(device, results))
+    write_atomic(path, _markdown(device, results, png.name).encode())
     return [path, png]
 
 
@@ -43,20 +43,6 @@ def _markdown(device: dict, results: list[dict], plot_name: str) -> str:
     lines += ["", f"![median latency and parity per file]({quote(plot_name)})", "", "## Parity tolerances", ""]
     lines += _tolerance_lines(results)
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as any other output, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _thread_counts(results: list[dict]) -> tuple[list[str], str]:

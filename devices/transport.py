@@ -13,6 +13,8 @@ from pathlib import Path
 
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 
+from .atomic import write_atomic
+
 
 @dataclass
 class ShellResult:
@@ -104,9 +106,7 @@ def _stale() -> dict[str, list[str]]:
 
 def _save_stale(stale: dict[str, list[str]]) -> None:
     STALE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = STALE.with_suffix(".partial")
-    tmp.write_text(json.dumps(stale))
-    os.replace(tmp, STALE)
+    write_atomic(STALE, json.dumps(stale).encode())
 
 
 def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = None) -> ShellResult:

@@ -23,6 +23,7 @@ from mixnet_deploy.planner import make_plan
 from mixnet_deploy.preprocess import random_images
 from mixnet_deploy.probes import VERSION, probe, probe_input
 
+from .atomic import write_atomic
 from .bench import Session, Settings
 from .transport import Transport
 
@@ -171,8 +172,7 @@ def _probe_file(info: LayerInfo, choice: str, fmt: str, precision: str, counts: 
         write_model(probe(info, choice).module, probe_input(info), partial, fmt, precision)
         digest = file_sha256(partial)
         os.replace(partial, path)
-        partial.write_text(digest)  # the digest, renamed in place the same way
-        os.replace(partial, recorded)
+        write_atomic(recorded, digest.encode())
     finally:
         partial.unlink(missing_ok=True)
     counts["converted"] += 1
