@@ -331,7 +331,7 @@ def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, 
 @cli.command()
 @click.argument("source", metavar="FILE_OR_MODEL")
 @click.option("--calib", required=True, type=click.Path(), help="Folder of calibration images (recursive).")
-@click.option("--output", "-o", type=click.Path(), help="Output file. Default: MODEL_int8.EXT here.")
+@click.option("--output", "-o", type=click.Path(), help="Output file. Default: FILE_int8.EXT next to FILE, or MODEL_int8.EXT here.")
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), help="For a MODEL name (default tflite).")
 @click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")

@@ -34,6 +34,7 @@ class Transport:
 
     def __init__(self) -> None:
         self._workdir: str | None = None
+        self._cut = False  # a command was cut off (timeout, lost connection, a stop): it may still run there
 
     # --- what subclasses provide -------------------------------------------------------------
     def _shell(self, command: str, timeout: float) -> ShellResult:
@@ -53,7 +54,13 @@ class Transport:
         """Run a command (a list is quoted word by word; a string is a shell line we built ourselves).
         With check, a non-zero exit is a DeviceError naming the command and its stderr."""
         command = argv if isinstance(argv, str) else shlex.join(argv)
-        result = self._shell(command, timeout)
+        line = command if self._workdir is None else (  # its process group, for cleanup() to stop if we are cut off
+            f"echo $$ > {shlex.quote(self._workdir + '/.pgid')}; {command}")
+        try:
+            result = self._shell(line, timeout)
+        except BaseException:
+            self._cut = True
+            raise
         if check and result.code != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
             raise DeviceError(f"{self.name}: `{command[:80]}` failed with exit code {result.code}"
@@ -73,10 +80,13 @@ class Transport:
         return self._workdir
 
     def cleanup(self) -> None:
-        """Remove the work folder; if the device is gone, remember it for the next connection."""
+        """Stop a command that was cut off (ssh and adb leave it running on the device: their device
+        side starts every command as a process group of its own), remove the work folder; if the
+        device is gone, remember the folder for the next connection."""
         if self._workdir is not None:
+            stop = f"kill -KILL -- -$(cat {shlex.quote(self._workdir + '/.pgid')}) 2>/dev/null; " if self._cut else ""
             try:
-                self._shell(shlex.join(["rm", "-rf", self._workdir]), 30)
+                self._shell(stop + shlex.join(["rm", "-rf", self._workdir]), 30)
             except BaseException as exc:  # a lost device, or a stop (Ctrl-C) meanwhile: removed next time
                 stale = _stale()
                 stale.setdefault(self.name, []).append(self._workdir)
@@ -84,7 +94,7 @@ class Transport:
                 if not isinstance(exc, DeviceError):
                     raise
             finally:
-                self._workdir = None
+                self._workdir, self._cut = None, False
 
     def __enter__(self) -> "Transport":
         return self
@@ -109,17 +119,18 @@ def _save_stale(stale: dict[str, list[str]]) -> None:
     write_atomic(STALE, json.dumps(stale).encode())
 
 
-def run_host(argv: list[str], timeout: float, what: str, input: bytes | None = None) -> ShellResult:
+def run_host(argv: list[str], timeout: float, what: str) -> ShellResult:
     """Run a host command (adb, ssh, a local shell); a missing program or a timeout is a DeviceError.
     The command runs in a process group of its own, killed whole on a timeout or when mixdeploy is
-    stopped (a shell's children, such as a local benchmark, would otherwise run on)."""
+    stopped (a shell's children, such as a local benchmark, would otherwise run on). Its input is
+    empty: adb and ssh forward theirs to the device, and would eat a calling script's input."""
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
     except FileNotFoundError:
         raise DeviceError(f"{argv[0]} not found: {what}") from None
     try:
-        stdout, stderr = proc.communicate(input, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except BaseException as exc:
         with contextlib.suppress(OSError):  # the whole group may have ended meanwhile
             os.killpg(proc.pid, signal.SIGKILL)

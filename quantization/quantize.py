@@ -98,8 +98,9 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
     if fmt == "tflite" and method not in TFLITE_METHODS:
         raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
-    out = Path(output) if output else Path(f"{loaded.name}_int8.{fmt}")
     from_file = file_format(source) is not None
+    default = Path(source).with_name(f"{Path(source).stem}_int8.{fmt}") if from_file else Path(f"{loaded.name}_int8.{fmt}")
+    out = Path(output) if output else default
     if from_file and out.resolve() == Path(source).resolve():
         raise MixdeployError(f"output {out} is the float file being quantized; give another --output")
     check_writable(out, force, FORMATS[fmt].suffix, format_option=not from_file)

@@ -18,7 +18,7 @@ import pytest
 from conftest import assert_usage_error, probe_files
 from devices.connect import open_device
 from devices.device_info import big_cores, cpu_mask, device_info
-from mixnet_deploy.errors import DeviceError
+from mixnet_deploy.errors import DeviceError, DeviceTimeout
 
 TRICKY = "it's a \"test\" with $HOME, `backticks`; and spaces"
 
@@ -80,6 +80,29 @@ def test_transport_shell_push_pull_and_cleanup(device, tmp_path):
     work = device.workdir
     device.cleanup()
     assert device.shell(["test", "-e", work], check=False).code == 1
+
+
+def test_device_commands_leave_the_callers_input_alone(device):
+    """Device commands get empty input: adb and ssh forward theirs to the device, so in a script's
+    `while read` loop a bench took the loop's remaining lines."""
+    script = (f"import sys; from devices.connect import open_device; d = open_device({device.name!r})\n"
+              "print(repr(d.shell(['cat']).stdout), repr(sys.stdin.read()))")
+    lines = "line 1\nline 2\n"
+    done = subprocess.run([sys.executable, "-c", script], input=lines, capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=60)
+    assert done.stdout == f"'' {lines!r}\n", done.stderr
+
+
+def test_a_command_cut_off_is_stopped_on_the_device(device):
+    """A command cut off by --timeout or a stop ran on over ssh (sshd sends no hangup to a command
+    without a terminal; adbd signals only its shell): cleanup() kills its whole process group there."""
+    seconds = f"{time.time() % 100 + 100:.3f}"  # a sleep of this test's own, found by its command line
+    device.workdir
+    with pytest.raises(DeviceTimeout):
+        device.shell(["sh", "-c", f"sleep {seconds}; echo done"], timeout=2)
+    device.cleanup()
+    time.sleep(0.5)
+    assert not processes_mentioning(f"sleep {seconds}")
 
 
 def test_device_info(device):

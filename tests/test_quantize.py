@@ -110,9 +110,9 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         assert exported.code == 0, exported.err
         assert_usage_error(run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}.{fmt}",
                                    "--force"), "is the float file being quantized")
-        result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}_q.{fmt}", "--json",
-                         "--num-calib", "8")
-        written = tmp_path / f"{name}_q{'' if passes else '.failed'}.{fmt}"
+        # without -o, the int8 file goes next to the float one (not into the current folder)
+        result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "--json", "--num-calib", "8")
+        written = tmp_path / f"{name}_int8{'' if passes else '.failed'}.{fmt}"
         if passes:
             assert result.code == 0, result.err
         else:
@@ -124,7 +124,7 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         assert report["model"] == name and report["calibration"]["used"] == 8 and report["calibration"]["evaluated"] == 2
         assert report["agreement"]["passed"] == passes and report["path"] == str(written)
         assert report["agreement"]["tolerance"] == {"min_cosine": 0.97}
-        assert (tmp_path / f"{name}_q.{fmt}").exists() == passes
+        assert (tmp_path / f"{name}_int8.{fmt}").exists() == passes
         info = inspect_file(written)
         assert info["inputs"][0]["shape"] == ([1, 3, 160, 192] if fmt == "onnx" else [1, 160, 192, 3])
         assert info["metadata"]["mixdeploy.parity"]["passed"] == passes
