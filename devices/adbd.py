@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -28,7 +29,7 @@ CNXN, OPEN, OKAY, WRTE, CLSE = (int.from_bytes(c, "little") for c in (b"CNXN", b
 HEADER = struct.Struct("<6I")
 STAT2 = struct.Struct("<4sIQQIIIIQqqq")
 DENT = struct.Struct("<4sIIII")
-RUNNING: set[asyncio.subprocess.Process] = set()
+GROUPS: set[int] = set()  # process groups of the commands running, or cut off by the host and maybe running on
 log = logging.getLogger("adbd")
 
 
@@ -179,18 +180,18 @@ def packet(kind: int, data: bytes) -> bytes:
     return struct.pack("<BI", kind, len(data)) + data
 
 
-def kill(proc: asyncio.subprocess.Process) -> None:
-    """Kill a command and everything it started (its own session)."""
+def hang_up(proc: asyncio.subprocess.Process) -> None:
+    """What Android's adbd does when the host closes a shell stream first (shell_service.cpp): SIGHUP
+    to the shell only; what the shell started runs on."""
     if proc.returncode is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGHUP)
 
 
 async def shell(root: str, stream: Stream, command: str, v2: bool, pty: bool) -> None:
-    """Run `sh -c COMMAND` in the rootfs. With v2: stdin forwarded, stdout and stderr apart, exit code
-    sent; legacy: stdout and stderr merged. Output streams as it comes; the host's close kills it."""
+    """Run `sh -c COMMAND` in the rootfs, in a session of its own (as adbd does). With v2: stdin
+    forwarded, stdout and stderr apart, exit code sent; legacy: stdout and stderr merged. Output
+    streams as it comes; the host's close hangs up the shell."""
     if pty and not command:
         message = b"mixdeploy sim: no interactive shell; run `adb shell COMMAND`\n"
         await stream.write(packet(2, message) + packet(3, b"\1") if v2 else message)
@@ -200,14 +201,11 @@ async def shell(root: str, stream: Stream, command: str, v2: bool, pty: bool) ->
     proc = await asyncio.create_subprocess_exec(
         "chroot", root, *argv, stdin=pipe if v2 else asyncio.subprocess.DEVNULL, stdout=pipe,
         stderr=pipe if v2 else asyncio.subprocess.STDOUT, env=DEVICE_ENV, cwd="/", start_new_session=True)
-    RUNNING.add(proc)
+    GROUPS.add(proc.pid)
 
     async def pump(source: asyncio.StreamReader, kind: int) -> None:
-        try:
-            while chunk := await source.read(SYNC_CHUNK):
-                await stream.write(packet(kind, chunk) if v2 else chunk)
-        except Closed:
-            kill(proc)
+        while chunk := await source.read(SYNC_CHUNK):
+            await stream.write(packet(kind, chunk) if v2 else chunk)
 
     async def watch_input() -> None:
         try:
@@ -225,19 +223,22 @@ async def shell(root: str, stream: Stream, command: str, v2: bool, pty: bool) ->
             await stream.wait_closed()
         except Closed:
             pass
-        kill(proc)  # the host closed the stream before the command ended
 
-    watcher = asyncio.create_task(watch_input())
+    output = asyncio.ensure_future(asyncio.gather(pump(proc.stdout, 1), *([pump(proc.stderr, 2)] if v2 else [])))
+    host_closed = asyncio.create_task(watch_input())
     try:
-        await asyncio.gather(pump(proc.stdout, 1), *([pump(proc.stderr, 2)] if v2 else []))
-        code = await proc.wait()
-        if v2:
-            await stream.write(packet(3, bytes([code & 0xFF if code >= 0 else 128 - code])))
+        await asyncio.wait({output, host_closed}, return_when=asyncio.FIRST_COMPLETED)
+        if output.done() and not isinstance(output.exception(), Closed):
+            output.result()  # a failure of our own is raised
+            code = await proc.wait()
+            GROUPS.discard(proc.pid)
+            if v2:
+                await stream.write(packet(3, bytes([code & 0xFF if code >= 0 else 128 - code])))
     finally:
-        watcher.cancel()
-        kill(proc)
+        output.cancel()
+        host_closed.cancel()
+        hang_up(proc)  # the host closed the stream before the command ended
         await proc.wait()
-        RUNNING.discard(proc)
 
 
 # --- sync (push, pull, stat, list) ----------------------------------------------------------------
@@ -374,7 +375,7 @@ async def send_file(root: str, stream: Stream, path: str) -> bool:
 
 # --- server ---------------------------------------------------------------------------------------
 async def serve(root: str, host: str, port: int) -> None:
-    """Accept adb connections until SIGTERM or SIGINT, then kill the commands still running."""
+    """Accept adb connections until SIGTERM or SIGINT, then kill what every command started and left running."""
     server = await asyncio.start_server(lambda r, w: Connection(r, w, root).run(), host, port)
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -382,8 +383,9 @@ async def serve(root: str, host: str, port: int) -> None:
     log.info("adbd for %s listening on %s:%d", root, host, port)
     await stopping.wait()
     server.close()
-    for proc in list(RUNNING):
-        kill(proc)
+    for group in GROUPS:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
     log.info("stopped")
 
 

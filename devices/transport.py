@@ -84,7 +84,7 @@ class Transport:
         side starts every command as a process group of its own), remove the work folder; if the
         device is gone, remember the folder for the next connection."""
         if self._workdir is not None:
-            stop = f"kill -KILL -- -$(cat {shlex.quote(self._workdir + '/.pgid')}) 2>/dev/null; " if self._cut else ""
+            stop = f"kill -9 -$(cat {shlex.quote(self._workdir + '/.pgid')}) 2>/dev/null; " if self._cut else ""
             try:
                 self._shell(stop + shlex.join(["rm", "-rf", self._workdir]), 30)
             except BaseException as exc:  # a lost device, or a stop (Ctrl-C) meanwhile: removed next time

@@ -60,6 +60,18 @@ def assert_usage_error(result: Result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of this machine's processes that contain `text`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
 
 @pytest.fixture(scope="session")
 def digits(request):

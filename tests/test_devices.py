@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_usage_error, probe_files
+from conftest import assert_usage_error, probe_files, processes_mentioning
 from devices.connect import open_device
 from devices.device_info import big_cores, cpu_mask, device_info
 from mixnet_deploy.errors import DeviceError, DeviceTimeout
@@ -338,19 +338,6 @@ def test_a_damaged_probe_file_is_converted_again(tmp_path, monkeypatch):
     _probe_file(info, info.candidates[0], "onnx", "fp32", counts)
     assert counts == {"converted": 3, "reused": 1} and sorted(p.name for p in path.parent.iterdir()) == [
         path.name, path.name + ".sha256"]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of this machine's processes that contain `text`."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # ended meanwhile
-            continue
-        if text in cmdline:
-            found.append(cmdline)
-    return found
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_usage_error
+from conftest import assert_usage_error, processes_mentioning
 from devices import sim
 from mixnet_deploy.errors import MixdeployError
 
@@ -80,18 +80,25 @@ def test_pull_missing_file_fails_clearly(sim_device, tmp_path):
     assert "missing.bin" in message and "No such file" in message
 
 
-def test_output_streams_and_closing_kills_the_command(sim_device):
-    client = subprocess.Popen(["adb", "-s", sim_device["serial"], "shell", "echo started; sleep 31.5"],
+def test_output_streams_and_closing_hangs_up_the_shell(sim_device):
+    """As Android's adbd: output streams as it comes; a host that closes the stream first hangs up
+    the shell (SIGHUP to it alone), and what the shell started runs on (bench's cleanup stops that:
+    test_bench_sim)."""
+    client = subprocess.Popen(["adb", "-s", sim_device["serial"], "shell", "echo started; sleep 31.5; echo done"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     assert client.stdout.readline() == "started\n"  # before the command ends
     client.kill()
     client.wait()
-    for _ in range(50):
-        if subprocess.run(["pgrep", "-f", "sleep 31.5"], capture_output=True).returncode != 0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the device command still runs after the host closed its stream")
+    try:
+        for _ in range(50):
+            if not processes_mentioning("echo started; sleep 31.5"):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the shell still runs after the host closed its stream")
+        assert processes_mentioning("sleep 31.5 ")
+    finally:
+        subprocess.run(["pkill", "-f", "sleep 31.5"])
 
 
 def _tiny_models(folder: Path) -> list[Path]:
