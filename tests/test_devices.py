@@ -97,7 +97,7 @@ def test_a_command_cut_off_is_stopped_on_the_device(device):
     """A command cut off by --timeout or a stop ran on over ssh (sshd sends no hangup to a command
     without a terminal; adbd signals only its shell): cleanup() kills its whole process group there."""
     seconds = f"{time.time() % 100 + 100:.3f}"  # a sleep of this test's own, found by its command line
-    device.workdir
+    assert device.workdir  # created before the command, which records its process group there
     with pytest.raises(DeviceTimeout):
         device.shell(["sh", "-c", f"sleep {seconds}; echo done"], timeout=2)
     device.cleanup()
