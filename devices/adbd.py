@@ -224,7 +224,8 @@ async def shell(root: str, stream: Stream, command: str, v2: bool, pty: bool) ->
         except Closed:
             pass
 
-    output = asyncio.ensure_future(asyncio.gather(pump(proc.stdout, 1), *([pump(proc.stderr, 2)] if v2 else [])))
+    pumps = [asyncio.create_task(pump(proc.stdout, 1)), *([asyncio.create_task(pump(proc.stderr, 2))] if v2 else [])]
+    output = asyncio.gather(*pumps)
     host_closed = asyncio.create_task(watch_input())
     try:
         await asyncio.wait({output, host_closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -235,8 +236,8 @@ async def shell(root: str, stream: Stream, command: str, v2: bool, pty: bool) ->
             if v2:
                 await stream.write(packet(3, bytes([code & 0xFF if code >= 0 else 128 - code])))
     finally:
-        output.cancel()
-        host_closed.cancel()
+        for task in (*pumps, host_closed):
+            task.cancel()
         hang_up(proc)  # the host closed the stream before the command ended
         await proc.wait()
 

@@ -87,9 +87,13 @@ def test_output_streams_and_closing_hangs_up_the_shell(sim_device):
     client = subprocess.Popen(["adb", "-s", sim_device["serial"], "shell", "echo started; sleep 31.5; echo done"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     assert client.stdout.readline() == "started\n"  # before the command ends
-    client.kill()
-    client.wait()
     try:
+        for _ in range(100):  # the shell has started its child
+            if processes_mentioning("sleep 31.5 "):
+                break
+            time.sleep(0.1)
+        client.kill()
+        client.wait()
         for _ in range(50):
             if not processes_mentioning("echo started; sleep 31.5"):
                 break
