@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -40,8 +41,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before failing in its own words
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
+        if "Unsupported operand" in str(exc):
+            raise MixdeployError(f"checkpoint {path} is a plain pickle (protocol 4 or newer, not torch.save's zip "
+                                 "format), which PyTorch's weights-only loader cannot read; save the state_dict with "
+                                 "torch.save(model.state_dict(), path) or as .safetensors") from None
         if "Weights only load failed" in str(exc):
             raise MixdeployError(f"checkpoint {path} cannot be read: it holds pickled Python objects, not only "
                                  "tensors (a whole model?), and mixdeploy loads weights only; save "

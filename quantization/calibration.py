@@ -36,12 +36,17 @@ class ImageSet:
         return ImageSet(a, pa, la, self.skipped), ImageSet(b, pb, lb, [])
 
 
-def find_images(folder: str | Path) -> list[Path]:
-    """Every JPEG, PNG, WebP and BMP under `folder`, recursively, in a stable order."""
+def check_folder(folder: str | Path) -> Path:
+    """`folder` as a Path; a usage error when it is not a folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MixdeployError(f"image folder {folder} does not exist or is not a folder; pass a folder of photos")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return folder
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every JPEG, PNG, WebP and BMP under `folder`, recursively, in a stable order."""
+    return sorted(p for p in check_folder(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = None,

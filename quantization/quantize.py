@@ -24,7 +24,7 @@ from mixnet_deploy.planner import make_plan
 
 from . import sensitivity
 from .accuracy import accuracy
-from .calibration import MIN_IMAGES, load_folder
+from .calibration import MIN_IMAGES, check_folder, load_folder
 from .keep_float import GROUPS, onnx_nodes, tflite_ops
 
 IO_TYPES = ("int8", "uint8", "float32")
@@ -55,14 +55,11 @@ class QuantizeResult:
                 "plan": self.plan, **self.details}
 
 
-def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: bool,
-            input_size: tuple[int, int] | None) -> tuple[LoadedModel, str, dict | None]:
-    """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the format,
-    and the file's lowering plan."""
+def _source(source: str, checkpoint: str | None, calibrate_bn: bool,
+            input_size: tuple[int, int] | None) -> tuple[LoadedModel, dict | None]:
+    """The float model behind SOURCE (a model name, or a float file mixdeploy exported) and the
+    file's lowering plan."""
     if file_format(source):
-        reject_options([name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
-                                                 ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value],
-                       f"a MODEL name; {source} keeps what it was exported with (export it again to change it)")
         report = inspect_file(source)
         meta = report.get("metadata", {})
         if "mixdeploy.model" not in meta:
@@ -71,8 +68,8 @@ def _source(source: str, checkpoint: str | None, fmt: str | None, calibrate_bn: 
         quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
-        return reload(meta), report["format"], meta.get("mixdeploy.plan")
-    return load_model(source, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size), fmt or "tflite", None
+        return reload(meta), meta.get("mixdeploy.plan")
+    return load_model(source, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size), None
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
@@ -88,7 +85,13 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     kept as NAME.failed.EXT: see the result's path and agreement.passed."""
     from exporters.formats import FORMATS
 
-    loaded, fmt, file_plan = _source(source, checkpoint, fmt, calibrate_bn, input_size)
+    # everything that can be checked without the model first: rebuilding it takes seconds
+    from_file = file_format(source)
+    if from_file:
+        reject_options([name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
+                                                 ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value],
+                       f"a MODEL name; {source} keeps what it was exported with (export it again to change it)")
+    fmt = from_file or fmt or "tflite"
     if fmt not in ("tflite", "onnx"):
         raise MixdeployError(f"--format {fmt!r}: use tflite or onnx")
     io = io or ("float32" if fmt == "onnx" else "int8")
@@ -98,12 +101,14 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
     if fmt == "tflite" and method not in TFLITE_METHODS:
         raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
-    from_file = file_format(source) is not None
-    default = Path(source).with_name(f"{Path(source).stem}_int8.{fmt}") if from_file else Path(f"{loaded.name}_int8.{fmt}")
+    default = Path(source).with_name(f"{Path(source).stem}_int8.{fmt}") if from_file else Path(f"{source}_int8.{fmt}")
     out = Path(output) if output else default
     if from_file and out.resolve() == Path(source).resolve():
         raise MixdeployError(f"output {out} is the float file being quantized; give another --output")
     check_writable(out, force, FORMATS[fmt].suffix, format_option=not from_file)
+    for folder in filter(None, (calib, eval_dir)):
+        check_folder(folder)
+    loaded, file_plan = _source(source, checkpoint, calibrate_bn, input_size)
     step("reading calibration images")
     # without --eval, a fifth of the images read is held out: read no more than that needs
     limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
@@ -162,16 +167,16 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict()}
         FORMATS[fmt].add_metadata(tmp, meta)
+        acc = accuracy(reference, candidate, held_out.labels, loaded) if held_out.labels else None
+        details = FORMATS[fmt].inspect(tmp) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}
         out = kept_as(out, agreement.passed and (budget is None or budget["met"]))
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # the last step: a stop before it leaves no file
     finally:
         for path in filter(None, (tmp, float_onnx)):
             path.unlink(missing_ok=True)
-    acc = accuracy(reference, candidate, held_out.labels, loaded) if held_out.labels else None
     calib_info = {"folder": str(calib), "used": len(calibration.images), "evaluated": len(held_out.images),
                   "eval_folder": str(eval_dir) if eval_dir else None, "skipped": len(images.skipped),
                   "skipped_files": images.skipped}
-    details = FORMATS[fmt].inspect(out) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}
     return QuantizeResult(out, fmt, loaded.name, loaded.weights, method, io, calib_info, agreement, acc,
                           kept, plan.layers, details)
 

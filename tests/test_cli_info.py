@@ -64,6 +64,13 @@ def test_corrupt_checkpoint(run_cli, tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x00" * 64)
     assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", bad), "cannot be read")
+    legacy = tmp_path / "legacy.pth"  # only tensors, but a pickle torch's weights-only loader cannot read
+    torch.save(torch.nn.Linear(2, 2).state_dict(), legacy, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", legacy), "plain pickle", "torch.save(model.state_dict()")
+    # torch's warning about the protocol went to stderr before the error line (pytest hides warnings in-process)
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mixdeploy"), "info", "mixnet_s",
+                           "--checkpoint", legacy], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 def test_checkpoint_of_another_architecture(run_cli, tmp_path):

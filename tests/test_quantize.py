@@ -165,6 +165,22 @@ def test_bad_calibration_input(tmp_path, run_cli):
     assert sorted(os.listdir(tmp_path)) == ["empty", "foreign.onnx", "single"]
 
 
+def test_quantize_checks_options_output_and_folders_before_the_model(tmp_path, run_cli, monkeypatch):
+    """Rebuilding the float model takes seconds: what can be checked without it is checked first."""
+    import quantization.quantize as q
+
+    monkeypatch.setattr(q, "_source", lambda *_: pytest.fail("the model was rebuilt before the checks"))
+    float_file = tmp_path / "m.tflite"
+    float_file.write_bytes(b"never read")
+    (tmp_path / "m_int8.tflite").write_bytes(b"an earlier int8 file")
+    assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS), "m_int8.tflite exists")
+    assert_usage_error(run_cli("quantize", float_file, "--calib", tmp_path / "nope", "--force"), "nope does not exist")
+    assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS, "--method", "entropy", "--force"), "minmax")
+    assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS, "--format", "onnx"), "--format goes with")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--eval", tmp_path / "nope", "-o",
+                               tmp_path / "q.tflite"), "nope does not exist")
+
+
 def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
     from devices.runners import LiteRtRunner
     from mixnet_deploy.lower import LayerInfo
