@@ -380,6 +380,9 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         sys.exit(1)
 
 
+FIRM_VERDICT = 10  # held-out images below which quantize's int8 verdict is flagged as weak
+
+
 def _eval_advice(budget: dict) -> str | None:
     """What to do when too few held-out images judged a --max-drop budget (enough: one disagreement
     fits the budget, and at least 100), else None."""
@@ -405,8 +408,12 @@ def _print_quantized(result) -> None:
         out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
                   f"{', '.join(result.kept_float) or 'nothing'}; latency {budget['latency_ms']:.2f} ms vs "
                   f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
-        if advice := _eval_advice(budget):
-            out.print(f"[yellow]{advice}[/]")
+    advice = _eval_advice(budget) if budget else None
+    if advice is None and cal["evaluated"] < FIRM_VERDICT:
+        advice = (f"judged on {cal['evaluated']} held-out images, too few for a firm verdict (bench's parity may "
+                  f"differ): pass --eval DIR with at least {FIRM_VERDICT} images")
+    if advice:
+        out.print(f"[yellow]{advice}[/]")
     worst = result.details.get("layers_losing_most", [])
     if worst:
         out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))
@@ -485,6 +492,15 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         counts = [0]
     if min(counts) < 1:
         raise MixdeployError(f"--threads {threads!r}: give thread counts of 1 or more, like 1,2,4")
+    if len(set(counts)) < len(counts):
+        raise MixdeployError(f"--threads {threads!r} names a thread count twice; give each once, like 1,2,4")
+    given = [Path(f).resolve() for f in files]
+    if twice := next((f for i, f in enumerate(files) if given[i] in given[:i]), None):
+        raise MixdeployError(f"{twice} is given twice; give each file once")
+    if parity_dir:
+        from quantization.calibration import check_folder
+
+        check_folder(parity_dir)
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
     kept = None

@@ -3,6 +3,7 @@ thread counts, and parity of their on-device outputs with the PyTorch model on r
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -95,10 +96,9 @@ def core_mask(cpus: str | None, info: dict) -> str | None:
         return cpu_mask(info["big_cores"])
     if cpus is None:
         return None
-    try:
-        mask = int(cpus, 16)
-    except ValueError:
-        raise MixdeployError(f"--cpus {cpus}: give a hex core mask such as f0, or big") from None
+    if not re.fullmatch(r"(0[xX])?[0-9a-fA-F]+", cpus.strip()):
+        raise MixdeployError(f"--cpus {cpus}: give a hex core mask such as f0, or big")
+    mask = int(cpus, 16)
     if mask <= 0 or mask >= 1 << len(info["cores"]):
         raise MixdeployError(f"--cpus {cpus}: {'selects no core' if mask <= 0 else 'names a core the device lacks'}; "
                              f"the device has cores 0-{len(info['cores']) - 1} (mask {(1 << len(info['cores'])) - 1:x} "

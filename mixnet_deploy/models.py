@@ -61,6 +61,8 @@ def _check_name(name: str) -> None:
         raise MixdeployError(f"{name}: {base} already has MixConv layers; use {base}")
     if name in MIXNETS or (name.startswith(DROPIN_PREFIX) and base in timm.list_models()):
         return
+    if not name.strip():
+        raise MixdeployError(f"the model name is empty; give one of {', '.join(known_models())}")
     if "/" in name or Path(name).exists():  # a path, not a name
         raise MixdeployError(f"{name} is a path, not a model name (known: {', '.join(known_models())}); give weights "
                              "with --checkpoint PATH; info, quantize and bench take exported .onnx/.tflite files")

@@ -37,6 +37,7 @@ def test_unknown_model_suggests_closest(run_cli, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a model")
     assert_usage_error(run_cli("info", notes), "is a path, not a model name", "--checkpoint")
+    assert_usage_error(run_cli("info", ""), "the model name is empty", "mixnet_s")
 
 
 def test_missing_checkpoint(run_cli, tmp_path):

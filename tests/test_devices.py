@@ -164,6 +164,10 @@ def test_bad_bench_options(run_cli, digits_exports):
     assert_usage_error(run_cli("bench", model, "--cpus", "zz", "--parity", digits_exports["eval"]), "--cpus zz")
     assert_usage_error(run_cli("bench", model, "--cpus", "ff0", "--parity", digits_exports["eval"]), "lacks", "cores 0-")
     assert_usage_error(run_cli("bench", model, "--cpus", "0", "--parity", digits_exports["eval"]), "selects no core")
+    assert_usage_error(run_cli("bench", model, "--cpus", "-1", "--parity", digits_exports["eval"]), "give a hex core mask")
+    assert_usage_error(run_cli("bench", model, f"{Path(model).parent}/./{Path(model).name}", "--parity", digits_exports["eval"]), "given twice")
+    assert_usage_error(run_cli("bench", model, "--threads", "1,2,1"), "names a thread count twice")
+    assert_usage_error(run_cli("bench", model, "--parity", "/nonexistent/photos"), "does not exist")
     for option, value, fragment in (("--timeout", "nan", "not a finite number"), ("--timeout", "1e9", "1<=x<=86400"),
                                     ("--cooldown", "inf", "0<=x<=3600"), ("--cooldown", "nan", "not a finite number")):
         assert_usage_error(run_cli("bench", model, option, value), option, fragment)

@@ -218,6 +218,8 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
     coarse = run_cli(*args[:6], "--format", fmt, "--max-drop", "1", "--num-calib", "10", "-o", tmp_path / f"c.{fmt}")
     assert "judged on 3 held-out images (one disagreement = 33.3 points): pass --eval DIR with at least 100" in " ".join(
         coarse.out.split())
+    plain = run_cli(*args[:6], "--format", fmt, "--num-calib", "10", "-o", tmp_path / f"p.{fmt}")
+    assert "judged on 3 held-out images, too few for a firm verdict" in " ".join(plain.out.split())
 
 
 def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
