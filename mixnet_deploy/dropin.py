@@ -23,20 +23,31 @@ def replace_depthwise(
     partition: str = "equal",
     dilated: bool = False,
 ) -> int:
-    """Replace every depthwise Conv2d of `model` in place by a MixConv; return how many were replaced."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not is_depthwise(child):
-                continue
-            mix = MixConv(
-                child.in_channels,
-                kernel_sizes,
-                stride=child.stride[0],
-                partition=partition,
-                dilated=dilated and child.stride[0] == 1,
-                bias=child.bias is not None,
-            )
-            setattr(parent, name, mix)
-            replaced += 1
-    return replaced
+    """Replace every depthwise Conv2d of `model` in place by a MixConv; return how many were replaced.
+    All or none: a layer a MixConv cannot take (not 'same'-padded, so a MixConv would change its
+    output size; too few channels for the groups) is a ValueError naming it, with the model untouched."""
+    replacements = []
+    for path, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if is_depthwise(child):
+                where = f"{path}.{name}" if path else name
+                replacements.append((parent, name, _mixconv(child, where, kernel_sizes, partition, dilated)))
+    for parent, name, mix in replacements:
+        setattr(parent, name, mix)
+    return len(replacements)
+
+
+def _mixconv(conv: nn.Conv2d, where: str, kernel_sizes: Sequence[int], partition: str, dilated: bool) -> MixConv:
+    """The MixConv that takes `conv`'s place, or a ValueError naming `where`."""
+    size_kept = (conv.padding in ("same", tuple(k // 2 for k in conv.kernel_size)) and conv.dilation == (1, 1)
+                 and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros"
+                 and all(k % 2 for k in conv.kernel_size))
+    if not size_kept:
+        raise ValueError(f"{where}: depthwise conv with kernel {conv.kernel_size}, stride {conv.stride}, padding "
+                         f"{conv.padding}, dilation {conv.dilation} is not an odd-kernel 'same'-padded conv; a MixConv "
+                         "in its place would change its output size")
+    try:
+        return MixConv(conv.in_channels, kernel_sizes, stride=conv.stride[0], partition=partition,
+                       dilated=dilated and conv.stride[0] == 1, bias=conv.bias is not None)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None

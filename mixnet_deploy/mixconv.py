@@ -1,6 +1,7 @@
 """MixConv, mixed depthwise convolution (Tan & Le 2019, section 3)."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -29,6 +30,11 @@ def split_channels(channels: int, groups: int, partition: str = "equal") -> list
     return splits
 
 
+def _whole(value: object) -> bool:
+    """An int (numpy's too), not a bool or a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class MixConv(nn.Module):
     """Split channels into groups, convolve each depthwise with its own kernel size, concatenate.
 
@@ -46,20 +52,30 @@ class MixConv(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        if any(k % 2 == 0 or k < 1 for k in kernel_sizes):
-            raise ValueError(f"kernel sizes must be odd and positive, got {list(kernel_sizes)}")
+        if not _whole(channels) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        try:
+            kernels = [] if isinstance(kernel_sizes, (str, bytes)) else list(kernel_sizes)
+        except TypeError:
+            kernels = []
+        if not kernels:
+            raise ValueError(f"kernel_sizes must be a non-empty sequence of odd ints, like (3, 5, 7), got {kernel_sizes!r}")
+        if not all(_whole(k) and k % 2 == 1 and k > 0 for k in kernels):
+            raise ValueError(f"kernel sizes must be odd and positive, got {kernels}")
+        if not _whole(stride) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
         if dilated and stride != 1:
             raise ValueError("dilated MixConv is defined for stride 1 only")
         if isinstance(partition, str):
-            splits = split_channels(channels, len(kernel_sizes), partition)
+            splits = split_channels(channels, len(kernels), partition)
         else:
             splits = list(partition)
-            if sum(splits) != channels or len(splits) != len(kernel_sizes) or min(splits) < 1:
-                raise ValueError(f"partition {splits} does not split {channels} channels into {len(kernel_sizes)} groups")
+            if sum(splits) != channels or len(splits) != len(kernels) or min(splits) < 1:
+                raise ValueError(f"partition {splits} does not split {channels} channels into {len(kernels)} groups")
         self.splits = splits
-        self.kernel_sizes = list(kernel_sizes)
+        self.kernel_sizes = kernels
         self.convs = nn.ModuleList()
-        for k, c in zip(kernel_sizes, splits):
+        for k, c in zip(kernels, splits):
             kernel, dilation = (3, (k - 1) // 2) if dilated and k > 3 else (k, 1)
             pad = dilation * (kernel - 1) // 2
             self.convs.append(nn.Conv2d(c, c, kernel, stride, pad, dilation, groups=c, bias=bias))

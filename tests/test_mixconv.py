@@ -1,8 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from mixnet_deploy import MixConv, split_channels
+from mixnet_deploy import MixConv, replace_depthwise, split_channels
 
 
 def test_partitions_match_the_paper():
@@ -50,3 +51,26 @@ def test_dilated_variant_uses_3x3_with_matching_receptive_field():
     torch.testing.assert_close(mix(x), reference(x, mix, [1, 2, 3, 4]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="stride 1"):
         MixConv(32, (3, 5), stride=2, dilated=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((32, 3), "non-empty sequence"), ((32, "35"), "non-empty sequence"), ((32, []), "non-empty sequence"),
+    ((32, [3.0, 5]), "odd and positive"), ((32.0, [3, 5]), "positive int"), ((32, [3, 5], 0), "stride"),
+    ((32, [3, 5], 2.5), "stride"), ((32, [3, 4]), "odd and positive"),
+])
+def test_mixconv_refuses_bad_arguments_in_its_own_words(args, message):
+    with pytest.raises(ValueError, match=message):
+        MixConv(*args)
+
+
+def test_replace_depthwise_keeps_output_sizes_and_is_all_or_none():
+    same = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1, groups=16), nn.Conv2d(16, 16, 5, 1, 2, groups=16))
+    assert replace_depthwise(same, (3, 5)) == 2 and all(isinstance(m, MixConv) for m in same)
+    assert same(torch.randn(1, 16, 9, 9)).shape == (1, 16, 5, 5)
+    unpadded = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 0, groups=8))  # 9x9 -> 4x4; a MixConv would give 5x5
+    with pytest.raises(ValueError, match="^0: depthwise conv .* would change its output size"):
+        replace_depthwise(unpadded, (3, 5))
+    narrow = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=64), nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8)))
+    with pytest.raises(ValueError, match="^1.0: cannot split 8 channels into 10 groups"):
+        replace_depthwise(narrow, range(3, 22, 2))
+    assert type(narrow[0]) is nn.Conv2d  # untouched: the first layer could take a MixConv, the second could not
