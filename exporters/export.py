@@ -59,6 +59,9 @@ def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, P
     if fmt != "all" and fmt not in FORMATS:
         raise MixdeployError(f"unknown format {fmt!r}; use {', '.join(FORMATS)} or all")
     base = Path(output) if output else Path(model)
+    if fmt == "all" and output and (base.is_dir() or str(output).endswith(("/", os.sep))):
+        raise MixdeployError(f"output {output} names a folder; --format all takes a file stem, such as "
+                             f"{base / model} (writes {model}.onnx and {model}.tflite there)")
     if fmt == "all" or not output:
         return {n: base.with_suffix(FORMATS[n].suffix) if file_format(base)
                 else base.parent / (base.name + FORMATS[n].suffix) for n in names}

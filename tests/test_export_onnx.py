@@ -233,6 +233,9 @@ def test_bad_export_input(tmp_path, run_cli, monkeypatch):
     assert_usage_error(run_cli("export", "mixnet_s", "--format", "coreml"), "coreml")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "nope" / "m.onnx"), "does not exist")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path), "is a directory")
+    assert_usage_error(run_cli("export", "mixnet_s", "--format", "all", "-o", tmp_path), "names a folder",
+                       f"{tmp_path / 'mixnet_s'} (writes mixnet_s.onnx and mixnet_s.tflite there)")
+    assert_usage_error(run_cli("export", "mixnet_s", "--format", "all", "-o", f"{tmp_path}/new/"), "names a folder")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--plan", "nonsense"), "--plan")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--opset", "13"), "13")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--opset", "99"), "knows opsets up to")
