@@ -56,9 +56,9 @@ def _device_lines(device: dict, mask: str | None) -> list[str]:
     before, after = device.get("temps_before") or {}, device.get("temps_after") or {}
     temps = ", ".join(f"{z} {before.get(z, '?')} → {after.get(z, '?')} °C" for z in sorted({*before, *after}))
     free = device.get("mem_free_mb")
-    return [f"- ABI: {device.get('abi', 'unknown')}", f"- Model: {device.get('model', 'unknown')}",
-            f"- OS: {device.get('os', 'unknown')}", f"- Cores: {_cores(device, mask)}",
-            f"- Governor: {device.get('governor', 'unknown')}",
+    return [f"- ABI: {device.get('abi') or 'unknown'}", f"- Model: {device.get('model') or 'unknown'}",
+            f"- OS: {device.get('os') or 'unknown'}", f"- Cores: {_cores(device, mask)}",
+            f"- Governor: {device.get('governor') or 'unknown'}",
             f"- Free memory: {'unknown' if free is None else f'{free} MB'}",
             f"- Temperatures (before → after): {temps or 'unknown'}",
             f"- Emulated: {'yes' if device.get('emulated') else 'no'}"]
@@ -78,7 +78,7 @@ def _cores(device: dict, mask: str | None) -> str:
             runs[-1][1] = core["cpu"]
         else:
             runs.append([core["cpu"], core["cpu"], *key])
-    parts = [f"cpu{a}" + (f"–{b}" if b > a else "") + (f" {khz / 1e6:.2f} GHz" if khz else " ? GHz")
+    parts = [f"cpu{a}" + (f"–{b}" if b > a else "") + (f" {khz / 1e6:.2f} GHz" if khz else "")
              + (f" **({tags})**" if tags else "") for a, b, khz, tags in runs]
     if not runs:
         return "unknown"
@@ -91,7 +91,8 @@ def number(value: float | None, spec: str = ".2f") -> str:
 
 
 def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
-    header = ["file", "format", "precision", "size MB", "threads", "median", "p90", "p99", "std", "init ms",
+    header = ["file", "format", "precision", "input", "size MB", "threads", "min", "median", "mean", "p90", "p99", "std",
+              "init ms",
               "first inference ms", "peak memory MB", "top-1", "top-5", "cosine", "PSNR dB", "parity",
               "ratio to fastest"]
     fastest = min(r["latency_by_threads"][ref]["median"] for r in results)
@@ -103,7 +104,8 @@ def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
             if lat is None:
                 continue
             rows.append([Path(r["file"]).name.replace("|", "\\|"), r["format"], r["precision"],
-                         f"{r['size_bytes'] / 1e6:.2f}", t, number(lat["median"]), number(lat["p90"]),
+                         "×".join(map(str, r.get("input_shape") or ["?"])), f"{r['size_bytes'] / 1e6:.2f}", t,
+                         number(lat["min"]), number(lat["median"]), number(lat.get("mean")), number(lat["p90"]),
                          number(lat["p99"]), number(lat["std"]), number(r["init_ms"], ".1f"),
                          number(r["first_inference_ms"], ".1f"), number(memory, ".1f"),
                          f"{p['top1_agreement']:.1%}", f"{p['top5_agreement']:.1%}", f"{p['cosine']:.7f}",

@@ -20,6 +20,7 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
     assert all(f.name in markdown for f in files) and (tmp_path / "r.png").stat().st_size > 10_000
     rows = report["results"]
     assert [(r["format"], r["precision"]) for r in rows] == [("onnx", "fp32"), ("tflite", "fp32"), ("tflite", "int8")]
+    assert [r["input_shape"] for r in rows] == [[1, 3, 224, 224], [1, 224, 224, 3], [1, 224, 224, 3]]
     for r in rows:
         assert r["latency_ms"]["median"] > 0 and len(r["latency_ms"]["raw"]) == 5
         assert set(r["latency_by_threads"]) == {"1", "2"}

@@ -25,6 +25,7 @@ def result(file: str, precision: str, median_ms: float, cosine: float, top1: flo
     fmt = file.rsplit(".", 1)[1]
     return {"file": f"build/{file}", "model": "mixnet_s", "weights": "random-init+calibrated-bn", "format": fmt,
             "precision": precision, "size_bytes": 16_500_000 if precision == "fp32" else 4_400_000, "init_ms": 12.34,
+            "input_shape": [1, 3, 224, 224] if fmt == "onnx" else [1, 224, 224, 3],
             "first_inference_ms": 20.16, "peak_memory_mb": None if fmt == "onnx" else 45.2,
             "latency_ms": latency["1"], "latency_by_threads": latency,
             "parity": {"samples": 14, "top1_agreement": top1, "top5_agreement": 1.0, "cosine": cosine,
@@ -54,16 +55,17 @@ def test_report_tables_every_file_and_thread_count(tmp_path):
     fastest = RESULTS[3]["latency_by_threads"]["1"]["median"]
     for r in RESULTS:
         found = rows(text, r["file"].split("/")[1])
-        assert [row[4] for row in found] == ["1", "2", "4"]
+        assert [row[5] for row in found] == ["1", "2", "4"]
         for row, t in zip(found, ("1", "2", "4")):
             lat = r["latency_by_threads"][t]
-            assert row[:4] == [r["file"].split("/")[1], r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.2f}"]
-            assert row[5:9] == [f"{lat[k]:.2f}" for k in ("median", "p90", "p99", "std")]
-            assert row[9:12] == ["12.3", "20.2", "—" if r["format"] == "onnx" else "45.2"]
-            assert row[12:17] == [f"{r['parity']['top1_agreement']:.1%}", "100.0%", f"{r['parity']['cosine']:.7f}",
+            assert row[:5] == [r["file"].split("/")[1], r["format"], r["precision"],
+                               "1×3×224×224" if r["format"] == "onnx" else "1×224×224×3", f"{r['size_bytes'] / 1e6:.2f}"]
+            assert row[6:12] == [f"{lat[k]:.2f}" for k in ("min", "median", "mean", "p90", "p99", "std")]
+            assert row[12:15] == ["12.3", "20.2", "—" if r["format"] == "onnx" else "45.2"]
+            assert row[15:20] == [f"{r['parity']['top1_agreement']:.1%}", "100.0%", f"{r['parity']['cosine']:.7f}",
                                   "120.0", "PASS"]
-            assert row[17] == (f"{lat['median'] / fastest:.2f}×" if t == "1" else "")
-    assert rows(text, "s_int8.tflite")[0][17] == "1.00×"
+            assert row[20] == (f"{lat['median'] / fastest:.2f}×" if t == "1" else "")
+    assert rows(text, "s_int8.tflite")[0][20] == "1.00×"
     assert "- s.tflite (fp32, 14 samples): max_rel ≤ 0.0001 (measured 2e-07), min_top1 ≥ 1 (measured 1): PASS" in text
     assert "- s_int8.tflite (int8, 14 samples): min_cosine ≥ 0.97 (measured 0.9812000): PASS" in text
     assert sorted(p.name for p in md.parent.iterdir()) == ["bench.md", "bench.png"]
@@ -83,8 +85,8 @@ def test_emulated_device_and_failed_parity_are_loud(tmp_path):
     md, png = write_report(tmp_path / "emu.md", {**DEVICE, "emulated": True}, [RESULTS[1], failed])
     text = md.read_text()
     assert f"> **⚠ EMULATED: {EMULATION_NOTE}.**" in text and "Emulated: yes" in text
-    assert [row[16] for row in rows(text, "s_int8.tflite")] == ["**FAIL**"] * 3
-    assert [row[16] for row in rows(text, "s.tflite")] == ["PASS"] * 3
+    assert [row[19] for row in rows(text, "s_int8.tflite")] == ["**FAIL**"] * 3
+    assert [row[19] for row in rows(text, "s.tflite")] == ["PASS"] * 3
     assert "min_cosine ≥ 0.97 (measured 0.9100000): **FAIL**" in text
     assert png.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["emu.md", "emu.png"]
 
@@ -107,3 +109,7 @@ def test_report_marks_the_cores_of_the_cpus_mask(tmp_path):
     alike = {**DEVICE, "cores": [{"cpu": i, "max_khz": 2800000} for i in range(2)], "big_cores": [0, 1]}
     write_report(tmp_path / "r.md", alike, [{**r, "cpus": "2"} for r in RESULTS])
     assert "- Cores: 2: cpu0 2.80 GHz; cpu1 2.80 GHz **(used)**\n" in (tmp_path / "r.md").read_text()
+    unknown = {**DEVICE, "cores": [{"cpu": i, "max_khz": None} for i in range(2)], "big_cores": [0, 1], "governor": None}
+    write_report(tmp_path / "r.md", unknown, RESULTS)  # a VM: no frequencies, no governor
+    text = (tmp_path / "r.md").read_text()
+    assert "- Cores: 2: cpu0–1 (not pinned: any core)\n" in text and "- Governor: unknown\n" in text
