@@ -312,6 +312,11 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
                                  f"candidates: {', '.join(layer.candidates)}")
 
 
+def default_choice(kind: str | None) -> str:
+    """What a layer a plan does not name is lowered as: a depthwise MixConv split, a 1x1 grouped."""
+    return "split" if kind == "depthwise" else "grouped"
+
+
 def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
     """'split' keeps every MixConv split; 'fold' folds every depthwise MixConv and groups every 1x1."""
     if preset not in ("split", "fold"):
@@ -339,8 +344,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
             bn = model.get_submodule(site.bn)
             site.groups = fold_batchnorm(site.groups, bn)
             _set(lowered, site.bn, copy.deepcopy(getattr(bn, "act", nn.Identity())))
-        default = "split" if _kind(site.groups) == "depthwise" else "grouped"
-        _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default)))
+        _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default_choice(_kind(site.groups)))))
     split_expansions(lowered)
     relu_into_segments(lowered)
     report = verify(model, lowered, input_size, check_inputs)

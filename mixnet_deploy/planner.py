@@ -7,7 +7,7 @@ from torch import nn
 
 from .cost_model import CostModel
 from .errors import MixdeployError
-from .lower import analyse, check_plan, discover, layer_info, preset_plan
+from .lower import analyse, check_plan, default_choice, discover, layer_info, preset_plan
 from .plan import Plan
 
 TARGETS = ("onnxruntime", "litert", "onnxruntime_int8", "litert_int8")
@@ -37,9 +37,11 @@ def make_plan(spec: str, model: nn.Module, input_size: tuple[int, int, int], tar
         return auto_plan(model, input_size, target)
     if spec in ("split", "fold"):
         return preset_plan(analyse(model, input_size), spec, target)
-    plan = read_spec(spec)
-    check_plan(plan, analyse(model, input_size))
-    return plan
+    plan, layers = read_spec(spec), analyse(model, input_size)
+    check_plan(plan, layers)
+    # the file's own target, source and estimates were made for another export: this one records
+    # what it lowers (every layer, those the file leaves out by default) and where the plan came from
+    return Plan({layer.name: plan.layers.get(layer.name, default_choice(layer.kind)) for layer in layers}, target, "file")
 
 
 def read_spec(spec: str) -> Plan | None:

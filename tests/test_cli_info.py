@@ -128,6 +128,7 @@ def test_unknown_option_is_one_line(run_cli):
 def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     """`info MODEL --plan auto --target T` gives the cost model's plan for T; a plan FILE comes back as written."""
     from mixnet_deploy import load_model
+    from mixnet_deploy.lower import analyse
     from mixnet_deploy.planner import make_plan
 
     loaded = load_model("mixnet_s")
@@ -141,6 +142,14 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(plan))
     mine = json.loads(run_cli("info", "mixnet_s", "--plan", tmp_path / "p.json", "--json").out)["plan"]
     assert mine["layers"] == plan["layers"]
+    # the file's target, source and estimates (LiteRT's, here) are not this plan's; unnamed layers are listed too
+    assert plan["source"] == "auto" and plan["target"] == "litert" and plan["estimates_ms"]
+    (tmp_path / "part.json").write_text(json.dumps({**plan, "layers": {"blocks.2.0.conv_dw": "fold"}}))
+    part = json.loads(run_cli("info", "mixnet_s", "--plan", tmp_path / "part.json", "--json").out)["plan"]
+    assert (part["source"], part["target"], part["estimates_ms"]) == ("file", "onnxruntime", {})
+    kinds = {layer.name: layer.kind for layer in analyse(loaded.module, loaded.preprocess.input_size)}
+    assert part["layers"] == {**{name: "split" if kind == "depthwise" else "grouped" for name, kind in kinds.items()},
+                              "blocks.2.0.conv_dw": "fold"}
     table = run_cli("info", "mixnet_s", "--plan", "fold").out
     assert "blocks.5.2.conv_dw" in table and "fold" in table
     # a plan file is checked as export checks it: a choice the layer cannot take, a layer the model lacks
