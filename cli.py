@@ -23,7 +23,7 @@ from rich.table import Table
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.terminal import stderr_is_interactive
 
-out = Console(width=None if sys.stdout.isatty() else 120)
+out = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty())  # logs: a line per line
 err = Console(stderr=True)
 HEARTBEAT_S = 10.0  # how often long work reports its current step when stderr is not a terminal
 
@@ -194,14 +194,14 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
 
 
 def _file_info(path: str, as_json: bool) -> None:
-    from exporters.inspect_file import inspect_file
+    from exporters.inspect_file import inspect_file, precision
     from mixnet_deploy.parity import ParityReport
 
     report = inspect_file(path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    out.print(f"[bold]{report['path']}[/]  {report['format']}  {report['size_bytes'] / 1e6:.2f} MB")
+    out.print(f"[bold]{report['path']}[/]  {report['format']} {precision(report)}  {report['size_bytes'] / 1e6:.2f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
     if "delegated" in report:
         out.print(_delegation_line(report))
@@ -214,8 +214,20 @@ def _file_info(path: str, as_json: bool) -> None:
         stored = ParityReport.from_dict(parity)
         verdict = stored.summary() if stored else ("PASS" if parity.get("passed") else "FAIL") if parity else "not recorded"
         out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: {verdict}")
+        if meta.get("mixdeploy.plan"):
+            out.print(_plan_line(meta["mixdeploy.plan"]))
+        if meta.get("mixdeploy.preprocess"):
+            out.print("preprocess: " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.preprocess"].items()))
+        if meta.get("mixdeploy.versions"):
+            out.print("written with " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.versions"].items()))
     else:
         out.print("no mixdeploy metadata: not exported by mixdeploy")
+
+
+def _plan_line(plan: dict) -> str:
+    """`plan (SOURCE, TARGET): CHOICE xN, ...` of a plan's dict."""
+    choices = ", ".join(f"{c} x{n}" for c, n in sorted(Counter(plan.get("layers", {}).values()).items()))
+    return f"plan ({plan.get('source')}, {plan.get('target')}): {choices or 'no MixConv layer'}"
 
 
 def _delegation_line(details: dict) -> str:
@@ -297,9 +309,8 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
                       f"{tuning.plan.source.split(' on ')[-1]}: {tuning.measured_shapes} layer shapes measured, "
                       f"{tuning.cached_shapes} from the cache; whole model: {whole}")
         for r in results:
-            choices = ", ".join(f"{c} x{n}" for c, n in sorted(Counter(r.plan.layers.values()).items()))
             out.print(f"[bold]{r.path}[/]  {r.model} ({r.weights})  {r.size_bytes / 1e6:.1f} MB")
-            out.print(f"plan ({r.plan.source}, {r.plan.target}): {choices}")
+            out.print(_plan_line(r.plan.to_dict()))
             out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()))
             if "delegated" in r.details:
                 out.print(_delegation_line(r.details))

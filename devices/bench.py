@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.inspect_file import exported_format, inspect_file
+from exporters.inspect_file import exported_format, inspect_file, precision
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 from mixnet_deploy.models import reload
 from mixnet_deploy.parity import DEPLOYED_TOLERANCE, compare, reference_outputs
@@ -40,14 +40,6 @@ class Settings:
     cooldown: float | None = None  # seconds between models; None: 10 s on a real phone, else 0
     timeout: float = 900
     python: str | None = None  # the device's Python; None: python3 (this Python on the local device)
-
-
-def precision(report: dict) -> str:
-    """fp32, fp16 or int8, from the ops and tensors of an exported file."""
-    ops = set(report["ops"])
-    if ops & {"QuantizeLinear", "QUANTIZE"} or report["inputs"][0]["dtype"] in ("int8", "uint8"):
-        return "int8"
-    return "fp16" if "DEQUANTIZE" in ops else "fp32"
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """`mixdeploy export`: load -> plan -> lower -> write -> check in the target runtime, as one call."""
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -95,11 +97,13 @@ def kept_as(path: Path, passed: bool) -> Path:
     return path if passed else path.with_suffix(".failed" + path.suffix)
 
 
-def _versions() -> dict[str, str]:
-    import onnx
-    import timm
+CONVERTERS = {"onnx": ("onnx", "onnxruntime"), "tflite": ("tensorflow", "ai_edge_litert")}  # modules
 
-    return {"mixdeploy": __version__, "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__}
+
+def versions(fmt: str) -> dict[str, str]:
+    """mixdeploy's and the packages that made and checked a file of format `fmt` (imported by then)."""
+    return {"mixdeploy": __version__, "torch": torch.__version__, "timm": metadata.version("timm"),
+            **{name: importlib.import_module(name).__version__ for name in CONVERTERS[fmt]}}
 
 
 def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,
@@ -135,7 +139,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
                       else make_plan(plan, loaded.module, size, writer.target))
             step("lowering and verifying against the original")
             lowered = lower(loaded.module, size, chosen, check_inputs=photos)
-            metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": _versions()}
+            metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": versions(name)}
             step(f"writing {paths[name].name}")
             writer.write(lowered.module, size, tmp, options or {})
             step(f"checking {paths[name].name} in {writer.runtime_name}")

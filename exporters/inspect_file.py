@@ -45,6 +45,14 @@ def _tflite(path: Path) -> dict:
     return report | {"metadata": read_metadata(path)}
 
 
+def precision(report: dict) -> str:
+    """fp32, fp16 or int8, from the ops and tensors of an exported file (inspect_file's report)."""
+    ops = set(report["ops"])
+    if ops & {"QuantizeLinear", "QUANTIZE"} or report["inputs"][0]["dtype"] in ("int8", "uint8"):
+        return "int8"
+    return "fp16" if "DEQUANTIZE" in ops else "fp32"
+
+
 def exported_format(path: str | Path) -> str:
     """onnx or tflite for an existing file with that suffix, else a MixdeployError saying what is wrong
     (without reading the file: a quick check before slow work)."""

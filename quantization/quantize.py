@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from devices.runners import file_format
-from exporters.export import check_writable, kept_as
+from exporters.export import check_writable, kept_as, versions
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
 from mixnet_deploy.deploy_modules import modules_called
@@ -165,7 +165,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                   if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe))
         meta = {**loaded.metadata(), "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
                 "calibration_images": len(calibration.images), "kept_float": kept},
-                "mixdeploy.parity": agreement.to_dict()}
+                "mixdeploy.parity": agreement.to_dict(), "mixdeploy.versions": versions(fmt)}
         FORMATS[fmt].add_metadata(tmp, meta)
         acc = accuracy(reference, candidate, held_out.labels, loaded) if held_out.labels else None
         details = FORMATS[fmt].inspect(tmp) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}

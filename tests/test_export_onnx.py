@@ -44,7 +44,7 @@ def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
     assert len(json.loads(m["mixdeploy.labels"])) == 1000
     assert json.loads(m["mixdeploy.plan"])["layers"] == result.plan.layers
     assert json.loads(m["mixdeploy.parity"])["passed"] is True
-    assert {"torch", "timm", "onnx", "mixdeploy"} <= set(json.loads(m["mixdeploy.versions"]))
+    assert {"torch", "timm", "onnx", "onnxruntime", "mixdeploy"} == set(json.loads(m["mixdeploy.versions"]))
     graph = onnx.load(str(result.path)).graph
     assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1

@@ -170,8 +170,11 @@ def test_all_formats_and_info_of_files(tmp_path, run_cli):
         assert info.code == 0, info.err
         report = json.loads(info.out)
         assert report["metadata"]["mixdeploy.model"] == "tf_mixnet_s" and report["ops"]
+        converters = {"onnx", "onnxruntime"} if suffix == ".onnx" else {"tensorflow", "ai_edge_litert"}
+        assert set(report["metadata"]["mixdeploy.versions"]) == {"mixdeploy", "torch", "timm", *converters}
     text = run_cli("info", tmp_path / "both.tflite")
-    assert "XNNPACK takes" in text.out and "PASS" in text.out
+    assert "XNNPACK takes" in text.out and "PASS" in text.out and "tflite fp32" in text.out
+    assert "plan (auto, litert): " in text.out and "crop_pct" in text.out and "tensorflow 2." in text.out
     assert_usage_error(run_cli("export", "tf_mixnet_s", "--format", "tflite", "-o", tmp_path / "both.tflite"), "--force")
     (tmp_path / "junk.tflite").write_bytes(b"not a flatbuffer")
     assert_usage_error(run_cli("info", tmp_path / "junk.tflite"), "not a readable TFLite file")
