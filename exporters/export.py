@@ -4,8 +4,8 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
-from importlib import metadata
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 

@@ -7,7 +7,14 @@ from torch import nn
 
 from .cost_model import CostModel
 from .errors import MixdeployError
-from .lower import analyse, check_plan, default_choice, discover, layer_info, preset_plan
+from .lower import (
+    analyse,
+    check_plan,
+    default_choice,
+    discover,
+    layer_info,
+    preset_plan,
+)
 from .plan import Plan
 
 TARGETS = ("onnxruntime", "litert", "onnxruntime_int8", "litert_int8")
