@@ -676,7 +676,9 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(f"mixdeploy: stopped by {signal.Signals(signum).name}", err=True)
         sys.exit(128 + signum)
     except click.ClickException as exc:
-        click.echo(f"mixdeploy: error: {exc.format_message()} (see mixdeploy --help)", err=True)
+        ctx = getattr(exc, "ctx", None)  # a usage error knows its command: point at that command's help
+        click.echo(f"mixdeploy: error: {exc.format_message()} (see {ctx.command_path if ctx else 'mixdeploy'} --help)",
+                   err=True)
         sys.exit(2)
     finally:  # after a stop they stay ignored: a late signal would kill the process before it exits 128+N
         for sig, old in handled.items():

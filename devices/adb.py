@@ -45,7 +45,7 @@ class AdbTransport(Transport):
     def __init__(self, serial: str, timeout: float = 30) -> None:
         super().__init__()
         if not serial.strip():
-            raise MixdeployError("--device adb: names no device; give adb:SERIAL (see `adb devices`)")
+            raise MixdeployError("device adb: names no device; give adb:SERIAL (see `adb devices`)")
         network = re.fullmatch(r"[\w.\-]+:(\d+)", serial)
         check_port(network and network.group(1), serial)
         self.serial = serial

@@ -22,7 +22,7 @@ class SshTransport(Transport):
         super().__init__()
         match = re.fullmatch(r"(?:([\w.\-]+)@)?([\w.\-]+|\[[0-9a-fA-F:]+\])(?::(\d+))?", target)
         if not match:
-            raise MixdeployError(f"--device ssh:{target}: give ssh:USER@HOST or ssh:USER@HOST:PORT")
+            raise MixdeployError(f"device ssh:{target}: give ssh:USER@HOST or ssh:USER@HOST:PORT")
         user, self.host, port = match.groups()
         check_port(port, f"ssh:{target}")
         self.name = f"ssh:{target}"

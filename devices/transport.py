@@ -145,4 +145,4 @@ def run_host(argv: list[str], timeout: float, what: str) -> ShellResult:
 def check_port(port: str | None, device: str) -> None:
     """A usage error unless `port` (digits, or None for the default) is a TCP port."""
     if port and not 0 < int(port) < 65536:
-        raise MixdeployError(f"--device {device}: port {port} is not a TCP port (1-65535)")
+        raise MixdeployError(f"device {device}: port {port} is not a TCP port (1-65535)")

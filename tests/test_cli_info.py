@@ -122,7 +122,8 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
 
 
 def test_unknown_option_is_one_line(run_cli):
-    assert_usage_error(run_cli("info", "mixnet_s", "--bogus"), "--bogus")
+    assert_usage_error(run_cli("info", "mixnet_s", "--bogus"), "--bogus", "(see mixdeploy info --help)")
+    assert_usage_error(run_cli("bogus"), "No such command 'bogus'", "(see mixdeploy --help)")
 
 
 def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
