@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+# onnxscript logs a notice on stderr when it hands an opset above 18 to onnx's own converter
+logging.getLogger("onnxscript.version_converter").setLevel(logging.ERROR)
 
 
 def global_average_pools(model: onnx.ModelProto) -> int:
