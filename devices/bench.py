@@ -207,7 +207,8 @@ class Session:
         meta = item.report["metadata"]
         return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
                 "format": item.report["format"], "precision": item.precision, "size_bytes": item.report["size_bytes"],
-                "input_shape": item.report["inputs"][0]["shape"], "runner": s.runner, "runtime": measured["runtime"], "cpus": self.mask,
+                "input_shape": item.report["inputs"][0]["shape"], "runner": s.runner, "runtime": measured["runtime"],
+                "cpus": self.mask,
                 "init_ms": measured["init_ms"], "first_inference_ms": measured["first_inference_ms"],
                 "peak_memory_mb": measured["peak_memory_mb"], "model_memory_mb": measured["model_memory_mb"],
                 "latency_ms": latency[str(s.threads[0])], "latency_by_threads": latency,

@@ -5,7 +5,6 @@ import importlib
 import os
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -102,8 +101,8 @@ CONVERTERS = {"onnx": ("onnx", "onnxruntime"), "tflite": ("tensorflow", "ai_edge
 
 def versions(fmt: str) -> dict[str, str]:
     """mixdeploy's and the packages that made and checked a file of format `fmt` (imported by then)."""
-    return {"mixdeploy": __version__, "torch": torch.__version__, "timm": metadata.version("timm"),
-            **{name: importlib.import_module(name).__version__ for name in CONVERTERS[fmt]}}
+    return {"mixdeploy": __version__, **{name: importlib.import_module(name).__version__
+                                         for name in ("torch", "timm", *CONVERTERS[fmt])}}
 
 
 def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,

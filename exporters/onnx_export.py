@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-# onnxscript logs a notice on stderr when it hands an opset above 18 to onnx's own converter
-logging.getLogger("onnxscript.version_converter").setLevel(logging.ERROR)
 
 
 def global_average_pools(model: onnx.ModelProto) -> int:
@@ -215,12 +213,18 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
     check_opset(opset)
     example = (torch.randn(1, *input_size),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+    converter_log = logging.getLogger("onnxscript.version_converter")  # a notice on stderr for opsets above 18
+    level = converter_log.level
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module.eval(), example, dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, external_data=False, optimize=True,
-        )
+        converter_log.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                module.eval(), example, dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, external_data=False, optimize=True,
+            )
+        finally:
+            converter_log.setLevel(level)
     model = program.model_proto
     global_average_pools(model)
     if scale_weights:
