@@ -5,7 +5,7 @@ model any more: they show what swish and SE cost, work no exact lowering can rem
 
     python benchmarks/bench_blocks.py [--models mixnet_s] [--formats tflite,onnx] [--rounds 5]
 
-Writes benchmarks/results/blocks.json and prints Markdown tables.
+Writes benchmarks/results/CPU/blocks.json and prints Markdown tables.
 """
 from __future__ import annotations
 

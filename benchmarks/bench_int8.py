@@ -4,12 +4,10 @@ the shipped photos), 1 thread.
 
     bash benchmarks/peers/setup.sh && python benchmarks/bench_int8.py [--models mixnet_s]
 
-Writes benchmarks/results/int8.json and prints a Markdown table.
+Writes benchmarks/results/CPU/int8.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporters import peers  # noqa: E402
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import save_result  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
 from devices.runners import OrtRunner, runner_for  # noqa: E402
 from exporters.export import export  # noqa: E402
@@ -51,9 +49,7 @@ def main() -> None:
             stats = interleaved(runners, feeds, rounds=args.rounds)
             rows.append({"model": name, "threads": 1, "latency_ms": stats})
             print(name, {k: round(v["median"], 2) for k, v in stats.items()}, flush=True)
-    result = {"benchmark": "int8", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": describe(), "rows": rows}
-    (Path(__file__).parent / "results" / "int8.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_result("int8", rows=rows)
     print("\n| model | file | median ms (1 thread) |\n|---|---|---|")
     for r in rows:
         for k, v in r["latency_ms"].items():

@@ -2,12 +2,10 @@
 
     python benchmarks/bench_onnx.py [--models mixnet_s,mixnet_m,mixnet_l] [--threads 1,2]
 
-Writes benchmarks/results/onnxruntime.json and prints a Markdown table.
+Writes benchmarks/results/CPU/onnxruntime.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import save_result  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
 from devices.runners import OrtRunner  # noqa: E402
 from exporters.export import export  # noqa: E402
@@ -42,10 +40,7 @@ def main() -> None:
                              "plan": ours.plan.layers})
                 print(f"{name} {threads}t plain {stats['plain']['median']:.2f} ms ours {stats['ours']['median']:.2f} ms "
                       f"ratio {rows[-1]['ratio']:.3f}", flush=True)
-    result = {"benchmark": "onnxruntime", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": describe(), "rows": rows}
-    out = Path(__file__).parent / "results" / "onnxruntime.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save_result("onnxruntime", rows=rows)
     print("\n| model | threads | plain torch.onnx.export (ms) | mixdeploy (ms) | ratio |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['threads']} | {r['plain_ms']['median']:.2f} | {r['ours_ms']['median']:.2f} | {r['ratio']:.2f}x |")

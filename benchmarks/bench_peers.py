@@ -4,7 +4,7 @@
 
 One compare-peers run per model and precision (ONNX Runtime and LiteRT files side by side, at 1
 and 2 threads, parity on the shipped photos; random-init weights with BatchNorm calibrated on the
-photos). Writes benchmarks/results/peers.json and prints a Markdown table.
+photos). Writes benchmarks/results/CPU/peers.json and prints a Markdown table.
 """
 from __future__ import annotations
 

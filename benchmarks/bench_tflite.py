@@ -4,12 +4,10 @@ conversions of the same timm model and weights, plus this machine's fp32 compute
     bash benchmarks/peers/setup.sh        # once: the peers' own environments
     python benchmarks/bench_tflite.py [--models mixnet_s,mixnet_m,mixnet_l] [--threads 1,2]
 
-Writes benchmarks/results/litert.json and prints a Markdown table.
+Writes benchmarks/results/CPU/litert.json and prints a Markdown table.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporters import peers  # noqa: E402
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import save_result  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
 from devices.runners import LiteRtRunner  # noqa: E402
 from exporters.export import export  # noqa: E402
@@ -80,11 +78,7 @@ def main() -> None:
                              "ratio_to_faster_peer": stats["mixdeploy"]["median"] / peer_best if peer_best else None,
                              "ratio_to_floor": stats["mixdeploy"]["median"] / floor_ms, "plan": ours.plan.layers})
                 print(name, threads, {k: round(v["median"], 2) for k, v in stats.items()}, f"floor {floor_ms:.2f}", flush=True)
-    result = {"benchmark": "litert", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": describe(), "gemm_gflops_1thread": gflops,
-              "peer_failures": failures, "rows": rows}
-    out = Path(__file__).parent / "results" / "litert.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save_result("litert", gemm_gflops_1thread=gflops, peer_failures=failures, rows=rows)
     print("\n| model | threads | mixdeploy (ms) | onnx2tf (ms) | litert-torch (ms) | ours / faster peer | fp32 floor (ms) | ours / floor |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

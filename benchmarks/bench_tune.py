@@ -4,7 +4,7 @@
 
 Tunes on this machine (an empty tuning cache, so every layer is measured), then times the whole
 model under the tuned, auto and split plans in interleaved rounds. Writes
-benchmarks/results/tune.json (tune_int8.json etc. for other precisions) and prints a Markdown table.
+benchmarks/results/CPU/tune.json (tune_int8.json etc. for other precisions) and prints a Markdown table.
 """
 from __future__ import annotations
 

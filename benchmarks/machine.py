@@ -1,8 +1,13 @@
 """One description of the machine a benchmark ran on, stored with every result."""
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
+import re
+import sys
+from pathlib import Path
 
 
 def describe() -> dict:
@@ -35,13 +40,23 @@ def describe() -> dict:
             "os": platform.platform(), "versions": versions}
 
 
-def save_result(benchmark: str, **payload) -> None:
-    """benchmarks/results/BENCHMARK.json: the figures with the date, the command and this machine."""
-    import datetime
-    import json
-    import sys
-    from pathlib import Path
+def cpu_slug(cpu: str) -> str:
+    """A folder name for a CPU model: 'Intel(R) Xeon(R) Processor @ 2.80GHz' -> 'intel-xeon-2.80ghz'."""
+    words = re.sub(r"\((r|tm)\)|\b(processor|cpu)\b|@", " ", cpu.lower())
+    return re.sub(r"[^a-z0-9.]+", "-", words).strip("-") or "unknown"
 
+
+def results_dir() -> Path:
+    """benchmarks/results/CPU/: each machine's figures in a folder of their own (created)."""
+    folder = Path(__file__).parent / "results" / cpu_slug(describe()["cpu"])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_result(benchmark: str, **payload) -> Path:
+    """benchmarks/results/CPU/BENCHMARK.json: the figures with the date, the command and this machine."""
     result = {"benchmark": benchmark, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": describe(), **payload}
-    (Path(__file__).parent / "results" / f"{benchmark}.json").write_text(json.dumps(result, indent=1) + "\n")
+    out = results_dir() / f"{benchmark}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out

@@ -7,7 +7,7 @@ a single-layer probe misprices the layout changes ORT makes around a grouped con
 an in-model result overrides the probe only when it wins by more than IN_MODEL_NOISE.
 
 Writes mixnet_deploy/cost_tables/RUNTIME.json (weights + how they were measured) and the raw
-timings to benchmarks/results/costs_RUNTIME.json.
+timings to benchmarks/results/CPU/costs_RUNTIME.json.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from mixnet_deploy.cost_model import FEATURES, TABLES, CostModel, features, fit,
 from mixnet_deploy.lower import analyse, discover, layer_info, lower  # noqa: E402
 from mixnet_deploy.plan import Plan  # noqa: E402
 from mixnet_deploy.probes import probe, probe_input, probed_layer  # noqa: E402
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, results_dir  # noqa: E402
 from benchmarks.probe_timing import ALIGN, PROBE_TIMERS  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true", help="Refit from the raw timings of the last run.")
     parser.add_argument("--in-model", action="store_true", help="Time pointwise candidates inside the whole model.")
     args = parser.parse_args()
-    out = Path(__file__).parent / "results" / f"costs_{args.runtime}.json"
+    out = results_dir() / f"costs_{args.runtime}.json"
     if args.refit:
         previous = json.loads(out.read_text())
         raw, source = previous["samples"], previous["source"]
