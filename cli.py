@@ -201,7 +201,8 @@ def _file_info(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    out.print(f"[bold]{report['path']}[/]  {report['format']} {precision(report)}  {report['size_bytes'] / 1e6:.2f} MB")
+    opset = f" opset {report['opset']}" if "opset" in report else ""
+    out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {precision(report)}  {report['size_bytes'] / 1e6:.2f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
     if "delegated" in report:
         out.print(_delegation_line(report))
@@ -254,8 +255,8 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: leave the batch dimension free.")
 @click.option("--fp16", is_flag=True, help="TFLite: float16 weights.")
-@click.option("--input-layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
-              help="TFLite input layout (nchw adds one transpose at the input).")
+@click.option("--input-layout", type=click.Choice(["nhwc", "nchw"]),
+              help="Input layout. Default: nhwc for TFLite, nchw for ONNX; the other adds one transpose at the input.")
 @click.option("--tune", "tune_device", metavar="DEVICE",
               help="Measure the plan on DEVICE (local, SERIAL, adb:SERIAL, ssh:USER@HOST[:PORT]) instead of --plan.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
@@ -267,7 +268,7 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, input_size: tuple[int, int] | None,
            fmt: str, output: str | None, plan: str,
-           opset: int, dynamic_batch: bool, fp16: bool, input_layout: str, tune_device: str | None,
+           opset: int, dynamic_batch: bool, fp16: bool, input_layout: str | None, tune_device: str | None,
            precision: str | None, tune_threads: int, tune_runs: int, force: bool, as_json: bool) -> None:
     """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime.
 
@@ -280,7 +281,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
     if not tune_device:
         _reject_given(("tune_threads", "tune_runs"), "--tune DEVICE")
     if fmt == "onnx":
-        _reject_given(("fp16", "input_layout"), "--format tflite or all (TFLite only)")
+        _reject_given(("fp16",), "--format tflite or all (TFLite only)")
     if fmt == "tflite":
         _reject_given(("opset", "dynamic_batch"), "--format onnx or all (ONNX only)")
     if fmt == "onnx" and precision == "fp16":

@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,17 @@ def runner_for(path: str | Path, threads: int = 1) -> "OrtRunner | LiteRtRunner"
     return OrtRunner(path, threads) if file_format(path) == "onnx" else LiteRtRunner(path, threads)
 
 
+def takes_nhwc(shape: Sequence, chw: Sequence[int]) -> bool:
+    """Whether a model input of `shape` takes images of `chw` (C, H, W) as (N, H, W, C)."""
+    c, h, w = chw
+    return list(shape[1:]) == [h, w, c] != [c, h, w]
+
+
+def in_layout(x: np.ndarray, shape: Sequence) -> np.ndarray:
+    """An NCHW batch in the layout of a model input of `shape`."""
+    return x.transpose(0, 2, 3, 1) if takes_nhwc(shape, x.shape[1:]) else x
+
+
 class OrtRunner:
     """ONNX Runtime on the CPU with a fixed number of intra-op threads."""
 
@@ -80,8 +91,8 @@ class OrtRunner:
         return tuple(d if isinstance(d, int) else 1 for d in self.input.shape)
 
     def feed(self, x: np.ndarray) -> np.ndarray:
-        """An NCHW batch as this model takes it (ONNX files are NCHW)."""
-        return x
+        """An NCHW batch as this model takes it."""
+        return in_layout(x, self.input.shape)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Outputs of the first output for a batch in the model's own layout."""
@@ -112,9 +123,8 @@ class LiteRtRunner:
         return tuple(int(d) for d in self.input["shape"])
 
     def feed(self, x: np.ndarray) -> np.ndarray:
-        """An NCHW batch as this model takes it: transposed to NHWC unless the input is NCHW."""
-        nhwc = list(self.input["shape"][1:]) == [x.shape[2], x.shape[3], x.shape[1]]
-        return x.transpose(0, 2, 3, 1) if nhwc else x
+        """An NCHW batch as this model takes it."""
+        return in_layout(x, self.input["shape"])
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Outputs for a batch in the model's own layout and type (quantized io is (de)quantized here)."""

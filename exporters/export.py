@@ -112,7 +112,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     """Export MODEL to each requested format; a file out of tolerance is kept as *.failed.EXT.
 
     plan: auto, split, fold, a plan file, or a function (module, input size, target) -> Plan, such as
-    a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16, input_layout (TFLite).
+    a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16 (TFLite); input_layout (nhwc or nchw;
+    default: TFLite nhwc, ONNX nchw).
     input_size: (height, width) to export at instead of the model's own resolution."""
     paths = output_paths(model, fmt, output)
     for name, path in paths.items():

@@ -47,7 +47,7 @@ class OnnxFormat(_Runs):
         from .onnx_export import write_onnx
 
         write_onnx(module, input_size, path, opset=options.get("opset", 18), dynamic_batch=options.get("dynamic_batch", False),
-                   scale_weights=True)
+                   scale_weights=True, input_layout=options.get("input_layout") or "nchw")
 
     def runner(self, path: Path) -> OrtRunner:
         from devices.runners import OrtRunner
@@ -79,7 +79,7 @@ class TfliteFormat(_Runs):
         from .tflite_export import write_tflite
 
         write_tflite(module, input_size, path, fp16=options.get("fp16", False),
-                     input_layout=options.get("input_layout", "nhwc"))
+                     input_layout=options.get("input_layout") or "nhwc")
 
     def runner(self, path: Path) -> LiteRtRunner:
         from devices.runners import LiteRtRunner

@@ -5,7 +5,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from devices.runners import file_format
+from devices.runners import file_format, takes_nhwc
 from mixnet_deploy.errors import MixdeployError
 
 
@@ -51,6 +51,16 @@ def precision(report: dict) -> str:
     if ops & {"QuantizeLinear", "QUANTIZE"} or report["inputs"][0]["dtype"] in ("int8", "uint8"):
         return "int8"
     return "fp16" if "DEQUANTIZE" in ops else "fp32"
+
+
+def written_options(report: dict, input_size: tuple[int, int, int]) -> dict:
+    """The export options a file of inspect_file's `report` was written with, read from its input
+    tensor (and ONNX opset): input_layout, and for ONNX opset and dynamic_batch."""
+    shape = report["inputs"][0]["shape"]
+    options = {"input_layout": "nhwc" if takes_nhwc(shape, input_size) else "nchw"}
+    if report["format"] == "onnx":
+        options |= {"opset": report["opset"], "dynamic_batch": not isinstance(shape[0], int)}
+    return options
 
 
 def exported_format(path: str | Path) -> str:

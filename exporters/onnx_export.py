@@ -190,6 +190,21 @@ def opset_17(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def nhwc_input(model: onnx.ModelProto) -> None:
+    """Make the NCHW graph input NHWC: the input takes (N, H, W, C) and one Transpose feeds the graph."""
+    from onnx import TensorShapeProto, helper
+
+    graph = model.graph
+    shape, nchw = graph.input[0].type.tensor_type.shape, TensorShapeProto()
+    nchw.CopyFrom(shape)
+    for i, source in enumerate((0, 2, 3, 1)):
+        shape.dim[i].CopyFrom(nchw.dim[source])
+    inner = f"{INPUT_NAME}_nchw"
+    for node in graph.node:
+        node.input[:] = [inner if name == INPUT_NAME else name for name in node.input]
+    graph.node.insert(0, helper.make_node("Transpose", [INPUT_NAME], [inner], name="input_to_nchw", perm=[0, 3, 1, 2]))
+
+
 def check_opset(opset: int) -> None:
     """A usage error unless `opset` is one mixdeploy writes: 17 up to the newest the installed onnx knows."""
     import onnx
@@ -203,9 +218,9 @@ def check_opset(opset: int) -> None:
 
 
 def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, opset: int = 18,
-               dynamic_batch: bool = False, scale_weights: bool = False) -> None:
-    """Export `module` (NCHW float32 input, batch 1 unless dynamic_batch) to `path` at `opset` >= 17
-    (17: exported at 18, then `opset_17`). scale_weights:
+               dynamic_batch: bool = False, scale_weights: bool = False, input_layout: str = "nchw") -> None:
+    """Export `module` (float32 input, NCHW or with input_layout "nhwc" NHWC; batch 1 unless
+    dynamic_batch) to `path` at `opset` >= 17 (17: exported at 18, then `opset_17`). scale_weights:
     fold per-channel gates into the 1x1 conv after them (`scaled_weights`; batch 1 only, float only:
     a quantizer would see those weights as activations)."""
     import onnx
@@ -229,6 +244,8 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
     global_average_pools(model)
     if scale_weights:
         scaled_weights(model)
+    if input_layout == "nhwc":
+        nhwc_input(model)
     if opset == 17:
         model = opset_17(model)
     onnx.checker.check_model(model, full_check=True)

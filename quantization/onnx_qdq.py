@@ -11,7 +11,7 @@ METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
 class CalibrationReader:
-    """onnxruntime.quantization's CalibrationDataReader over preprocessed NCHW images."""
+    """onnxruntime.quantization's CalibrationDataReader over preprocessed images in the model's input layout."""
 
     def __init__(self, images: np.ndarray, input_name: str) -> None:
         self.feeds = [{input_name: images[i:i + 1].astype(np.float32)} for i in range(len(images))]
@@ -26,9 +26,9 @@ class CalibrationReader:
 
 def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: str = "minmax",
                   keep_float: list[str] | None = None) -> None:
-    """Static QDQ quantization of a float ONNX file: per-channel int8 weights, uint8 activations
-    (ORT's fast U8S8 kernels on x86; int8 activations ran 3x slower here), `keep_float` nodes
-    stay in float."""
+    """Static QDQ quantization of a float ONNX file, calibrated on `images` in its input layout:
+    per-channel int8 weights, uint8 activations (ORT's fast U8S8 kernels on x86; int8 activations
+    ran 3x slower here), `keep_float` nodes stay in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

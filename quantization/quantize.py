@@ -12,7 +12,7 @@ import torch
 
 from devices.runners import file_format
 from exporters.export import check_writable, kept_as, versions
-from exporters.inspect_file import inspect_file
+from exporters.inspect_file import inspect_file, written_options
 from mixnet_deploy import load_model
 from mixnet_deploy.deploy_modules import modules_called
 from mixnet_deploy.errors import MixdeployError, reject_options
@@ -56,9 +56,9 @@ class QuantizeResult:
 
 
 def _source(source: str, checkpoint: str | None, calibrate_bn: bool,
-            input_size: tuple[int, int] | None) -> tuple[LoadedModel, dict | None]:
-    """The float model behind SOURCE (a model name, or a float file mixdeploy exported) and the
-    file's lowering plan."""
+            input_size: tuple[int, int] | None) -> tuple[LoadedModel, dict | None, dict]:
+    """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the file's
+    lowering plan and the export options it was written with (its input layout, ONNX opset...)."""
     if file_format(source):
         report = inspect_file(source)
         meta = report.get("metadata", {})
@@ -68,8 +68,9 @@ def _source(source: str, checkpoint: str | None, calibrate_bn: bool,
         quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
-        return reload(meta), meta.get("mixdeploy.plan")
-    return load_model(source, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size), None
+        loaded = reload(meta)
+        return loaded, meta.get("mixdeploy.plan"), written_options(report, loaded.preprocess.input_size)
+    return load_model(source, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size), None, {}
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
@@ -108,7 +109,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     check_writable(out, force, FORMATS[fmt].suffix, format_option=not from_file)
     for folder in filter(None, (calib, eval_dir)):
         check_folder(folder)
-    loaded, file_plan = _source(source, checkpoint, calibrate_bn, input_size)
+    loaded, file_plan, options = _source(source, checkpoint, calibrate_bn, input_size)
+    layout = options.get("input_layout", "nhwc" if fmt == "tflite" else "nchw")  # the float file's, kept
     step("reading calibration images")
     # without --eval, a fifth of the images read is held out: read no more than that needs
     limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
@@ -131,22 +133,22 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     kept: list[str] = list(FLOAT_FOR_SPEED.get(fmt, ()))
     to_keep = [g for g in GROUPS if g not in kept]
     budget: dict | None = None
-    images_np = calibration.images.numpy()
+    samples = _in_layout(calibration.images.numpy(), layout)
     try:
-        step(f"calibrating on {len(images_np)} images ({method})")
+        step(f"calibrating on {len(samples)} images ({method})")
         if float_onnx is not None:
             from exporters.onnx_export import write_onnx
 
-            write_onnx(lowered.module, size, float_onnx)
+            write_onnx(lowered.module, size, float_onnx, **options)
             calibrated = None
         else:
             from .tflite_int8 import calibrate
 
-            calibrated = calibrate(lowered.module, size, images_np, method)
+            calibrated = calibrate(lowered.module, size, samples, method, layout)
         while True:
             step(f"writing {out.name}" + (f" ({', '.join(kept)} in float)" if kept else ""))
             io = "float32" if tflite_ops(kept) else io  # TFLite ops kept in float take float input and output
-            _write(tmp, images_np, method, io, kept, float_onnx, calibrated)
+            _write(tmp, samples, method, io, kept, float_onnx, calibrated)
             candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
             agreement = compare(reference, candidate, **DEPLOYED_TOLERANCE["int8"])
             if max_drop is None:
@@ -160,7 +162,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 break
             kept.append(to_keep.pop(0))
         step("per-layer SQNR")
-        probe = held_out.images[:8].numpy()
+        probe = _in_layout(held_out.images[:8].numpy(), layout)
         layers = (sensitivity.onnx_layers(float_onnx, tmp, probe, modules_called(lowered.module))
                   if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe))
         meta = {**loaded.metadata(), "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
@@ -185,6 +187,11 @@ LAYERS_SHOWN = 10
 # kept in float because that is faster: ORT's int8 conv on 3 input channels is slower than its float
 # conv (mixnet_s, 1 thread: 0.71x our fp32 with the first conv in float, 0.74x with it in int8)
 FLOAT_FOR_SPEED = {"onnx": ("first_conv",)}
+
+
+def _in_layout(images: np.ndarray, layout: str) -> np.ndarray:
+    """NCHW `images` in `layout` (nchw or nhwc), as an input in that layout takes them."""
+    return images.transpose(0, 2, 3, 1) if layout == "nhwc" else images
 
 
 def _write(path: Path, images: np.ndarray, method: str, io: str, kept: list[str], float_onnx: Path | None,

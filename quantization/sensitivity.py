@@ -23,8 +23,8 @@ def _worst_per_module(sqnr: dict[str, float], module_of: Callable[[str], str]) -
 
 
 def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: set[str]) -> list[dict]:
-    """SQNR (dB) of the QDQ model's activations against the float model's (ORT's qdq_loss_debug),
-    per PyTorch module: torch.onnx records each node's module path in its metadata, and a node
+    """SQNR (dB) of the QDQ model's activations against the float model's on `images` in their input
+    layout (ORT's qdq_loss_debug), per PyTorch module: torch.onnx records each node's module path in its metadata, and a node
     inside one of `leaves` (the modules the TFLite writer translates whole) counts as that module."""
     import onnx
 
@@ -58,9 +58,10 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: se
     return _worst_per_module(sqnr, lambda t: modules.get(t, t))
 
 
-def tflite_layers(calibrated: bytes, images: np.ndarray) -> list[dict]:
-    """SQNR (dB) of the quantized ops' outputs against float (TF's QuantizationDebugger on the int8
-    model of a calibrated TFLite model, see tflite_int8.calibrate), per PyTorch module (the TFLite
+def tflite_layers(calibrated: bytes, samples: np.ndarray) -> list[dict]:
+    """SQNR (dB) of the quantized ops' outputs against float on `samples` in the model's input layout
+    (TF's QuantizationDebugger on the int8 model of a calibrated TFLite model, see
+    tflite_int8.calibrate), per PyTorch module (the TFLite
     writer names each tensor's scope after its module: NumericVerify/blocks.1.0.conv_dw/...:N)."""
     from exporters.tflite_export import tensorflow
 
@@ -69,10 +70,9 @@ def tflite_layers(calibrated: bytes, images: np.ndarray) -> list[dict]:
     from .tflite_int8 import quantize_calibrated
 
     tf = tensorflow()
-    nhwc = images.transpose(0, 2, 3, 1).astype(np.float32)
 
     def dataset():
-        for sample in nhwc:
+        for sample in samples.astype(np.float32):
             yield [sample[None]]
 
     options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics={

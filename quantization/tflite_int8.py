@@ -17,18 +17,18 @@ PERCENTILE = 99.999  # ONNX Runtime's default for its percentile calibrator
 BINS = 2048  # histogram bins per activation (ONNX Runtime uses 2048 for percentile)
 
 
-def calibrate(module: nn.Module, input_size: tuple[int, int, int], images: np.ndarray, method: str = "minmax") -> bytes:
-    """The float TFLite model of a lowered module with each activation's range recorded over the NCHW
-    calibration `images` (min/max, or clipped to percentiles with method "percentile")."""
+def calibrate(module: nn.Module, input_size: tuple[int, int, int], samples: np.ndarray, method: str = "minmax",
+              input_layout: str = "nhwc") -> bytes:
+    """The float TFLite model of a lowered module, input in `input_layout`, with each activation's
+    range recorded over the calibration `samples` (in that layout): min/max, or clipped to
+    percentiles with method "percentile"."""
     from devices.runners import quiet_native_stderr
-
-    samples = images.transpose(0, 2, 3, 1)
 
     def representative():
         for sample in samples:
             yield [sample[None].astype(np.float32)]
 
-    conv = converter(module, input_size, representative=representative)
+    conv = converter(module, input_size, input_layout=input_layout, representative=representative)
     conv._experimental_calibrate_only = True  # noqa: SLF001 (the converter's own two-step path, as its debugger uses)
     with quiet_native_stderr():
         calibrated = conv.convert()
@@ -82,4 +82,5 @@ def quantize_calibrated(calibrated: bytes, io_type: str = "int8", float_ops: lis
 def quantize_tflite(module: nn.Module, input_size: tuple[int, int, int], out_path: Path, images: np.ndarray,
                     io_type: str = "int8", method: str = "minmax") -> None:
     """Write the int8 TFLite model (NHWC input) of a lowered module calibrated on the NCHW `images`."""
-    Path(out_path).write_bytes(quantize_calibrated(calibrate(module, input_size, images, method), io_type))
+    calibrated = calibrate(module, input_size, images.transpose(0, 2, 3, 1), method)
+    Path(out_path).write_bytes(quantize_calibrated(calibrated, io_type))

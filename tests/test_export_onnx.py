@@ -152,6 +152,22 @@ def test_dynamic_batch_and_opset_17(tmp_path):
     assert auto.passed and "Split" in auto.ops and [o.version for o in onnx.load(str(auto.path)).opset_import] == [17]
 
 
+def test_nhwc_input_adds_one_transpose(tmp_path):
+    """--input-layout nhwc: the input takes (N, H, W, C) and one Transpose feeds the NCHW graph."""
+    nhwc, = export("mixnet_s", "onnx", tmp_path / "n.onnx", plan="fold",
+                   options={"input_layout": "nhwc", "dynamic_batch": True})
+    assert nhwc.passed and nhwc.ops["Transpose"] == 1
+    graph = onnx.load(str(nhwc.path)).graph
+    assert [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", 224, 224, 3]
+    assert graph.node[0].op_type == "Transpose" and list(graph.node[0].input) == ["input"]
+    nchw, = export("mixnet_s", "onnx", tmp_path / "c.onnx", plan="fold")
+    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    runner = OrtRunner(nhwc.path)
+    assert runner.feed(x).shape == (2, 224, 224, 3)
+    ours, ref = runner.run(runner.feed(x)), OrtRunner(nchw.path).run(x)
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_opset_17_rewrites_the_ops_that_changed_at_18(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
@@ -249,7 +265,7 @@ def test_bad_export_input(tmp_path, run_cli, monkeypatch):
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.tflite"), "must end in .onnx", "--format tflite")
     assert_usage_error(run_cli("export", "mixnet_s", "--format", "tflite", "-o", tmp_path / "m.txt"), "must end in .tflite")
     assert_usage_error(run_cli("export", "mixnet_s", "--fp16", "--input-layout", "nchw"),
-                       "--fp16, --input-layout go with --format tflite or all")
+                       "--fp16 goes with --format tflite or all")
     assert_usage_error(run_cli("export", "mixnet_s", "--format", "tflite", "--opset", "17"), "--opset goes with --format onnx")
     assert_usage_error(run_cli("export", "mixnet_s", "--plan", tmp_path / "none.json"), "plan file", "does not exist")
     (tmp_path / "v99.json").write_text(json.dumps({"version": 99, "layers": {}}))

@@ -136,6 +136,22 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         assert [r["sqnr_db"] for r in layers] == sorted(r["sqnr_db"] for r in layers)
 
 
+@pytest.mark.parametrize("fmt, options, shape", [
+    ("tflite", ("--input-layout", "nchw"), [1, 3, 96, 128]),
+    ("onnx", ("--input-layout", "nhwc", "--opset", "17", "--dynamic-batch"), ["batch", 96, 128, 3])])
+def test_quantize_keeps_the_input_layout_opset_and_batch_of_the_float_file(tmp_path, run_cli, fmt, options, shape):
+    float_file = tmp_path / f"m.{fmt}"
+    exported = run_cli("export", "mixconv_mobilenetv2_100", "--format", fmt, "-o", float_file, "--plan", "fold",
+                       "--input-size", "96x128", *options)
+    assert exported.code == 0, exported.err
+    result = run_cli("quantize", float_file, "--calib", PHOTOS, "--num-calib", "8", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["agreement"]["passed"]
+    for path in (float_file, tmp_path / f"m_int8.{fmt}"):
+        info = inspect_file(path)
+        assert info["inputs"][0]["shape"] == shape and info.get("opset", 17) == 17, info
+
+
 def test_bad_calibration_input(tmp_path, run_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
