@@ -99,10 +99,11 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
         step(f"exporting {name} with mixdeploy")
         ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
                                                  calibrate_bn=calibrate_bn, input_size=input_size, step=step)}
-        calib = load_folder(settings.parity_dir or SAMPLE_IMAGES, loaded.preprocess, progress=False).images.numpy()
-        if precision == "int8":
-            ours = {fmt: quantize(str(path), settings.parity_dir or SAMPLE_IMAGES,
-                                  path.with_name(f"{name}_int8.{fmt}"), step=step).path for fmt, path in ours.items()}
+        photos = settings.parity_dir or SAMPLE_IMAGES
+        calib = load_folder(photos, loaded.preprocess, progress=False).images.numpy()
+        if precision == "int8":  # calibrated on every photo, as the peers are (not on quantize's four fifths)
+            ours = {fmt: quantize(str(path), photos, path.with_name(f"{name}_int8.{fmt}"), num_calib=len(calib),
+                                  eval_dir=photos, step=step).path for fmt, path in ours.items()}
         meta = inspect_file(ours["onnx"])["metadata"]
         files, missing = _peer_files(loaded.module, loaded.name, loaded.preprocess.input_size, work, precision,
                                     calib, step)

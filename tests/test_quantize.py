@@ -147,9 +147,13 @@ def test_quantize_keeps_the_input_layout_opset_and_batch_of_the_float_file(tmp_p
     result = run_cli("quantize", float_file, "--calib", PHOTOS, "--num-calib", "8", "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out)["agreement"]["passed"]
-    for path in (float_file, tmp_path / f"m_int8.{fmt}"):
+    files = (float_file, tmp_path / f"m_int8.{fmt}")
+    for path in files:
         info = inspect_file(path)
         assert info["inputs"][0]["shape"] == shape and info.get("opset", 17) == 17, info
+    bench = run_cli("bench", *files, "--runs", "3", "--json")  # fed in their layout, checked against PyTorch
+    assert bench.code == 0, bench.err
+    assert [r["parity"]["passed"] for r in json.loads(bench.out)["results"]] == [True, True]
 
 
 def test_bad_calibration_input(tmp_path, run_cli):
