@@ -53,10 +53,8 @@ def results_dir() -> Path:
     return folder
 
 
-def save_result(benchmark: str, **payload) -> Path:
+def save_result(benchmark: str, **payload) -> None:
     """benchmarks/results/CPU/BENCHMARK.json: the figures with the date, the command and this machine."""
     result = {"benchmark": benchmark, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": describe(), **payload}
-    out = results_dir() / f"{benchmark}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return out
+    (results_dir() / f"{benchmark}.json").write_text(json.dumps(result, indent=1) + "\n")
