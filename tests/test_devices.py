@@ -18,7 +18,9 @@ import pytest
 from conftest import assert_usage_error, probe_files, processes_mentioning
 from devices.connect import open_device
 from devices.device_info import big_cores, cpu_mask, device_info
+from exporters.inspect_file import inspect_file
 from mixnet_deploy.errors import DeviceError, DeviceTimeout
+from quantization.calibration import find_images
 
 TRICKY = "it's a \"test\" with $HOME, `backticks`; and spaces"
 
@@ -217,6 +219,10 @@ def test_compare_peers(run_cli, digits, tmp_path):
     assert table.code == 0, table.err
     assert "vs ours" in table.out and "ORT quantize_static (defaults)" in table.out and "int8" in table.out
     assert f"files kept in {tmp_path / 'kept'}" in table.out and (tmp_path / "kept" / "ours" / "mixnet_s_int8.onnx").exists()
+    photos = len(find_images(root / "eval"))  # ours are calibrated on every photo, as the peers are
+    for fmt in ("onnx", "tflite"):
+        meta = inspect_file(tmp_path / "kept" / "ours" / f"mixnet_s_int8.{fmt}")["metadata"]
+        assert meta["mixdeploy.quantization"]["calibration_images"] == photos
     assert_usage_error(run_cli(*common, "--keep", tmp_path / "kept"), "--keep", "is not empty")
 
 
