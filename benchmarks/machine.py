@@ -10,18 +10,23 @@ import sys
 from pathlib import Path
 
 
+def cpu_name() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it."""
+    fallback = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), fallback)
+    except OSError:
+        return fallback
+
+
 def describe() -> dict:
     """CPU model, cores, memory, OS and the runtime versions that matter for the figures."""
     import numpy
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
@@ -48,7 +53,7 @@ def cpu_slug(cpu: str) -> str:
 
 def results_dir() -> Path:
     """benchmarks/results/CPU/: each machine's figures in a folder of their own (created)."""
-    folder = Path(__file__).parent / "results" / cpu_slug(describe()["cpu"])
+    folder = Path(__file__).parent / "results" / cpu_slug(cpu_name())
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

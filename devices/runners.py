@@ -61,15 +61,20 @@ def runner_for(path: str | Path, threads: int = 1) -> "OrtRunner | LiteRtRunner"
     return OrtRunner(path, threads) if file_format(path) == "onnx" else LiteRtRunner(path, threads)
 
 
-def takes_nhwc(shape: Sequence, chw: Sequence[int]) -> bool:
-    """Whether a model input of `shape` takes images of `chw` (C, H, W) as (N, H, W, C)."""
+def layout_of(shape: Sequence, chw: Sequence[int]) -> str:
+    """nhwc when a model input of `shape` takes images of `chw` (C, H, W) as (N, H, W, C), else nchw."""
     c, h, w = chw
-    return list(shape[1:]) == [h, w, c] != [c, h, w]
+    return "nhwc" if list(shape[1:]) == [h, w, c] != [c, h, w] else "nchw"
 
 
-def in_layout(x: np.ndarray, shape: Sequence) -> np.ndarray:
+def in_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    """An NCHW batch in `layout` (nchw or nhwc)."""
+    return x.transpose(0, 2, 3, 1) if layout == "nhwc" else x
+
+
+def feed_for(x: np.ndarray, shape: Sequence) -> np.ndarray:
     """An NCHW batch in the layout of a model input of `shape`."""
-    return x.transpose(0, 2, 3, 1) if takes_nhwc(shape, x.shape[1:]) else x
+    return in_layout(x, layout_of(shape, x.shape[1:]))
 
 
 class OrtRunner:
@@ -92,7 +97,7 @@ class OrtRunner:
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """An NCHW batch as this model takes it."""
-        return in_layout(x, self.input.shape)
+        return feed_for(x, self.input.shape)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Outputs of the first output for a batch in the model's own layout."""
@@ -124,7 +129,7 @@ class LiteRtRunner:
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """An NCHW batch as this model takes it."""
-        return in_layout(x, self.input["shape"])
+        return feed_for(x, self.input["shape"])
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Outputs for a batch in the model's own layout and type (quantized io is (de)quantized here)."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 class Format(Protocol):
     suffix: str
     target: str  # the runtime whose cost model picks the plan
+    input_layout: str  # nchw or nhwc, when the export options name none
     runtime_name: str
 
     def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None: ...
@@ -42,12 +43,13 @@ class _Runs:
 
 class OnnxFormat(_Runs):
     suffix, target, runtime_name = ".onnx", "onnxruntime", "ONNX Runtime"
+    input_layout = "nchw"  # the default; --input-layout nhwc adds one Transpose
 
     def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None:
         from .onnx_export import write_onnx
 
         write_onnx(module, input_size, path, opset=options.get("opset", 18), dynamic_batch=options.get("dynamic_batch", False),
-                   scale_weights=True, input_layout=options.get("input_layout") or "nchw")
+                   scale_weights=True, input_layout=options.get("input_layout") or self.input_layout)
 
     def runner(self, path: Path) -> OrtRunner:
         from devices.runners import OrtRunner
@@ -74,12 +76,13 @@ class OnnxFormat(_Runs):
 
 class TfliteFormat(_Runs):
     suffix, target, runtime_name = ".tflite", "litert", "LiteRT (XNNPACK)"
+    input_layout = "nhwc"  # the default; --input-layout nchw adds one TRANSPOSE
 
     def write(self, module: nn.Module, input_size: tuple[int, int, int], path: Path, options: dict) -> None:
         from .tflite_export import write_tflite
 
         write_tflite(module, input_size, path, fp16=options.get("fp16", False),
-                     input_layout=options.get("input_layout") or "nhwc")
+                     input_layout=options.get("input_layout") or self.input_layout)
 
     def runner(self, path: Path) -> LiteRtRunner:
         from devices.runners import LiteRtRunner

@@ -5,7 +5,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from devices.runners import file_format, takes_nhwc
+from devices.runners import file_format, layout_of
 from mixnet_deploy.errors import MixdeployError
 
 
@@ -57,7 +57,7 @@ def written_options(report: dict, input_size: tuple[int, int, int]) -> dict:
     """The export options a file of inspect_file's `report` was written with, read from its input
     tensor (and ONNX opset): input_layout, and for ONNX opset and dynamic_batch."""
     shape = report["inputs"][0]["shape"]
-    options = {"input_layout": "nhwc" if takes_nhwc(shape, input_size) else "nchw"}
+    options = {"input_layout": layout_of(shape, input_size)}
     if report["format"] == "onnx":
         options |= {"opset": report["opset"], "dynamic_batch": not isinstance(shape[0], int)}
     return options

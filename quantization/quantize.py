@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from devices.runners import file_format
+from devices.runners import file_format, in_layout
 from exporters.export import check_writable, kept_as, versions
 from exporters.inspect_file import inspect_file, written_options
 from mixnet_deploy import load_model
@@ -110,7 +110,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     for folder in filter(None, (calib, eval_dir)):
         check_folder(folder)
     loaded, file_plan, options = _source(source, checkpoint, calibrate_bn, input_size)
-    layout = options.get("input_layout", "nhwc" if fmt == "tflite" else "nchw")  # the float file's, kept
+    layout = options.get("input_layout", FORMATS[fmt].input_layout)  # the float file's, kept
     step("reading calibration images")
     # without --eval, a fifth of the images read is held out: read no more than that needs
     limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
@@ -133,7 +133,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     kept: list[str] = list(FLOAT_FOR_SPEED.get(fmt, ()))
     to_keep = [g for g in GROUPS if g not in kept]
     budget: dict | None = None
-    samples = _in_layout(calibration.images.numpy(), layout)
+    samples = in_layout(calibration.images.numpy(), layout)
     try:
         step(f"calibrating on {len(samples)} images ({method})")
         if float_onnx is not None:
@@ -162,7 +162,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 break
             kept.append(to_keep.pop(0))
         step("per-layer SQNR")
-        probe = _in_layout(held_out.images[:8].numpy(), layout)
+        probe = in_layout(held_out.images[:8].numpy(), layout)
         layers = (sensitivity.onnx_layers(float_onnx, tmp, probe, modules_called(lowered.module))
                   if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe))
         meta = {**loaded.metadata(), "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
@@ -187,11 +187,6 @@ LAYERS_SHOWN = 10
 # kept in float because that is faster: ORT's int8 conv on 3 input channels is slower than its float
 # conv (mixnet_s, 1 thread: 0.71x our fp32 with the first conv in float, 0.74x with it in int8)
 FLOAT_FOR_SPEED = {"onnx": ("first_conv",)}
-
-
-def _in_layout(images: np.ndarray, layout: str) -> np.ndarray:
-    """NCHW `images` in `layout` (nchw or nhwc), as an input in that layout takes them."""
-    return images.transpose(0, 2, 3, 1) if layout == "nhwc" else images
 
 
 def _write(path: Path, images: np.ndarray, method: str, io: str, kept: list[str], float_onnx: Path | None,

@@ -24,8 +24,9 @@ def _worst_per_module(sqnr: dict[str, float], module_of: Callable[[str], str]) -
 
 def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: set[str]) -> list[dict]:
     """SQNR (dB) of the QDQ model's activations against the float model's on `images` in their input
-    layout (ORT's qdq_loss_debug), per PyTorch module: torch.onnx records each node's module path in its metadata, and a node
-    inside one of `leaves` (the modules the TFLite writer translates whole) counts as that module."""
+    layout (ORT's qdq_loss_debug), per PyTorch module: torch.onnx records each node's module path in
+    its metadata, and a node inside one of `leaves` (the modules the TFLite writer translates whole)
+    counts as that module."""
     import onnx
 
     from onnxruntime.quantization.qdq_loss_debug import (
@@ -61,8 +62,8 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: se
 def tflite_layers(calibrated: bytes, samples: np.ndarray) -> list[dict]:
     """SQNR (dB) of the quantized ops' outputs against float on `samples` in the model's input layout
     (TF's QuantizationDebugger on the int8 model of a calibrated TFLite model, see
-    tflite_int8.calibrate), per PyTorch module (the TFLite
-    writer names each tensor's scope after its module: NumericVerify/blocks.1.0.conv_dw/...:N)."""
+    tflite_int8.calibrate), per PyTorch module (the TFLite writer names each tensor's scope after its
+    module: NumericVerify/blocks.1.0.conv_dw/...:N)."""
     from exporters.tflite_export import tensorflow
 
     from devices.runners import quiet_native_stderr
