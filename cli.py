@@ -194,7 +194,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
 
 
 def _file_info(path: str, as_json: bool) -> None:
-    from exporters.inspect_file import inspect_file, precision
+    from exporters.inspect_file import inspect_file
     from mixnet_deploy.parity import ParityReport
 
     report = inspect_file(path)
@@ -202,7 +202,7 @@ def _file_info(path: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     opset = f" opset {report['opset']}" if "opset" in report else ""
-    out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {precision(report)}  {report['size_bytes'] / 1e6:.2f} MB")
+    out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {report['precision']}  {report['size_bytes'] / 1e6:.2f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
     if "delegated" in report:
         out.print(_delegation_line(report))
@@ -292,9 +292,14 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
     tunings: list = []
     with _progress("exporting") as step:
         options = {"opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16, "input_layout": input_layout}
-        if tune_device:
-            plan = _tuner(tune_device, precision or ("fp16" if fp16 else "fp32"), tune_threads, tune_runs, tunings,
-                          step)
+        if tune_device:  # the device before the model (seconds to minutes): a typo or a missing device fails at once
+            from devices.connect import open_device
+            from mixnet_deploy.models import check_request
+
+            check_request(model, checkpoint, pretrained, calibrate_bn, input_size)
+            step(f"connecting to {tune_device}")
+            plan = _tuner(open_device(tune_device), precision or ("fp16" if fp16 else "fp32"), tune_threads,
+                          tune_runs, tunings, step)
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
                              force=force, options=options, calibrate_bn=calibrate_bn, input_size=input_size,
                              step=step)
@@ -324,16 +329,15 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         sys.exit(1)
 
 
-def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, report: Callable[[str], None]):
-    """A planner for export(): tune on DEVICE for the format of each target, keeping each tuning."""
-    from devices.connect import open_device
+def _tuner(device, precision: str, threads: int, runs: int, tunings: list, report: Callable[[str], None]):
+    """A planner for export(): tune on `device` (a transport) for the format of each target, keeping each tuning."""
     from devices.tune import tune
 
     def plan(module, size, target):
         fmt = "tflite" if target.startswith("litert") else "onnx"
         timed = "fp32" if fmt == "onnx" and precision == "fp16" else precision  # ONNX exports stay fp32
-        result = tune(module, size, open_device(device), fmt, timed, threads, runs=runs,
-                      step=lambda text, done, total: report(f"tuning {fmt} on {device} [{done}/{total}]: {text}"))
+        result = tune(module, size, device, fmt, timed, threads, runs=runs,
+                      step=lambda text, done, total: report(f"tuning {fmt} on {device.name} [{done}/{total}]: {text}"))
         tunings.append(result)
         return result.plan
 
@@ -346,6 +350,7 @@ def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, 
 @click.option("--output", "-o", type=click.Path(), help="Output file. Default: FILE_int8.EXT next to FILE, or MODEL_int8.EXT here.")
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), help="For a MODEL name (default tflite).")
 @click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
+@click.option("--pretrained", is_flag=True, help="For a MODEL name: timm's pretrained weights (needs the internet).")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
 @input_size_option
 @click.option("--num-calib", type=click.IntRange(min=1), default=100, show_default=True)
@@ -353,23 +358,27 @@ def _tuner(device: str, precision: str, threads: int, runs: int, tunings: list, 
               help="Activation ranges: min/max, clipped to the 99.999th percentile, or entropy (onnx only).")
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
 @click.option("--eval", "eval_dir", type=click.Path(), help="Held-out images (ImageFolder layout adds accuracy).")
+@click.option("--num-eval", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="With --eval: images evaluated (a seeded sample spread over its classes).")
 @click.option("--max-drop", type=Finite(min=0, max=100), help="Keep sensitive layers in float until "
               "top-1 agreement with float is within POINTS of 100 %.", metavar="POINTS")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None,
+def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None, pretrained: bool,
              calibrate_bn: bool, input_size: tuple[int, int] | None, num_calib: int,
-             method: str, io: str | None, eval_dir: str | None, max_drop: float | None, force: bool,
-             as_json: bool) -> None:
+             method: str, io: str | None, eval_dir: str | None, num_eval: int, max_drop: float | None,
+             force: bool, as_json: bool) -> None:
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
     from mixnet_deploy.models import RANDOM_INIT
     from quantization.quantize import quantize as run_quantize
 
+    if not eval_dir:
+        _reject_given(("num_eval",), "--eval DIR")
     with _progress("quantizing") as step:
-        result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, num_calib=num_calib,
-                              method=method, io=io,
-                              eval_dir=eval_dir, force=force, calibrate_bn=calibrate_bn, max_drop=max_drop,
-                              input_size=input_size, step=step)
+        result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, pretrained=pretrained,
+                              num_calib=num_calib, method=method, io=io, eval_dir=eval_dir, num_eval=num_eval,
+                              force=force, calibrate_bn=calibrate_bn, max_drop=max_drop, input_size=input_size,
+                              step=step)
     budget = result.details.get("max_drop")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -442,6 +451,7 @@ def _print_quantized(result) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="With --compare-peers: the precision compared (int8 calibrated on the parity photos).")
 @click.option("--checkpoint", type=click.Path(), help="With --compare-peers: local weights for MODEL.")
+@click.option("--pretrained", is_flag=True, help="With --compare-peers: timm's pretrained weights (needs the internet).")
 @click.option("--calibrate-bn", is_flag=True, help="With --compare-peers: random-init BatchNorm statistics from photos.")
 @click.option("--keep", type=click.Path(), help="With --compare-peers: keep every compared file in this new or empty "
               "folder [default: a temporary one, removed].")
@@ -464,19 +474,20 @@ def _print_quantized(result) -> None:
 @click.option("--report", type=click.Path(), help="Also write a Markdown report (.md) here, with a PNG plot beside it.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkpoint: str | None, calibrate_bn: bool,
-          keep: str | None, input_size: tuple[int, int] | None, device: str, threads: str, runs: int, warmup: int, cpus: str | None, runner: str,
+def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkpoint: str | None, pretrained: bool,
+          calibrate_bn: bool, keep: str | None, input_size: tuple[int, int] | None, device: str, threads: str,
+          runs: int, warmup: int, cpus: str | None, runner: str,
           benchmark_binary: str | None, python: str | None, parity_dir: str | None, parity_samples: int, cooldown: float | None,
           timeout: float, report: str | None, force: bool, as_json: bool) -> None:
     """Latency and parity of exported FILES on a device, side by side (or, with --compare-peers
     MODEL, of mixdeploy's and the peers' exports of MODEL)."""
-    from devices.bench import Settings, bench as run_bench
+    from devices.bench import Settings, bench as run_bench, check_files
     from devices.connect import open_device
 
     if bool(files) == bool(peer_model):
         raise MixdeployError("give exported FILES to bench, or --compare-peers MODEL (not both)")
     if files:
-        _reject_given(("precision", "checkpoint", "calibrate_bn", "input_size", "keep"),
+        _reject_given(("precision", "checkpoint", "pretrained", "calibrate_bn", "input_size", "keep"),
                       "--compare-peers MODEL; exported FILES keep what they were exported with")
     from mixnet_deploy.models import known_models
 
@@ -516,16 +527,20 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
     kept = None
-    if keep:  # (only with --compare-peers) before connecting: a bad folder fails at once
+    if peer_model:  # before connecting: a typo fails at once
         from devices.compare_peers import keep_folder
+        from mixnet_deploy.models import check_request
 
-        kept = keep_folder(keep)
+        check_request(peer_model, checkpoint, pretrained, calibrate_bn, input_size)
+        kept = keep_folder(keep) if keep else None
+    else:
+        check_files(list(files), runner)
     with _progress(f"connecting to {device}") as step:
         if peer_model:
             from devices.compare_peers import compare_peers
 
             measured = compare_peers(peer_model, open_device(device), settings, precision, checkpoint, calibrate_bn,
-                                     input_size, kept, step=step)
+                                     input_size, kept, pretrained, step=step)
         else:
             measured = run_bench(list(files), open_device(device), settings, step=step)
     results = measured["results"]

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.inspect_file import exported_format, inspect_file, precision
+from exporters.inspect_file import exported_format, inspect_file
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 from mixnet_deploy.models import reload
 from mixnet_deploy.parity import DEPLOYED_TOLERANCE, compare, reference_outputs
@@ -78,7 +78,7 @@ def prepare(file: str, report: dict, parity_dir: str | None, samples: int, refer
                              minimum=min(samples, MIN_IMAGES)).images
         references[key] = images.numpy(), reference_outputs(loaded.module, images)
     images, reference = references[key]
-    return Prepared(Path(file), report, precision(report), images, reference)
+    return Prepared(Path(file), report, report["precision"], images, reference)
 
 
 def core_mask(cpus: str | None, info: dict) -> str | None:
@@ -221,16 +221,22 @@ class Session:
         return 10.0 if self.info["os"].startswith("Android") and not self.info["emulated"] else 0.0
 
 
+def check_files(files: list[str], runner: str) -> dict[str, str]:
+    """Each file's format, once every file is checked to exist as .onnx/.tflite and suit `runner`."""
+    formats = {file: exported_format(file) for file in files}
+    not_tflite = [Path(file).name for file, fmt in formats.items() if fmt != "tflite"]
+    if runner == "benchmark_model" and not_tflite:
+        raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {not_tflite[0]} with --runner python")
+    return formats
+
+
 def bench(files: list[str], device: Transport, settings: Settings,
           step: Callable[[str], None] = lambda _: None, metadata: dict[str, dict] | None = None) -> dict:
     """Per file: precision, size, init and first-inference time, peak memory, latency stats per
     thread count (every raw timing kept), temperatures, and parity with the PyTorch model; the
     device's facts alongside. `metadata` gives the model of files mixdeploy did not write (peers').
     The device's work folder is removed whatever happens."""
-    formats = {file: exported_format(file) for file in files}
-    not_tflite = [Path(file).name for file, fmt in formats.items() if fmt != "tflite"]
-    if settings.runner == "benchmark_model" and not_tflite:
-        raise MixdeployError(f"--runner benchmark_model runs .tflite files; bench {not_tflite[0]} with --runner python")
+    formats = check_files(files, settings.runner)
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
         # the device and its runner before reading the files (TensorFlow loads in seconds) and the
         # PyTorch reference (minutes for a large model): a missing runtime or binary fails at once

@@ -85,7 +85,8 @@ def _work_folder(keep: Path | None) -> Iterator[Path]:
 
 def compare_peers(name: str, device: Transport, settings: Settings, precision: str = "fp32",
                   checkpoint: str | None = None, calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
-                  keep: Path | None = None, step: Callable[[str], None] = lambda _: None) -> dict:
+                  keep: Path | None = None, pretrained: bool = False,
+                  step: Callable[[str], None] = lambda _: None) -> dict:
     """Ours (ONNX and TFLite) and the peers' files of NAME at `precision` (fp32 or int8, the int8
     ones calibrated on the same photos), benchmarked together; each row says whose file it is and
     its median latency relative to ours in the same format. The files are written to `keep` (from
@@ -93,11 +94,11 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     from quantization.calibration import load_folder
     from quantization.quantize import quantize
 
-    loaded = load_model(name, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size)
+    loaded = load_model(name, checkpoint, pretrained, calibrate_bn, input_size)
     with _work_folder(keep) as work:
         (work / "ours").mkdir()
         step(f"exporting {name} with mixdeploy")
-        ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
+        ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint, pretrained=pretrained,
                                                  calibrate_bn=calibrate_bn, input_size=input_size, step=step)}
         photos = settings.parity_dir or SAMPLE_IMAGES
         calib = load_folder(photos, loaded.preprocess, progress=False).images.numpy()

@@ -34,7 +34,7 @@ def _markdown(device: dict, results: list[dict], plot_name: str) -> str:
     lines = [f"{title}, {datetime.now():%Y-%m-%d %H:%M}", ""]
     if device.get("emulated"):
         lines += [f"> **⚠ EMULATED: {EMULATION_NOTE}.**", ""]
-    lines += ["## Device", "", *_device_lines(device, results[0].get("cpus")), "", "## Results", ""]
+    lines += ["## Device", "", *_device_lines(device, results), "", "## Results", ""]
     sources = sorted({(r["model"], r["weights"], r.get("runner", "python")) for r in results})
     runs = "/".join(str(n) for n in sorted({lat["runs"] for r in results for lat in r["latency_by_threads"].values()}))
     lines += [f"- {m}, weights {w}, timed by the {runner} runner" for m, w, runner in sources]
@@ -52,12 +52,13 @@ def _thread_counts(results: list[dict]) -> tuple[list[str], str]:
     return threads, ref
 
 
-def _device_lines(device: dict, mask: str | None) -> list[str]:
-    before, after = device.get("temps_before") or {}, device.get("temps_after") or {}
+def _device_lines(device: dict, results: list[dict]) -> list[str]:
+    """The device's description; temperatures before the first file's run and after the last one's."""
+    before, after = results[0].get("temps_before") or {}, results[-1].get("temps_after") or {}
     temps = ", ".join(f"{z} {before.get(z, '?')} → {after.get(z, '?')} °C" for z in sorted({*before, *after}))
     free = device.get("mem_free_mb")
     return [f"- ABI: {device.get('abi') or 'unknown'}", f"- Model: {device.get('model') or 'unknown'}",
-            f"- OS: {device.get('os') or 'unknown'}", f"- Cores: {_cores(device, mask)}",
+            f"- OS: {device.get('os') or 'unknown'}", f"- Cores: {_cores(device, results[0].get('cpus'))}",
             f"- Governor: {device.get('governor') or 'unknown'}",
             f"- Free memory: {'unknown' if free is None else f'{free} MB'}",
             f"- Temperatures (before → after): {temps or 'unknown'}",

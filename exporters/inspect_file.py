@@ -45,7 +45,7 @@ def _tflite(path: Path) -> dict:
     return report | {"metadata": read_metadata(path)}
 
 
-def precision(report: dict) -> str:
+def _precision(report: dict) -> str:
     """fp32, fp16 or int8, from the ops and tensors of an exported file (inspect_file's report)."""
     ops = set(report["ops"])
     if ops & {"QuantizeLinear", "QUANTIZE"} or report["inputs"][0]["dtype"] in ("int8", "uint8"):
@@ -77,8 +77,10 @@ def exported_format(path: str | Path) -> str:
 
 
 def inspect_file(path: str | Path) -> dict:
-    """Format, size, ops by type (and XNNPACK delegation for .tflite), tensors and embedded metadata."""
+    """Format, size, precision (fp32, fp16 or int8), ops by type (and XNNPACK delegation for .tflite),
+    tensors and embedded metadata."""
     path = Path(path)
     fmt = exported_format(path)
-    report = _onnx(path) if fmt == "onnx" else _tflite(path)
-    return {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **report}
+    report = {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size,
+              **(_onnx(path) if fmt == "onnx" else _tflite(path))}
+    return report | {"precision": _precision(report)}

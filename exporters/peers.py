@@ -74,8 +74,8 @@ def litert_torch(model: nn.Module, name: str, work: Path, input_size: tuple[int,
     work.mkdir(parents=True, exist_ok=True)
     weights, out = work / f"{name}_weights.pt", work / f"{name}_litert_torch.tflite"
     torch.save(model.state_dict(), weights)
-    subprocess.run([str(VENVS / "litert_torch/bin/python"), str(HERE / "peer_litert_torch.py"), name,
-                    str(weights), str(out), str(input_size[1])], env=OFFLINE, check=True, capture_output=True)
+    subprocess.run([str(VENVS / "litert_torch/bin/python"), str(HERE / "peer_litert_torch.py"), name, str(weights),
+                    str(out), *map(str, input_size[1:])], env=OFFLINE, check=True, capture_output=True)
     return out
 
 

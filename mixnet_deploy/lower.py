@@ -79,7 +79,7 @@ def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
     """Run the model once: every conv-like layer, its input size, and the BatchNorm fed by it."""
     inner = {id(c) for m in model.modules() for c in (mixconv_groups(m) or [])}
     sites: dict[int, Site] = {}
-    produced_by: dict[int, Site] = {}
+    produced_by: dict[int, tuple[torch.Tensor, Site]] = {}  # the tensor too: a freed one's id is reused
     handles = []
 
     def conv_hook(name):
@@ -89,13 +89,14 @@ def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
                 previous = next(reversed(sites.values()), None)
                 site = Site(name, groups, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]), feed=_feed(previous, groups))
                 sites[id(mod)] = site
-                produced_by[id(out)] = site
+                produced_by[id(out)] = out, site
         return hook
 
     def bn_hook(name):
         def hook(mod, inp, out):
-            site = produced_by.pop(id(inp[0]), None)
-            if site is not None and site.bn is None:
+            made, site = produced_by.pop(id(inp[0]), (None, None))
+            # a BatchNorm without running statistics normalises by the batch's own: it cannot be folded
+            if made is inp[0] and site.bn is None and mod.running_mean is not None:
                 site.bn = name
         return hook
 

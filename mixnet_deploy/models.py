@@ -84,14 +84,29 @@ def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
         return timm.create_model(name, **kwargs)
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
     advice = f"download the {name} weights on a connected machine and pass the file with --checkpoint PATH"
+    overlay = {}
     try:
         socket.getaddrinfo(host, 443)
-    except OSError:
-        raise MixdeployError(f"cannot download pretrained {name}: {host} is unreachable (offline?); {advice}") from None
+    except OSError:  # offline: a download's copy in the Hugging Face cache (the hub would retry for a minute first)
+        cached = _hub_cached(name)
+        if cached is None:
+            raise MixdeployError(f"cannot download pretrained {name}: {host} is unreachable (offline?) and the "
+                                 f"Hugging Face cache has no copy; {advice}") from None
+        overlay = {"pretrained_cfg_overlay": {"file": cached}}
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=True, **overlay, **kwargs)
     except Exception as exc:  # hub and network errors come in many types
         raise MixdeployError(f"downloading pretrained {name} failed ({type(exc).__name__}); {advice}") from None
+
+
+def _hub_cached(name: str) -> str | None:
+    """The path of `name`'s pretrained weights in the Hugging Face cache, if a download left them there."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    repo = get_pretrained_cfg(name).hf_hub_id
+    found = [try_to_load_from_cache(repo, f) for f in ("model.safetensors", "pytorch_model.bin")] if repo else []
+    return next((f for f in found if isinstance(f, str)), None)
 
 
 def _labels(num_classes: int) -> list[str] | None:
@@ -107,12 +122,10 @@ RANDOM_SEED = 0
 RANDOM_INIT, CALIBRATED = "random-init", "random-init+calibrated-bn"
 
 
-def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
-               calibrate_bn: bool = False, input_size: tuple[int, int] | None = None) -> LoadedModel:
-    """Build `name` in eval mode: timm's pretrained weights, a local checkpoint, or random-init
-    (always from the same seed, so that a random-init export can be rebuilt from its metadata;
-    calibrate_bn sets its BatchNorm statistics from the shipped photos). input_size (height, width)
-    replaces the model's own input resolution (MixNets pool globally, so any size of 32 or more runs)."""
+def check_request(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
+                  calibrate_bn: bool = False, input_size: tuple[int, int] | None = None) -> None:
+    """What load_model checks before any work: the name, the input size and how the options combine
+    (commands call it before reaching a device, so that a typo fails at once)."""
     _check_name(name)
     if input_size is not None and min(input_size) < MIN_SIDE:
         raise MixdeployError(f"input size {input_size[0]}x{input_size[1]} is too small: MixNets downsample 32x, "
@@ -124,6 +137,15 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         raise MixdeployError("pass either --pretrained or --checkpoint, not both")
     if calibrate_bn and (checkpoint is not None or pretrained):
         raise MixdeployError("--calibrate-bn is for random-init models; trained weights keep their statistics")
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
+               calibrate_bn: bool = False, input_size: tuple[int, int] | None = None) -> LoadedModel:
+    """Build `name` in eval mode: timm's pretrained weights, a local checkpoint, or random-init
+    (always from the same seed, so that a random-init export can be rebuilt from its metadata;
+    calibrate_bn sets its BatchNorm statistics from the shipped photos). input_size (height, width)
+    replaces the model's own input resolution (MixNets pool globally, so any size of 32 or more runs)."""
+    check_request(name, checkpoint, pretrained, calibrate_bn, input_size)
     state, extras = read_checkpoint(checkpoint) if checkpoint is not None else (None, {})
     num_classes = None
     if state is not None:

@@ -51,14 +51,14 @@ def find_images(folder: str | Path) -> list[Path]:
 
 def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = None,
                 progress: bool = True, minimum: int = MIN_IMAGES) -> ImageSet:
-    """Decode and preprocess the readable images, or with `limit` as many of a seeded random sample of
-    them (spread over every class of an ImageFolder, not its first files); unreadable ones are skipped
-    and listed."""
+    """Decode and preprocess the readable images in a stable order, or with `limit` as many of them
+    in a seeded random order (spread over every class of an ImageFolder, not its first files, so that
+    quantize's held-out last fifth is spread too); unreadable ones are skipped and listed."""
     folder = Path(folder)
     paths = find_images(folder)
     layout = [p.relative_to(folder).parts for p in paths]
     labelled = all(len(parts) == 2 for parts in layout) and len({parts[0] for parts in layout}) > 1
-    if limit is not None and limit < len(paths):
+    if limit is not None:
         random.Random(SAMPLE_SEED).shuffle(paths)
     transform = eval_transform(cfg)
     tensors, used, skipped = [], [], []

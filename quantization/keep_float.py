@@ -1,12 +1,13 @@
 """Layers that --max-drop may keep in float, most sensitive first: the squeeze-excite gates, the
-swish activations, the first convolution, the classifier."""
+swish activations, the first convolution, the classifier (in TFLite, by op type: fewer groups)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-GROUPS = ("se_gate", "swish", "first_conv", "classifier")
-# TFLite keeps float by op type (the converter's debugger denylist); the first conv has no type of its own
-TFLITE_OPS = {"se_gate": ["LOGISTIC", "MUL"], "swish": ["LOGISTIC", "MUL"], "classifier": ["FULLY_CONNECTED"]}
+# TFLite keeps float by op type (the converter's denylist): the squeeze-excite gates and swish share
+# LOGISTIC and MUL, so they go float together, and the first conv has no op type of its own
+GROUPS = {"onnx": ("se_gate", "swish", "first_conv", "classifier"), "tflite": ("swish+se_gate", "classifier")}
+TFLITE_OPS = {"swish+se_gate": ["LOGISTIC", "MUL"], "classifier": ["FULLY_CONNECTED"]}
 
 
 def onnx_nodes(float_path: Path, groups: list[str]) -> list[str]:
@@ -47,4 +48,4 @@ def onnx_nodes(float_path: Path, groups: list[str]) -> list[str]:
 
 def tflite_ops(groups: list[str]) -> list[str]:
     """Op types the TFLite converter keeps in float for `groups`."""
-    return sorted({op for g in groups for op in TFLITE_OPS.get(g, [])})
+    return sorted({op for g in groups for op in TFLITE_OPS[g]})

@@ -12,7 +12,7 @@ import torch
 
 from devices.runners import file_format, in_layout
 from exporters.export import check_writable, kept_as, versions
-from exporters.inspect_file import inspect_file, written_options
+from exporters.inspect_file import exported_format, inspect_file, written_options
 from mixnet_deploy import load_model
 from mixnet_deploy.deploy_modules import modules_called
 from mixnet_deploy.errors import MixdeployError, reject_options
@@ -55,7 +55,7 @@ class QuantizeResult:
                 "plan": self.plan, **self.details}
 
 
-def _source(source: str, checkpoint: str | None, calibrate_bn: bool,
+def _source(source: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool,
             input_size: tuple[int, int] | None) -> tuple[LoadedModel, dict | None, dict]:
     """The float model behind SOURCE (a model name, or a float file mixdeploy exported), the file's
     lowering plan and the export options it was written with (its input layout, ONNX opset...)."""
@@ -70,16 +70,18 @@ def _source(source: str, checkpoint: str | None, calibrate_bn: bool,
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")
         loaded = reload(meta)
         return loaded, meta.get("mixdeploy.plan"), written_options(report, loaded.preprocess.input_size)
-    return load_model(source, checkpoint, calibrate_bn=calibrate_bn, input_size=input_size), None, {}
+    return load_model(source, checkpoint, pretrained, calibrate_bn, input_size), None, {}
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
-             checkpoint: str | None = None, num_calib: int = 100, method: str = "minmax", io: str | None = None,
-             eval_dir: str | Path | None = None, force: bool = False, max_drop: float | None = None,
+             checkpoint: str | None = None, pretrained: bool = False, num_calib: int = 100, method: str = "minmax",
+             io: str | None = None, eval_dir: str | Path | None = None, num_eval: int = 1000, force: bool = False,
+             max_drop: float | None = None,
              calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
-    """Quantize SOURCE to int8 with images under `calib`; evaluate on `eval_dir` or held-out calib images.
-    max_drop: keep the groups of keep_float.GROUPS in float, one more at a time, until top-1
+    """Quantize SOURCE to int8 with images under `calib`; evaluate on (a sample of `num_eval` images
+    of) `eval_dir` or on held-out calib images.
+    max_drop: keep the groups of keep_float.GROUPS[fmt] in float, one more at a time, until top-1
     agreement with the float model is within `max_drop` points of 100 % and the int8 tolerance
     holds (FLOAT_FOR_SPEED groups are float from the start). io defaults to int8 for TFLite and
     float32 (the only choice) for ONNX. A file out of the int8 tolerance (DEPLOYED_TOLERANCE) is
@@ -89,12 +91,16 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     # everything that can be checked without the model first: rebuilding it takes seconds
     from_file = file_format(source)
     if from_file:
-        reject_options([name for name, value in (("--checkpoint", checkpoint), ("--format", fmt),
+        exported_format(source)  # before the output path: a mistyped FILE is the error to report
+        reject_options([name for name, value in (("--checkpoint", checkpoint), ("--pretrained", pretrained), ("--format", fmt),
                                                  ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value],
                        f"a MODEL name; {source} keeps what it was exported with (export it again to change it)")
     fmt = from_file or fmt or "tflite"
     if fmt not in ("tflite", "onnx"):
         raise MixdeployError(f"--format {fmt!r}: use tflite or onnx")
+    if fmt == "tflite" and max_drop is not None and io in ("int8", "uint8"):
+        raise MixdeployError(f"--io {io} cannot hold with --max-drop: TFLite ops kept in float make the file's input "
+                             "and output float32; leave out --io (int8 unless layers go float)")
     io = io or ("float32" if fmt == "onnx" else "int8")
     if io not in IO_TYPES:
         raise MixdeployError(f"--io {io!r}: use {', '.join(IO_TYPES)}")
@@ -109,14 +115,14 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     check_writable(out, force, FORMATS[fmt].suffix, format_option=not from_file)
     for folder in filter(None, (calib, eval_dir)):
         check_folder(folder)
-    loaded, file_plan, options = _source(source, checkpoint, calibrate_bn, input_size)
+    loaded, file_plan, options = _source(source, checkpoint, pretrained, calibrate_bn, input_size)
     layout = options.get("input_layout", FORMATS[fmt].input_layout)  # the float file's, kept
     step("reading calibration images")
     # without --eval, a fifth of the images read is held out: read no more than that needs
     limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
     images = load_folder(calib, loaded.preprocess, limit=limit, minimum=min(limit, MIN_IMAGES))
     if eval_dir is not None:
-        calibration, held_out = images, load_folder(eval_dir, loaded.preprocess)
+        calibration, held_out = images, load_folder(eval_dir, loaded.preprocess, limit=num_eval)
     else:
         calibration, held_out = images.split(len(images.images) - max(1, math.ceil(len(images.images) / 5)))
     size = loaded.preprocess.input_size
@@ -128,10 +134,10 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     lowered = lower(loaded.module, size, plan, check_inputs=calibration.images[:4])
     tmp = out.with_name(f".{out.name}.partial")
     float_onnx = tmp.with_name(tmp.name + ".float.onnx") if fmt == "onnx" else None
-    with torch.no_grad():
-        reference = loaded.module(held_out.images).numpy()
+    with torch.no_grad():  # in batches: a large --eval folder would not fit in memory at once
+        reference = torch.cat([loaded.module(batch) for batch in held_out.images.split(64)]).numpy()
     kept: list[str] = list(FLOAT_FOR_SPEED.get(fmt, ()))
-    to_keep = [g for g in GROUPS if g not in kept]
+    to_keep = [g for g in GROUPS[fmt] if g not in kept]
     budget: dict | None = None
     samples = in_layout(calibration.images.numpy(), layout)
     try:
@@ -147,7 +153,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
             calibrated = calibrate(lowered.module, size, samples, method, layout)
         while True:
             step(f"writing {out.name}" + (f" ({', '.join(kept)} in float)" if kept else ""))
-            io = "float32" if tflite_ops(kept) else io  # TFLite ops kept in float take float input and output
+            io = "float32" if fmt == "tflite" and tflite_ops(kept) else io  # TFLite ops kept float take float io
             _write(tmp, samples, method, io, kept, float_onnx, calibrated)
             candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
             agreement = compare(reference, candidate, **DEPLOYED_TOLERANCE["int8"])
@@ -164,7 +170,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         step("per-layer SQNR")
         probe = in_layout(held_out.images[:8].numpy(), layout)
         layers = (sensitivity.onnx_layers(float_onnx, tmp, probe, modules_called(lowered.module))
-                  if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe))
+                  if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe, tflite_ops(kept)))
         meta = {**loaded.metadata(), "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
                 "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict(), "mixdeploy.versions": versions(fmt)}

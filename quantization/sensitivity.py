@@ -59,11 +59,12 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: se
     return _worst_per_module(sqnr, lambda t: modules.get(t, t))
 
 
-def tflite_layers(calibrated: bytes, samples: np.ndarray) -> list[dict]:
+def tflite_layers(calibrated: bytes, samples: np.ndarray, float_ops: list[str] | None = None) -> list[dict]:
     """SQNR (dB) of the quantized ops' outputs against float on `samples` in the model's input layout
     (TF's QuantizationDebugger on the int8 model of a calibrated TFLite model, see
-    tflite_int8.calibrate), per PyTorch module (the TFLite writer names each tensor's scope after its
-    module: NumericVerify/blocks.1.0.conv_dw/...:N)."""
+    tflite_int8.calibrate, with the op types `float_ops` kept in float as in the file), per PyTorch
+    module (the TFLite writer names each tensor's scope after its module:
+    NumericVerify/blocks.1.0.conv_dw/...:N)."""
     from exporters.tflite_export import tensorflow
 
     from devices.runners import quiet_native_stderr
@@ -81,7 +82,7 @@ def tflite_layers(calibrated: bytes, samples: np.ndarray) -> list[dict]:
                                                               np.concatenate([(q.ravel().astype(np.float64) - zero) * scale for q in quants]))})
     with quiet_native_stderr():
         debugger = tf.lite.experimental.QuantizationDebugger(
-            quant_debug_model_content=quantize_calibrated(calibrated, "float32", debug=True), debug_dataset=dataset,
+            quant_debug_model_content=quantize_calibrated(calibrated, "float32", float_ops, debug=True), debug_dataset=dataset,
             debug_options=options)
         debugger.run()
     return _worst_per_module({name: float(stats["sqnr_db"]) for name, stats in debugger.layer_statistics.items()},

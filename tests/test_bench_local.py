@@ -36,10 +36,17 @@ def test_bench_bad_input(tmp_path, run_cli, monkeypatch):
     assert_usage_error(run_cli("bench", tmp_path / "missing.tflite"), "does not exist")
     assert_usage_error(run_cli("bench", tmp_path), "is a directory")
     assert_usage_error(run_cli("bench", "mixnet_s"), "is a model name", "--compare-peers mixnet_s")
+    # files and model names are checked before the device is reached (an unroutable host would take 30 s)
+    assert_usage_error(run_cli("bench", tmp_path / "missing.tflite", "--device", "ssh:u@10.255.255.1"), "does not exist")
+    assert_usage_error(run_cli("bench", PHOTOS / "coffee.jpg", "--device", "ssh:u@10.255.255.1"), "reads .onnx and .tflite")
+    assert_usage_error(run_cli("bench", "--compare-peers", "mixnet_ss", "--device", "ssh:u@10.255.255.1"),
+                       "unknown model 'mixnet_ss'")
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"not read before the device is reached")
     for device, fragment in (("adb:", "names no device"), ("adb:127.0.0.1:99999", "not a TCP port"),
                              ("ssh:u@127.0.0.1:99999", "not a TCP port")):
-        assert_usage_error(run_cli("bench", PHOTOS / "coffee.jpg", "--device", device), fragment)
+        assert_usage_error(run_cli("bench", model, "--device", device), fragment)
     monkeypatch.setenv("MIXDEPLOY_SSH_OPTIONS", '-i "my key')
-    assert_usage_error(run_cli("bench", PHOTOS / "coffee.jpg", "--device", "ssh:u@127.0.0.1"), "balance its quotes")
+    assert_usage_error(run_cli("bench", model, "--device", "ssh:u@127.0.0.1"), "balance its quotes")
     assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "one"), "--threads")
     assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "1,0"), "1 or more")

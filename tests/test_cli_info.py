@@ -121,6 +121,26 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
     assert_usage_error(run_cli("info", "mixnet_s", "--pretrained"), "unreachable", "--checkpoint PATH")
 
 
+def test_pretrained_weights_in_the_hub_cache_load_offline(tmp_path):
+    """--pretrained with no network and the weights in the Hugging Face cache, as a download leaves them."""
+    import timm
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "models--timm--mixnet_s.ft_in1k"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(1)  # not load_model's seed: the weights must come from the cache
+    save_file(timm.create_model("mixnet_s").state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    check = ("import sys, torch; from safetensors.torch import load_file; from mixnet_deploy import load_model; "
+             "m = load_model('mixnet_s', pretrained=True); saved = load_file(sys.argv[1]); "
+             "assert m.weights == 'pretrained' and torch.equal(m.module.classifier.weight, saved['classifier.weight'])")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": "https://hub.invalid"}  # offline
+    proc = subprocess.run([sys.executable, "-c", check, str(repo / "snapshots" / ("0" * 40) / "model.safetensors")],
+                          capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_unknown_option_is_one_line(run_cli):
     assert_usage_error(run_cli("info", "mixnet_s", "--bogus"), "--bogus", "(see mixdeploy info --help)")
     assert_usage_error(run_cli("bogus"), "No such command 'bogus'", "(see mixdeploy --help)")

@@ -169,7 +169,7 @@ def test_all_formats_and_info_of_files(tmp_path, run_cli):
         info = run_cli("info", tmp_path / f"both{suffix}", "--json")
         assert info.code == 0, info.err
         report = json.loads(info.out)
-        assert report["metadata"]["mixdeploy.model"] == "tf_mixnet_s" and report["ops"]
+        assert report["metadata"]["mixdeploy.model"] == "tf_mixnet_s" and report["ops"] and report["precision"] == "fp32"
         converters = {"onnx", "onnxruntime"} if suffix == ".onnx" else {"tensorflow", "ai_edge_litert"}
         assert set(report["metadata"]["mixdeploy.versions"]) == {"mixdeploy", "torch", "timm", *converters}
     text = run_cli("info", tmp_path / "both.tflite")

@@ -134,6 +134,22 @@ def relu_after_split_mixconvs() -> list[tuple[nn.Module, nn.Module]]:
             for model, layer in ((expanded, "3"), (direct, "0"))]
 
 
+def test_batchnorm_without_affine_folds_and_one_without_statistics_stays():
+    """affine=False folds as weight 1, bias 0; track_running_stats=False normalises by each batch's
+    own statistics, so no conv can absorb it: it stays, and the lowered model still equals the original."""
+    torch.manual_seed(0)
+    plain, batchwise = nn.BatchNorm2d(24, affine=False), nn.BatchNorm2d(24, track_running_stats=False)
+    model = nn.Sequential(MixConv(24, (3, 5, 7)), plain, nn.ReLU(), nn.Conv2d(24, 24, 1), batchwise).eval()
+    plain.running_mean.uniform_(-0.5, 0.5)
+    plain.running_var.uniform_(0.5, 2.0)
+    lowered = lower(model, (24, 12, 12), Plan({"0": "split"})).module
+    assert [type(m) for m in lowered.modules() if isinstance(m, nn.BatchNorm2d)] == [nn.BatchNorm2d]
+    x = torch.randn(3, 24, 12, 12)
+    with torch.no_grad():
+        ref, out = model(x), lowered(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_a_relu_after_a_split_mixconv_moves_into_its_segments():
     from mixnet_deploy.deploy_modules import ExpandedMixConv
 

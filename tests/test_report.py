@@ -9,8 +9,7 @@ from mixnet_deploy.parity import DEPLOYED_TOLERANCE
 
 DEVICE = {"name": "adb:127.0.0.1:5555", "abi": "arm64-v8a", "model": "sdk_gphone64_arm64", "os": "Android 14",
           "cores": [{"cpu": i, "max_khz": 1800000 if i < 4 else 2400000} for i in range(8)], "big_cores": [4, 5, 6, 7],
-          "governor": "schedutil", "mem_free_mb": 1234, "temps_before": {"zone0": 41.2},
-          "temps_after": {"zone0": 43.5}, "emulated": False}
+          "governor": "schedutil", "mem_free_mb": 1234, "temps": {"zone0": 40.9}, "emulated": False}
 
 
 def latency_stats(times: np.ndarray) -> dict:
@@ -31,7 +30,8 @@ def result(file: str, precision: str, median_ms: float, cosine: float, top1: flo
             "parity": {"samples": 14, "top1_agreement": top1, "top5_agreement": 1.0, "cosine": cosine,
                        "max_abs": 1e-6, "rel_max": 2e-7, "psnr_db": 120.04, "sqnr_db": 110.0,
                        "tolerance": DEPLOYED_TOLERANCE[precision], "passed": passed},
-            "runner": "python"}
+            "runner": "python", "temps_before": {"zone0": 41.2 + median_ms / 10},
+            "temps_after": {"zone0": 43.5 + median_ms / 10}}
 
 
 RESULTS = [result("s.onnx", "fp32", 30.0, 0.9999999, 1.0), result("s.tflite", "fp32", 28.0, 0.9999998, 1.0),
@@ -49,7 +49,7 @@ def test_report_tables_every_file_and_thread_count(tmp_path):
     text = md.read_text()
     assert text.startswith("# Benchmark on adb:127.0.0.1:5555, ")
     assert "- Cores: 8: cpu0–3 1.80 GHz; cpu4–7 2.40 GHz **(big)** (not pinned: any core)" in text
-    assert "zone0 41.2 → 43.5 °C" in text and "Free memory: 1234 MB" in text and "Governor: schedutil" in text
+    assert "zone0 44.2 → 44.6 °C" in text  # before the first file (bench's own record), after the last and "Free memory: 1234 MB" in text and "Governor: schedutil" in text
     assert EMULATION_NOTE not in text and "Emulated: no" in text
     assert "![median latency and parity per file](bench.png)" in text
     fastest = RESULTS[3]["latency_by_threads"]["1"]["median"]
@@ -97,6 +97,16 @@ def test_stored_parity_of_another_form_is_not_a_report():
     report = compare(np.eye(3), np.eye(3) * 1.01, min_cosine=0.97)
     assert ParityReport.from_dict(report.to_dict()) == report
     assert ParityReport.from_dict({"passed": True, "rel_max": 0.1}) is None and ParityReport.from_dict({}) is None
+
+
+def test_cosine_of_a_single_logit_model_is_taken_over_the_batch():
+    """Per sample, one logit's cosine is +-1 whatever its value: a wrong output must still fail."""
+    from mixnet_deploy.parity import compare
+
+    logits = np.random.default_rng(0).standard_normal((16, 1))
+    assert compare(logits, logits * 1.001, min_cosine=0.97).passed
+    off = logits + np.random.default_rng(1).standard_normal((16, 1)) * 3
+    assert not compare(logits, off, min_cosine=0.97).passed
 
 
 def test_report_marks_the_cores_of_the_cpus_mask(tmp_path):
