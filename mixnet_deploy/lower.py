@@ -130,7 +130,9 @@ def layer_info(site: Site) -> LayerInfo | None:
     if kind is None:
         return None
     kernels = [g.dense().kernel for g in site.groups]
-    candidates = depthwise_candidates(kernels, [g.in_channels for g in site.groups]) if kind == "depthwise" else list(POINTWISE_CHOICES)
+    even = len({(g.in_channels, g.out_channels) for g in site.groups}) == 1  # only even groups make one grouped conv
+    candidates = (depthwise_candidates(kernels, [g.in_channels for g in site.groups]) if kind == "depthwise"
+                  else [c for c in POINTWISE_CHOICES if even or c != "grouped"])
     return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], [g.out_channels for g in site.groups], kernels, site.groups[0].stride,
                      site.in_hw, site.out_hw, candidates, site.feed)
 
@@ -159,12 +161,11 @@ def _depthwise(site: Site, choice: DepthwiseChoice) -> nn.Module:
 
 def _pointwise(groups: list[ConvGroup], choice: str) -> nn.Module:
     ins = [g.in_channels for g in groups]
-    outs = [g.out_channels for g in groups]
     first = groups[0]
     if choice == "split":
         return LoweredMixConv(ins, [_conv(g) for g in groups])
     bias = torch.cat([g.bias for g in groups])
-    if choice == "grouped" and len(set(ins)) == 1 and len(set(outs)) == 1:
+    if choice == "grouped":  # layer_info offers it for even groups only
         return DeployConv(torch.cat([g.weight for g in groups]), bias, first.stride, 1, first.pads, len(groups))
     return DeployConv(_block_diagonal([g.weight for g in groups]), bias, first.stride, 1, first.pads, 1)
 
@@ -313,9 +314,10 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
                                  f"candidates: {', '.join(layer.candidates)}")
 
 
-def default_choice(kind: str | None) -> str:
-    """What a layer a plan does not name is lowered as: a depthwise MixConv split, a 1x1 grouped."""
-    return "split" if kind == "depthwise" else "grouped"
+def default_choice(layer: LayerInfo | None) -> str:
+    """What a layer a plan does not name is lowered as: a depthwise MixConv split, a 1x1 grouped
+    (dense when its groups are uneven)."""
+    return "split" if layer is None or layer.kind == "depthwise" else layer.candidates[0]
 
 
 def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
@@ -326,7 +328,7 @@ def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
         if preset == "split":
             return "split"
         if layer.kind == "pointwise":
-            return "grouped"
+            return layer.candidates[0]
         return "fold" if "fold" in layer.candidates else "split"
 
     return Plan({layer.name: pick(layer) for layer in layers}, target, preset)
@@ -345,7 +347,7 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
             bn = model.get_submodule(site.bn)
             site.groups = fold_batchnorm(site.groups, bn)
             _set(lowered, site.bn, copy.deepcopy(getattr(bn, "act", nn.Identity())))
-        _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default_choice(_kind(site.groups)))))
+        _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default_choice(layer_info(site)))))
     split_expansions(lowered)
     relu_into_segments(lowered)
     report = verify(model, lowered, input_size, check_inputs)

@@ -48,7 +48,7 @@ def make_plan(spec: str, model: nn.Module, input_size: tuple[int, int, int], tar
     check_plan(plan, layers)
     # the file's own target, source and estimates were made for another export: this one records
     # what it lowers (every layer, those the file leaves out by default) and where the plan came from
-    return Plan({layer.name: plan.layers.get(layer.name, default_choice(layer.kind)) for layer in layers}, target, "file")
+    return Plan({layer.name: plan.layers.get(layer.name, default_choice(layer)) for layer in layers}, target, "file")
 
 
 def read_spec(spec: str) -> Plan | None:

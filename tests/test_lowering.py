@@ -215,8 +215,15 @@ def test_grouped_pointwise_choices(choice, channels):
     randomize_batchnorm(model)
     info, = analyse(model, (cin, 8, 8))
     assert info.kind == "pointwise"
+    if cin == 16 and choice == "grouped":  # three uneven groups (6, 5, 5 -> 11, 11, 10) make no grouped conv
+        assert info.candidates == ["dense", "split"]
+        with pytest.raises(MixdeployError, match="'grouped' does not fit"):
+            lower(model, (cin, 8, 8), Plan({"1": choice}))
+        return
     lowered = lower(model, (cin, 8, 8), Plan({"1": choice}))
     assert lowered.parity.passed
+    if choice != "split":
+        assert lowered.module[1].groups == (3 if choice == "grouped" else 1)
 
 
 def test_tf_same_padding_becomes_static():
