@@ -146,4 +146,5 @@ def merge(groups: list[ConvGroup], in_hw: tuple[int, int]) -> ConvGroup:
     out_h = _out(h, first.pads[0], first.pads[1], first.kernel, s)
     out_w = _out(w, first.pads[2], first.pads[3], first.kernel, s)
     pads = (top, max(0, (out_h - 1) * s + k - h - top), left, max(0, (out_w - 1) * s + k - w - left))
-    return replace(first, weight=torch.cat(weights), bias=torch.cat([g.bias for g in dense]), pads=pads)
+    return replace(first, weight=torch.cat(weights), bias=torch.cat([g.bias for g in dense]), pads=pads,
+                   depthwise=True)  # even when the first group has one channel (a conv of groups=1)

@@ -35,7 +35,7 @@ class LoadedModel:
     preprocess: PreprocessConfig
     labels: list[str] | None
     weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint's absolute path
-    sha256: str | None = None  # of the checkpoint file
+    sha256: str | None = None  # of the checkpoint file, or of timm's pretrained tensors (state_sha256)
 
     @property
     def random_init(self) -> bool:
@@ -175,7 +175,17 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         raise MixdeployError(f"checkpoint {checkpoint}: 'labels' must be a list of {module.num_classes} class names "
                              "(one per output of the classifier)")
     labels = list(labels) if labels is not None else None
-    return LoadedModel(name, module, preprocess, labels, weights, file_sha256(checkpoint) if checkpoint else None)
+    sha256 = file_sha256(checkpoint) if checkpoint else state_sha256(module) if pretrained else None
+    return LoadedModel(name, module, preprocess, labels, weights, sha256)
+
+
+def state_sha256(module: nn.Module) -> str:
+    """The SHA-256 of a module's tensors (names and bytes, in state_dict order), hex."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -226,6 +236,9 @@ def reload(meta: dict) -> LoadedModel:
     weights, name = meta["mixdeploy.weights"], meta["mixdeploy.model"]
     if weights in (RANDOM_INIT, CALIBRATED, "pretrained"):
         loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED)
+        if meta.get("mixdeploy.weights_sha256") not in (None, loaded.sha256):
+            raise MixdeployError(f"timm's pretrained {name} weights differ from those the export was made from (another "
+                                 "timm version or weights tag?); export the model again, or pass the model name")
     elif not Path(weights).is_file():
         raise MixdeployError(f"the export was made from {weights}, which is gone; pass the model name and --checkpoint")
     elif meta.get("mixdeploy.weights_sha256") not in (None, file_sha256(weights)):

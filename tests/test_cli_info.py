@@ -122,22 +122,41 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
 
 
 def test_pretrained_weights_in_the_hub_cache_load_offline(tmp_path):
-    """--pretrained with no network and the weights in the Hugging Face cache, as a download leaves them."""
+    """--pretrained with no network and the weights in the Hugging Face cache, as a download leaves
+    them; a file exported from them is rebuilt from them, and refused once the cached weights change."""
     import timm
     from safetensors.torch import save_file
 
     repo = tmp_path / "models--timm--mixnet_s.ft_in1k"
-    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    weights = repo / "snapshots" / ("0" * 40) / "model.safetensors"
+    weights.parent.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     torch.manual_seed(1)  # not load_model's seed: the weights must come from the cache
-    save_file(timm.create_model("mixnet_s").state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
-    check = ("import sys, torch; from safetensors.torch import load_file; from mixnet_deploy import load_model; "
-             "m = load_model('mixnet_s', pretrained=True); saved = load_file(sys.argv[1]); "
-             "assert m.weights == 'pretrained' and torch.equal(m.module.classifier.weight, saved['classifier.weight'])")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": "https://hub.invalid"}  # offline
-    proc = subprocess.run([sys.executable, "-c", check, str(repo / "snapshots" / ("0" * 40) / "model.safetensors")],
-                          capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    save_file(timm.create_model("mixnet_s").state_dict(), weights)
+    (tmp_path / "check.py").write_text(f"""
+import torch
+from safetensors.torch import load_file, save_file
+from mixnet_deploy import MixdeployError, load_model
+from mixnet_deploy.models import reload
+
+saved = load_file({str(weights)!r})
+loaded = load_model("mixnet_s", pretrained=True)
+assert loaded.weights == "pretrained" and torch.equal(loaded.module.classifier.weight, saved["classifier.weight"])
+meta = loaded.metadata()
+assert torch.equal(reload(meta).module.classifier.weight, saved["classifier.weight"])
+save_file({{k: v + 1 for k, v in saved.items()}}, {str(weights)!r})  # other weights under the same name
+try:
+    reload(meta)
+except MixdeployError as exc:
+    assert "differ from those the export was made from" in str(exc), exc
+else:
+    raise AssertionError("changed pretrained weights were not noticed")
+""")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": "https://hub.invalid",  # offline
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(tmp_path / "check.py")], capture_output=True, text=True, cwd=ROOT,
+                          env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -22,6 +22,7 @@ LAYERS = {
     "big kernels": lambda: MixConv(24, (3, 11, 13)),
     "exponential stride 2": lambda: MixConv(32, (3, 5, 7, 9), stride=2, partition="exponential"),
     "dilated": lambda: MixConv(32, (3, 5, 7, 9), dilated=True),
+    "one-channel groups": lambda: MixConv(4, (9, 3, 5)),  # 2, 1, 1 channels: fold<=5 merges two of one
 }
 
 
