@@ -2,13 +2,14 @@
 thread counts, and parity of their on-device outputs with the PyTorch model on real photos."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -22,6 +23,19 @@ from . import benchmark_model, runners
 from .device_info import cpu_mask, device_info, temperatures
 from .runners import latency_stats
 from .transport import Transport
+
+
+class RunTimeout(DeviceTimeout):
+    """A file's run on the device past --timeout (not a copy's own time limit)."""
+
+
+@contextlib.contextmanager
+def _run_limit() -> Iterator[None]:
+    """A DeviceTimeout of the device commands inside becomes the file's RunTimeout."""
+    try:
+        yield
+    except DeviceTimeout as exc:
+        raise RunTimeout(str(exc), exc.seconds) from None
 
 
 
@@ -135,7 +149,8 @@ class Session:
         self.device.push(self.host / "inputs.npy", f"{work}/inputs.npy")
         argv = [*self.prefix, self.python, self.script, "bench", model, f"{work}/inputs.npy", f"{work}/outputs.npy",
                 "--threads", ",".join(map(str, s.threads)), "--runs", str(s.runs), "--warmup", str(s.warmup)]
-        done = self.device.shell(argv, timeout=s.timeout, check=False)
+        with _run_limit():
+            done = self.device.shell(argv, timeout=s.timeout, check=False)
         lines = done.stdout.strip().splitlines()
         if done.code != 0 or not lines:
             detail = (done.stderr or done.stdout).strip().splitlines()
@@ -158,15 +173,21 @@ class Session:
 
     def run_benchmark_model(self, item: Prepared) -> dict:
         """LiteRT's benchmark_model: one timed run per thread count, then one run per parity image fed
-        through --input_layer_value_files, its --output_filepath pulled back."""
+        through --input_layer_value_files, its --output_filepath pulled back; all within --timeout."""
         s, work = self.settings, self.device.workdir
+        deadline = time.monotonic() + s.timeout
+
+        def left() -> float:
+            return max(1.0, deadline - time.monotonic())
+
         assert self.binary is not None, "ready() installs benchmark_model first"
         model = f"{work}/model.tflite"
         self.device.push(item.path, model)
         latency, first = {}, None
         for t in s.threads:
-            parsed = benchmark_model.run(self.device, self.binary, model, t, s.runs, s.warmup, self.mask,
-                                         timeout=s.timeout)
+            with _run_limit():
+                parsed = benchmark_model.run(self.device, self.binary, model, t, s.runs, s.warmup, self.mask,
+                                             timeout=left())
             first = first or parsed
             stats = {"p90": None, "p99": None, **parsed["latency_ms"], "runs": parsed["runs"], "raw": []}
             if stats["median"] is None:  # older builds print no median: the mean stands in, and says so
@@ -178,8 +199,9 @@ class Session:
         for x in host.feed(item.images):
             (self.host / "input.bin").write_bytes(runners.quantize(x[None], host.input).tobytes())
             self.device.push(self.host / "input.bin", f"{work}/input.bin")
-            benchmark_model.run(self.device, self.binary, model, s.threads[0], 1, 0, self.mask,
-                                {name: f"{work}/input.bin"}, {name: shape}, f"{work}/output.bin", timeout=s.timeout)
+            with _run_limit():
+                benchmark_model.run(self.device, self.binary, model, s.threads[0], 1, 0, self.mask,
+                                    {name: f"{work}/input.bin"}, {name: shape}, f"{work}/output.bin", timeout=left())
             self.device.pull(f"{work}/output.bin", self.host / "output.bin")
             raw = benchmark_model.read_outputs((self.host / "output.bin").read_bytes(),
                                                [(tuple(host.output["shape"]), host.output["dtype"])])[0]
@@ -196,9 +218,7 @@ class Session:
         temps_before = temperatures(self.device)
         try:
             measured = self.run_benchmark_model(item) if s.runner == "benchmark_model" else self.run_python(item)
-        except DeviceTimeout as exc:
-            if exc.seconds != s.timeout:  # a copy's own limit, not the run's
-                raise
+        except RunTimeout:
             raise DeviceTimeout(f"{item.path.name} did not finish on {self.device.name} within --timeout {s.timeout:g} s "
                                 f"({s.runs} runs at {','.join(map(str, s.threads))} thread(s)): raise --timeout or "
                                 "lower --runs", s.timeout) from None

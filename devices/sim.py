@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from devices.adb import adb
 from devices.adbd import DEVICE_ENV
 from mixnet_deploy.errors import DeviceError, MixdeployError
 
@@ -162,7 +163,8 @@ def stop() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     if state.get("serial") and shutil.which("adb"):
-        subprocess.run(["adb", "disconnect", state["serial"]], capture_output=True, timeout=30)
+        with contextlib.suppress(DeviceError):  # a hung adb server must not keep the mounts
+            adb(["disconnect", state["serial"]], 30)
     _unmount(state.get("mounts", []))
     for name in ("device.json", "adbd.pid"):
         (STATE / name).unlink(missing_ok=True)
@@ -361,15 +363,17 @@ def _adb_connect(serial: str, timeout: float = 20) -> None:
     """`adb connect` until get-state says device (after a daemon restart adb shows offline until it
     disconnects and connects again)."""
     deadline = time.monotonic() + timeout
-    for attempt in itertools.count():
-        state = subprocess.run(["adb", "-s", serial, "get-state"], capture_output=True, text=True, timeout=30)
-        if state.stdout.strip() == "device":
-            return
-        if time.monotonic() > deadline:
-            stop()
-            raise DeviceError(f"sim: adb does not see {serial} as a device within {timeout:g} s: "
-                              f"see {STATE / 'adbd.log'}")
-        if attempt % 10 == 0:
-            subprocess.run(["adb", "disconnect", serial], capture_output=True, timeout=30)
-            subprocess.run(["adb", "connect", serial], capture_output=True, timeout=30)
-        time.sleep(0.2)
+    try:
+        for attempt in itertools.count():
+            if adb(["-s", serial, "get-state"], 30).stdout.strip() == "device":
+                return
+            if time.monotonic() > deadline:
+                raise DeviceError(f"sim: adb does not see {serial} as a device within {timeout:g} s: "
+                                  f"see {STATE / 'adbd.log'}")
+            if attempt % 10 == 0:
+                adb(["disconnect", serial], 30)
+                adb(["connect", serial], 30)
+            time.sleep(0.2)
+    except DeviceError:  # a hung adb server too: the daemon and its mounts go
+        stop()
+        raise

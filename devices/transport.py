@@ -74,7 +74,8 @@ class Transport:
         if self._workdir is None:
             stale = _stale()
             if stale.get(self.name):
-                self._shell(shlex.join(["rm", "-rf", *stale.pop(self.name)]), 60)
+                folders = stale.pop(self.name)
+                self._shell("".join(map(_stop_in, folders)) + shlex.join(["rm", "-rf", *folders]), 60)
                 _save_stale(stale)
             self._workdir = self.shell(["mktemp", "-d", f"{self.tmp_root}/mixdeploy.XXXXXX"]).stdout.strip()
         return self._workdir
@@ -104,6 +105,15 @@ class Transport:
 
 
 STALE = Path.home() / ".cache" / "mixdeploy" / "stale-workdirs.json"
+
+
+def _stop_in(folder: str) -> str:
+    """Shell code that kills the process group of the last command run in a work folder left behind
+    when the device was lost, if that group still runs it (its leader's command line names the
+    folder: a process id reused since is left alone)."""
+    pgid, path = shlex.quote(folder + "/.pgid"), shlex.quote(folder)
+    return (f"pg=$(cat {pgid} 2>/dev/null) && tr '\\0' ' ' < /proc/$pg/cmdline 2>/dev/null | grep -qF {path} "
+            "&& kill -9 -$pg 2>/dev/null; ")
 
 
 def _stale() -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ from typing import Callable
 from torch import nn
 
 from mixnet_deploy.cost_model import shape_key
-from mixnet_deploy.errors import DeviceError, MixdeployError, is_number
+from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError, is_number
 from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
 from mixnet_deploy.models import file_sha256
 from mixnet_deploy.plan import Plan
@@ -50,9 +50,11 @@ def write_model(module: nn.Module, input_size: tuple[int, int, int], path: Path,
             from quantization.onnx_qdq import quantize_onnx
 
             float_path = path.with_name(path.stem + ".float.onnx")
-            write_onnx(module, input_size, float_path)
-            quantize_onnx(float_path, path, images)
-            float_path.unlink()
+            try:
+                write_onnx(module, input_size, float_path)
+                quantize_onnx(float_path, path, images)
+            finally:
+                float_path.unlink(missing_ok=True)
     elif fmt == "tflite":
         from exporters.tflite_export import write_tflite
 
@@ -105,10 +107,8 @@ class TimingCache:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".partial", delete=False) as f:
-            json.dump({"fingerprint": self.fingerprint, "shapes": self.shapes, "decisions": self.decisions}, f,
-                      indent=1)
-        os.replace(f.name, self.path)
+        write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "shapes": self.shapes,
+                                            "decisions": self.decisions}, indent=1).encode())
 
 
 class Tuner:
@@ -124,6 +124,7 @@ class Tuner:
                             "cores": [c["max_khz"] for c in info["cores"]], "cpus": self.session.mask,
                             "runtime": self.session.check_python(fmt), "format": fmt, "precision": precision,
                             "threads": threads, "emulated": info["emulated"], "probes": VERSION,
+                            "converters": _converter_versions(fmt), "rounds": rounds, "runs": runs,
                             "statistic": "fastest run"}
 
     def time(self, files: dict[str, Path]) -> dict[str, float]:
@@ -135,7 +136,12 @@ class Tuner:
             device.push(path, remote[name])
         argv = [*self.session.prefix, self.session.python, self.session.script, "time", *remote.values(),
                 "--threads", str(self.threads), "--runs", str(self.runs), "--rounds", str(self.rounds)]
-        done = device.shell(argv, timeout=self.session.settings.timeout, check=False)
+        limit = self.session.settings.timeout
+        try:
+            done = device.shell(argv, timeout=limit, check=False)
+        except DeviceTimeout:
+            raise DeviceTimeout(f"timing {len(files)} files on {device.name} took over {limit:g} s ({self.rounds} rounds "
+                                f"x {self.runs} runs): lower --tune-runs for a slow or emulated device", limit) from None
         device.shell(["rm", "-f", *remote.values()], check=False)
         if done.code != 0 or not done.stdout.strip():
             detail = (done.stderr or done.stdout).strip().splitlines()
@@ -146,11 +152,14 @@ class Tuner:
 
 @functools.cache
 def _converter_versions(fmt: str) -> list[str]:
-    """What writes a probe file: torch, and TensorFlow's converter for TFLite."""
+    """What writes a probe file: torch, and TensorFlow's converter for TFLite or ONNX Runtime's
+    quantizer for int8 ONNX."""
     import torch
 
     if fmt != "tflite":
-        return [torch.__version__]
+        import onnxruntime
+
+        return [torch.__version__, onnxruntime.__version__]
     import tensorflow as tf
 
     return [torch.__version__, tf.__version__]
@@ -167,7 +176,7 @@ def _probe_file(info: LayerInfo, choice: str, fmt: str, precision: str, counts: 
         counts["reused"] += 1
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial.{fmt}")
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.{fmt}")  # tunes of two devices at once
     try:
         write_model(probe(info, choice).module, probe_input(info), partial, fmt, precision)
         digest = file_sha256(partial)
@@ -260,7 +269,10 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
             result.layers.append({"layer": info.name, "kind": info.kind, "kernels": info.kernels,
                                   "channels": info.channels, "in_hw": list(info.in_hw), "choice": choice,
                                   "times_ms": times})
-        model_key = hashlib.sha256(json.dumps(sorted(shapes)).encode() + json.dumps(plan.layers).encode()).hexdigest()
+        # the rivals' plans too: the auto plan changes with the cost tables, and a verdict on another is stale
+        rivals = _rivals(model, input_size, layers, plan, target)
+        key = [sorted(shapes), plan.layers, *(rivals[name].layers for name in ("auto", *UNIFORM))]
+        model_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         decision = cache.decisions.get(model_key)
         if decision is None:
             step("whole model: close calls, then the tuned plan vs the auto and uniform plans", len(todo), len(todo))
@@ -273,6 +285,6 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
         result.refined, result.swaps, result.whole_model_ms = (decision["refined"], decision["swaps"],
                                                                decision["whole_model_ms"])
         if decision["best"] != "tuned":
-            result.plan = _rivals(model, input_size, layers, plan, target)[decision["best"]]
+            result.plan = rivals[decision["best"]]  # auto or uniform: the tuned plan's refinement is not theirs
             result.plan.source = f"{decision['best']}: faster than the per-layer tuned plan on {device.name}"
     return result

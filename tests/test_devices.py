@@ -107,6 +107,27 @@ def test_a_command_cut_off_is_stopped_on_the_device(device):
     assert not processes_mentioning(f"sleep {seconds}")
 
 
+def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connection(device, monkeypatch):
+    """The connection drops while a command runs (ssh leaves it running there) and the clean-up
+    cannot reach the device: the next connection kills what still runs in the folder, then removes it."""
+    seconds = f"{time.time() % 100 + 200:.3f}"
+    work = device.workdir
+    with pytest.raises(DeviceTimeout):  # named after its folder, as a runner is by its script's path
+        device.shell(["sh", "-c", f"sleep {seconds}; echo done", work], timeout=2)
+
+    def lost(*_):
+        raise DeviceError("lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(device, "_shell", lost)
+        device.cleanup()  # the folder is remembered for the next connection
+    with open_device(device.name) as again:
+        assert again.workdir != work
+        time.sleep(0.5)
+        assert not processes_mentioning(f"sleep {seconds}")
+        assert again.shell(["test", "-e", work], check=False).code == 1
+
+
 def test_device_info(device):
     info = device_info(device)
     assert info["abi"] == "x86_64" and info["os"].startswith("Linux")
@@ -272,7 +293,7 @@ def test_bench_checks_the_report_path_before_measuring(run_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache):
+def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch):
     """export --tune local: every layer shape measured, close calls tried in the whole model, the
     verdict cached; the second export measures nothing and gives the same plan."""
     from devices.tune import TimingCache
@@ -304,6 +325,15 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache):
     third = json.loads(run_cli(*args).out)[0]["tuning"]
     assert third["measured_shapes"] == 1 and "split+strips" in json.loads(cache.read_text())["shapes"][stale]
     assert third["probes"]["converted"] == 0 and third["probes"]["reused"] > 1  # the shape's probe files were kept
+    # new cost tables make another auto plan: the cached verdict on the old one is not reused
+    import devices.tune
+    from mixnet_deploy.lower import analyse, preset_plan
+
+    decided = len(json.loads(cache.read_text())["decisions"])
+    monkeypatch.setattr(devices.tune, "make_plan", lambda _, model, size, target: preset_plan(
+        analyse(model, size), "split", target))
+    fourth = json.loads(run_cli(*args).out)[0]["tuning"]
+    assert fourth["measured_shapes"] == 0 and len(json.loads(cache.read_text())["decisions"]) == decided + 1
     assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--plan", "fold"), "leave out --plan")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
     assert_usage_error(run_cli("export", "mixnet_s", "--tune-runs", "3"), "--tune-runs goes with --tune")
