@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
 from rich.console import Console
@@ -22,6 +22,9 @@ from rich.table import Table
 
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.terminal import stderr_is_interactive
+
+if TYPE_CHECKING:
+    from devices.transport import Transport
 
 out = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty())  # logs: a line per line
 err = Console(stderr=True)
@@ -109,13 +112,16 @@ def _reject_given(names: tuple[str, ...], goes_with: str) -> None:
                    goes_with)
 
 
+PRETRAINED = "timm's pretrained weights (downloaded; offline, from the Hugging Face cache)."
+
+
 def model_options(fn: Callable) -> Callable:
     """MODEL plus the options that say which weights to load and at what input resolution."""
     fn = input_size_option(fn)
     fn = click.option("--calibrate-bn", is_flag=True,
                       help="Random-init only: BatchNorm statistics from the shipped photos (realistic activations "
                            "for benchmarks and int8 without trained weights).")(fn)
-    fn = click.option("--pretrained", is_flag=True, help="Download timm's pretrained weights (needs the internet).")(fn)
+    fn = click.option("--pretrained", is_flag=True, help=PRETRAINED)(fn)
     fn = click.option("--checkpoint", type=click.Path(), help="Local weights (.pth/.pt/.safetensors) for MODEL.")(fn)
     return click.argument("model")(fn)
 
@@ -202,7 +208,8 @@ def _file_info(path: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     opset = f" opset {report['opset']}" if "opset" in report else ""
-    out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {report['precision']}  {report['size_bytes'] / 1e6:.2f} MB")
+    out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {report['precision']}  "
+              f"{report['size_bytes'] / 1e6:.2f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
     if "delegated" in report:
         out.print(_delegation_line(report))
@@ -274,7 +281,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
 
     With --tune DEVICE the lowering plan is measured on DEVICE: every MixConv layer's candidate
     lowerings are timed there as single-layer models (cached per device, runtime and precision)."""
-    from exporters.export import export as run_export
+    from exporters.export import check_outputs, export as run_export
 
     if precision and not tune_device:
         raise MixdeployError("--precision goes with --tune DEVICE (use --fp16 for a float16 TFLite export)")
@@ -297,6 +304,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
             from mixnet_deploy.models import check_request
 
             check_request(model, checkpoint, pretrained, calibrate_bn, input_size)
+            check_outputs(model, fmt, output, force, options)
             step(f"connecting to {tune_device}")
             plan = _tuner(open_device(tune_device), precision or ("fp16" if fp16 else "fp32"), tune_threads,
                           tune_runs, tunings, step)
@@ -329,7 +337,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         sys.exit(1)
 
 
-def _tuner(device, precision: str, threads: int, runs: int, tunings: list, report: Callable[[str], None]):
+def _tuner(device: Transport, precision: str, threads: int, runs: int, tunings: list, report: Callable[[str], None]):
     """A planner for export(): tune on `device` (a transport) for the format of each target, keeping each tuning."""
     from devices.tune import tune
 
@@ -350,7 +358,7 @@ def _tuner(device, precision: str, threads: int, runs: int, tunings: list, repor
 @click.option("--output", "-o", type=click.Path(), help="Output file. Default: FILE_int8.EXT next to FILE, or MODEL_int8.EXT here.")
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), help="For a MODEL name (default tflite).")
 @click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
-@click.option("--pretrained", is_flag=True, help="For a MODEL name: timm's pretrained weights (needs the internet).")
+@click.option("--pretrained", is_flag=True, help=f"For a MODEL name: {PRETRAINED}")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
 @input_size_option
 @click.option("--num-calib", type=click.IntRange(min=1), default=100, show_default=True)
@@ -451,7 +459,7 @@ def _print_quantized(result) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="With --compare-peers: the precision compared (int8 calibrated on the parity photos).")
 @click.option("--checkpoint", type=click.Path(), help="With --compare-peers: local weights for MODEL.")
-@click.option("--pretrained", is_flag=True, help="With --compare-peers: timm's pretrained weights (needs the internet).")
+@click.option("--pretrained", is_flag=True, help=f"With --compare-peers: {PRETRAINED}")
 @click.option("--calibrate-bn", is_flag=True, help="With --compare-peers: random-init BatchNorm statistics from photos.")
 @click.option("--keep", type=click.Path(), help="With --compare-peers: keep every compared file in this new or empty "
               "folder [default: a temporary one, removed].")

@@ -38,7 +38,6 @@ def _run_limit() -> Iterator[None]:
         raise RunTimeout(str(exc), exc.seconds) from None
 
 
-
 @dataclass
 class Settings:
     """How to measure: thread counts, runs, cores, parity images, pauses and limits."""
@@ -62,7 +61,6 @@ class Prepared:
 
     path: Path
     report: dict
-    precision: str
     images: np.ndarray
     reference: np.ndarray
 
@@ -92,7 +90,7 @@ def prepare(file: str, report: dict, parity_dir: str | None, samples: int, refer
                              minimum=min(samples, MIN_IMAGES)).images
         references[key] = images.numpy(), reference_outputs(loaded.module, images)
     images, reference = references[key]
-    return Prepared(Path(file), report, report["precision"], images, reference)
+    return Prepared(Path(file), report, images, reference)
 
 
 def core_mask(cpus: str | None, info: dict) -> str | None:
@@ -178,7 +176,10 @@ class Session:
         deadline = time.monotonic() + s.timeout
 
         def left() -> float:
-            return max(1.0, deadline - time.monotonic())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RunTimeout(f"{item.path.name}: past --timeout {s.timeout:g} s", s.timeout)
+            return remaining
 
         assert self.binary is not None, "ready() installs benchmark_model first"
         model = f"{work}/model.tflite"
@@ -222,12 +223,13 @@ class Session:
             raise DeviceTimeout(f"{item.path.name} did not finish on {self.device.name} within --timeout {s.timeout:g} s "
                                 f"({s.runs} runs at {','.join(map(str, s.threads))} thread(s)): raise --timeout or "
                                 "lower --runs", s.timeout) from None
-        parity = compare(item.reference, measured["outputs"], **DEPLOYED_TOLERANCE[item.precision])
+        report = item.report
+        parity = compare(item.reference, measured["outputs"], **DEPLOYED_TOLERANCE[report["precision"]])
         latency = measured["latency_ms"]
-        meta = item.report["metadata"]
+        meta = report["metadata"]
         return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
-                "format": item.report["format"], "precision": item.precision, "size_bytes": item.report["size_bytes"],
-                "input_shape": item.report["inputs"][0]["shape"], "runner": s.runner, "runtime": measured["runtime"],
+                "format": report["format"], "precision": report["precision"], "size_bytes": report["size_bytes"],
+                "input_shape": report["inputs"][0]["shape"], "runner": s.runner, "runtime": measured["runtime"],
                 "cpus": self.mask,
                 "init_ms": measured["init_ms"], "first_inference_ms": measured["first_inference_ms"],
                 "peak_memory_mb": measured["peak_memory_mb"], "model_memory_mb": measured["model_memory_mb"],

@@ -98,7 +98,8 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     with _work_folder(keep) as work:
         (work / "ours").mkdir()
         step(f"exporting {name} with mixdeploy")
-        ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint, pretrained=pretrained,
+        ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
+                                                 pretrained=pretrained,
                                                  calibrate_bn=calibrate_bn, input_size=input_size, step=step)}
         photos = settings.parity_dir or SAMPLE_IMAGES
         calib = load_folder(photos, loaded.preprocess, progress=False).images.numpy()

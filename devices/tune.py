@@ -1,6 +1,7 @@
 """`mixdeploy export --tune DEVICE`: every candidate lowering of every MixConv layer shape timed on
 the device as a single-layer probe, the fastest chosen, the whole-model plan checked against the
-uniform plans; timings cached per device fingerprint, runtime version, precision, threads and probe version."""
+auto and uniform plans; timings cached per device fingerprint, runtime and converter versions,
+precision, threads, runs, rounds and probe version."""
 from __future__ import annotations
 
 import functools
@@ -124,7 +125,7 @@ class Tuner:
                             "cores": [c["max_khz"] for c in info["cores"]], "cpus": self.session.mask,
                             "runtime": self.session.check_python(fmt), "format": fmt, "precision": precision,
                             "threads": threads, "emulated": info["emulated"], "probes": VERSION,
-                            "converters": _converter_versions(fmt), "rounds": rounds, "runs": runs,
+                            "converters": _converter_versions(fmt, precision), "rounds": rounds, "runs": runs,
                             "statistic": "fastest run"}
 
     def time(self, files: dict[str, Path]) -> dict[str, float]:
@@ -140,8 +141,9 @@ class Tuner:
         try:
             done = device.shell(argv, timeout=limit, check=False)
         except DeviceTimeout:
-            raise DeviceTimeout(f"timing {len(files)} files on {device.name} took over {limit:g} s ({self.rounds} rounds "
-                                f"x {self.runs} runs): lower --tune-runs for a slow or emulated device", limit) from None
+            raise DeviceTimeout(f"timing {len(files)} files on {device.name} took over {limit:g} s ({self.rounds} "
+                                f"rounds x {self.runs} runs): lower --tune-runs for a slow or emulated device",
+                                limit) from None
         device.shell(["rm", "-f", *remote.values()], check=False)
         if done.code != 0 or not done.stdout.strip():
             detail = (done.stderr or done.stdout).strip().splitlines()
@@ -151,25 +153,27 @@ class Tuner:
 
 
 @functools.cache
-def _converter_versions(fmt: str) -> list[str]:
+def _converter_versions(fmt: str, precision: str) -> list[str]:
     """What writes a probe file: torch, and TensorFlow's converter for TFLite or ONNX Runtime's
     quantizer for int8 ONNX."""
     import torch
 
-    if fmt != "tflite":
+    if fmt == "tflite":
+        import tensorflow as tf
+
+        return [torch.__version__, tf.__version__]
+    if precision == "int8":
         import onnxruntime
 
         return [torch.__version__, onnxruntime.__version__]
-    import tensorflow as tf
-
-    return [torch.__version__, tf.__version__]
+    return [torch.__version__]
 
 
 def _probe_file(info: LayerInfo, choice: str, fmt: str, precision: str, counts: dict[str, int]) -> Path:
     """The probe model file of one candidate, converted once per layer shape, format, precision and
     converter version and kept in the cache (tuning another device or thread count reuses it). A
     file whose SHA-256 no longer matches the one recorded beside it (truncated, damaged) is converted again."""
-    key = json.dumps([shape_key(info), choice, fmt, precision, VERSION, _converter_versions(fmt)])
+    key = json.dumps([shape_key(info), choice, fmt, precision, VERSION, _converter_versions(fmt, precision)])
     path = cache_dir() / "probes" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.{fmt}"
     recorded = path.with_name(path.name + ".sha256")
     if path.exists() and recorded.exists() and recorded.read_text() == file_sha256(path):
@@ -200,7 +204,7 @@ def _rivals(model: nn.Module, input_size: tuple[int, int, int], layers: list[Lay
 
 
 def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int], layers: list[LayerInfo],
-                 plan: Plan, target: str, shapes: dict, host: Path) -> dict:
+                 plan: Plan, rivals: dict[str, Plan], shapes: dict, host: Path) -> dict:
     """Single-layer probes miss what a choice costs its neighbours (a runtime re-laying data out
     around it): the layers whose runner-up came closest are tried in the whole model, and each
     swap that makes it faster is kept; then the tuned plan is timed against the rival plans."""
@@ -222,8 +226,7 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
     swap_ms = tuner.time(files) if swaps else {}
     refined = dict(swap for label, swap in swaps.items() if swap_ms[label] < KEEP * swap_ms["tuned"])
     files = {}
-    rivals = _rivals(model, input_size, layers, Plan({**plan.layers, **refined}, plan.target), target)
-    for label, candidate in rivals.items():
+    for label, candidate in {**rivals, "tuned": Plan({**plan.layers, **refined}, plan.target)}.items():
         write(label, candidate)
     whole = {k: round(v, 4) for k, v in tuner.time(files).items()}
     tried = [{"layer": name, "choice": choice, "ms": swap_ms[label]} for label, (name, choice) in swaps.items()]
@@ -271,12 +274,12 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
                                   "times_ms": times})
         # the rivals' plans too: the auto plan changes with the cost tables, and a verdict on another is stale
         rivals = _rivals(model, input_size, layers, plan, target)
-        key = [sorted(shapes), plan.layers, *(rivals[name].layers for name in ("auto", *UNIFORM))]
+        key = [sorted(shapes), plan.layers, rivals["auto"].layers]  # the uniform plans follow from the layers
         model_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         decision = cache.decisions.get(model_key)
         if decision is None:
             step("whole model: close calls, then the tuned plan vs the auto and uniform plans", len(todo), len(todo))
-            decision = _whole_model(tuner, model, input_size, layers, plan, target, cache.shapes, host)
+            decision = _whole_model(tuner, model, input_size, layers, plan, rivals, cache.shapes, host)
             cache.decisions[model_key] = decision
             cache.save()
         plan.layers.update(decision["refined"])

@@ -105,6 +105,20 @@ def versions(fmt: str) -> dict[str, str]:
                                          for name in ("torch", "timm", *CONVERTERS[fmt])}}
 
 
+def check_outputs(model: str, fmt: str, output: str | Path | None, force: bool = False, options: dict | None = None,
+                  plan: str | Planner = "auto") -> dict[str, Path]:
+    """Each format's output path, once the paths, the ONNX opset and the plan spec are checked
+    (export's first step; `export --tune` takes it before reaching the device)."""
+    paths = output_paths(model, fmt, output)
+    for name, path in paths.items():
+        check_writable(path, force, FORMATS[name].suffix, format_option=True)
+    if "onnx" in paths:
+        check_opset((options or {}).get("opset", 18))
+    if not callable(plan):
+        read_spec(plan)
+    return paths
+
+
 def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, checkpoint: str | Path | None = None,
            pretrained: bool = False, plan: str | Planner = "auto", force: bool = False, options: dict | None = None,
            calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
@@ -115,13 +129,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16 (TFLite); input_layout (nhwc or nchw;
     default: TFLite nhwc, ONNX nchw).
     input_size: (height, width) to export at instead of the model's own resolution."""
-    paths = output_paths(model, fmt, output)
-    for name, path in paths.items():
-        check_writable(path, force, FORMATS[name].suffix, format_option=True)
-    if "onnx" in paths:
-        check_opset((options or {}).get("opset", 18))
-    if not callable(plan):
-        read_spec(plan)
+    paths = check_outputs(model, fmt, output, force, options, plan)
     step(f"loading {model}")
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
     size = loaded.preprocess.input_size

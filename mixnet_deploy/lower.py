@@ -340,14 +340,15 @@ def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
     plus `check_inputs` (e.g. real photos); raise LoweringError when it is out of tolerance."""
     model = model.eval()
     sites = discover(model, input_size)
-    check_plan(plan, [info for site in sites if (info := layer_info(site)) is not None])
+    infos = {site.name: layer_info(site) for site in sites}
+    check_plan(plan, [info for info in infos.values() if info is not None])
     lowered = copy.deepcopy(model)
     for site in sites:
         if site.bn is not None:
             bn = model.get_submodule(site.bn)
             site.groups = fold_batchnorm(site.groups, bn)
             _set(lowered, site.bn, copy.deepcopy(getattr(bn, "act", nn.Identity())))
-        _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default_choice(layer_info(site)))))
+        _set(lowered, site.name, build_layer(site, plan.layers.get(site.name, default_choice(infos[site.name]))))
     split_expansions(lowered)
     relu_into_segments(lowered)
     report = verify(model, lowered, input_size, check_inputs)

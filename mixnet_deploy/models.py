@@ -137,6 +137,9 @@ def check_request(name: str, checkpoint: str | Path | None = None, pretrained: b
         raise MixdeployError("pass either --pretrained or --checkpoint, not both")
     if calibrate_bn and (checkpoint is not None or pretrained):
         raise MixdeployError("--calibrate-bn is for random-init models; trained weights keep their statistics")
+    if pretrained and name.startswith(DROPIN_PREFIX):
+        raise MixdeployError(f"{name} has no pretrained weights (its depthwise convs became MixConvs); pass "
+                             "--checkpoint PATH with weights trained for it")
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
@@ -237,8 +240,8 @@ def reload(meta: dict) -> LoadedModel:
     if weights in (RANDOM_INIT, CALIBRATED, "pretrained"):
         loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED)
         if meta.get("mixdeploy.weights_sha256") not in (None, loaded.sha256):
-            raise MixdeployError(f"timm's pretrained {name} weights differ from those the export was made from (another "
-                                 "timm version or weights tag?); export the model again, or pass the model name")
+            raise MixdeployError(f"timm's pretrained {name} weights differ from those the export was made from "
+                                 "(another timm version or weights tag?); export the model again, or pass the model name")
     elif not Path(weights).is_file():
         raise MixdeployError(f"the export was made from {weights}, which is gone; pass the model name and --checkpoint")
     elif meta.get("mixdeploy.weights_sha256") not in (None, file_sha256(weights)):

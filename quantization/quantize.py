@@ -92,8 +92,9 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     from_file = file_format(source)
     if from_file:
         exported_format(source)  # before the output path: a mistyped FILE is the error to report
-        reject_options([name for name, value in (("--checkpoint", checkpoint), ("--pretrained", pretrained), ("--format", fmt),
-                                                 ("--calibrate-bn", calibrate_bn), ("--input-size", input_size)) if value],
+        given = (("--checkpoint", checkpoint), ("--pretrained", pretrained), ("--format", fmt),
+                 ("--calibrate-bn", calibrate_bn), ("--input-size", input_size))
+        reject_options([name for name, value in given if value],
                        f"a MODEL name; {source} keeps what it was exported with (export it again to change it)")
     fmt = from_file or fmt or "tflite"
     if fmt not in ("tflite", "onnx"):
@@ -122,7 +123,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
     images = load_folder(calib, loaded.preprocess, limit=limit, minimum=min(limit, MIN_IMAGES))
     if eval_dir is not None:
-        calibration, held_out = images, load_folder(eval_dir, loaded.preprocess, limit=num_eval)
+        calibration, held_out = images, load_folder(eval_dir, loaded.preprocess, limit=num_eval,
+                                                         minimum=min(num_eval, MIN_IMAGES))
     else:
         calibration, held_out = images.split(len(images.images) - max(1, math.ceil(len(images.images) / 5)))
     size = loaded.preprocess.input_size

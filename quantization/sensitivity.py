@@ -82,7 +82,8 @@ def tflite_layers(calibrated: bytes, samples: np.ndarray, float_ops: list[str] |
                                                               np.concatenate([(q.ravel().astype(np.float64) - zero) * scale for q in quants]))})
     with quiet_native_stderr():
         debugger = tf.lite.experimental.QuantizationDebugger(
-            quant_debug_model_content=quantize_calibrated(calibrated, "float32", float_ops, debug=True), debug_dataset=dataset,
+            quant_debug_model_content=quantize_calibrated(calibrated, "float32", float_ops, debug=True),
+            debug_dataset=dataset,
             debug_options=options)
         debugger.run()
     return _worst_per_module({name: float(stats["sqnr_db"]) for name, stats in debugger.layer_statistics.items()},

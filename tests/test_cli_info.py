@@ -119,6 +119,7 @@ def test_checkpoint_preprocess_labels_and_head_are_checked(run_cli, tmp_path):
 def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     assert_usage_error(run_cli("info", "mixnet_s", "--pretrained"), "unreachable", "--checkpoint PATH")
+    assert_usage_error(run_cli("info", "mixconv_mobilenetv2_100", "--pretrained"), "has no pretrained weights")
 
 
 def test_pretrained_weights_in_the_hub_cache_load_offline(tmp_path):
@@ -132,8 +133,9 @@ def test_pretrained_weights_in_the_hub_cache_load_offline(tmp_path):
     weights.parent.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    torch.manual_seed(1)  # not load_model's seed: the weights must come from the cache
-    save_file(timm.create_model("mixnet_s").state_dict(), weights)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # not load_model's seed: the weights must come from the cache
+        save_file(timm.create_model("mixnet_s").state_dict(), weights)
     (tmp_path / "check.py").write_text(f"""
 import torch
 from safetensors.torch import load_file, save_file

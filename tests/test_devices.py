@@ -107,10 +107,14 @@ def test_a_command_cut_off_is_stopped_on_the_device(device):
     assert not processes_mentioning(f"sleep {seconds}")
 
 
-def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connection(device, monkeypatch):
+def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connection(sshd, monkeypatch, tmp_path):
     """The connection drops while a command runs (ssh leaves it running there) and the clean-up
     cannot reach the device: the next connection kills what still runs in the folder, then removes it."""
+    import devices.transport
+
+    monkeypatch.setattr(devices.transport, "STALE", tmp_path / "stale.json")
     seconds = f"{time.time() % 100 + 200:.3f}"
+    device = open_device(sshd)
     work = device.workdir
     with pytest.raises(DeviceTimeout):  # named after its folder, as a runner is by its script's path
         device.shell(["sh", "-c", f"sleep {seconds}; echo done", work], timeout=2)
@@ -121,7 +125,8 @@ def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connecti
     with monkeypatch.context() as patch:
         patch.setattr(device, "_shell", lost)
         device.cleanup()  # the folder is remembered for the next connection
-    with open_device(device.name) as again:
+    assert processes_mentioning(f"sleep {seconds}") and work in (tmp_path / "stale.json").read_text()
+    with open_device(sshd) as again:
         assert again.workdir != work
         time.sleep(0.5)
         assert not processes_mentioning(f"sleep {seconds}")
@@ -335,6 +340,10 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     fourth = json.loads(run_cli(*args).out)[0]["tuning"]
     assert fourth["measured_shapes"] == 0 and len(json.loads(cache.read_text())["decisions"]) == decided + 1
     assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--plan", "fold"), "leave out --plan")
+    # the model and the output are checked before the device is reached (an unroutable host: 30 s)
+    unroutable = ("--tune", "ssh:u@10.255.255.1", "--format", "tflite")
+    assert_usage_error(run_cli("export", "mixnet_ss", *unroutable), "unknown model 'mixnet_ss'")
+    assert_usage_error(run_cli("export", "mixnet_s", *unroutable, "-o", tmp_path / "tuned.tflite"), "exists")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
     assert_usage_error(run_cli("export", "mixnet_s", "--tune-runs", "3"), "--tune-runs goes with --tune")
 

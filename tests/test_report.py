@@ -49,7 +49,8 @@ def test_report_tables_every_file_and_thread_count(tmp_path):
     text = md.read_text()
     assert text.startswith("# Benchmark on adb:127.0.0.1:5555, ")
     assert "- Cores: 8: cpu0–3 1.80 GHz; cpu4–7 2.40 GHz **(big)** (not pinned: any core)" in text
-    assert "zone0 44.2 → 44.6 °C" in text  # before the first file (bench's own record), after the last and "Free memory: 1234 MB" in text and "Governor: schedutil" in text
+    assert "zone0 44.2 → 44.6 °C" in text  # before the first file (bench's own record), after the last
+    assert "Free memory: 1234 MB" in text and "Governor: schedutil" in text
     assert EMULATION_NOTE not in text and "Emulated: no" in text
     assert "![median latency and parity per file](bench.png)" in text
     fastest = RESULTS[3]["latency_by_threads"]["1"]["median"]
