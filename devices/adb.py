@@ -51,7 +51,10 @@ class AdbTransport(Transport):
         self.serial = serial
         self.name = f"adb:{serial}"
         state = device_states(timeout).get(serial)
-        if state is None and re.fullmatch(r"[\w.\-]+:\d+", serial):
+        if state == "offline" and network:  # an entry left by an earlier connection: connect afresh
+            adb(["disconnect", serial], timeout)
+            state = None
+        if state is None and network:
             connect = adb(["connect", serial], timeout)
             state = device_states(timeout).get(serial)
             if state in (None, "offline"):  # adb exits 0 on a failed connect too, leaving an offline entry

@@ -179,7 +179,9 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     refused = run_cli("bench", model, "--device", f"127.0.0.1:{port}")
     assert refused.code == 1 and f"could not connect to adb device 127.0.0.1:{port}" in refused.err
     assert "refused" in refused.err and len(refused.message) == 1
-    unreachable = run_cli("device", "info", "10.255.255.1:5555")  # a connect that times out: adb lists it offline
+    # a connect that times out leaves the serial listed offline: the next one starts afresh
+    subprocess.run(["adb", "connect", "10.255.255.1:5555"], capture_output=True, timeout=120, check=False)
+    unreachable = run_cli("device", "info", "10.255.255.1:5555")
     assert unreachable.code == 1 and "could not connect to adb device 10.255.255.1:5555" in unreachable.err
     assert "10.255.255.1" not in subprocess.run(["adb", "devices"], capture_output=True, text=True).stdout
     monkeypatch.setenv("PATH", str(tmp_path))
