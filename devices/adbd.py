@@ -375,6 +375,18 @@ async def send_file(root: str, stream: Stream, path: str) -> bool:
 
 
 # --- server ---------------------------------------------------------------------------------------
+def _runs_in(group: int, root: str) -> bool:
+    """Whether a process of process group `group` runs inside `root` (a group's id is handed out
+    again only once none of its processes is left)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) == group and os.readlink(f"/proc/{pid}/root") == os.path.realpath(root):
+                return True
+        except OSError:  # ended meanwhile
+            continue
+    return False
+
+
 async def serve(root: str, host: str, port: int) -> None:
     """Accept adb connections until SIGTERM or SIGINT, then kill what every command started and left running."""
     server = await asyncio.start_server(lambda r, w: Connection(r, w, root).run(), host, port)
@@ -385,8 +397,9 @@ async def serve(root: str, host: str, port: int) -> None:
     await stopping.wait()
     server.close()
     for group in GROUPS:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
+        if _runs_in(group, root):  # else its id may be another process's by now
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
     log.info("stopped")
 
 

@@ -101,8 +101,12 @@ def test_output_streams_and_closing_hangs_up_the_shell(sim_device):
         else:
             pytest.fail("the shell still runs after the host closed its stream")
         assert processes_mentioning("sleep 31.5 ")
+        sim.stop()  # what a cut-off command left running goes with the device
+        time.sleep(0.5)
+        assert not processes_mentioning("sleep 31.5 ")
     finally:
         subprocess.run(["pkill", "-f", "sleep 31.5"], check=False)
+        sim.start()
 
 
 def _tiny_models(folder: Path) -> list[Path]:
