@@ -197,9 +197,10 @@ def _probe_times(tuner: Tuner, info: LayerInfo, counts: dict[str, int]) -> dict[
     return {c: round(ms, 5) for c, ms in tuner.time(files).items()}
 
 
-def _rivals(model: nn.Module, input_size: tuple[int, int, int], layers: list[LayerInfo], plan: Plan,
+def _rivals(model: nn.Module, input_size: tuple[int, int, int], layers: list[LayerInfo],
             target: str) -> dict[str, Plan]:
-    return {"tuned": plan, "auto": make_plan("auto", model, input_size, target),
+    """The plans the tuned one is timed against in the whole model: auto and the uniform ones."""
+    return {"auto": make_plan("auto", model, input_size, target),
             **{name: preset_plan(layers, name, target) for name in UNIFORM}}
 
 
@@ -226,7 +227,7 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
     swap_ms = tuner.time(files) if swaps else {}
     refined = dict(swap for label, swap in swaps.items() if swap_ms[label] < KEEP * swap_ms["tuned"])
     files = {}
-    for label, candidate in {**rivals, "tuned": Plan({**plan.layers, **refined}, plan.target)}.items():
+    for label, candidate in {"tuned": Plan({**plan.layers, **refined}, plan.target), **rivals}.items():
         write(label, candidate)
     whole = {k: round(v, 4) for k, v in tuner.time(files).items()}
     tried = [{"layer": name, "choice": choice, "ms": swap_ms[label]} for label, (name, choice) in swaps.items()]
@@ -273,7 +274,7 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
                                   "channels": info.channels, "in_hw": list(info.in_hw), "choice": choice,
                                   "times_ms": times})
         # the rivals' plans too: the auto plan changes with the cost tables, and a verdict on another is stale
-        rivals = _rivals(model, input_size, layers, plan, target)
+        rivals = _rivals(model, input_size, layers, target)
         key = [sorted(shapes), plan.layers, rivals["auto"].layers]  # the uniform plans follow from the layers
         model_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         decision = cache.decisions.get(model_key)
@@ -288,6 +289,6 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
         result.refined, result.swaps, result.whole_model_ms = (decision["refined"], decision["swaps"],
                                                                decision["whole_model_ms"])
         if decision["best"] != "tuned":
-            result.plan = rivals[decision["best"]]  # auto or uniform: the tuned plan's refinement is not theirs
+            result.plan = rivals[decision["best"]]
             result.plan.source = f"{decision['best']}: faster than the per-layer tuned plan on {device.name}"
     return result
