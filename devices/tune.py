@@ -227,7 +227,9 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
     swap_ms = tuner.time(files) if swaps else {}
     refined = dict(swap for label, swap in swaps.items() if swap_ms[label] < KEEP * swap_ms["tuned"])
     files = {}
-    for label, candidate in {"tuned": Plan({**plan.layers, **refined}, plan.target), **rivals}.items():
+    # each kept swap was faster alone; together they are timed against the plan without them too
+    unrefined = {"per-layer": plan} if refined else {}
+    for label, candidate in {"tuned": Plan({**plan.layers, **refined}, plan.target), **unrefined, **rivals}.items():
         write(label, candidate)
     whole = {k: round(v, 4) for k, v in tuner.time(files).items()}
     tried = [{"layer": name, "choice": choice, "ms": swap_ms[label]} for label, (name, choice) in swaps.items()]
@@ -275,7 +277,8 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
                                   "times_ms": times})
         # the rivals' plans too: the auto plan changes with the cost tables, and a verdict on another is stale
         rivals = _rivals(model, input_size, layers, target)
-        key = [sorted(shapes), plan.layers, rivals["auto"].layers]  # the uniform plans follow from the layers
+        # the uniform plans follow from the layers; 2: the kept swaps are timed against the plan without them
+        key = [2, sorted(shapes), plan.layers, rivals["auto"].layers]
         model_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         decision = cache.decisions.get(model_key)
         if decision is None:
@@ -283,12 +286,13 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
             decision = _whole_model(tuner, model, input_size, layers, plan, rivals, cache.shapes, host)
             cache.decisions[model_key] = decision
             cache.save()
-        plan.layers.update(decision["refined"])
-        for name, choice in decision["refined"].items():
+        best = decision["best"]
+        result.refined = decision["refined"] if best == "tuned" else {}
+        result.swaps, result.whole_model_ms = decision["swaps"], decision["whole_model_ms"]
+        plan.layers.update(result.refined)
+        for name, choice in result.refined.items():
             plan.estimates_ms[name] = next(r["times_ms"][choice] for r in result.layers if r["layer"] == name)
-        result.refined, result.swaps, result.whole_model_ms = (decision["refined"], decision["swaps"],
-                                                               decision["whole_model_ms"])
-        if decision["best"] != "tuned":
-            result.plan = rivals[decision["best"]]
-            result.plan.source = f"{decision['best']}: faster than the per-layer tuned plan on {device.name}"
+        if best not in ("tuned", "per-layer"):  # per-layer: the kept swaps were slower together, and dropped
+            result.plan = rivals[best]
+            result.plan.source = f"{best}: faster than the per-layer tuned plan on {device.name}"
     return result

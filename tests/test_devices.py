@@ -314,10 +314,11 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     tuning = report["tuning"]
     assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0 and tuning["timing"]["runs"] == 20
     assert sum(tuning["probes"].values()) == probe_files(checkpoint)  # reused if the ARM device's tuning ran first
-    assert set(tuning["whole_model_ms"]) == {"tuned", "auto", "split", "fold"} and tuning["swaps"]
+    assert set(tuning["whole_model_ms"]) - {"per-layer"} == {"tuned", "auto", "split", "fold"} and tuning["swaps"]
+    assert not tuning["refined"] or "per-layer" in tuning["whole_model_ms"]  # kept swaps timed without them too
     assert report["plan"]["source"].endswith("on local") and report["parity"]["passed"]
     chosen = min(tuning["whole_model_ms"], key=tuning["whole_model_ms"].get)
-    assert report["plan"]["source"].startswith("tuned" if chosen == "tuned" else chosen)
+    assert report["plan"]["source"].startswith("tuned" if chosen in ("tuned", "per-layer") else chosen)
     for swap in tuning["swaps"]:
         layer = next(r for r in tuning["layers"] if r["layer"] == swap["layer"])
         assert swap["choice"] in layer["times_ms"] and swap["choice"] != layer["choice"]
@@ -348,6 +349,41 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     assert_usage_error(run_cli("export", "mixnet_s", *unroutable, "-o", tmp_path / "tuned.tflite"), "exists")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
     assert_usage_error(run_cli("export", "mixnet_s", "--tune-runs", "3"), "--tune-runs goes with --tune")
+
+
+def test_swaps_slower_together_are_dropped(tmp_path, monkeypatch):
+    """Each close call's runner-up made the whole model faster alone, but together they are slower
+    than the per-layer plan without them: the per-layer plan is exported, its swaps dropped. The
+    device's timings are scripted (the decision is what is tested; the real timing is tested above)."""
+    import timm
+
+    import devices.tune
+    from devices.tune import TimingCache
+    from mixnet_deploy.lower import analyse
+
+    class ScriptedTuner:
+        def __init__(self, device, fmt, precision, threads, rounds, runs, host):
+            self.fmt, self.precision, self.fingerprint = fmt, precision, {"scripted": True}
+
+        def time(self, files):
+            if "tuned" not in files:  # a layer's probes: the candidates in order, each 1 % slower
+                return {choice: 1 + 0.01 * i for i, choice in enumerate(files)}
+            if "swap0" in files:
+                return {label: 10.0 if label == "tuned" else 9.0 for label in files}
+            return {"tuned": 9.5, "per-layer": 9.0, "auto": 9.2, "split": 20.0, "fold": 15.0}
+
+    monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(devices.tune, "Tuner", ScriptedTuner)
+    monkeypatch.setattr(devices.tune, "_probe_file", lambda info, choice, *_: Path(choice))
+    monkeypatch.setattr(devices.tune, "write_model", lambda module, size, path, *_: path.touch())
+    model = timm.create_model("mixnet_s").eval()
+    layers = analyse(model, (3, 64, 64))
+    result = devices.tune.tune(model, (3, 64, 64), open_device("local"), "onnx")
+    assert len(result.swaps) == devices.tune.REFINE and result.refined == {}
+    assert result.plan.source == "tuned on local" and result.whole_model_ms["per-layer"] == 9.0
+    assert result.plan.layers == {info.name: info.candidates[0] for info in layers}
+    decision = next(iter(TimingCache(result.fingerprint).decisions.values()))
+    assert decision["best"] == "per-layer" and len(decision["refined"]) == devices.tune.REFINE
 
 
 def test_a_timing_cache_of_another_form_is_measured_again(tmp_path, monkeypatch):
