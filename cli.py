@@ -22,6 +22,7 @@ from rich.table import Table
 
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.terminal import stderr_is_interactive
+from quantization.calibration import NUM_CALIB
 
 if TYPE_CHECKING:
     from devices.transport import Transport
@@ -361,7 +362,7 @@ def _tuner(device: Transport, precision: str, threads: int, runs: int, tunings: 
 @click.option("--pretrained", is_flag=True, help=f"For a MODEL name: {PRETRAINED}")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
 @input_size_option
-@click.option("--num-calib", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--num-calib", type=click.IntRange(min=1), default=NUM_CALIB, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
               help="Activation ranges: min/max, clipped to the 99.999th percentile, or entropy (onnx only).")
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")

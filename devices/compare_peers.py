@@ -91,7 +91,7 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     ones calibrated on the same photos), benchmarked together; each row says whose file it is and
     its median latency relative to ours in the same format. The files are written to `keep` (from
     keep_folder) or to a temporary folder (removed; rows then name them relative to it)."""
-    from quantization.calibration import load_folder
+    from quantization.calibration import NUM_CALIB, load_folder
     from quantization.quantize import quantize
 
     loaded = load_model(name, checkpoint, pretrained, calibrate_bn, input_size)
@@ -101,9 +101,9 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
         ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
                                                  pretrained=pretrained,
                                                  calibrate_bn=calibrate_bn, input_size=input_size, step=step)}
-        photos = settings.parity_dir or SAMPLE_IMAGES
-        calib = load_folder(photos, loaded.preprocess, progress=False).images.numpy()
-        if precision == "int8":  # calibrated on every photo, as the peers are (not on quantize's four fifths)
+        photos = settings.parity_dir or SAMPLE_IMAGES  # a sample of a large folder, the same one quantize takes
+        calib = load_folder(photos, loaded.preprocess, limit=NUM_CALIB, progress=False).images.numpy()
+        if precision == "int8":  # calibrated on all of them, as the peers are (not on quantize's four fifths)
             ours = {fmt: quantize(str(path), photos, path.with_name(f"{name}_int8.{fmt}"), num_calib=len(calib),
                                   eval_dir=photos, step=step).path for fmt, path in ours.items()}
         meta = inspect_file(ours["onnx"])["metadata"]

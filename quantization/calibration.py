@@ -16,6 +16,7 @@ from mixnet_deploy.terminal import stderr_is_interactive
 from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform, read_image
 
 MIN_IMAGES = 2
+NUM_CALIB = 100  # calibration images by default (quantize --num-calib, compare-peers' int8 files)
 SAMPLE_SEED = 0
 
 

@@ -24,7 +24,7 @@ from mixnet_deploy.planner import make_plan
 
 from . import sensitivity
 from .accuracy import accuracy
-from .calibration import MIN_IMAGES, check_folder, load_folder
+from .calibration import MIN_IMAGES, NUM_CALIB, check_folder, load_folder
 from .keep_float import GROUPS, onnx_nodes, tflite_ops
 
 IO_TYPES = ("int8", "uint8", "float32")
@@ -74,7 +74,7 @@ def _source(source: str, checkpoint: str | None, pretrained: bool, calibrate_bn:
 
 
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
-             checkpoint: str | None = None, pretrained: bool = False, num_calib: int = 100, method: str = "minmax",
+             checkpoint: str | None = None, pretrained: bool = False, num_calib: int = NUM_CALIB, method: str = "minmax",
              io: str | None = None, eval_dir: str | Path | None = None, num_eval: int = 1000, force: bool = False,
              max_drop: float | None = None,
              calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
