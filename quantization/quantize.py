@@ -65,6 +65,9 @@ def _source(source: str, checkpoint: str | None, pretrained: bool, calibrate_bn:
         if "mixdeploy.model" not in meta:
             raise MixdeployError(f"{source} was not exported by mixdeploy (no mixdeploy metadata); export the model "
                                  "with `mixdeploy export MODEL` or pass the model name")
+        if meta.get("mixdeploy.parity", {}).get("passed") is False:
+            raise MixdeployError(f"{source} failed its export's parity check (kept aside to be looked into); "
+                                 "quantize a float file that passed, or the model name")
         quantized = {"QuantizeLinear", "QUANTIZE"} & set(report["ops"])
         if quantized or any(t["dtype"] != "float32" for t in report["inputs"]):
             raise MixdeployError(f"{source} is already quantized; pass the float export or the model name")

@@ -10,6 +10,7 @@ from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
 from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy import load_model
+from mixnet_deploy.preprocess import SAMPLE_IMAGES
 
 pytestmark = pytest.mark.slow
 
@@ -205,6 +206,10 @@ def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
     assert result.code == 1 and "out of tolerance" in result.err
     assert not (tmp_path / "m.onnx").exists() and (tmp_path / "m.failed.onnx").exists()
     assert sorted(os.listdir(tmp_path)) == ["m.failed.onnx"]
+    calib = str(SAMPLE_IMAGES)  # a failed file is not quantized, under any name
+    os.rename(tmp_path / "m.failed.onnx", tmp_path / "m.onnx")
+    assert_usage_error(run_cli("quantize", tmp_path / "m.onnx", "--calib", calib), "m.onnx failed its export's parity")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
 def test_export_all_writes_every_file_or_none(tmp_path, monkeypatch, run_cli):
