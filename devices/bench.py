@@ -252,6 +252,12 @@ def check_files(files: list[str], runner: str) -> dict[str, str]:
     return formats
 
 
+def check_runner(device: Transport, settings: Settings, formats: set[str]) -> None:
+    """The device reached and its runner ready for `formats`, before minutes of other work (exports)."""
+    with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
+        Session(device, settings, Path(host)).ready(formats)
+
+
 def bench(files: list[str], device: Transport, settings: Settings,
           step: Callable[[str], None] = lambda _: None, metadata: dict[str, dict] | None = None) -> dict:
     """Per file: precision, size, init and first-inference time, peak memory, latency stats per

@@ -15,7 +15,7 @@ from mixnet_deploy import load_model
 from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.preprocess import SAMPLE_IMAGES
 
-from .bench import Settings, bench
+from .bench import Settings, bench, check_runner
 from .transport import Transport
 
 
@@ -94,6 +94,8 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     from quantization.calibration import NUM_CALIB, load_folder
     from quantization.quantize import quantize
 
+    step(f"checking the runtimes on {device.name}")
+    check_runner(device, settings, {"onnx", "tflite"})  # before the exports: they take minutes
     loaded = load_model(name, checkpoint, pretrained, calibrate_bn, input_size)
     with _work_folder(keep) as work:
         (work / "ours").mkdir()

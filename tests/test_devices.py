@@ -277,6 +277,12 @@ def test_compare_peers_keep_folder(run_cli, digits, tmp_path, monkeypatch):
     assert_usage_error(run_cli(*args, tmp_path / "kept"), "is not empty")
     assert_usage_error(run_cli(*args, tmp_path / "kept" / "old.onnx"), "is not a folder")
     assert_usage_error(run_cli(*args, "/proc/mixdeploy-kept"), "cannot write in it")
+    # a device Python without the runtimes fails before the exports (minutes for a large model)
+    monkeypatch.setattr(devices.compare_peers, "load_model", lambda *_: pytest.fail("the model was built"))
+    (tmp_path / "kept" / "old.onnx").unlink()
+    missing = run_cli(*args, tmp_path / "kept", "--python", "/bin/false")
+    assert missing.code == 1 and len(missing.message) == 1 and "cannot import numpy" in missing.err
+    assert not list((tmp_path / "kept").iterdir())
 
 
 def test_bench_needs_files_or_peers(run_cli):
