@@ -7,6 +7,8 @@ from mixnet_deploy.models import MIXNETS
 
 # MixNet paper, Table 2: params, multiply-adds at 224 x 224
 PAPER = {"mixnet_s": (4.1e6, 256e6), "mixnet_m": (5.0e6, 360e6), "mixnet_l": (7.3e6, 565e6)}
+# what mixdeploy counts (the README's table): params, MACs, conv and linear MACs, in millions
+COUNTED = {"mixnet_s": (4.13, 251.0, 239.2), "mixnet_m": (5.01, 354.7, 339.2), "mixnet_l": (7.33, 575.8, 555.3)}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -16,7 +18,8 @@ def test_counted_figures_match_paper_table_2(name):
     params, macs = PAPER[name]
     assert abs(stats.params - params) / params < 0.02, stats.params
     assert abs(stats.macs - macs) / macs < 0.02, stats.macs
-    assert stats.conv_macs < stats.macs
+    counted = (round(stats.params / 1e6, 2), round(stats.macs / 1e6, 1), round(stats.conv_macs / 1e6, 1))
+    assert counted == COUNTED[name]
     assert any(layer.kind == "depthwise" and len(layer.kernel_sizes) >= 3 for layer in stats.mixconv_layers)
 
 
@@ -40,7 +43,11 @@ def test_mobilenetv2_dropin_replaces_every_depthwise_conv():
     depthwise = [m for m in loaded.module.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     mixconvs = [m for m in loaded.module.modules() if mixconv_groups(m) is not None]
     assert len(mixconvs) == 17  # MobileNetV2 has 17 depthwise convs
-    assert all(mixconv_groups(m)[0].in_channels == c.in_channels for m in mixconvs for c in mixconv_groups(m)[:1])
+    import timm
+
+    original = [m for m in timm.create_model("mobilenetv2_100").modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert [(sum(g.in_channels for g in mixconv_groups(m)), mixconv_groups(m)[0].stride) for m in mixconvs] == [
+        (c.in_channels, c.stride) for c in original]  # each in its place: channels and stride kept
     assert len(depthwise) == sum(len(mixconv_groups(m)) for m in mixconvs)
     with torch.no_grad():
         assert loaded.module(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
@@ -48,17 +55,31 @@ def test_mobilenetv2_dropin_replaces_every_depthwise_conv():
     assert {tuple(layer.kernel_sizes) for layer in stats.mixconv_layers} == {(3, 5, 7, 9)}
 
 
+def perturbed(state: dict) -> dict:
+    """Weights unlike random-init's (a checkpoint left unread would go unnoticed with those)."""
+    return {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+
+
 @pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "state_dict_ema", "model_ema"])
 def test_checkpoint_round_trip(tmp_path, wrapper):
-    source = load_model("mixnet_s")
-    state = source.module.state_dict()
+    source = load_model("mixnet_s").module
+    source.load_state_dict(perturbed(source.state_dict()))
     path = tmp_path / "w.pth"
-    torch.save(state if wrapper is None else {wrapper: state, "epoch": 3}, path)
+    torch.save(source.state_dict() if wrapper is None else {wrapper: source.state_dict(), "epoch": 3}, path)
     loaded = load_model("mixnet_s", checkpoint=path)
     assert loaded.weights == str(path) and not loaded.random_init
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.module(x), source.module(x))
+        torch.testing.assert_close(loaded.module(x), source(x))
+        assert not torch.allclose(load_model("mixnet_s").module(x), source(x), atol=1e-3)
+
+
+def test_a_checkpoint_with_ema_weights_loads_those(tmp_path):
+    """timm's training checkpoints hold both; the EMA weights are the ones evaluated and shipped."""
+    plain, ema = (perturbed(load_model("mixnet_s").module.state_dict()) for _ in range(2))
+    torch.save({"state_dict": plain, "state_dict_ema": ema, "epoch": 3}, tmp_path / "w.pth")
+    loaded = load_model("mixnet_s", checkpoint=tmp_path / "w.pth").module.state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
 
 
 def test_safetensors_checkpoint_with_other_class_count(tmp_path):
@@ -67,10 +88,14 @@ def test_safetensors_checkpoint_with_other_class_count(tmp_path):
     import timm
 
     model = timm.create_model("mixnet_s", num_classes=10).eval()
+    model.load_state_dict(perturbed(model.state_dict()))
     path = tmp_path / "w.safetensors"
     save_file(model.state_dict(), str(path))
     loaded = load_model("mixnet_s", checkpoint=path)
     assert loaded.module.num_classes == 10 and loaded.labels is None
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model(x))
 
 
 def test_exports_record_where_their_weights_are_and_what_they_were(tmp_path, monkeypatch):
