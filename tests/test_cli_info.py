@@ -186,6 +186,7 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     assert mine["layers"] == plan["layers"]
     # the file's target, source and estimates (LiteRT's, here) are not this plan's; unnamed layers are listed too
     assert plan["source"] == "auto" and plan["target"] == "litert" and plan["estimates_ms"]
+    assert (mine["source"], mine["target"], mine["estimates_ms"]) == ("file", "onnxruntime", {})
     (tmp_path / "part.json").write_text(json.dumps({**plan, "layers": {"blocks.2.0.conv_dw": "fold"}}))
     part = json.loads(run_cli("info", "mixnet_s", "--plan", tmp_path / "part.json", "--json").out)["plan"]
     assert (part["source"], part["target"], part["estimates_ms"]) == ("file", "onnxruntime", {})

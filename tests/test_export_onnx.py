@@ -10,7 +10,8 @@ from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
 from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy import load_model
-from mixnet_deploy.preprocess import SAMPLE_IMAGES
+from mixnet_deploy.parity import reference_outputs
+from mixnet_deploy.preprocess import SAMPLE_IMAGES, random_images
 
 pytestmark = pytest.mark.slow
 
@@ -145,10 +146,13 @@ def test_a_relu_after_a_split_mixconv_reads_a_conv_not_the_concat(tmp_path):
 def test_dynamic_batch_and_opset_17(tmp_path):
     result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", plan="fold",
                      options={"dynamic_batch": True, "opset": 17})
+    assert result.passed and result.path == tmp_path / "d.onnx"
     model = onnx.load(str(result.path))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
-    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)
-    assert OrtRunner(result.path).session.run(None, {"input": x})[0].shape == (3, 1000)
+    x = random_images(3, (3, 224, 224))  # another batch size than the check's
+    ref = reference_outputs(load_model("mixnet_s").module, x)
+    out = OrtRunner(result.path).session.run(None, {"input": x.numpy()})[0]
+    assert out.shape == (3, 1000) and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     auto, = export("mixnet_s", "onnx", tmp_path / "a.onnx", options={"opset": 17})  # Splits, folded gates
     assert auto.passed and "Split" in auto.ops and [o.version for o in onnx.load(str(auto.path)).opset_import] == [17]
 

@@ -212,6 +212,7 @@ def test_quantize_checks_options_output_and_folders_before_the_model(tmp_path, r
 
 def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
     from devices.runners import LiteRtRunner
+    from exporters.tflite_inspect import delegation
     from mixnet_deploy.lower import LayerInfo
     from mixnet_deploy.probes import probe, probe_input
     from quantization.tflite_int8 import quantize_tflite
@@ -219,6 +220,8 @@ def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
     info = LayerInfo("x", "depthwise", [72] * 5, [72] * 5, [3, 5, 7, 9, 11], 2, (2, 2), (1, 1), ["fold+block3"])
     calib = np.random.default_rng(0).standard_normal((8, *probe_input(info))).astype(np.float32)
     quantize_tflite(probe(info, "fold+block3").module, probe_input(info), tmp_path / "t.tflite", calib)
+    taken = delegation(tmp_path / "t.tflite")
+    assert taken["not_delegated"] == {} and taken["partitions"] == 1  # XNNPACK runs all of it
     out = LiteRtRunner(tmp_path / "t.tflite").run(calib[:2].transpose(0, 2, 3, 1))
     assert out.shape == (2, 1, 1, 360) and np.isfinite(out).all()
 
@@ -243,11 +246,16 @@ def test_max_drop_keeps_layers_in_float_and_reports_the_budget(tmp_path, digits,
         assert tight.code == 1 and "not met" in tight.err and len(tight.message) == 1
         assert report["path"] == str(tmp_path / f"tight.failed.{fmt}") and Path(report["path"]).exists()
         assert not (tmp_path / f"tight.{fmt}").exists()
+    else:
+        assert tight.code == 0 and report["agreement"]["passed"], tight.err
+        assert report["path"] == str(tmp_path / f"tight.{fmt}") and Path(report["path"]).exists()
     # without --eval a fifth of the calibration images is held out: 3 here, too few to judge 1 point
     coarse = run_cli(*args[:6], "--format", fmt, "--max-drop", "1", "--num-calib", "10", "-o", tmp_path / f"c.{fmt}")
+    assert coarse.code in (0, 1) and "Traceback" not in coarse.err  # 3 images cannot judge it either way
     assert "judged on 3 held-out images (one disagreement = 33.3 points): pass --eval DIR with at least 100" in " ".join(
         coarse.out.split())
     plain = run_cli(*args[:6], "--format", fmt, "--num-calib", "10", "-o", tmp_path / f"p.{fmt}")
+    assert plain.code == 0, plain.err
     assert "judged on 3 held-out images, too few for a firm verdict" in " ".join(plain.out.split())
 
 
