@@ -202,11 +202,11 @@ def test_a_model_fx_cannot_trace_still_lowers():
 
     model = Branchy().eval()
     lowered = lower(model, (24, 12, 12), Plan({"body.dw": "split"}))
-    assert lowered.parity.passed and isinstance(lowered.module.body.dw, LoweredMixConv)
+    assert lowered.parity.rel_max < 1e-10 and isinstance(lowered.module.body.dw, LoweredMixConv)
 
 
 @pytest.mark.parametrize("choice", ["grouped", "dense", "split"])
-@pytest.mark.parametrize("channels", [(16, 32), (15, 33)])
+@pytest.mark.parametrize("channels", [(16, 32), (15, 33), (32, 32)])
 def test_grouped_pointwise_choices(choice, channels):
     from timm.layers import MixedConv2d
 
@@ -222,9 +222,9 @@ def test_grouped_pointwise_choices(choice, channels):
             lower(model, (cin, 8, 8), Plan({"1": choice}))
         return
     lowered = lower(model, (cin, 8, 8), Plan({"1": choice}))
-    assert lowered.parity.passed
+    assert lowered.parity.rel_max < 1e-10  # exact but for float64 rounding
     if choice != "split":
-        assert lowered.module[1].groups == (3 if choice == "grouped" else 1)
+        assert lowered.module[1].groups == (len(info.kernels) if choice == "grouped" else 1)
 
 
 def test_tf_same_padding_becomes_static():
@@ -236,7 +236,7 @@ def test_tf_same_padding_becomes_static():
                         check_inputs=sample_photos(loaded.preprocess, 4))
         from timm.layers import Conv2dSame
         assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in lowered.module.modules())
-        assert lowered.parity.rel_max < 1e-5
+        assert lowered.parity.rel_max < 1e-10
 
 
 @pytest.mark.parametrize("name", ["mixnet_s", "mixnet_m", "mixconv_mobilenetv2_100"])
@@ -287,7 +287,7 @@ def test_auto_plan_comes_from_the_measured_onnxruntime_table():
     for layer in layers:  # every mixnet_s shape was probed: the pick is the measured fastest
         measured = costs.table[shape_key(layer)]
         assert plan.layers[layer.name] == min(measured, key=measured.get)
-    assert lower(loaded.module, (3, 224, 224), plan).parity.passed
+    assert lower(loaded.module, (3, 224, 224), plan).parity.rel_max < 1e-10
 
 
 def test_cost_model_fit_recovers_known_weights():
