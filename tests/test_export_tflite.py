@@ -27,12 +27,13 @@ def depthwise_taps(path) -> list[int]:
             if op["op_name"] == "DEPTHWISE_CONV_2D"]
 
 
+@pytest.mark.parametrize("first", [1, 3])  # fed by a 1x1 conv it takes its rows; by a 3x3 it stays whole
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_every_choice_converts_with_parity(tmp_path, layer):
+def test_every_choice_converts_with_parity(tmp_path, layer, first):
     torch.manual_seed(0)
     mix = LAYERS[layer]()
     channels = sum(mix.splits)
-    model = block(mix, channels)
+    model = block(mix, channels, first)
     info, = analyse(model, (channels, 19, 21))
     x = torch.randn(3, channels, 19, 21)
     with torch.no_grad():

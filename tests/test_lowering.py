@@ -26,12 +26,13 @@ LAYERS = {
 }
 
 
+@pytest.mark.parametrize("first", [1, 3])  # fed by a 1x1 conv it takes its rows; by a 3x3 it stays whole
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_every_choice_on_a_single_layer_equals_the_original(layer):
+def test_every_choice_on_a_single_layer_equals_the_original(layer, first):
     torch.manual_seed(0)
     mix = LAYERS[layer]()
     channels = sum(mix.splits)
-    model = block(mix, channels)
+    model = block(mix, channels, first)
     info, = analyse(model, (channels, 19, 21))
     assert len(info.candidates) >= 6
     x = torch.randn(3, channels, 19, 21)
