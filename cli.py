@@ -165,7 +165,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         report = {
             "model": loaded.name, "weights": loaded.weights, "params": stats.params, "macs": stats.macs,
             "conv_macs": stats.conv_macs, "preprocess": loaded.preprocess.to_dict(),
-            "num_classes": loaded.module.num_classes, "labels": loaded.labels,
+            "num_classes": loaded.num_classes, "labels": loaded.labels,
             "mixconv_layers": [asdict(layer) for layer in stats.mixconv_layers],
         }
         if chosen:
@@ -173,13 +173,16 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         click.echo(json.dumps(report, indent=2))
         return
     pre = loaded.preprocess
-    weights = (f"{loaded.weights} (pass --pretrained or --checkpoint for trained weights)" if loaded.random_init
-               else loaded.weights)
+    from mixnet_deploy.models import DROPIN_PREFIX, own_network
+
+    untrained = own_network(model) or model.startswith(DROPIN_PREFIX)  # timm has no weights for them
+    weights = (f"{loaded.weights} (pass {'' if untrained else '--pretrained or '}--checkpoint for trained weights)"
+               if loaded.random_init else loaded.weights)
     out.print(f"[bold]{loaded.name}[/]  weights: {weights}")
     out.print(f"params {stats.params / 1e6:.2f} M   MACs {stats.macs / 1e6:.1f} M (conv+linear {stats.conv_macs / 1e6:.1f} M)")
     out.print(
         f"input {pre.input_size}  mean {pre.mean}  std {pre.std}  crop_pct {pre.crop_pct}  "
-        f"interpolation {pre.interpolation}  classes {loaded.module.num_classes}"
+        f"interpolation {pre.interpolation}  classes {loaded.num_classes}"
     )
     table = Table(title="MixConv layers")
     for col in ("layer", "kind", "channels", "kernels", "stride", "MACs (M)"):
@@ -538,8 +541,11 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     kept = None
     if peer_model:  # before connecting: a typo fails at once
         from devices.compare_peers import keep_folder
-        from mixnet_deploy.models import check_request
+        from mixnet_deploy.models import check_request, own_network
 
+        if own_network(peer_model):
+            raise MixdeployError(f"--compare-peers {peer_model}: the peers convert timm models by name; export your "
+                                 "network and bench the files, or compare a timm model")
         check_request(peer_model, checkpoint, pretrained, calibrate_bn, input_size)
         kept = keep_folder(keep) if keep else None
     else:

@@ -13,6 +13,7 @@ import torch
 from devices.runners import file_format
 from mixnet_deploy import __version__, load_model
 from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.models import file_stem
 from mixnet_deploy.lower import lower
 from mixnet_deploy.parity import ParityReport, compare, reference_outputs
 from mixnet_deploy.plan import Plan
@@ -59,10 +60,11 @@ def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, P
     names = list(FORMATS) if fmt == "all" else [fmt]
     if fmt != "all" and fmt not in FORMATS:
         raise MixdeployError(f"unknown format {fmt!r}; use {', '.join(FORMATS)} or all")
-    base = Path(output) if output else Path(model)
+    base = Path(output) if output else Path(file_stem(model))
     if fmt == "all" and output and (base.is_dir() or str(output).endswith(("/", os.sep))):
+        stem = file_stem(model)
         raise MixdeployError(f"output {output} names a folder; --format all takes a file stem, such as "
-                             f"{base / model} (writes {model}.onnx and {model}.tflite there)")
+                             f"{base / stem} (writes {stem}.onnx and {stem}.tflite there)")
     if fmt == "all" or not output:
         return {n: base.with_suffix(FORMATS[n].suffix) if file_format(base)
                 else base.parent / (base.name + FORMATS[n].suffix) for n in names}

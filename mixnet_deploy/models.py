@@ -1,10 +1,15 @@
-"""Loading a model by name: timm's MixNets and MixConv drop-ins of other timm models."""
+"""Loading a model by name: timm's MixNets, MixConv drop-ins of other timm models, and the user's
+own networks (FILE.py:FACTORY or MODULE:FACTORY, a function that returns the model)."""
 from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
+import importlib.util
 import os
+import re
 import socket
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +29,7 @@ MIXNETS = (
 DROPIN_PREFIX = "mixconv_"
 DROPIN_EXAMPLES = ("mixconv_mobilenetv2_100",)
 DROPIN_KERNELS = (3, 5, 7, 9)
+OWN = re.compile(r"(?P<source>[^:]+\.py|[A-Za-z_][\w.]*):(?P<factory>[A-Za-z_]\w*)")  # FILE.py:FACTORY, MODULE:FACTORY
 
 
 @dataclass
@@ -36,16 +42,27 @@ class LoadedModel:
     labels: list[str] | None
     weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint's absolute path
     sha256: str | None = None  # of the checkpoint file, or of timm's pretrained tensors (state_sha256)
+    code_sha256: str | None = None  # of the Python file of the user's own network (FILE.py:FACTORY)
 
     @property
     def random_init(self) -> bool:
         return self.weights.startswith("random-init")
 
+    @property
+    def num_classes(self) -> int:
+        """The classifier's outputs (timm models say; the user's own are run once)."""
+        found = getattr(self.module, "num_classes", None)
+        if isinstance(found, int):
+            return found
+        with torch.no_grad():
+            return self.module(torch.zeros(1, *self.preprocess.input_size)).shape[-1]
+
     def metadata(self) -> dict:
         """What an exported file records so that reload() can rebuild this model."""
         return {"mixdeploy.model": self.name, "mixdeploy.weights": self.weights,
                 "mixdeploy.preprocess": self.preprocess.to_dict(), "mixdeploy.labels": self.labels,
-                **({"mixdeploy.weights_sha256": self.sha256} if self.sha256 else {})}
+                **({"mixdeploy.weights_sha256": self.sha256} if self.sha256 else {}),
+                **({"mixdeploy.code_sha256": self.code_sha256} if self.code_sha256 else {})}
 
 
 def known_models() -> tuple[str, ...]:
@@ -53,9 +70,27 @@ def known_models() -> tuple[str, ...]:
     return MIXNETS + DROPIN_EXAMPLES
 
 
+def own_network(name: str) -> tuple[str, str] | None:
+    """(source, factory) of the user's own network (FILE.py:FACTORY or MODULE:FACTORY), else None."""
+    match = OWN.fullmatch(name)
+    return (match["source"], match["factory"]) if match else None
+
+
+def file_stem(name: str) -> str:
+    """The default output file name (without suffix) for a model: its name, or an own network's factory."""
+    own = own_network(name)
+    return own[1] if own else name
+
+
 def _check_name(name: str) -> None:
     import timm
 
+    own = own_network(name)
+    if own and own[0].endswith(".py") and not Path(own[0]).is_file():
+        raise MixdeployError(f"{own[0]} does not exist; FILE.py:FACTORY names a Python file and the function in it "
+                             "that returns your model")
+    if own:
+        return
     base = name.removeprefix(DROPIN_PREFIX)
     if name.startswith(DROPIN_PREFIX) and base in MIXNETS:
         raise MixdeployError(f"{name}: {base} already has MixConv layers; use {base}")
@@ -68,12 +103,44 @@ def _check_name(name: str) -> None:
                              "with --checkpoint PATH; info, quantize and bench take exported .onnx/.tflite files")
     close = difflib.get_close_matches(name, known_models(), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known_models())}"
-    raise MixdeployError(f"unknown model {name!r}; {hint} (a MixConv drop-in is 'mixconv_' + a timm model name)")
+    raise MixdeployError(f"unknown model {name!r}; {hint} (a MixConv drop-in is 'mixconv_' + a timm model name; "
+                         "your own network is FILE.py:FACTORY or MODULE:FACTORY)")
+
+
+def _own_module(source: str, factory: str) -> nn.Module:
+    """Import FILE.py (its folder importable) or MODULE (the current folder importable), call
+    FACTORY() and check that it made a module."""
+    folder = str(Path(source).resolve().parent) if source.endswith(".py") else os.getcwd()
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # its sibling modules, as `python FILE.py` would find them
+    try:
+        if source.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"mixdeploy_own_{Path(source).stem}", source)
+            code = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(code)
+        else:
+            code = importlib.import_module(source)
+    except Exception as exc:  # the user's code: any error
+        raise MixdeployError(f"importing {source} failed: {type(exc).__name__}: {exc}") from None
+    build = getattr(code, factory, None)
+    if not callable(build):
+        raise MixdeployError(f"{source} has no function {factory}; give FILE.py:FACTORY with a function that returns "
+                             "your model")
+    try:
+        model = build()
+    except Exception as exc:
+        raise MixdeployError(f"{source}:{factory}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise MixdeployError(f"{source}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
     import timm
 
+    own = own_network(name)
+    if own:
+        return _own_module(*own)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith(DROPIN_PREFIX):
         model = timm.create_model(name.removeprefix(DROPIN_PREFIX), **kwargs)
@@ -140,6 +207,8 @@ def check_request(name: str, checkpoint: str | Path | None = None, pretrained: b
     if pretrained and name.startswith(DROPIN_PREFIX):
         raise MixdeployError(f"{name} has no pretrained weights (its depthwise convs became MixConvs); pass "
                              "--checkpoint PATH with weights trained for it")
+    if pretrained and own_network(name):
+        raise MixdeployError(f"--pretrained is for timm's models; pass your network's weights with --checkpoint PATH")
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
@@ -149,9 +218,12 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     calibrate_bn sets its BatchNorm statistics from the shipped photos). input_size (height, width)
     replaces the model's own input resolution (MixNets pool globally, so any size of 32 or more runs)."""
     check_request(name, checkpoint, pretrained, calibrate_bn, input_size)
+    own = own_network(name)
+    if own and own[0].endswith(".py"):  # recorded so that it is found from any folder
+        name = f"{Path(own[0]).resolve()}:{own[1]}"
     state, extras = read_checkpoint(checkpoint) if checkpoint is not None else (None, {})
     num_classes = None
-    if state is not None:
+    if state is not None and not own:
         head = [k for k in ("classifier.weight", "head.fc.weight", "fc.weight") if k in state]
         if head and state[head[0]].ndim != 2:
             raise MixdeployError(f"checkpoint {checkpoint}: {head[0]} has shape {tuple(state[head[0]].shape)}; a "
@@ -166,20 +238,40 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     weights = (str(Path(checkpoint).resolve()) if checkpoint is not None else "pretrained" if pretrained
                else CALIBRATED if calibrate_bn else RANDOM_INIT)
     preprocess = PreprocessConfig.from_model(module)
-    if calibrate_bn:
-        calibrate_batchnorm(module, preprocess)
     if "preprocess" in extras:
         preprocess = preprocess.updated(extras["preprocess"], f"checkpoint {checkpoint}")
     if input_size is not None:
         preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
-    labels = extras["labels"] if "labels" in extras else _labels(module.num_classes)
-    if labels is not None and not (isinstance(labels, (list, tuple)) and len(labels) == module.num_classes
-                                   and all(isinstance(label, str) for label in labels)):
-        raise MixdeployError(f"checkpoint {checkpoint}: 'labels' must be a list of {module.num_classes} class names "
-                             "(one per output of the classifier)")
-    labels = list(labels) if labels is not None else None
     sha256 = file_sha256(checkpoint) if checkpoint else state_sha256(module) if pretrained else None
-    return LoadedModel(name, module, preprocess, labels, weights, sha256)
+    code_sha256 = file_sha256(own[0]) if own and own[0].endswith(".py") else None
+    loaded = LoadedModel(name, module, preprocess, None, weights, sha256, code_sha256)
+    if own:
+        _check_output(loaded)
+    if calibrate_bn:  # at the input size the model is exported for
+        calibrate_batchnorm(module, preprocess)
+    classes = loaded.num_classes
+    labels = extras["labels"] if "labels" in extras else _labels(classes)
+    if labels is not None and not (isinstance(labels, (list, tuple)) and len(labels) == classes
+                                   and all(isinstance(label, str) for label in labels)):
+        raise MixdeployError(f"checkpoint {checkpoint}: 'labels' must be a list of {classes} class names "
+                             "(one per output of the classifier)")
+    loaded.labels = list(labels) if labels is not None else None
+    return loaded
+
+
+def _check_output(loaded: LoadedModel) -> None:
+    """The user's own network must map an image batch to one tensor of logits (batch, classes)."""
+    size = loaded.preprocess.input_size
+    try:
+        with torch.no_grad():
+            out = loaded.module(torch.zeros(2, *size))
+    except Exception as exc:
+        raise MixdeployError(f"{loaded.name} fails on a (2, {', '.join(map(str, size))}) input: {type(exc).__name__}: "
+                             f"{exc}; give its input size with --input-size, or preprocess in a checkpoint") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise MixdeployError(f"{loaded.name} returns {shape}; mixdeploy exports classifiers returning logits "
+                             "(batch, classes)")
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -238,7 +330,9 @@ def reload(meta: dict) -> LoadedModel:
     preprocessing (input size included) the file was exported for."""
     weights, name = meta["mixdeploy.weights"], meta["mixdeploy.model"]
     if weights in (RANDOM_INIT, CALIBRATED, "pretrained"):
-        loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED)
+        size = meta.get("mixdeploy.preprocess", {}).get("input_size")  # statistics calibrated at that size
+        loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED,
+                            input_size=tuple(size[1:]) if weights == CALIBRATED and size else None)
         if meta.get("mixdeploy.weights_sha256") not in (None, loaded.sha256):
             raise MixdeployError(f"timm's pretrained {name} weights differ from those the export was made from "
                                  "(another timm version or weights tag?); export the model again, or pass the model name")
@@ -249,6 +343,9 @@ def reload(meta: dict) -> LoadedModel:
                              "export the model again, or pass the model name and --checkpoint")
     else:
         loaded = load_model(name, weights)
+    if meta.get("mixdeploy.code_sha256") not in (None, loaded.code_sha256):
+        raise MixdeployError(f"{name.rpartition(':')[0]} has changed since the export was made from it (its SHA-256 "
+                             "differs); export the model again")
     if "mixdeploy.preprocess" in meta:
         loaded.preprocess = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
     return loaded

@@ -14,6 +14,7 @@ from devices.runners import file_format, in_layout
 from exporters.export import check_writable, kept_as, versions
 from exporters.inspect_file import exported_format, inspect_file, written_options
 from mixnet_deploy import load_model
+from mixnet_deploy.models import file_stem
 from mixnet_deploy.deploy_modules import modules_called
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.lower import lower
@@ -112,7 +113,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
     if fmt == "tflite" and method not in TFLITE_METHODS:
         raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
-    default = Path(source).with_name(f"{Path(source).stem}_int8.{fmt}") if from_file else Path(f"{source}_int8.{fmt}")
+    default = Path(source).with_name(f"{Path(source).stem}_int8.{fmt}") if from_file else Path(f"{file_stem(source)}_int8.{fmt}")
     out = Path(output) if output else default
     if from_file and out.resolve() == Path(source).resolve():
         raise MixdeployError(f"output {out} is the float file being quantized; give another --output")

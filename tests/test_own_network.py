@@ -1,0 +1,140 @@
+"""The user's own MixConv network, named FILE.py:FACTORY or MODULE:FACTORY, through every step."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PHOTOS, assert_usage_error
+from devices.runners import LiteRtRunner, OrtRunner
+from exporters.inspect_file import inspect_file
+from mixnet_deploy.parity import reference_outputs
+from mixnet_deploy.preprocess import random_images, sample_photos
+
+# a sibling module it imports, as a user's project would (the file's folder is importable)
+BLOCKS = '''
+from torch import nn
+from mixnet_deploy import MixConv
+
+
+def mix_block(channels, stride):
+    return nn.Sequential(MixConv(channels, (3, 5, 7, 9), stride=stride), nn.BatchNorm2d(channels), nn.SiLU())
+'''
+NET = '''
+import torch
+from torch import nn
+from {blocks} import mix_block
+
+
+class TinyMixNet(nn.Module):
+    def __init__(self, classes=7):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(24, 48, 1, bias=False), nn.BatchNorm2d(48), nn.SiLU())
+        self.mix = mix_block(48, 2)
+        self.project = nn.Sequential(nn.Conv2d(48, 32, 1, bias=False), nn.BatchNorm2d(32))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.project(self.mix(self.expand(self.stem(x)))).mean((2, 3)))
+
+
+def build():
+    model = TinyMixNet()
+    model.pretrained_cfg = {{"input_size": (3, 96, 96), "crop_pct": 1.0, "interpolation": "bilinear",
+                            "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}}
+    return model
+
+
+def broken():
+    raise RuntimeError("no such width")
+
+
+def not_a_module():
+    return 3
+
+
+def feature_map():
+    return nn.Conv2d(3, 8, 3)
+'''
+
+
+def write_network(folder, name: str) -> None:
+    """NAME.py and its sibling NAME_blocks.py in `folder` (unique names: Python caches imported modules)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}_blocks.py").write_text(BLOCKS)
+    (folder / f"{name}.py").write_text(NET.format(blocks=f"{name}_blocks"))
+
+
+@pytest.mark.slow
+def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, run_cli):
+    """FILE.py:FACTORY from another folder: info reads its config, export writes FACTORY.onnx/.tflite
+    matching PyTorch, quantize and bench rebuild it from the recorded absolute path, and a changed
+    file is refused as a changed checkpoint is."""
+    write_network(tmp_path / "project", "tinynet")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    name = "../project/tinynet.py:build"
+    info = json.loads(run_cli("info", name, "--json").out)
+    assert info["num_classes"] == 7 and info["preprocess"]["input_size"] == [3, 96, 96]
+    assert [layer["kernel_sizes"] for layer in info["mixconv_layers"]] == [[3, 5, 7, 9]]
+    # at another size than its own: the BatchNorm statistics are calibrated at it, and rebuilt so
+    result = run_cli("export", name, "--format", "all", "--calibrate-bn", "--input-size", "80", "--json")
+    assert result.code == 0, result.err
+    reports = json.loads(result.out)
+    assert sorted(os.listdir()) == ["build.onnx", "build.tflite"] and all(r["parity"]["passed"] for r in reports)
+    meta = inspect_file("build.onnx")["metadata"]
+    assert meta["mixdeploy.model"] == f"{tmp_path / 'project' / 'tinynet.py'}:build"
+    from mixnet_deploy.models import load_model
+
+    loaded = load_model(name, calibrate_bn=True, input_size=(80, 80))  # the files compute what the network does
+    x = torch.cat([random_images(3, (3, 80, 80)), sample_photos(loaded.preprocess)[:3]])
+    ref = reference_outputs(loaded.module, x)
+    for out in (OrtRunner("build.onnx").run(x.numpy()), LiteRtRunner("build.tflite").run(x.numpy().transpose(0, 2, 3, 1))):
+        assert out.shape == (6, 7) and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    monkeypatch.chdir(tmp_path)
+    quantized = run_cli("quantize", "work/build.tflite", "--calib", PHOTOS, "--json")
+    assert quantized.code == 0, quantized.err
+    assert json.loads(quantized.out)["model"] == meta["mixdeploy.model"]
+    bench = run_cli("bench", "work/build.onnx", "work/build_int8.tflite", "--runs", "3", "--json")
+    assert bench.code == 0, bench.err
+    assert [r["parity"]["passed"] for r in json.loads(bench.out)["results"]] == [True, True]
+    with open(tmp_path / "project" / "tinynet.py", "a") as f:
+        f.write("\n# edited\n")
+    assert_usage_error(run_cli("quantize", "work/build.onnx", "--calib", PHOTOS), "tinynet.py has changed since")
+
+
+def test_own_network_module_with_a_checkpoint(tmp_path, monkeypatch, run_cli):
+    """MODULE:FACTORY from the current folder, with trained weights: the checkpoint is what is exported."""
+    write_network(tmp_path, "modnet")
+    monkeypatch.chdir(tmp_path)
+    from mixnet_deploy.models import load_model
+
+    source = load_model("modnet:build").module
+    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    torch.save(state, "w.pth")
+    loaded = load_model("modnet:build", checkpoint="w.pth")
+    assert loaded.name == "modnet:build" and loaded.labels is None and loaded.num_classes == 7
+    assert all(torch.equal(loaded.module.state_dict()[k], v) for k, v in state.items())
+    result = run_cli("export", "modnet:build", "--checkpoint", "w.pth", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)[0]["path"] == "build.onnx" and json.loads(result.out)[0]["parity"]["passed"]
+
+
+def test_own_network_mistakes_are_one_line(tmp_path, monkeypatch, run_cli):
+    write_network(tmp_path, "badnet")
+    (tmp_path / "syntax.py").write_text("def build(:\n")
+    monkeypatch.chdir(tmp_path)
+    assert_usage_error(run_cli("info", "nope.py:build"), "nope.py does not exist")
+    assert_usage_error(run_cli("info", "badnet.py:missing"), "badnet.py has no function missing")
+    assert_usage_error(run_cli("info", "badnet.py:broken"), "badnet.py:broken() failed: RuntimeError: no such width")
+    assert_usage_error(run_cli("info", "badnet.py:not_a_module"), "returned int, not a torch.nn.Module")
+    assert_usage_error(run_cli("info", "badnet.py:feature_map"), "returns (2, 8, 222, 222)", "(batch, classes)")
+    assert_usage_error(run_cli("info", "syntax.py:build"), "syntax.py failed: SyntaxError")
+    assert_usage_error(run_cli("info", "no_such_module:build"), "importing no_such_module failed: ModuleNotFoundError")
+    assert_usage_error(run_cli("export", "badnet.py:build", "--pretrained"), "--pretrained is for timm's models")
+    assert_usage_error(run_cli("bench", "--compare-peers", "badnet.py:build"), "the peers convert timm models by name")
+    assert not [f for f in os.listdir() if not f.endswith(".py") and f != "__pycache__"]  # nothing written
