@@ -2,11 +2,12 @@
 TensorFlow function with constant weights, then converted with the TFLite converter."""
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -142,6 +143,8 @@ def _module(tf, x, mod: nn.Module):
         return x * tf.sigmoid(x)
     if isinstance(mod, nn.Sigmoid):
         return tf.sigmoid(x)
+    if isinstance(mod, (nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh)):
+        return ACTIVATIONS[type(mod)](tf, x, getattr(mod, "approximate", "none"))
     if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
         return tf.reduce_mean(x, [1, 2], keepdims=True)
     if isinstance(mod, nn.Flatten):
@@ -149,8 +152,19 @@ def _module(tf, x, mod: nn.Module):
     if isinstance(mod, nn.Linear):
         y = tf.matmul(x, tf.constant(_np(mod.weight).T))
         return y + tf.constant(_np(mod.bias)) if mod.bias is not None else y
-    raise MixdeployError(f"the TFLite writer cannot translate {type(mod).__name__}; lower the model first or "
-                         "open an issue with the model name")
+    raise MixdeployError(f"the TFLite writer cannot translate {type(mod).__name__}; export --format onnx, or open "
+                         "an issue with the model")
+
+
+# activations without a TFLite op of their own, as the converter recognises them (x * relu6(x + 3) / 6: HARD_SWISH)
+ACTIVATIONS = {
+    nn.Hardswish: lambda tf, x, _: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
+    nn.Hardsigmoid: lambda tf, x, _: tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
+    nn.GELU: lambda tf, x, approximate: tf.nn.gelu(x, approximate=approximate == "tanh"),
+    nn.Tanh: lambda tf, x, _: tf.tanh(x),
+}
+FUNCTIONS = {torch.nn.functional.hardswish: nn.Hardswish, torch.nn.functional.hardsigmoid: nn.Hardsigmoid,
+             torch.nn.functional.gelu: nn.GELU, torch.tanh: nn.Tanh, "tanh": nn.Tanh}
 
 
 def _flatten(tf, x):
@@ -181,13 +195,30 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
         return tf.sigmoid(args[0])
     if target in (torch.nn.functional.relu, torch.relu, "relu"):
         return tf.nn.relu(args[0])
-    raise MixdeployError(f"the TFLite writer cannot translate {target}; open an issue with the model name")
+    if target in (torch.nn.functional.silu,):
+        return args[0] * tf.sigmoid(args[0])
+    if target in (torch.nn.functional.relu6,):
+        return tf.nn.relu6(args[0])
+    if target in FUNCTIONS:
+        return ACTIVATIONS[FUNCTIONS[target]](tf, args[0], kwargs.get("approximate", "none"))
+    name = getattr(target, "__name__", target)
+    raise MixdeployError(f"the TFLite writer cannot translate {name}(); export --format onnx, or open an issue with "
+                         "the model")
 
 
 def _scope(module_path: str) -> str:
     """An absolute TF name scope for a PyTorch module path: re-entered as itself (no `_1` suffix),
     characters TF refuses in scope names replaced."""
     return re.sub(r"[^A-Za-z0-9_.>-]", "_", module_path).lstrip("_->") + "/"
+
+
+@contextlib.contextmanager
+def _at(where: str) -> Iterator[None]:
+    """A translation error names the PyTorch module it is in."""
+    try:
+        yield
+    except MixdeployError as exc:
+        raise MixdeployError(f"{where}: {exc}") from None
 
 
 def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_layout: str = "nhwc") -> Callable:
@@ -199,8 +230,8 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
     c, h, w = input_size
     shape = [1, h, w, c] if input_layout == "nhwc" else [1, c, h, w]
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)])
-    def forward(x):
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)], autograph=False)
+    def forward(x):  # Python walks the graph: nothing for autograph to convert (its errors would span lines)
         if input_layout == "nchw":
             x = tf.transpose(x, [0, 2, 3, 1])
         env = {}
@@ -210,11 +241,12 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
             if node.op == "placeholder":
                 env[node.name] = x
             elif node.op == "call_module":
-                with tf.name_scope(_scope(node.target)):  # the tensors carry the PyTorch module's name
+                with tf.name_scope(_scope(node.target)), _at(node.target):  # tensors named after the module
                     env[node.name] = _module(tf, args[0], modules[node.target])
             elif node.op in ("call_function", "call_method"):
                 stack = list((node.meta.get("nn_module_stack") or {}).values())
-                with tf.name_scope(_scope(stack[-1][0] if stack else node.name)):
+                where = stack[-1][0] if stack else node.name
+                with tf.name_scope(_scope(where)), _at(where):
                     env[node.name] = _function(tf, node, list(args), dict(kwargs))
             elif node.op == "output":
                 return {OUTPUT_NAME: tf.identity(args[0], name=OUTPUT_NAME)}

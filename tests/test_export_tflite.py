@@ -179,3 +179,51 @@ def test_all_formats_and_info_of_files(tmp_path, run_cli):
     assert_usage_error(run_cli("export", "tf_mixnet_s", "--format", "tflite", "-o", tmp_path / "both.tflite"), "--force")
     (tmp_path / "junk.tflite").write_bytes(b"not a flatbuffer")
     assert_usage_error(run_cli("info", tmp_path / "junk.tflite"), "not a readable TFLite file")
+
+
+def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
+    """Hard-swish, hard-sigmoid, GELU (exact and tanh), tanh, as modules and functions (the own
+    networks and timm drop-ins use them) match PyTorch with every op in XNNPACK; a layer the writer
+    cannot translate is named in one line."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mixnet_deploy.errors import MixdeployError
+    from mixnet_deploy.planner import make_plan
+
+    class Acts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Hardswish(), MixConv(16, (3, 5)), nn.GELU(),
+                                   nn.Conv2d(16, 16, 1), nn.Tanh())
+            self.gate = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Hardsigmoid())
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = self.a(x)
+            x = F.silu(x) * self.gate(x.mean((2, 3), keepdim=True))
+            x = F.relu6(F.hardswish(x)) + F.gelu(x, approximate="tanh") + torch.tanh(x)
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, size = Acts().eval(), (8, 12, 12)
+    write_tflite(lower(model, size, make_plan("auto", model, size, "litert")).module, size, tmp_path / "a.tflite")
+    x = torch.randn(3, *size)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = LiteRtRunner(tmp_path / "a.tflite").run(x.numpy().transpose(0, 2, 3, 1))
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    taken = delegation(tmp_path / "a.tflite")
+    assert taken["not_delegated"] == {} and {"HARD_SWISH", "GELU", "TANH"} <= set(taken["ops"])
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            return self.pool(x).mean((2, 3))
+
+    with pytest.raises(MixdeployError, match=r"^pool: the TFLite writer cannot translate MaxPool2d; export --format onnx"):
+        write_tflite(Pooled().eval(), size, tmp_path / "p.tflite")
+    assert not (tmp_path / "p.tflite").exists()
