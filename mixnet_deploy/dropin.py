@@ -9,9 +9,12 @@ from .mixconv import MixConv
 
 
 def is_depthwise(module: nn.Module) -> bool:
-    """A plain depthwise Conv2d: one filter per channel, no channel multiplier."""
+    """A depthwise convolution: one filter per channel, no channel multiplier (a Conv2d, timm's
+    TF-'same' Conv2dSame among them, or timm's CondConv2d, which a MixConv cannot replace)."""
+    from timm.layers import CondConv2d
+
     return (
-        type(module) is nn.Conv2d
+        isinstance(module, (nn.Conv2d, CondConv2d))
         and module.groups > 1
         and module.groups == module.in_channels == module.out_channels
     )
@@ -39,7 +42,13 @@ def replace_depthwise(
 
 def _mixconv(conv: nn.Conv2d, where: str, kernel_sizes: Sequence[int], partition: str, dilated: bool) -> MixConv:
     """The MixConv that takes `conv`'s place, or a ValueError naming `where`."""
-    size_kept = (conv.padding in ("same", tuple(k // 2 for k in conv.kernel_size)) and conv.dilation == (1, 1)
+    from timm.layers import CondConv2d
+    from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+
+    if isinstance(conv, CondConv2d):
+        raise ValueError(f"{where}: a CondConv2d mixes per-sample expert kernels; a MixConv cannot take its place")
+    tf_same = isinstance(conv, (Conv2dSame, Conv2dSameExport))  # padded at run time: the output size of 'same'
+    size_kept = ((tf_same or conv.padding in ("same", tuple(k // 2 for k in conv.kernel_size))) and conv.dilation == (1, 1)
                  and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros"
                  and all(k % 2 for k in conv.kernel_size))
     if not size_kept:

@@ -144,7 +144,11 @@ def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith(DROPIN_PREFIX):
         model = timm.create_model(name.removeprefix(DROPIN_PREFIX), **kwargs)
-        if replace_depthwise(model, DROPIN_KERNELS) == 0:
+        try:
+            replaced = replace_depthwise(model, DROPIN_KERNELS)
+        except ValueError as exc:
+            raise MixdeployError(f"{name}: {exc}") from None
+        if replaced == 0:
             raise MixdeployError(f"{name}: the timm model has no depthwise convolution to replace with MixConv")
         return model
     if not pretrained:

@@ -55,6 +55,23 @@ def test_mobilenetv2_dropin_replaces_every_depthwise_conv():
     assert {tuple(layer.kernel_sizes) for layer in stats.mixconv_layers} == {(3, 5, 7, 9)}
 
 
+def test_tf_dropin_replaces_the_tf_same_padded_depthwise_convs_too(run_cli):
+    """timm's TF ports pad stride-2 depthwise convs at run time (Conv2dSame): replaced like the others;
+    a CondConv2d (per-sample expert kernels) cannot be, and says so in one line."""
+    from conftest import assert_usage_error
+    from mixnet_deploy import MixConv
+    from mixnet_deploy.dropin import is_depthwise
+
+    model = load_model("mixconv_tf_efficientnet_b0", input_size=(64, 64)).module
+    mixconvs = {name for name, m in model.named_modules() if isinstance(m, MixConv)}
+    left = [name for name, m in model.named_modules() if is_depthwise(m) and name.rpartition(".convs.")[0] not in mixconvs]
+    assert len(mixconvs) == 16 and left == []  # EfficientNet-B0's 16 depthwise convs, 4 of them stride 2
+    assert sum(m.convs[0].stride == (2, 2) for m in model.modules() if isinstance(m, MixConv)) == 4
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert_usage_error(run_cli("info", "mixconv_efficientnet_cc_b0_4e"), "blocks.4.0.conv_dw: a CondConv2d")
+
+
 def perturbed(state: dict) -> dict:
     """Weights unlike random-init's (a checkpoint left unread would go unnoticed with those)."""
     return {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
