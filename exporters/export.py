@@ -149,9 +149,9 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
                       else make_plan(plan, loaded.module, size, writer.target))
             step("lowering and verifying against the original")
             lowered = lower(loaded.module, size, chosen, check_inputs=photos)
-            metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": versions(name)}
             step(f"writing {paths[name].name}")
-            writer.write(lowered.module, size, tmp, options or {})
+            writer.write(lowered.module, size, tmp, options or {})  # imports the converter quietly, before versions()
+            metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": versions(name)}
             step(f"checking {paths[name].name} in {writer.runtime_name}")
             candidate = writer.run(tmp, x.numpy())
             report = compare(reference, candidate, **writer.tolerance(options or {}))

@@ -127,7 +127,7 @@ LEAVES = (DeployConv, BlockConv, LoweredMixConv, ExpandedMixConv)
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, LEAVES) or super().is_leaf_module(module, name)
+        return isinstance(module, (*LEAVES, nn.Linear)) or super().is_leaf_module(module, name)  # timm.layers.Linear too
 
 
 def trace(module: nn.Module) -> fx.Graph:

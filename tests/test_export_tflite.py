@@ -182,10 +182,11 @@ def test_all_formats_and_info_of_files(tmp_path, run_cli):
 
 
 def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
-    """Hard-swish, hard-sigmoid, GELU (exact and tanh), tanh, as modules and functions (the own
-    networks and timm drop-ins use them) match PyTorch with every op in XNNPACK; a layer the writer
-    cannot translate is named in one line."""
+    """Hard-swish, hard-sigmoid, GELU (exact and tanh), tanh, as modules and functions, and timm's
+    Linear (the own networks and timm drop-ins use them) match PyTorch with every op in XNNPACK; a
+    layer the writer cannot translate is named in one line."""
     import torch.nn.functional as F
+    from timm.layers import Linear
     from torch import nn
 
     from mixnet_deploy.errors import MixdeployError
@@ -197,7 +198,7 @@ def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
             self.a = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Hardswish(), MixConv(16, (3, 5)), nn.GELU(),
                                    nn.Conv2d(16, 16, 1), nn.Tanh())
             self.gate = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Hardsigmoid())
-            self.fc = nn.Linear(16, 5)
+            self.fc = Linear(16, 5)  # timm's subclass (MobileNetV3/V4 heads) is one piece too
 
         def forward(self, x):
             x = self.a(x)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PHOTOS, assert_usage_error
+from conftest import HEARTBEAT, PHOTOS, assert_usage_error
 from devices.runners import LiteRtRunner, OrtRunner
 from exporters.inspect_file import inspect_file
 from mixnet_deploy.parity import reference_outputs
@@ -122,6 +125,12 @@ def test_own_network_module_with_a_checkpoint(tmp_path, monkeypatch, run_cli):
     result = run_cli("export", "modnet:build", "--checkpoint", "w.pth", "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out)[0]["path"] == "build.onnx" and json.loads(result.out)[0]["parity"]["passed"]
+    # the installed command, in a fresh process: the current folder importable, and TensorFlow's
+    # import-time log lines (printed on its first import) kept off stderr
+    done = subprocess.run([Path(sys.executable).with_name("mixdeploy"), "export", "modnet:build", "--checkpoint", "w.pth",
+                           "--format", "tflite"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and Path("build.tflite").is_file(), done.stderr
+    assert [line for line in done.stderr.splitlines() if not HEARTBEAT.match(line)] == []
 
 
 def test_own_network_mistakes_are_one_line(tmp_path, monkeypatch, run_cli):
