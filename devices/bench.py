@@ -230,7 +230,7 @@ class Session:
         return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
                 "format": report["format"], "precision": report["precision"], "size_bytes": report["size_bytes"],
                 "input_shape": report["inputs"][0]["shape"], "runner": s.runner, "runtime": measured["runtime"],
-                "cpus": self.mask,
+                "cpus": self.mask, "cores_run_on": measured.get("cores"),  # as the runner saw them (python runner)
                 "init_ms": measured["init_ms"], "first_inference_ms": measured["first_inference_ms"],
                 "peak_memory_mb": measured["peak_memory_mb"], "model_memory_mb": measured["model_memory_mb"],
                 "latency_ms": latency[str(s.threads[0])], "latency_by_threads": latency,

@@ -208,7 +208,8 @@ def _bench(args) -> dict:
         latency[str(t)] = timed.time(feed[:1], runs=args.runs, warmup=args.warmup)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"runtime": version, "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
-            "latency_ms": latency, "peak_memory_mb": peak_kb / 1024, "model_memory_mb": (peak_kb - baseline_kb) / 1024}
+            "latency_ms": latency, "peak_memory_mb": peak_kb / 1024, "model_memory_mb": (peak_kb - baseline_kb) / 1024,
+            "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
 
 
 def main(argv: list[str] | None = None) -> None:

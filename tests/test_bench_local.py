@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -50,3 +51,37 @@ def test_bench_bad_input(tmp_path, run_cli, monkeypatch):
     assert_usage_error(run_cli("bench", model, "--device", "ssh:u@127.0.0.1"), "balance its quotes")
     assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "one"), "--threads")
     assert_usage_error(run_cli("bench", tmp_path / "m.tflite", "--threads", "1,0"), "1 or more")
+
+
+def test_a_file_that_no_longer_computes_its_model_fails(digits_exports, tmp_path, run_cli):
+    """A file whose weights changed after the export (a hand edit, another tool's rewrite) still names
+    its model: bench compares it with that model, reports FAIL and exits 1 with one line."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(digits_exports["fp32.onnx"]))
+    classifier = next(n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")).input[1]
+    weight = next(t for t in model.graph.initializer if t.name == classifier)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.01), classifier))
+    onnx.save(model, str(tmp_path / "edited.onnx"))
+    args = ["bench", digits_exports["fp32.onnx"], tmp_path / "edited.onnx", "--runs", "3", "--parity", digits_exports["eval"],
+            "--parity-samples", "8"]
+    result = run_cli(*args, "--json")
+    assert result.code == 1 and [r["parity"]["passed"] for r in json.loads(result.out)["results"]] == [True, False]
+    assert result.message == [line for line in result.message if "parity failed for" in line] and len(result.message) == 1
+    assert str(tmp_path / "edited.onnx") in result.message[0] and str(digits_exports["fp32.onnx"]) not in result.message[0]
+    table = run_cli(*args)
+    assert table.code == 1 and "FAIL" in table.out and "PASS" in table.out
+
+
+def test_runs_pinned_to_the_cores_asked_for(digits_exports, run_cli):
+    result = run_cli("bench", digits_exports["fp32.onnx"], "--cpus", "2", "--runs", "3", "--parity-samples", "2",
+                     "--parity", digits_exports["eval"], "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["settings"]["cpus"] == report["results"][0]["cpus"] == "2" and report["results"][0]["parity"]["passed"]
+    assert report["results"][0]["cores_run_on"] == [1]  # mask 2: core 1 alone, as the runner saw it
+    unpinned = json.loads(run_cli("bench", digits_exports["fp32.onnx"], "--runs", "3", "--parity-samples", "2",
+                                  "--parity", digits_exports["eval"], "--json").out)
+    assert unpinned["results"][0]["cpus"] is None and unpinned["results"][0]["cores_run_on"] == sorted(os.sched_getaffinity(0))

@@ -216,6 +216,17 @@ def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
+def test_export_all_places_the_formats_that_pass(tmp_path, monkeypatch, run_cli):
+    """--format all with one format out of tolerance: the other takes its place, the failed one is
+    kept aside as NAME.failed.EXT, exit 1."""
+    from exporters.formats import TfliteFormat
+
+    monkeypatch.setattr(TfliteFormat, "tolerance", lambda self, options: {"max_rel": 0.0})
+    result = run_cli("export", "mixnet_s", "--format", "all", "--input-size", "64", "-o", tmp_path / "m")
+    assert result.code == 1 and "out of tolerance" in result.err
+    assert sorted(os.listdir(tmp_path)) == ["m.failed.tflite", "m.onnx"]
+
+
 def test_export_all_writes_every_file_or_none(tmp_path, monkeypatch, run_cli):
     """A stop (Ctrl-C, SIGTERM) or a failure while writing the TFLite file leaves no ONNX file either
     (a re-run was refused for it) and, with --force, the files of the run before untouched."""

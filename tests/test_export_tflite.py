@@ -155,10 +155,15 @@ def test_nchw_input_adds_one_transpose(tmp_path):
     assert result.details["inputs"][0]["shape"] == [1, 3, 224, 224]
 
 
-def test_fp16_weights_keep_agreement_on_photos(tmp_path):
+def test_fp16_weights_keep_agreement_on_photos(tmp_path, run_cli):
     result, = export("mixnet_s", "tflite", tmp_path / "h.tflite", options={"fp16": True})
     assert result.passed and result.parity.top1_agreement >= 0.99 and result.parity.cosine >= 0.9999
     assert result.size_bytes < 0.6 * export("mixnet_s", "tflite", tmp_path / "f.tflite", plan="fold")[0].size_bytes
+    assert json.loads(run_cli("info", tmp_path / "h.tflite", "--json").out)["precision"] == "fp16"
+    bench = run_cli("bench", tmp_path / "h.tflite", "--runs", "3", "--json")  # judged by fp16's own tolerance
+    assert bench.code == 0, bench.err
+    parity = json.loads(bench.out)["results"][0]["parity"]
+    assert parity["tolerance"] == {"min_cosine": 0.999} and parity["passed"]
 
 
 def test_all_formats_and_info_of_files(tmp_path, run_cli):
