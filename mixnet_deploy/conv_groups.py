@@ -59,15 +59,14 @@ def same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
 def static_pads(conv: nn.Conv2d, hw: tuple[int, int]) -> Pads:
     """Pads of `conv` at input size `hw`: its own symmetric padding, or timm's TF-'same' (Conv2dSame)."""
     from timm.layers import Conv2dSame
+    from timm.layers.conv2d_same import Conv2dSameExport
 
-    if isinstance(conv, Conv2dSame):
-        top, bottom = same_pads(hw[0], conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+    if isinstance(conv, (Conv2dSame, Conv2dSameExport)) or conv.padding == "same":  # PyTorch's 'same': stride 1,
+        top, bottom = same_pads(hw[0], conv.kernel_size[0], conv.stride[0], conv.dilation[0])  # the extra pad after
         left, right = same_pads(hw[1], conv.kernel_size[1], conv.stride[1], conv.dilation[1])
         return top, bottom, left, right
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return 0, 0, 0, 0
-        raise ValueError(f"padding={conv.padding!r} is not supported; use numbers")
+    if conv.padding == "valid":
+        return 0, 0, 0, 0
     ph, pw = conv.padding
     return ph, ph, pw, pw
 
@@ -83,7 +82,8 @@ def to_groups(module: nn.Module, hw: tuple[int, int]) -> list[ConvGroup] | None:
     for conv in convs:
         square = conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
         depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
-        if not square or conv.dilation[0] != conv.dilation[1] or (conv.groups != 1 and not depthwise):
+        if (not square or conv.dilation[0] != conv.dilation[1] or (conv.groups != 1 and not depthwise)
+                or conv.padding_mode != "zeros"):  # left as it is: ONNX exports it, TFLite's writer names it
             return None
         weight = conv.weight.detach().double()  # rewrites are computed in float64, rounded once at the end
         bias = conv.bias.detach().double() if conv.bias is not None else weight.new_zeros(weight.shape[0])

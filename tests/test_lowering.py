@@ -335,3 +335,17 @@ def test_tiny_maps_crop_kernels_that_only_meet_padding(hw, stride):
             assert (lowered(x) - ref).abs().max() <= 1e-5 * ref.abs().max(), choice
     folded = lower(model, (48, hw, hw), Plan({"1": "fold"})).module[1].segments[0]
     assert folded.kernel_size[0] <= 2 * hw + 1 < 13
+
+
+def test_same_padding_in_every_form_lowers_exactly():
+    """PyTorch's padding='same' (an even kernel pads one more after), timm's export-time TF-'same'
+    conv, and a reflect-padded conv (left as it is: folding zero pads into it would be wrong)."""
+    from timm.layers.conv2d_same import Conv2dSameExport
+
+    size = (8, 15, 13)
+    for conv, kept in ((nn.Conv2d(8, 8, 4, padding="same", groups=8), False), (nn.Conv2d(8, 8, 5, padding="same", dilation=2), False),
+                       (Conv2dSameExport(8, 8, 3, stride=2, groups=8), False), (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), True)):
+        model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU()).eval())
+        lowered = lower(model, size, Plan())
+        assert lowered.parity.rel_max < 1e-10, conv
+        assert (type(lowered.module[0]) is nn.Conv2d) == kept and isinstance(lowered.module[1], nn.BatchNorm2d) == kept
