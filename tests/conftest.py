@@ -33,6 +33,14 @@ class Result:
         return [line for line in self.err.splitlines() if not HEARTBEAT.match(line)]
 
 
+@pytest.fixture(autouse=True)
+def private_stale_list(tmp_path_factory, monkeypatch):
+    """The work folders a lost device left behind are listed in the suite's own file, not the user's."""
+    import devices.transport
+
+    monkeypatch.setattr(devices.transport, "STALE", tmp_path_factory.getbasetemp() / "stale-workdirs.json")
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `mixdeploy ARGS...` in this process; return exit code, stdout and stderr."""

@@ -116,7 +116,10 @@ def test_checkpoint_preprocess_labels_and_head_are_checked(run_cli, tmp_path):
     assert_usage_error(run_cli("info", "mixconv_mixnet_s"), "mixnet_s already has MixConv layers; use mixnet_s")
 
 
-def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch):
+def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine's holds
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     assert_usage_error(run_cli("info", "mixnet_s", "--pretrained"), "unreachable", "--checkpoint PATH")
     assert_usage_error(run_cli("info", "mixconv_mobilenetv2_100", "--pretrained"), "has no pretrained weights")
