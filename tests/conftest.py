@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,15 @@ def processes_mentioning(text: str) -> list[str]:
             continue
         if text in cmdline:
             found.append(cmdline)
+    return found
+
+
+def still_running(text: str, within: float = 15) -> list[str]:
+    """processes_mentioning(text) once they are gone or `within` seconds have passed (a kill and
+    its reaping, under QEMU too, take a moment on a busy machine)."""
+    deadline = time.monotonic() + within
+    while (found := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return found
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import probe_files, processes_mentioning
+from conftest import probe_files, still_running
 from devices import sim
 from devices.adb import AdbTransport
 from devices.bench import Settings, bench
@@ -79,8 +78,7 @@ def test_runner_failure_and_timeout_clean_up(sim_device, digits_exports, run_cli
     assert slow.code == 1 and len(slow.message) == 1
     assert "did not finish" in slow.err and "within --timeout 20 s (100000 runs at 1 thread(s)): raise --timeout" in slow.err
     assert set(leftover_workdirs(serial)) <= set(before)  # ours removed (and any a lost run left)
-    time.sleep(0.5)
-    assert not processes_mentioning("--runs 100000 ")  # the runner cut off on the device is killed, not left running
+    assert not still_running("--runs 100000 ")  # the runner cut off on the device is killed, not left running
 
 
 def test_tune_on_arm_then_cache_hit(sim_device, digits_exports, digits, run_cli, tmp_path, tune_cache):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_usage_error, processes_mentioning
+from conftest import assert_usage_error, processes_mentioning, still_running
 from devices import sim
 from mixnet_deploy.errors import MixdeployError
 
@@ -102,8 +102,7 @@ def test_output_streams_and_closing_hangs_up_the_shell(sim_device):
             pytest.fail("the shell still runs after the host closed its stream")
         assert processes_mentioning("sleep 31.5 ")
         sim.stop()  # what a cut-off command left running goes with the device
-        time.sleep(0.5)
-        assert not processes_mentioning("sleep 31.5 ")
+        assert not still_running("sleep 31.5 ")
     finally:
         subprocess.run(["pkill", "-f", "sleep 31.5"], check=False)
         sim.start()
