@@ -61,9 +61,11 @@ def sshd(tmp_path_factory):
     del os.environ["MIXDEPLOY_SSH_OPTIONS"]
 
 
-@pytest.fixture(params=["local", "ssh"])
+@pytest.fixture(params=["local", "ssh", "adb"])
 def device(request):
-    spec = "local" if request.param == "local" else request.getfixturevalue("sshd")
+    """Each transport: this machine, a real sshd on loopback, the virtual ARM64 device over the real adb client."""
+    spec = {"local": lambda: "local", "ssh": lambda: request.getfixturevalue("sshd"),
+            "adb": lambda: request.getfixturevalue("sim_device")["serial"]}[request.param]()
     with open_device(spec) as transport:
         yield transport
 
@@ -134,9 +136,10 @@ def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connecti
 
 def test_device_info(device):
     info = device_info(device)
-    assert info["abi"] == "x86_64" and info["os"].startswith("Linux")
+    emulated = device.name.startswith("adb:")  # this machine's cores, seen through QEMU as an arm64 device
+    assert info["abi"] == ("arm64-v8a" if emulated else "x86_64") and info["os"].startswith("Linux")
     assert len(info["cores"]) == os.cpu_count() and info["big_cores"]
-    assert info["mem_free_mb"] > 100 and info["emulated"] is False
+    assert info["mem_free_mb"] > 100 and info["emulated"] is emulated
 
 
 def test_big_cores_and_masks():
