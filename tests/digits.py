@@ -2,6 +2,8 @@
 digits (8x8, upscaled to 32x32 RGB PNGs in an ImageFolder layout) and mixnet_s trained on them."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +16,24 @@ SIZE = 32
 
 
 def write_dataset(root: Path) -> None:
-    """train/ (80 %) and eval/ (20 %) folders of PNGs, one subfolder per digit."""
+    """train/ (80 %) and eval/ (20 %) folders of PNGs, one subfolder per digit; written aside and
+    moved in place, eval/ last, so an interrupted run leaves no eval/ and is redone."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     order = np.random.default_rng(0).permutation(len(data.images))
+    building = root / ".partial"
+    for folder in (building, root / "train"):
+        shutil.rmtree(folder, ignore_errors=True)
     for rank, i in enumerate(order):
         split = "eval" if rank % 5 == 0 else "train"
-        folder = root / split / str(data.target[i])
+        folder = building / split / str(data.target[i])
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (data.images[i] / 16.0 * 255).astype(np.uint8)
         Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR).convert("RGB").save(folder / f"{i}.png")
+    for split in ("train", "eval"):
+        os.replace(building / split, root / split)
+    building.rmdir()
 
 
 def _shifted(batch: torch.Tensor, generator: torch.Generator, most: int = 2) -> torch.Tensor:
@@ -65,5 +74,6 @@ def train(root: Path, epochs: int = 20) -> Path:
             schedule.step()
     path = root / "mixnet_s_digits.pth"
     torch.save({"state_dict": model.eval().state_dict(), "preprocess": PREPROCESS,
-                "labels": [str(i) for i in range(10)]}, path)
+                "labels": [str(i) for i in range(10)]}, path.with_suffix(".partial"))
+    os.replace(path.with_suffix(".partial"), path)  # whole or not at all: the fixture trains again when missing
     return path
