@@ -47,6 +47,12 @@ def mixconv_groups(module: nn.Module) -> list[nn.Conv2d] | None:
     return None
 
 
+def depthwise_mixconv(groups: list[nn.Conv2d]) -> bool:
+    """Whether a MixConv's groups are depthwise: one filter per channel (a one-channel group, whose
+    groups=1 says nothing, counts by its siblings)."""
+    return any(c.groups > 1 and c.groups == c.in_channels == c.out_channels for c in groups)
+
+
 def _conv_macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
     kh, kw = conv.kernel_size
     return out.numel() * (conv.in_channels // conv.groups) * kh * kw
@@ -63,7 +69,7 @@ def count(model: nn.Module, input_size: tuple[int, int, int]) -> Complexity:
         if groups is not None:
             layer = MixConvLayer(
                 name,
-                "depthwise" if groups[0].groups > 1 else "pointwise",
+                "depthwise" if depthwise_mixconv(groups) else "pointwise",
                 [c.in_channels for c in groups],
                 [c.kernel_size[0] for c in groups],
                 groups[0].stride[0],

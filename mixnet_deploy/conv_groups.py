@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .complexity import mixconv_groups
+from .complexity import depthwise_mixconv, mixconv_groups
 
 Pads = tuple[int, int, int, int]  # top, bottom, left, right
 
@@ -78,10 +78,10 @@ def to_groups(module: nn.Module, hw: tuple[int, int]) -> list[ConvGroup] | None:
         convs = [module]
     if convs is None:
         return None
-    groups = []
+    groups, mixed_depthwise = [], depthwise_mixconv(convs)
     for conv in convs:
         square = conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
-        depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+        depthwise = conv.groups == conv.in_channels == conv.out_channels and (conv.groups > 1 or mixed_depthwise)
         if (not square or conv.dilation[0] != conv.dilation[1] or (conv.groups != 1 and not depthwise)
                 or conv.padding_mode != "zeros"):  # left as it is: ONNX exports it, TFLite's writer names it
             return None

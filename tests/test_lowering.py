@@ -23,6 +23,7 @@ LAYERS = {
     "exponential stride 2": lambda: MixConv(32, (3, 5, 7, 9), stride=2, partition="exponential"),
     "dilated": lambda: MixConv(32, (3, 5, 7, 9), dilated=True),
     "one-channel groups": lambda: MixConv(4, (9, 3, 5)),  # 2, 1, 1 channels: fold<=5 merges two of one
+    "one-channel first group": lambda: MixConv(8, (3, 5, 7), partition=[1, 3, 4]),  # its conv has groups=1
 }
 
 
