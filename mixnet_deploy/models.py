@@ -180,6 +180,17 @@ def _hub_cached(name: str) -> str | None:
     return next((f for f in found if isinstance(f, str)), None)
 
 
+def _classifier_weights(name: str) -> list[str]:
+    """Where a checkpoint of `name` keeps its classifier's weight: timm's config of the model (of the
+    base model for a drop-in) says, else the usual places."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name.removeprefix(DROPIN_PREFIX))
+    named = getattr(cfg, "classifier", None) or ()
+    return [f"{c}.weight" for c in ((named,) if isinstance(named, str) else named)] + [
+        "classifier.weight", "head.fc.weight", "fc.weight"]
+
+
 def _labels(num_classes: int) -> list[str] | None:
     if num_classes != 1000:
         return None
@@ -228,7 +239,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     state, extras = read_checkpoint(checkpoint) if checkpoint is not None else (None, {})
     num_classes = None
     if state is not None and not own:
-        head = [k for k in ("classifier.weight", "head.fc.weight", "fc.weight") if k in state]
+        head = [k for k in _classifier_weights(name) if k in state]
         if head and state[head[0]].ndim != 2:
             raise MixdeployError(f"checkpoint {checkpoint}: {head[0]} has shape {tuple(state[head[0]].shape)}; a "
                                  "classifier weight is (classes, features): is it a checkpoint of another architecture?")

@@ -115,6 +115,23 @@ def test_safetensors_checkpoint_with_other_class_count(tmp_path):
         torch.testing.assert_close(loaded.module(x), model(x))
 
 
+def test_a_dropin_checkpoint_with_its_own_class_count_and_head(tmp_path):
+    """EfficientViT keeps its classifier at head.classifier.4: timm's config says where to look."""
+    import timm
+
+    from mixnet_deploy import replace_depthwise
+
+    model = timm.create_model("efficientvit_b0", num_classes=10)
+    replace_depthwise(model, (3, 5, 7, 9))
+    model.load_state_dict(perturbed(model.state_dict()))
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded = load_model("mixconv_efficientvit_b0", checkpoint=tmp_path / "w.pth", input_size=(64, 64))
+    assert loaded.num_classes == 10 and loaded.labels is None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model.eval()(x))
+
+
 def test_exports_record_where_their_weights_are_and_what_they_were(tmp_path, monkeypatch):
     """A relative --checkpoint is recorded as an absolute path with its SHA-256: quantize and bench
     rebuild the model from any folder, and refuse weights changed since the export."""
