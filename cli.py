@@ -501,12 +501,14 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     if files:
         _reject_given(("precision", "checkpoint", "pretrained", "calibrate_bn", "input_size", "keep"),
                       "--compare-peers MODEL; exported FILES keep what they were exported with")
-    from mixnet_deploy.models import known_models
+    from mixnet_deploy.models import DROPIN_PREFIX, known_models, own_network
 
-    named = [f for f in files if f in known_models() and not Path(f).exists()]
+    named = [f for f in files if (f in known_models() or f.startswith(DROPIN_PREFIX) or own_network(f))
+             and not Path(f).exists()]
     if named:
+        peers = "" if own_network(named[0]) else f", or --compare-peers {named[0]}"
         raise MixdeployError(f"{named[0]} is a model name; bench takes exported .onnx/.tflite files "
-                             f"(`mixdeploy export {named[0]}` first), or --compare-peers {named[0]}")
+                             f"(`mixdeploy export {named[0]}` first){peers}")
     if runner == "benchmark_model":
         _reject_given(("python",), "--runner python")
         if peer_model:

@@ -18,7 +18,7 @@ from torch import nn
 from mixnet_deploy.cost_model import shape_key
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError, is_number
 from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
-from mixnet_deploy.models import file_sha256
+from mixnet_deploy.digests import file_sha256
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 from mixnet_deploy.preprocess import random_images
@@ -277,8 +277,9 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
                                   "times_ms": times})
         # the rivals' plans too: the auto plan changes with the cost tables, and a verdict on another is stale
         rivals = _rivals(model, input_size, layers, target)
-        # the uniform plans follow from the layers; 2: the kept swaps are timed against the plan without them
-        key = [2, sorted(shapes), plan.layers, rivals["auto"].layers]
+        # the uniform plans follow from the layers; 2: the kept swaps are timed against the plan without them;
+        # the model's structure and size: two models may share layer names and shapes, not the rest
+        key = [2, sorted(shapes), plan.layers, rivals["auto"].layers, str(model), list(input_size)]
         model_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         decision = cache.decisions.get(model_key)
         if decision is None:

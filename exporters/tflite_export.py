@@ -200,7 +200,7 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
     if target in (torch.nn.functional.relu6,):
         return tf.nn.relu6(args[0])
     if target in FUNCTIONS:
-        return ACTIVATIONS[FUNCTIONS[target]](tf, args[0], kwargs.get("approximate", "none"))
+        return ACTIVATIONS[FUNCTIONS[target]](tf, args[0], kwargs.get("approximate", args[1] if len(args) > 1 else "none"))
     name = getattr(target, "__name__", target)
     raise MixdeployError(f"the TFLite writer cannot translate {name}(); export --format onnx, or open an issue with "
                          "the model")

@@ -127,7 +127,10 @@ LEAVES = (DeployConv, BlockConv, LoweredMixConv, ExpandedMixConv)
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, (*LEAVES, nn.Linear)) or super().is_leaf_module(module, name)  # timm.layers.Linear too
+        from timm.layers import Linear
+
+        # timm's Linear (MobileNetV3/V4 heads) computes nn.Linear's; another subclass may not: traced
+        return isinstance(module, LEAVES) or type(module) is Linear or super().is_leaf_module(module, name)
 
 
 def trace(module: nn.Module) -> fx.Graph:

@@ -3,13 +3,8 @@ own networks (FILE.py:FACTORY or MODULE:FACTORY, a function that returns the mod
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib
-import importlib.util
 import os
-import re
 import socket
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,8 +13,10 @@ import torch
 from torch import nn
 
 from .checkpoint import apply_state_dict, read_checkpoint
+from .digests import file_sha256, state_sha256
 from .dropin import replace_depthwise
 from .errors import MixdeployError
+from .own_network import build as build_own, check_source, check_unchanged, own_network
 from .preprocess import MAX_SIDE, MIN_SIDE, PreprocessConfig
 
 MIXNETS = (
@@ -29,7 +26,6 @@ MIXNETS = (
 DROPIN_PREFIX = "mixconv_"
 DROPIN_EXAMPLES = ("mixconv_mobilenetv2_100",)
 DROPIN_KERNELS = (3, 5, 7, 9)
-OWN = re.compile(r"(?P<source>[^:]+\.py|[A-Za-z_][\w.]*):(?P<factory>[A-Za-z_]\w*)")  # FILE.py:FACTORY, MODULE:FACTORY
 
 
 @dataclass
@@ -42,7 +38,7 @@ class LoadedModel:
     labels: list[str] | None
     weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint's absolute path
     sha256: str | None = None  # of the checkpoint file, or of timm's pretrained tensors (state_sha256)
-    code_sha256: str | None = None  # of the Python file of the user's own network (FILE.py:FACTORY)
+    code: dict[str, str] | None = None  # the user's own network: its code files -> SHA-256
 
     @property
     def random_init(self) -> bool:
@@ -62,18 +58,13 @@ class LoadedModel:
         return {"mixdeploy.model": self.name, "mixdeploy.weights": self.weights,
                 "mixdeploy.preprocess": self.preprocess.to_dict(), "mixdeploy.labels": self.labels,
                 **({"mixdeploy.weights_sha256": self.sha256} if self.sha256 else {}),
-                **({"mixdeploy.code_sha256": self.code_sha256} if self.code_sha256 else {})}
+                **({"mixdeploy.code": self.code} if self.code else {}),
+                **({"mixdeploy.calibrated_at": list(self.preprocess.input_size)} if self.weights == CALIBRATED else {})}
 
 
 def known_models() -> tuple[str, ...]:
     """Names accepted everywhere a MODEL is asked for (drop-ins: 'mixconv_' + any timm model)."""
     return MIXNETS + DROPIN_EXAMPLES
-
-
-def own_network(name: str) -> tuple[str, str] | None:
-    """(source, factory) of the user's own network (FILE.py:FACTORY or MODULE:FACTORY), else None."""
-    match = OWN.fullmatch(name)
-    return (match["source"], match["factory"]) if match else None
 
 
 def file_stem(name: str) -> str:
@@ -86,10 +77,8 @@ def _check_name(name: str) -> None:
     import timm
 
     own = own_network(name)
-    if own and own[0].endswith(".py") and not Path(own[0]).is_file():
-        raise MixdeployError(f"{own[0]} does not exist; FILE.py:FACTORY names a Python file and the function in it "
-                             "that returns your model")
     if own:
+        check_source(own[0])
         return
     base = name.removeprefix(DROPIN_PREFIX)
     if name.startswith(DROPIN_PREFIX) and base in MIXNETS:
@@ -107,40 +96,9 @@ def _check_name(name: str) -> None:
                          "your own network is FILE.py:FACTORY or MODULE:FACTORY)")
 
 
-def _own_module(source: str, factory: str) -> nn.Module:
-    """Import FILE.py (its folder importable) or MODULE (the current folder importable), call
-    FACTORY() and check that it made a module."""
-    folder = str(Path(source).resolve().parent) if source.endswith(".py") else os.getcwd()
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # its sibling modules, as `python FILE.py` would find them
-    try:
-        if source.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(f"mixdeploy_own_{Path(source).stem}", source)
-            code = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(code)
-        else:
-            code = importlib.import_module(source)
-    except Exception as exc:  # the user's code: any error
-        raise MixdeployError(f"importing {source} failed: {type(exc).__name__}: {exc}") from None
-    build = getattr(code, factory, None)
-    if not callable(build):
-        raise MixdeployError(f"{source} has no function {factory}; give FILE.py:FACTORY with a function that returns "
-                             "your model")
-    try:
-        model = build()
-    except Exception as exc:
-        raise MixdeployError(f"{source}:{factory}() failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise MixdeployError(f"{source}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
 def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
     import timm
 
-    own = own_network(name)
-    if own:
-        return _own_module(*own)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith(DROPIN_PREFIX):
         model = timm.create_model(name.removeprefix(DROPIN_PREFIX), **kwargs)
@@ -223,7 +181,7 @@ def check_request(name: str, checkpoint: str | Path | None = None, pretrained: b
         raise MixdeployError(f"{name} has no pretrained weights (its depthwise convs became MixConvs); pass "
                              "--checkpoint PATH with weights trained for it")
     if pretrained and own_network(name):
-        raise MixdeployError(f"--pretrained is for timm's models; pass your network's weights with --checkpoint PATH")
+        raise MixdeployError("--pretrained is for timm's models; pass your network's weights with --checkpoint PATH")
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
@@ -246,7 +204,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         num_classes = state[head[0]].shape[0] if head else None
     with torch.random.fork_rng():
         torch.manual_seed(RANDOM_SEED)
-        module = _build(name, num_classes, pretrained)
+        module, code = build_own(*own) if own else (_build(name, num_classes, pretrained), None)
     if state is not None:
         apply_state_dict(module, state, str(checkpoint), name)
     module.eval()
@@ -258,8 +216,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if input_size is not None:
         preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
     sha256 = file_sha256(checkpoint) if checkpoint else state_sha256(module) if pretrained else None
-    code_sha256 = file_sha256(own[0]) if own and own[0].endswith(".py") else None
-    loaded = LoadedModel(name, module, preprocess, None, weights, sha256, code_sha256)
+    loaded = LoadedModel(name, module, preprocess, None, weights, sha256, code)
     if own:
         _check_output(loaded)
     if calibrate_bn:  # at the input size the model is exported for
@@ -283,28 +240,10 @@ def _check_output(loaded: LoadedModel) -> None:
     except Exception as exc:
         raise MixdeployError(f"{loaded.name} fails on a (2, {', '.join(map(str, size))}) input: {type(exc).__name__}: "
                              f"{exc}; give its input size with --input-size, or preprocess in a checkpoint") from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise MixdeployError(f"{loaded.name} returns {shape}; mixdeploy exports classifiers returning logits "
                              "(batch, classes)")
-
-
-def state_sha256(module: nn.Module) -> str:
-    """The SHA-256 of a module's tensors (names and bytes, in state_dict order), hex."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def calibrate_batchnorm(model: nn.Module, preprocess: PreprocessConfig) -> None:
@@ -344,10 +283,14 @@ def reload(meta: dict) -> LoadedModel:
     """The model an export's metadata names, rebuilt from its recorded weights, with the
     preprocessing (input size included) the file was exported for."""
     weights, name = meta["mixdeploy.weights"], meta["mixdeploy.model"]
+    check_unchanged(meta.get("mixdeploy.code") or {})  # before the user's code runs again
+    size = meta.get("mixdeploy.preprocess", {}).get("input_size")
+    # built at the exported size (a network may run at no other); a calibrated export of an earlier
+    # mixdeploy, without calibrated_at, had its statistics set at the model's own size
+    old_calibration = weights == CALIBRATED and "mixdeploy.calibrated_at" not in meta
+    at = tuple(size[1:]) if size and not old_calibration else None
     if weights in (RANDOM_INIT, CALIBRATED, "pretrained"):
-        size = meta.get("mixdeploy.preprocess", {}).get("input_size")  # statistics calibrated at that size
-        loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED,
-                            input_size=tuple(size[1:]) if weights == CALIBRATED and size else None)
+        loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED, input_size=at)
         if meta.get("mixdeploy.weights_sha256") not in (None, loaded.sha256):
             raise MixdeployError(f"timm's pretrained {name} weights differ from those the export was made from "
                                  "(another timm version or weights tag?); export the model again, or pass the model name")
@@ -357,10 +300,7 @@ def reload(meta: dict) -> LoadedModel:
         raise MixdeployError(f"{weights} has changed since the export was made from it (its SHA-256 differs); "
                              "export the model again, or pass the model name and --checkpoint")
     else:
-        loaded = load_model(name, weights)
-    if meta.get("mixdeploy.code_sha256") not in (None, loaded.code_sha256):
-        raise MixdeployError(f"{name.rpartition(':')[0]} has changed since the export was made from it (its SHA-256 "
-                             "differs); export the model again")
+        loaded = load_model(name, weights, input_size=at)
     if "mixdeploy.preprocess" in meta:
         loaded.preprocess = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
     return loaded

@@ -221,11 +221,15 @@ def test_benchmark_model_runner_needs_a_binary(run_cli, digits_exports, tmp_path
 
 
 @pytest.mark.slow
-def test_compare_peers(run_cli, digits, tmp_path):
+def test_compare_peers(run_cli, digits, tmp_path, monkeypatch):
     """Ours against the peers this machine has (always the plain export or ORT's quantizer; onnx2tf
     and litert-torch when benchmarks/peers/setup.sh made their environments)."""
+    import tempfile
+
     from exporters import peers
 
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the comparison's work folders go here
     root, checkpoint = digits
     common = ["bench", "--compare-peers", "mixnet_s", "--checkpoint", checkpoint, "--parity", root / "eval",
               "--runs", "5"]
@@ -240,6 +244,7 @@ def test_compare_peers(run_cli, digits, tmp_path):
     assert plain["format"] == "onnx" and plain["parity"]["samples"] == 8 and plain["ratio_to_ours"] > 0
     assert all(r["parity"]["passed"] and r["precision"] == "fp32" for r in report["results"])
     assert report["kept_in"] is None and not any(Path(r["file"]).is_absolute() for r in report["results"])
+    assert not list((tmp_path / "tmp").glob("mixdeploy-*"))  # the files compared are removed with their folder
     for peer in ("onnx2tf", "litert_torch"):
         assert (peer in rows) == peers.available()[peer]
         if not peers.available()[peer]:
@@ -379,6 +384,7 @@ def test_swaps_slower_together_are_dropped(tmp_path, monkeypatch):
                 return {choice: 1 + 0.01 * i for i, choice in enumerate(files)}
             if "swap0" in files:
                 return {label: 10.0 if label == "tuned" else 9.0 for label in files}
+            assert set(files) == {"tuned", "per-layer", "auto", "split", "fold"}  # the plan without the swaps too
             return {"tuned": 9.5, "per-layer": 9.0, "auto": 9.2, "split": 20.0, "fold": 15.0}
 
     monkeypatch.setenv("MIXDEPLOY_TUNE_CACHE", str(tmp_path))

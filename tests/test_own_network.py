@@ -27,16 +27,25 @@ def mix_block(channels, stride):
     return nn.Sequential(MixConv(channels, (3, 5, 7, 9), stride=stride), nn.BatchNorm2d(channels), nn.SiLU())
 '''
 NET = '''
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from {blocks} import mix_block
+
+
+@dataclass
+class Width:  # a dataclass with postponed annotations: its module must be importable by name
+    expanded: int = 48
 
 
 class TinyMixNet(nn.Module):
     def __init__(self, classes=7):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
-        self.expand = nn.Sequential(nn.Conv2d(24, 48, 1, bias=False), nn.BatchNorm2d(48), nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(24, Width().expanded, 1, bias=False), nn.BatchNorm2d(48), nn.SiLU())
         self.mix = mix_block(48, 2)
         self.project = nn.Sequential(nn.Conv2d(48, 32, 1, bias=False), nn.BatchNorm2d(32))
         self.head = nn.Linear(32, classes)
@@ -62,6 +71,19 @@ def not_a_module():
 
 def feature_map():
     return nn.Conv2d(3, 8, 3)
+
+
+class Fixed(TinyMixNet):  # a head sized for 80x80 inputs only
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32 * 20 * 20, 7)
+
+    def forward(self, x):
+        return self.head(self.project(self.mix(self.expand(self.stem(x)))).flatten(1))
+
+
+def fixed():
+    return Fixed()
 '''
 
 
@@ -105,9 +127,18 @@ def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, r
     bench = run_cli("bench", "work/build.onnx", "work/build_int8.tflite", "--runs", "3", "--json")
     assert bench.code == 0, bench.err
     assert [r["parity"]["passed"] for r in json.loads(bench.out)["results"]] == [True, True]
-    with open(tmp_path / "project" / "tinynet.py", "a") as f:
-        f.write("\n# edited\n")
-    assert_usage_error(run_cli("quantize", "work/build.onnx", "--calib", PHOTOS), "tinynet.py has changed since")
+    # a network that runs at its exported size only is rebuilt at it, from any folder
+    fixed = run_cli("export", "project/tinynet.py:fixed", "--input-size", "80", "-o", "work/fixed.onnx")
+    assert fixed.code == 0, fixed.err
+    monkeypatch.chdir(tmp_path / "project")
+    again = run_cli("bench", "../work/fixed.onnx", "--runs", "3", "--json")
+    assert again.code == 0 and json.loads(again.out)["results"][0]["parity"]["passed"], again.err
+    # the code it was built from, its sibling module too, is checked before it runs again
+    for edited in ("tinynet_blocks.py", "tinynet.py"):
+        original = (tmp_path / "project" / edited).read_text()
+        (tmp_path / "project" / edited).write_text(original + "\n# edited\n")
+        assert_usage_error(run_cli("quantize", "../work/build.onnx", "--calib", PHOTOS), f"{edited} has changed since")
+        (tmp_path / "project" / edited).write_text(original)
 
 
 def test_own_network_module_with_a_checkpoint(tmp_path, monkeypatch, run_cli):
@@ -143,7 +174,9 @@ def test_own_network_mistakes_are_one_line(tmp_path, monkeypatch, run_cli):
     assert_usage_error(run_cli("info", "badnet.py:not_a_module"), "returned int, not a torch.nn.Module")
     assert_usage_error(run_cli("info", "badnet.py:feature_map"), "returns (2, 8, 222, 222)", "(batch, classes)")
     assert_usage_error(run_cli("info", "syntax.py:build"), "syntax.py failed: SyntaxError")
-    assert_usage_error(run_cli("info", "no_such_module:build"), "importing no_such_module failed: ModuleNotFoundError")
+    assert_usage_error(run_cli("info", "no_such_module:build"), "no module no_such_module here")
+    assert_usage_error(run_cli("info", "devices:build"), "devices is one of mixdeploy's own modules")
+    assert_usage_error(run_cli("bench", "badnet.py:build"), "badnet.py:build is a model name")
     assert_usage_error(run_cli("export", "badnet.py:build", "--pretrained"), "--pretrained is for timm's models")
     assert_usage_error(run_cli("bench", "--compare-peers", "badnet.py:build"), "the peers convert timm models by name")
     assert not [f for f in os.listdir() if not f.endswith(".py") and f != "__pycache__"]  # nothing written
