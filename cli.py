@@ -10,9 +10,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
-
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -285,7 +284,8 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
 
     With --tune DEVICE the lowering plan is measured on DEVICE: every MixConv layer's candidate
     lowerings are timed there as single-layer models (cached per device, runtime and precision)."""
-    from exporters.export import check_outputs, export as run_export
+    from exporters.export import check_outputs
+    from exporters.export import export as run_export
 
     if precision and not tune_device:
         raise MixdeployError("--precision goes with --tune DEVICE (use --fp16 for a float16 TFLite export)")
@@ -493,7 +493,8 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
           timeout: float, report: str | None, force: bool, as_json: bool) -> None:
     """Latency and parity of exported FILES on a device, side by side (or, with --compare-peers
     MODEL, of mixdeploy's and the peers' exports of MODEL)."""
-    from devices.bench import Settings, bench as run_bench, check_files
+    from devices.bench import Settings, check_files
+    from devices.bench import bench as run_bench
     from devices.connect import open_device
 
     if bool(files) == bool(peer_model):

@@ -16,9 +16,9 @@ from typing import Callable
 from torch import nn
 
 from mixnet_deploy.cost_model import shape_key
+from mixnet_deploy.digests import file_sha256
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError, is_number
 from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
-from mixnet_deploy.digests import file_sha256
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 from mixnet_deploy.preprocess import random_images

@@ -13,8 +13,8 @@ import torch
 from devices.runners import file_format
 from mixnet_deploy import __version__, load_model
 from mixnet_deploy.errors import MixdeployError
-from mixnet_deploy.models import file_stem
 from mixnet_deploy.lower import lower
+from mixnet_deploy.models import file_stem
 from mixnet_deploy.parity import ParityReport, compare, reference_outputs
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan, read_spec

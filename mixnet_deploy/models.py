@@ -16,7 +16,8 @@ from .checkpoint import apply_state_dict, read_checkpoint
 from .digests import file_sha256, state_sha256
 from .dropin import replace_depthwise
 from .errors import MixdeployError
-from .own_network import build as build_own, check_source, check_unchanged, own_network
+from .own_network import build as build_own
+from .own_network import check_source, check_unchanged, own_network
 from .preprocess import MAX_SIDE, MIN_SIDE, PreprocessConfig
 
 MIXNETS = (

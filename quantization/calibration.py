@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from mixnet_deploy.errors import MixdeployError
-from mixnet_deploy.terminal import stderr_is_interactive
 from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform, read_image
+from mixnet_deploy.terminal import stderr_is_interactive
 
 MIN_IMAGES = 2
 NUM_CALIB = 100  # calibration images by default (quantize --num-calib, compare-peers' int8 files)

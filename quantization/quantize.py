@@ -14,11 +14,10 @@ from devices.runners import file_format, in_layout
 from exporters.export import check_writable, kept_as, versions
 from exporters.inspect_file import exported_format, inspect_file, written_options
 from mixnet_deploy import load_model
-from mixnet_deploy.models import file_stem
 from mixnet_deploy.deploy_modules import modules_called
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.lower import lower
-from mixnet_deploy.models import LoadedModel, reload
+from mixnet_deploy.models import LoadedModel, file_stem, reload
 from mixnet_deploy.parity import DEPLOYED_TOLERANCE, ParityReport, compare
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan

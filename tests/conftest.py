@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mixnet_deploy.models import DROPIN_EXAMPLES, MIXNETS
-from mixnet_deploy.models import randomize_batchnorm  # noqa: F401  (re-exported for tests)
+from mixnet_deploy.models import (
+    DROPIN_EXAMPLES,
+    MIXNETS,
+    randomize_batchnorm,  # noqa: F401  (re-exported for tests)
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "mixnet_deploy" / "sample_images"

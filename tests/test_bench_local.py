@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-
 from conftest import PHOTOS, assert_usage_error
 
 pytestmark = pytest.mark.slow

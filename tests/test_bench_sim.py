@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import probe_files, still_running
+
 from devices import sim
 from devices.adb import AdbTransport
 from devices.bench import Settings, bench

@@ -6,7 +6,6 @@ import sys
 import time
 
 import torch
-
 from conftest import ROOT, assert_usage_error
 
 

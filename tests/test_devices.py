@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_usage_error, probe_files, processes_mentioning, still_running
+
 from devices.connect import open_device
 from devices.device_info import big_cores, cpu_mask, device_info
 from exporters.inspect_file import inspect_file

@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
+
 from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy import load_model
@@ -128,8 +128,9 @@ def test_two_gated_convs_sharing_a_weight_fold_apart(tmp_path):
 def test_a_relu_after_a_split_mixconv_reads_a_conv_not_the_concat(tmp_path):
     """The lowering moved the ReLU into each segment: every Relu/Clip reads a Conv, which ONNX
     Runtime fuses with it; none is left after the Concat."""
-    from exporters.onnx_export import write_onnx
     from test_lowering import relu_after_split_mixconvs
+
+    from exporters.onnx_export import write_onnx
 
     x = np.random.default_rng(0).standard_normal((1, 24, 12, 12), dtype=np.float32)
     for model, lowered in relu_after_split_mixconvs():

@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
+from test_lowering import LAYERS, block, expansion_block, relu_after_split_mixconvs
+
 from devices.runners import LiteRtRunner
 from exporters.export import export
 from exporters.tflite_export import write_tflite
@@ -12,7 +13,6 @@ from exporters.tflite_inspect import delegation, read_metadata
 from mixnet_deploy import MixConv
 from mixnet_deploy.lower import analyse, lower
 from mixnet_deploy.plan import Plan
-from test_lowering import LAYERS, block, expansion_block, relu_after_split_mixconvs
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import SWEEP_SIZE, randomize_batchnorm
 from torch import nn
 
-from conftest import SWEEP_SIZE, randomize_batchnorm
 from mixnet_deploy import MixConv, MixdeployError, load_model
 from mixnet_deploy.deploy_modules import BlockConv, LoweredMixConv
 from mixnet_deploy.lower import LoweringError, analyse, lower, preset_plan, verify

@@ -59,6 +59,7 @@ def test_tf_dropin_replaces_the_tf_same_padded_depthwise_convs_too(run_cli):
     """timm's TF ports pad stride-2 depthwise convs at run time (Conv2dSame): replaced like the others;
     a CondConv2d (per-sample expert kernels) cannot be, and says so in one line."""
     from conftest import assert_usage_error
+
     from mixnet_deploy import MixConv
     from mixnet_deploy.dropin import is_depthwise
 
@@ -100,9 +101,8 @@ def test_a_checkpoint_with_ema_weights_loads_those(tmp_path):
 
 
 def test_safetensors_checkpoint_with_other_class_count(tmp_path):
-    from safetensors.torch import save_file
-
     import timm
+    from safetensors.torch import save_file
 
     model = timm.create_model("mixnet_s", num_classes=10).eval()
     model.load_state_dict(perturbed(model.state_dict()))
@@ -136,6 +136,7 @@ def test_exports_record_where_their_weights_are_and_what_they_were(tmp_path, mon
     """A relative --checkpoint is recorded as an absolute path with its SHA-256: quantize and bench
     rebuild the model from any folder, and refuse weights changed since the export."""
     from conftest import randomize_batchnorm
+
     from mixnet_deploy.errors import MixdeployError
     from mixnet_deploy.models import reload
 

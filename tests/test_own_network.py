@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import HEARTBEAT, PHOTOS, assert_usage_error
+
 from devices.runners import LiteRtRunner, OrtRunner
 from exporters.inspect_file import inspect_file
 from mixnet_deploy.parity import reference_outputs

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import PHOTOS, assert_usage_error
+
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
 from mixnet_deploy.preprocess import eval_transform, load_images

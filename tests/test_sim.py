@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_usage_error, processes_mentioning, still_running
+
 from devices import sim
 from mixnet_deploy.errors import MixdeployError
 
