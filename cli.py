@@ -504,8 +504,10 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
                       "--compare-peers MODEL; exported FILES keep what they were exported with")
     from mixnet_deploy.models import DROPIN_PREFIX, known_models, own_network
 
+    from devices.runners import file_format
+
     named = [f for f in files if (f in known_models() or f.startswith(DROPIN_PREFIX) or own_network(f))
-             and not Path(f).exists()]
+             and not Path(f).exists() and not file_format(f)]  # a missing mixconv_x.onnx is a missing file
     if named:
         peers = "" if own_network(named[0]) else f", or --compare-peers {named[0]}"
         raise MixdeployError(f"{named[0]} is a model name; bench takes exported .onnx/.tflite files "

@@ -82,7 +82,7 @@ def prepare(file: str, report: dict, parity_dir: str | None, samples: int, refer
 
     meta = report["metadata"]
     key = json.dumps([meta["mixdeploy.weights"], meta.get("mixdeploy.weights_sha256"), meta["mixdeploy.model"],
-                      meta["mixdeploy.preprocess"], meta.get("mixdeploy.code")])
+                      meta["mixdeploy.preprocess"], meta.get("mixdeploy.code"), meta.get("mixdeploy.calibrated_at")])
     references = {} if references is None else references
     if key not in references:
         loaded = reload(meta)

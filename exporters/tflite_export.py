@@ -200,7 +200,7 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
     if target in (torch.nn.functional.relu6,):
         return tf.nn.relu6(args[0])
     if target in FUNCTIONS:
-        return ACTIVATIONS[FUNCTIONS[target]](tf, args[0], kwargs.get("approximate", args[1] if len(args) > 1 else "none"))
+        return ACTIVATIONS[FUNCTIONS[target]](tf, args[0], kwargs.get("approximate", "none"))
     name = getattr(target, "__name__", target)
     raise MixdeployError(f"the TFLite writer cannot translate {name}(); export --format onnx, or open an issue with "
                          "the model")
@@ -240,6 +240,9 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
             if node.op == "placeholder":
                 env[node.name] = x
+            elif node.op == "get_attr":  # a module's own use of its weights, outside the layers translated
+                raise MixdeployError(f"{node.target}: the TFLite writer cannot translate a parameter used in a "
+                                     "forward() of your own; export --format onnx, or open an issue with the model")
             elif node.op == "call_module":
                 with tf.name_scope(_scope(node.target)), _at(node.target):  # tensors named after the module
                     env[node.name] = _module(tf, args[0], modules[node.target])

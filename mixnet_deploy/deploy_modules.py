@@ -129,8 +129,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
         from timm.layers import Linear
 
-        # timm's Linear (MobileNetV3/V4 heads) computes nn.Linear's; another subclass may not: traced
-        return isinstance(module, LEAVES) or type(module) is Linear or super().is_leaf_module(module, name)
+        # a Linear that computes nn.Linear's (timm's, in MobileNetV3/V4 heads) is one piece; another is traced
+        linear = isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, Linear.forward)
+        return isinstance(module, LEAVES) or linear or super().is_leaf_module(module, name)
 
 
 def trace(module: nn.Module) -> fx.Graph:

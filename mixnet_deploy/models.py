@@ -17,7 +17,7 @@ from .digests import file_sha256, state_sha256
 from .dropin import replace_depthwise
 from .errors import MixdeployError
 from .own_network import build as build_own
-from .own_network import check_source, check_unchanged, own_network
+from .own_network import check_rebuilt, check_source, check_unchanged, own_network
 from .preprocess import MAX_SIDE, MIN_SIDE, PreprocessConfig
 
 MIXNETS = (
@@ -40,6 +40,7 @@ class LoadedModel:
     weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint's absolute path
     sha256: str | None = None  # of the checkpoint file, or of timm's pretrained tensors (state_sha256)
     code: dict[str, str] | None = None  # the user's own network: its code files -> SHA-256
+    calibrated_at: list[int] | None = None  # the input size --calibrate-bn set the statistics at
 
     @property
     def random_init(self) -> bool:
@@ -60,7 +61,7 @@ class LoadedModel:
                 "mixdeploy.preprocess": self.preprocess.to_dict(), "mixdeploy.labels": self.labels,
                 **({"mixdeploy.weights_sha256": self.sha256} if self.sha256 else {}),
                 **({"mixdeploy.code": self.code} if self.code else {}),
-                **({"mixdeploy.calibrated_at": list(self.preprocess.input_size)} if self.weights == CALIBRATED else {})}
+                **({"mixdeploy.calibrated_at": self.calibrated_at} if self.calibrated_at else {})}
 
 
 def known_models() -> tuple[str, ...]:
@@ -222,6 +223,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         _check_output(loaded)
     if calibrate_bn:  # at the input size the model is exported for
         calibrate_batchnorm(module, preprocess)
+        loaded.calibrated_at = list(preprocess.input_size)
     classes = loaded.num_classes
     labels = extras["labels"] if "labels" in extras else _labels(classes)
     if labels is not None and not (isinstance(labels, (list, tuple)) and len(labels) == classes
@@ -302,6 +304,7 @@ def reload(meta: dict) -> LoadedModel:
                              "export the model again, or pass the model name and --checkpoint")
     else:
         loaded = load_model(name, weights, input_size=at)
+    check_rebuilt(meta.get("mixdeploy.code") or {}, loaded.code or {}, name)
     if "mixdeploy.preprocess" in meta:
         loaded.preprocess = PreprocessConfig.from_dict(meta["mixdeploy.preprocess"])
     return loaded

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 from torch import nn
@@ -17,8 +18,8 @@ from .errors import MixdeployError
 
 # FILE.py:FACTORY (split at the last colon: a folder may have one) or MODULE:FACTORY
 OWN = re.compile(r"(?P<source>.+\.py|[A-Za-z_][\w.]*):(?P<factory>[A-Za-z_]\w*)")
-_MIXDEPLOY = Path(__file__).resolve().parents[1]  # mixdeploy's own packages live here
-_CODE: dict[str, set[str]] = {}  # folder -> files its imports loaded (a module is imported once per process)
+_MIXDEPLOY = Path(__file__).resolve().parents[1]
+OWN_PACKAGES = ("cli", "mixnet_deploy", "exporters", "quantization", "devices")  # mixdeploy's, in _MIXDEPLOY
 
 
 def own_network(name: str) -> tuple[str, str] | None:
@@ -39,10 +40,12 @@ def check_source(source: str) -> None:
             raise MixdeployError(f"{source} does not exist; FILE.py:FACTORY names a Python file and the function in "
                                  "it that returns your model")
         return
+    if source.split(".")[0] in OWN_PACKAGES:
+        raise MixdeployError(f"{source} is one of mixdeploy's own modules; rename yours or give FILE.py:FACTORY")
     _importable(_folder(source))
     try:
-        found = importlib.util.find_spec(source)
-    except (ImportError, ValueError) as exc:
+        found = importlib.util.find_spec(source)  # imports its parent packages
+    except Exception as exc:  # the user's code: any error
         raise MixdeployError(f"importing {source} failed: {type(exc).__name__}: {exc}") from None
     if found is None:
         raise MixdeployError(f"no module {source} here; MODULE:FACTORY imports MODULE from the current folder or "
@@ -76,17 +79,9 @@ def _import(source: str):
 
 
 def build(source: str, factory: str) -> tuple[nn.Module, dict[str, str]]:
-    """FACTORY() of SOURCE, and the files of its folder the import loaded -> their SHA-256."""
-    folder = _folder(source)
-    before = set(sys.modules)
+    """FACTORY() of SOURCE, and the code it was built from: the Python files of its folder loaded
+    once FACTORY has run -> their SHA-256."""
     code = _import(source)
-    where = Path(getattr(code, "__file__", "") or "").resolve()
-    if where.is_relative_to(_MIXDEPLOY) and not folder.is_relative_to(_MIXDEPLOY):
-        raise MixdeployError(f"{source} is one of mixdeploy's own modules; rename yours or give FILE.py:FACTORY")
-    loaded = {str(Path(m.__file__).resolve()) for n in set(sys.modules) - before
-              if (m := sys.modules[n]) is not None and getattr(m, "__file__", None)}
-    files = _CODE.setdefault(str(folder), set())
-    files |= {f for f in loaded | {str(where)} if Path(f).is_relative_to(folder) and Path(f).suffix == ".py"}
     made = getattr(code, factory, None)
     if not callable(made):
         raise MixdeployError(f"{source} has no function {factory}; give FILE.py:FACTORY with a function that returns "
@@ -97,7 +92,19 @@ def build(source: str, factory: str) -> tuple[nn.Module, dict[str, str]]:
         raise MixdeployError(f"{source}:{factory}() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise MixdeployError(f"{source}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model, {f: file_sha256(f) for f in sorted(files)}
+    return model, {f: file_sha256(f) for f in _code_files(_folder(source))}
+
+
+def _code_files(folder: Path) -> list[str]:
+    """The loaded modules' files under `folder`, but for installed packages and mixdeploy's own
+    (a project's .venv, a run from mixdeploy's repository)."""
+    paths = sysconfig.get_paths()
+    outside = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, paths["purelib"], paths["platlib"],
+                                           paths["stdlib"])] + [_MIXDEPLOY / p for p in OWN_PACKAGES]
+    named = [Path(f) for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str)]
+    files = {f.resolve() for f in named if f.is_absolute() and f.is_file()}  # some native modules name no real file
+    return sorted(str(f) for f in files if f.suffix == ".py" and f.is_relative_to(folder)
+                  and f != _MIXDEPLOY / "cli.py" and not any(f.is_relative_to(o) for o in outside))
 
 
 def check_unchanged(files: dict[str, str]) -> None:
@@ -108,3 +115,12 @@ def check_unchanged(files: dict[str, str]) -> None:
         if file_sha256(path) != digest:
             raise MixdeployError(f"{path} has changed since the export was made from it (its SHA-256 differs); "
                                  "export the model again")
+
+
+def check_rebuilt(recorded: dict[str, str], rebuilt: dict[str, str], name: str) -> None:
+    """After a rebuild: the code loaded includes the code recorded (a module of the same name from
+    elsewhere, cached or found first, would have built another network)."""
+    other = [path for path, digest in recorded.items() if rebuilt.get(path) != digest]
+    if other:
+        raise MixdeployError(f"rebuilding {name} did not load {other[0]} (a module of the same name came from "
+                             "elsewhere); run it from the folder it was exported from, in a process of its own")

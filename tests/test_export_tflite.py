@@ -233,3 +233,18 @@ def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
     with pytest.raises(MixdeployError, match=r"^pool: the TFLite writer cannot translate MaxPool2d; export --format onnx"):
         write_tflite(Pooled().eval(), size, tmp_path / "p.tflite")
     assert not (tmp_path / "p.tflite").exists()
+
+    class Cosine(nn.Linear):  # a head computing something else than nn.Linear: traced, and named
+        def forward(self, x):
+            return F.linear(x, self.weight * 2.0)
+
+    class CosineNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = Cosine(8, 3)
+
+        def forward(self, x):
+            return self.head(x.mean((2, 3)))
+
+    with pytest.raises(MixdeployError, match=r"^head.weight: the TFLite writer cannot translate a parameter"):
+        write_tflite(CosineNet().eval(), (8, 4, 4), tmp_path / "c.tflite")

@@ -84,6 +84,11 @@ class Fixed(TinyMixNet):  # a head sized for 80x80 inputs only
 
 def fixed():
     return Fixed()
+
+
+def late():  # imports a module of its folder only when called
+    from {blocks}_late import WIDTH
+    return TinyMixNet(classes=WIDTH)
 '''
 
 
@@ -91,6 +96,7 @@ def write_network(folder, name: str) -> None:
     """NAME.py and its sibling NAME_blocks.py in `folder` (unique names: Python caches imported modules)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}_blocks.py").write_text(BLOCKS)
+    (folder / f"{name}_blocks_late.py").write_text("WIDTH = 9\n")
     (folder / f"{name}.py").write_text(NET.format(blocks=f"{name}_blocks"))
 
 
@@ -133,6 +139,9 @@ def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, r
     monkeypatch.chdir(tmp_path / "project")
     again = run_cli("bench", "../work/fixed.onnx", "--runs", "3", "--json")
     assert again.code == 0 and json.loads(again.out)["results"][0]["parity"]["passed"], again.err
+    late = load_model("tinynet.py:late")  # the code recorded is what was loaded once FACTORY ran
+    assert late.num_classes == 9 and sorted(Path(f).name for f in late.code) == [
+        "tinynet.py", "tinynet_blocks.py", "tinynet_blocks_late.py"]
     # the code it was built from, its sibling module too, is checked before it runs again
     for edited in ("tinynet_blocks.py", "tinynet.py"):
         original = (tmp_path / "project" / edited).read_text()
@@ -156,6 +165,12 @@ def test_own_network_module_with_a_checkpoint(tmp_path, monkeypatch, run_cli):
     result = run_cli("export", "modnet:build", "--checkpoint", "w.pth", "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out)[0]["path"] == "build.onnx" and json.loads(result.out)[0]["parity"]["passed"]
+    # rebuilt elsewhere, where `modnet` is another module (here: this process's, from the first folder)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "modnet.py").write_text("def build():\n    raise SystemExit('not this one')\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert_usage_error(run_cli("bench", "../build.onnx", "--runs", "1"), "did not load", "modnet.py")
+    monkeypatch.chdir(tmp_path)
     # the installed command, in a fresh process: the current folder importable, and TensorFlow's
     # import-time log lines (printed on its first import) kept off stderr
     done = subprocess.run([Path(sys.executable).with_name("mixdeploy"), "export", "modnet:build", "--checkpoint", "w.pth",
@@ -176,6 +191,9 @@ def test_own_network_mistakes_are_one_line(tmp_path, monkeypatch, run_cli):
     assert_usage_error(run_cli("info", "syntax.py:build"), "syntax.py failed: SyntaxError")
     assert_usage_error(run_cli("info", "no_such_module:build"), "no module no_such_module here")
     assert_usage_error(run_cli("info", "devices:build"), "devices is one of mixdeploy's own modules")
+    installed = json.loads(run_cli("info", "torchvision.models:mobilenet_v2", "--json").out)  # an installed package's
+    assert installed["num_classes"] == 1000 and installed["mixconv_layers"] == []
+    assert_usage_error(run_cli("bench", "mixconv_mobilenetv2_100.onnx"), "does not exist")
     assert_usage_error(run_cli("bench", "badnet.py:build"), "badnet.py:build is a model name")
     assert_usage_error(run_cli("export", "badnet.py:build", "--pretrained"), "--pretrained is for timm's models")
     assert_usage_error(run_cli("bench", "--compare-peers", "badnet.py:build"), "the peers convert timm models by name")
