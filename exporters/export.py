@@ -60,9 +60,9 @@ def output_paths(model: str, fmt: str, output: str | Path | None) -> dict[str, P
     names = list(FORMATS) if fmt == "all" else [fmt]
     if fmt != "all" and fmt not in FORMATS:
         raise MixdeployError(f"unknown format {fmt!r}; use {', '.join(FORMATS)} or all")
-    base = Path(output) if output else Path(file_stem(model))
+    stem = file_stem(model)
+    base = Path(output) if output else Path(stem)
     if fmt == "all" and output and (base.is_dir() or str(output).endswith(("/", os.sep))):
-        stem = file_stem(model)
         raise MixdeployError(f"output {output} names a folder; --format all takes a file stem, such as "
                              f"{base / stem} (writes {stem}.onnx and {stem}.tflite there)")
     if fmt == "all" or not output:

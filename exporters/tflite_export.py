@@ -135,16 +135,9 @@ def _module(tf, x, mod: nn.Module):
         for m in mod:
             x = _module(tf, x, m)
         return x
-    if isinstance(mod, nn.ReLU):
-        return tf.nn.relu(x)
-    if isinstance(mod, nn.ReLU6):
-        return tf.nn.relu6(x)
-    if isinstance(mod, nn.SiLU):
-        return x * tf.sigmoid(x)
-    if isinstance(mod, nn.Sigmoid):
-        return tf.sigmoid(x)
-    if isinstance(mod, (nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh)):
-        return ACTIVATIONS[type(mod)](tf, x, getattr(mod, "approximate", "none"))
+    act = next((f for kind, f in ACTIVATIONS.items() if isinstance(mod, kind)), None)
+    if act is not None:
+        return act(tf, x, getattr(mod, "approximate", "none"))
     if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
         return tf.reduce_mean(x, [1, 2], keepdims=True)
     if isinstance(mod, nn.Flatten):
@@ -156,15 +149,23 @@ def _module(tf, x, mod: nn.Module):
                          "an issue with the model")
 
 
-# activations without a TFLite op of their own, as the converter recognises them (x * relu6(x + 3) / 6: HARD_SWISH)
+# activations, as modules and as functions; those without a TFLite op of their own written as the
+# converter recognises them (x * relu6(x + 3) / 6: HARD_SWISH)
 ACTIVATIONS = {
+    nn.ReLU: lambda tf, x, _: tf.nn.relu(x),
+    nn.ReLU6: lambda tf, x, _: tf.nn.relu6(x),
+    nn.SiLU: lambda tf, x, _: x * tf.sigmoid(x),
+    nn.Sigmoid: lambda tf, x, _: tf.sigmoid(x),
     nn.Hardswish: lambda tf, x, _: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
     nn.Hardsigmoid: lambda tf, x, _: tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
     nn.GELU: lambda tf, x, approximate: tf.nn.gelu(x, approximate=approximate == "tanh"),
     nn.Tanh: lambda tf, x, _: tf.tanh(x),
 }
-FUNCTIONS = {torch.nn.functional.hardswish: nn.Hardswish, torch.nn.functional.hardsigmoid: nn.Hardsigmoid,
-             torch.nn.functional.gelu: nn.GELU, torch.tanh: nn.Tanh, "tanh": nn.Tanh}
+FUNCTIONS = {torch.nn.functional.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU,
+             torch.nn.functional.relu6: nn.ReLU6, torch.nn.functional.silu: nn.SiLU,
+             torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, torch.nn.functional.hardswish: nn.Hardswish,
+             torch.nn.functional.hardsigmoid: nn.Hardsigmoid, torch.nn.functional.gelu: nn.GELU,
+             torch.tanh: nn.Tanh, "tanh": nn.Tanh}
 
 
 def _flatten(tf, x):
@@ -191,14 +192,6 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
         dims = args[1] if len(args) > 1 else kwargs.get("dim")
         keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
         return tf.reduce_mean(args[0], _axes(dims, len(args[0].shape)), keepdims=keep)
-    if target in (torch.sigmoid, "sigmoid"):
-        return tf.sigmoid(args[0])
-    if target in (torch.nn.functional.relu, torch.relu, "relu"):
-        return tf.nn.relu(args[0])
-    if target in (torch.nn.functional.silu,):
-        return args[0] * tf.sigmoid(args[0])
-    if target in (torch.nn.functional.relu6,):
-        return tf.nn.relu6(args[0])
     if target in FUNCTIONS:
         return ACTIVATIONS[FUNCTIONS[target]](tf, args[0], kwargs.get("approximate", "none"))
     name = getattr(target, "__name__", target)

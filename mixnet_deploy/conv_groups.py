@@ -78,10 +78,10 @@ def to_groups(module: nn.Module, hw: tuple[int, int]) -> list[ConvGroup] | None:
         convs = [module]
     if convs is None:
         return None
-    groups, mixed_depthwise = [], depthwise_mixconv(convs)
+    groups, depthwise_layer = [], depthwise_mixconv(convs)  # a one-channel group counts by its siblings
     for conv in convs:
         square = conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
-        depthwise = conv.groups == conv.in_channels == conv.out_channels and (conv.groups > 1 or mixed_depthwise)
+        depthwise = depthwise_layer and conv.groups == conv.in_channels == conv.out_channels
         if (not square or conv.dilation[0] != conv.dilation[1] or (conv.groups != 1 and not depthwise)
                 or conv.padding_mode != "zeros"):  # left as it is: ONNX exports it, TFLite's writer names it
             return None

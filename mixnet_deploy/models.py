@@ -38,6 +38,7 @@ class LoadedModel:
     preprocess: PreprocessConfig
     labels: list[str] | None
     weights: str  # "random-init", "random-init+calibrated-bn", "pretrained" or the checkpoint's absolute path
+    num_classes: int  # the classifier's outputs
     sha256: str | None = None  # of the checkpoint file, or of timm's pretrained tensors (state_sha256)
     code: dict[str, str] | None = None  # the user's own network: its code files -> SHA-256
     calibrated_at: list[int] | None = None  # the input size --calibrate-bn set the statistics at
@@ -45,15 +46,6 @@ class LoadedModel:
     @property
     def random_init(self) -> bool:
         return self.weights.startswith("random-init")
-
-    @property
-    def num_classes(self) -> int:
-        """The classifier's outputs (timm models say; the user's own are run once)."""
-        found = getattr(self.module, "num_classes", None)
-        if isinstance(found, int):
-            return found
-        with torch.no_grad():
-            return self.module(torch.zeros(1, *self.preprocess.input_size)).shape[-1]
 
     def metadata(self) -> dict:
         """What an exported file records so that reload() can rebuild this model."""
@@ -218,13 +210,11 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if input_size is not None:
         preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
     sha256 = file_sha256(checkpoint) if checkpoint else state_sha256(module) if pretrained else None
-    loaded = LoadedModel(name, module, preprocess, None, weights, sha256, code)
-    if own:
-        _check_output(loaded)
+    classes = _classes(name, module, preprocess.input_size) if own else module.num_classes  # timm's say
+    loaded = LoadedModel(name, module, preprocess, None, weights, classes, sha256, code)
     if calibrate_bn:  # at the input size the model is exported for
         calibrate_batchnorm(module, preprocess)
         loaded.calibrated_at = list(preprocess.input_size)
-    classes = loaded.num_classes
     labels = extras["labels"] if "labels" in extras else _labels(classes)
     if labels is not None and not (isinstance(labels, (list, tuple)) and len(labels) == classes
                                    and all(isinstance(label, str) for label in labels)):
@@ -234,19 +224,20 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     return loaded
 
 
-def _check_output(loaded: LoadedModel) -> None:
-    """The user's own network must map an image batch to one tensor of logits (batch, classes)."""
-    size = loaded.preprocess.input_size
+def _classes(name: str, module: nn.Module, size: tuple[int, int, int]) -> int:
+    """The classes of the user's own network, which must map an image batch to one tensor of logits
+    (batch, classes)."""
     try:
         with torch.no_grad():
-            out = loaded.module(torch.zeros(2, *size))
+            out = module(torch.zeros(2, *size))
     except Exception as exc:
-        raise MixdeployError(f"{loaded.name} fails on a (2, {', '.join(map(str, size))}) input: {type(exc).__name__}: "
+        raise MixdeployError(f"{name} fails on a (2, {', '.join(map(str, size))}) input: {type(exc).__name__}: "
                              f"{exc}; give its input size with --input-size, or preprocess in a checkpoint") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise MixdeployError(f"{loaded.name} returns {shape}; mixdeploy exports classifiers returning logits "
+        raise MixdeployError(f"{name} returns {shape}; mixdeploy exports classifiers returning logits "
                              "(batch, classes)")
+    return out.shape[1]
 
 
 def calibrate_batchnorm(model: nn.Module, preprocess: PreprocessConfig) -> None:

@@ -16,6 +16,7 @@ from devices.runners import LiteRtRunner, OrtRunner
 from exporters.inspect_file import inspect_file
 from mixnet_deploy.parity import reference_outputs
 from mixnet_deploy.preprocess import random_images, sample_photos
+from test_models import perturbed
 
 # a sibling module it imports, as a user's project would (the file's folder is importable)
 BLOCKS = '''
@@ -157,7 +158,7 @@ def test_own_network_module_with_a_checkpoint(tmp_path, monkeypatch, run_cli):
     from mixnet_deploy.models import load_model
 
     source = load_model("modnet:build").module
-    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    state = perturbed(source.state_dict())
     torch.save(state, "w.pth")
     loaded = load_model("modnet:build", checkpoint="w.pth")
     assert loaded.name == "modnet:build" and loaded.labels is None and loaded.num_classes == 7
