@@ -137,14 +137,17 @@ def _module(tf, x, mod: nn.Module):
         return x
     act = next((f for kind, f in ACTIVATIONS.items() if isinstance(mod, kind)), None)
     if act is not None:
-        return act(tf, x, getattr(mod, "approximate", "none"))
+        return act(tf, x, mod)
     if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
         return tf.reduce_mean(x, [1, 2], keepdims=True)
+    if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
+        return _pool(tf, x, mod)
+    if isinstance(mod, nn.BatchNorm2d):
+        return _batchnorm(tf, x, mod)
     if isinstance(mod, nn.Flatten):
         return _flatten(tf, x)
     if isinstance(mod, nn.Linear):
-        y = tf.matmul(x, tf.constant(_np(mod.weight).T))
-        return y + tf.constant(_np(mod.bias)) if mod.bias is not None else y
+        return _linear(tf, x, mod.weight, mod.bias)
     raise MixdeployError(f"the TFLite writer cannot translate {type(mod).__name__}; export --format onnx, or open "
                          "an issue with the model")
 
@@ -158,20 +161,79 @@ ACTIVATIONS = {
     nn.Sigmoid: lambda tf, x, _: tf.sigmoid(x),
     nn.Hardswish: lambda tf, x, _: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
     nn.Hardsigmoid: lambda tf, x, _: tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
-    nn.GELU: lambda tf, x, approximate: tf.nn.gelu(x, approximate=approximate == "tanh"),
+    nn.GELU: lambda tf, x, mod: tf.nn.gelu(x, approximate=mod.approximate == "tanh"),
     nn.Tanh: lambda tf, x, _: tf.tanh(x),
+    nn.LeakyReLU: lambda tf, x, mod: tf.nn.leaky_relu(x, alpha=mod.negative_slope),
 }
-FUNCTIONS = {torch.nn.functional.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU,
-             torch.nn.functional.relu6: nn.ReLU6, torch.nn.functional.silu: nn.SiLU,
-             torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, torch.nn.functional.hardswish: nn.Hardswish,
-             torch.nn.functional.hardsigmoid: nn.Hardsigmoid, torch.nn.functional.gelu: nn.GELU,
-             torch.tanh: nn.Tanh, "tanh": nn.Tanh}
+F = torch.nn.functional
+FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU,
+             torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.hardswish: nn.Hardswish,
+             F.hardsigmoid: nn.Hardsigmoid, F.gelu: nn.GELU, torch.tanh: nn.Tanh, "tanh": nn.Tanh,
+             F.leaky_relu: nn.LeakyReLU}
+POOLS = {F.max_pool2d: nn.MaxPool2d, F.avg_pool2d: nn.AvgPool2d, torch._C._nn.avg_pool2d: nn.AvgPool2d}
+
+
+def _pool_pads(mod: nn.MaxPool2d | nn.AvgPool2d, h: int, w: int) -> tuple[int, int, int, int, int]:
+    """(kernel, stride, pad, out h, out w) of a square pooling window, or one line naming what is not."""
+    k, s, p = (v if isinstance(v, int) else v[0] if len(set(v)) == 1 else None
+               for v in (mod.kernel_size, mod.stride or mod.kernel_size, mod.padding))
+    if None in (k, s, p) or getattr(mod, "dilation", 1) not in (1, (1, 1)) or getattr(mod, "return_indices", False) \
+            or getattr(mod, "divisor_override", None):
+        raise MixdeployError(f"the TFLite writer translates square {type(mod).__name__} windows without dilation, "
+                             "indices or divisor_override only")
+    out_h, out_w = ((n + 2 * p - k) // s + 1 for n in (h, w))
+    if mod.ceil_mode and any((n + 2 * p - k) % s and (o * s - p) < n for n, o in ((h, out_h), (w, out_w))):
+        raise MixdeployError(f"the TFLite writer cannot translate {type(mod).__name__}(ceil_mode=True) at this "
+                             "input size, where it adds a partial window; use ceil_mode=False")
+    return k, s, p, out_h, out_w
+
+
+def _pool(tf, x, mod: nn.MaxPool2d | nn.AvgPool2d):
+    """MAX_POOL_2D or AVERAGE_POOL_2D. PyTorch's max pooling pads with -inf: here the edge rows and
+    columns are repeated instead (every window reaching the padding also holds the edge it copies:
+    exact); average pooling counting the padding pads zeros."""
+    h, w = int(x.shape[1]), int(x.shape[2])
+    k, s, p, _, _ = _pool_pads(mod, h, w)
+    pool = tf.nn.max_pool2d if isinstance(mod, nn.MaxPool2d) else tf.nn.avg_pool2d
+    if p == 0:
+        return pool(x, k, s, "VALID")
+    if same_pads(h, k, s, 1) + same_pads(w, k, s, 1) == (p, p, p, p) and (pool is tf.nn.max_pool2d
+                                                                          or not mod.count_include_pad):
+        return pool(x, k, s, "SAME")  # TF's SAME pooling leaves the padding out: -inf for max
+    if pool is tf.nn.max_pool2d:
+        for axis in (1, 2):
+            edge = [x[:, :1] if axis == 1 else x[:, :, :1]] * p, [x[:, -1:] if axis == 1 else x[:, :, -1:]] * p
+            x = tf.concat(edge[0] + [x] + edge[1], axis)
+        return pool(x, k, s, "VALID")
+    if not mod.count_include_pad:
+        raise MixdeployError("the TFLite writer cannot translate AvgPool2d(count_include_pad=False) with this "
+                             "padding at this input size")
+    return pool(tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]]), k, s, "VALID")
+
+
+def _batchnorm(tf, x, bn: nn.BatchNorm2d):
+    """A BatchNorm no conv took in (eval mode, running statistics) as one scale and shift."""
+    if bn.running_var is None:
+        raise MixdeployError("the TFLite writer cannot translate a BatchNorm2d without running statistics")
+    scale = (bn.weight if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.bias is not None else 0) - bn.running_mean * scale
+    return x * tf.constant(_np(scale)) + tf.constant(_np(shift))
+
+
+def _linear(tf, x, weight: torch.Tensor, bias: torch.Tensor | None):
+    y = tf.matmul(x, tf.constant(_np(weight).T))
+    return y + tf.constant(_np(bias)) if bias is not None else y
 
 
 def _flatten(tf, x):
-    if len(x.shape) == 4 and (int(x.shape[1]), int(x.shape[2])) != (1, 1):
-        raise MixdeployError("the TFLite writer can flatten only 1x1 feature maps (after global pooling)")
+    """(N, H, W, C) -> (N, H*W*C): in NHWC order, which a Linear reading it takes by permuting its weight."""
     return tf.reshape(x, [int(x.shape[0]), -1])
+
+
+def _hwc_weight(weight: torch.Tensor, chw: tuple[int, int, int]) -> torch.Tensor:
+    """A Linear weight over NCHW-flattened features, reordered for NHWC-flattened ones."""
+    c, h, w = chw
+    return weight.reshape(-1, c, h, w).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 def _axes(dims, rank: int) -> list[int]:
@@ -180,23 +242,103 @@ def _axes(dims, rank: int) -> list[int]:
     return [nhwc.get(d % rank, d % rank) for d in dims]
 
 
+def _nchw(x) -> tuple[int, ...]:
+    """A tensor's shape as PyTorch sees it."""
+    shape = tuple(int(n) for n in x.shape)
+    return (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else shape
+
+
+def _index(x, index):
+    """x[index] for an NCHW index of slices and ints."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, (slice, int)) for i in index) or len(index) > len(x.shape):
+        raise MixdeployError("the TFLite writer takes tensor indices of slices and ints only")
+    if len(x.shape) == 4:
+        index = index + (slice(None),) * (4 - len(index))
+        index = (index[0], index[2], index[3], index[1])
+    return x[index]
+
+
+def _sizes(size, dim: int, x, chunks: bool = False) -> list[int]:
+    """torch.split's (a size or sizes) or torch.chunk's (a count) parts along `dim`, as sizes."""
+    n = _nchw(x)[dim]
+    if isinstance(size, int):
+        size = -(-n // size) if chunks else size
+        return [min(size, n - a) for a in range(0, n, size)]
+    return list(size)
+
+
+def _parts(tf, x, sizes: list[int], axis: int) -> list:
+    if axis == 3:
+        return _split(tf, x, sizes)
+    starts = np.cumsum([0] + sizes)
+    return [tf.slice(x, [0] * axis + [int(a)], [-1] * axis + [int(b - a)]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _reshape(tf, x, shape: list):
+    """view/reshape: into (batch, features) only, the flatten before a classifier."""
+    shape = list(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else list(shape)
+    n = int(np.prod(_nchw(x)))
+    if len(shape) == 2 and shape[0] in (-1, int(x.shape[0])) and shape[1] in (-1, n // int(x.shape[0])):
+        return _flatten(tf, x)
+    raise MixdeployError(f"the TFLite writer reshapes into (batch, features) only, not {tuple(shape)}")
+
+
+MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
 def _function(tf, node: fx.Node, args: list, kwargs: dict):
     target = node.target
-    if target in (operator.add, torch.add):
+    if target in (operator.add, torch.add, "add"):
         return args[0] + args[1]
-    if target in (operator.mul, torch.mul):
+    if target in (operator.sub, torch.sub, "sub"):
+        return args[0] - args[1]
+    if target in (operator.mul, torch.mul, "mul"):
         return args[0] * args[1]
+    if target in (operator.truediv, torch.div, "div") and not kwargs:
+        return args[0] / args[1]
     if target in (torch.flatten,) or target == "flatten":
         return _flatten(tf, args[0])
-    if target == "mean":
+    if target in ("view", "reshape", torch.reshape):
+        return _reshape(tf, args[0], args[1:])
+    if target in (torch.mean, "mean"):
         dims = args[1] if len(args) > 1 else kwargs.get("dim")
         keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
         return tf.reduce_mean(args[0], _axes(dims, len(args[0].shape)), keepdims=keep)
+    if target in (torch.cat, torch.concat, "cat"):
+        parts, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        axis = _axes(dim, len(parts[0].shape))[0]
+        return _concat(tf, list(parts)) if axis == 3 else tf.concat(parts, axis)
+    if target in (torch.split, "split", torch.chunk, "chunk"):
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        sizes = _sizes(args[1], dim % len(args[0].shape), args[0], chunks=target in (torch.chunk, "chunk"))
+        return _parts(tf, args[0], sizes, _axes(dim, len(args[0].shape))[0])
+    if target is operator.getitem:
+        return args[0][args[1]] if isinstance(args[0], (tuple, list)) else _index(args[0], args[1])
+    if target is getattr and args[1] == "shape" or target == "size":
+        shape = _nchw(args[0])
+        return shape[args[1]] if target == "size" and len(args) > 1 else shape
     if target in FUNCTIONS:
-        return ACTIVATIONS[FUNCTIONS[target]](tf, args[0], kwargs.get("approximate", "none"))
+        kind = FUNCTIONS[target]
+        return ACTIVATIONS[kind](tf, args[0], kind(*args[1:], **kwargs))
+    if target in POOLS:
+        kind = POOLS[target]
+        names = MAX_POOL_ARGS if kind is nn.MaxPool2d else AVG_POOL_ARGS
+        return _pool(tf, args[0], kind(**dict(zip(names, args[1:])), **kwargs))
+    if target is F.adaptive_avg_pool2d and args[1] in (1, (1, 1)):
+        return tf.reduce_mean(args[0], [1, 2], keepdims=True)
     name = getattr(target, "__name__", target)
     raise MixdeployError(f"the TFLite writer cannot translate {name}(); export --format onnx, or open an issue with "
                          "the model")
+
+
+def _flattens(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `node` flattens a tensor into (batch, features)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Flatten)
+    return node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten", "view",
+                                                                            "reshape", torch.reshape)
 
 
 def _scope(module_path: str) -> str:
@@ -227,18 +369,25 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
     def forward(x):  # Python walks the graph: nothing for autograph to convert (its errors would span lines)
         if input_layout == "nchw":
             x = tf.transpose(x, [0, 2, 3, 1])
-        env = {}
+        env, flat = {}, {}  # flat: the (C, H, W) of maps larger than 1x1 flattened in NHWC order
         for node in graph.nodes:
             args = fx.node.map_arg(node.args, lambda n: env[n.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+            linear = node.op == "call_module" and isinstance(modules[node.target], nn.Linear)
+            read = next((n for n in node.all_input_nodes if n.name in flat), None)
+            if read is not None and not linear:
+                raise MixdeployError(f"{read.name}: the TFLite writer flattens a feature map larger than 1x1 only "
+                                     "into a Linear; export --format onnx, or open an issue with the model")
             if node.op == "placeholder":
                 env[node.name] = x
             elif node.op == "get_attr":  # a module's own use of its weights, outside the layers translated
                 raise MixdeployError(f"{node.target}: the TFLite writer cannot translate a parameter used in a "
                                      "forward() of your own; export --format onnx, or open an issue with the model")
             elif node.op == "call_module":
+                mod = modules[node.target]
                 with tf.name_scope(_scope(node.target)), _at(node.target):  # tensors named after the module
-                    env[node.name] = _module(tf, args[0], modules[node.target])
+                    env[node.name] = (_linear(tf, args[0], _hwc_weight(mod.weight, flat[read.name]), mod.bias)
+                                      if read is not None else _module(tf, args[0], mod))
             elif node.op in ("call_function", "call_method"):
                 stack = list((node.meta.get("nn_module_stack") or {}).values())
                 where = stack[-1][0] if stack else node.name
@@ -246,6 +395,8 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
                     env[node.name] = _function(tf, node, list(args), dict(kwargs))
             elif node.op == "output":
                 return {OUTPUT_NAME: tf.identity(args[0], name=OUTPUT_NAME)}
+            if _flattens(node, modules) and len(args[0].shape) == 4 and _nchw(args[0])[2:] != (1, 1):
+                flat[node.name] = _nchw(args[0])[1:]
         raise MixdeployError("the traced model has no output")
 
     return forward

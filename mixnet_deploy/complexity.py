@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .mixconv import MixConv
+from .mixconv_like import own_mixconv_groups
 
 ELEMENTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU)
 
@@ -37,14 +38,14 @@ class Complexity:
 
 
 def mixconv_groups(module: nn.Module) -> list[nn.Conv2d] | None:
-    """The per-group convs of a MixConv (ours or timm's MixedConv2d), else None."""
+    """The per-group convs of a MixConv (ours, timm's MixedConv2d or the user's own), else None."""
     from timm.layers import MixedConv2d
 
     if isinstance(module, MixConv):
         return list(module.convs)
     if isinstance(module, MixedConv2d):
         return list(module.values())
-    return None
+    return own_mixconv_groups(module)
 
 
 def depthwise_mixconv(groups: list[nn.Conv2d]) -> bool:

@@ -1,6 +1,6 @@
 """Every conv-like layer as a list of independent conv groups with static padding.
 
-A plain Conv2d is one group; a MixConv (ours or timm's MixedConv2d) is one group per kernel
+A plain Conv2d is one group; a MixConv (ours, timm's MixedConv2d or the user's own) is one group per kernel
 size. Padding is resolved to static (top, bottom, left, right) pads for the traced input size,
 which turns timm's run-time TF-'same' padding (Conv2dSame) into plain numbers.
 """

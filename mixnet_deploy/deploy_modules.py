@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_groups import Pads
+from .errors import MixdeployError
 from .plan import Piece
 
 
@@ -134,9 +135,21 @@ class _Tracer(fx.Tracer):
         return isinstance(module, LEAVES) or linear or super().is_leaf_module(module, name)
 
 
+class Untraceable(MixdeployError):
+    """torch.fx cannot follow a forward() (a loop over a tensor, control flow on its values)."""
+
+
 def trace(module: nn.Module) -> fx.Graph:
     """The data flow of a lowered module, with every deploy module as one node."""
-    return _Tracer().trace(module)
+    tracer = _Tracer()
+    try:
+        return tracer.trace(module)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward() raises on torch.fx's proxies
+        where, kind = next(reversed(tracer.module_stack.values()), ("", type(module)))
+        reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise Untraceable(f"{where or 'the model'} ({kind.__name__}): torch.fx cannot follow its forward(): "
+                          f"{reason}; the TFLite writer needs one it can follow: export --format onnx, or open an issue "
+                          "with the model") from None
 
 
 def modules_called(module: nn.Module) -> set[str]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .complexity import mixconv_groups
 from .conv_groups import ConvGroup, crop, fold_batchnorm, merge, to_groups
-from .deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, trace
+from .deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, Untraceable, trace
 from .errors import MixdeployError
 from .parity import ParityReport, compare, reference_outputs
 from .preprocess import random_images
@@ -240,7 +240,7 @@ def _traced(module: nn.Module) -> _Traced | None:
     input): the rewrites that use it are optimisations, never needed."""
     try:
         return _Traced(module)
-    except torch.fx.proxy.TraceError:
+    except Untraceable:
         return None
 
 

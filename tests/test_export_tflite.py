@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SWEEP_SIZE, SWEPT, assert_usage_error
+from conftest import SWEEP_SIZE, SWEPT, assert_usage_error, randomize_batchnorm
 from test_lowering import LAYERS, block, expansion_block, relu_after_split_mixconvs
 
 from devices.runners import LiteRtRunner
@@ -222,16 +222,16 @@ def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
     taken = delegation(tmp_path / "a.tflite")
     assert taken["not_delegated"] == {} and {"HARD_SWISH", "GELU", "TANH"} <= set(taken["ops"])
 
-    class Pooled(nn.Module):
+    class Shuffled(nn.Module):
         def __init__(self):
             super().__init__()
-            self.pool = nn.MaxPool2d(2)
+            self.up = nn.PixelShuffle(2)
 
         def forward(self, x):
-            return self.pool(x).mean((2, 3))
+            return self.up(x).mean((2, 3))
 
-    with pytest.raises(MixdeployError, match=r"^pool: the TFLite writer cannot translate MaxPool2d; export --format onnx"):
-        write_tflite(Pooled().eval(), size, tmp_path / "p.tflite")
+    with pytest.raises(MixdeployError, match=r"^up: the TFLite writer cannot translate PixelShuffle; export --format onnx"):
+        write_tflite(Shuffled().eval(), size, tmp_path / "p.tflite")
     assert not (tmp_path / "p.tflite").exists()
 
     class Cosine(nn.Linear):  # a head computing something else than nn.Linear: traced, and named
@@ -248,3 +248,73 @@ def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
 
     with pytest.raises(MixdeployError, match=r"^head.weight: the TFLite writer cannot translate a parameter"):
         write_tflite(CosineNet().eval(), (8, 4, 4), tmp_path / "c.tflite")
+
+
+class OwnLayers(torch.nn.Module):
+    """What users' own networks are made of besides MixNet's layers: their own MixConv (split, convs,
+    cat), max and average pooling with PyTorch's padding and TF's, a BatchNorm no conv precedes,
+    leaky ReLU, chunk, slices, cat, arithmetic, and a 5x5 map flattened with view into a Linear."""
+
+    def __init__(self):
+        from test_lowering import SplitCat
+        from torch import nn
+
+        super().__init__()
+        self.stem, self.mix = nn.Conv2d(8, 16, 3, 1, 1), SplitCat(16, (3, 5, 7, 9))
+        self.bn_mix, self.act = nn.BatchNorm2d(16), nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(3, 2, 1)  # padding (1, 1), where TF's SAME pads (0, 1) at 20 px
+        self.avg, self.bn = nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 5 * 5, 5)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        x = self.pool(self.act(self.bn_mix(self.mix(self.stem(x)))))  # 10 x 10
+        x = self.bn(self.avg(x) + F.max_pool2d(x, 3, 1, 1))  # the second pads as TF's SAME does
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([F.leaky_relu(a, 0.2), b[:, :4], x[:, 12:]], 1)
+        x = F.avg_pool2d(x * F.relu6(x + 3) / 6 - 0.5, 2)  # 5 x 5
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
+    from test_lowering import SplitCat
+
+    from mixnet_deploy.errors import MixdeployError
+    from mixnet_deploy.planner import make_plan
+
+    torch.manual_seed(0)
+    model, size = randomize_batchnorm(OwnLayers().eval()), (8, 20, 20)
+    lowered = lower(model, size, make_plan("auto", model, size, "litert")).module
+    assert not isinstance(lowered.mix, SplitCat) and not isinstance(lowered.bn_mix, torch.nn.BatchNorm2d)  # folded
+    write_tflite(lowered, size, tmp_path / "own.tflite")
+    x = torch.randn(3, *size)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = LiteRtRunner(tmp_path / "own.tflite").run(x.numpy().transpose(0, 2, 3, 1))
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    taken = delegation(tmp_path / "own.tflite")
+    assert taken["not_delegated"] == {} and {"MAX_POOL_2D", "AVERAGE_POOL_2D", "LEAKY_RELU"} <= set(taken["ops"])
+    assert "TRANSPOSE" not in taken["ops"]  # the flatten reorders the Linear's weight, not the map
+
+    class Spread(torch.nn.Module):  # a flattened map read by something else than a Linear: its order would show
+        def forward(self, x):
+            return torch.flatten(x, 1) * 2.0
+
+    with pytest.raises(MixdeployError, match=r"flatten: the TFLite writer flattens a feature map larger than 1x1 only "
+                                             r"into a Linear; export --format onnx"):
+        write_tflite(Spread().eval(), size, tmp_path / "s.tflite")
+
+    class Gated(torch.nn.Module):  # control flow on values: torch.fx cannot follow it
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.gate(x).mean((2, 3)) if x.mean() > 0 else x.mean((2, 3))
+
+    with pytest.raises(MixdeployError, match=r"^the model \(Gated\): torch.fx cannot follow its forward\(\): "
+                                             r"symbolically traced variables cannot be used as inputs to control flow; "
+                                             r"the TFLite writer needs one it can follow: export --format onnx"):
+        write_tflite(Gated().eval(), size, tmp_path / "g.tflite")
+    assert not list(tmp_path.glob("[sg].tflite"))

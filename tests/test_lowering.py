@@ -207,6 +207,93 @@ def test_a_model_fx_cannot_trace_still_lowers():
     assert lowered.parity.rel_max < 1e-10 and isinstance(lowered.module.body.dw, LoweredMixConv)
 
 
+class SplitCat(nn.Module):
+    """A MixConv as users write it: torch.split, a depthwise conv per part, torch.cat."""
+
+    def __init__(self, channels: int, kernels: tuple[int, ...], stride: int = 1):
+        super().__init__()
+        self.sizes = [channels // len(kernels)] * len(kernels)
+        self.sizes[0] += channels - sum(self.sizes)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+                                   for c, k in zip(self.sizes, kernels))
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, torch.split(x, self.sizes, 1))], 1)
+
+
+class Slices(nn.Module):
+    """... with slices and convs held as attributes, one with a bias and dilation."""
+
+    def __init__(self):
+        super().__init__()
+        self.small, self.big = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(16, 16, 3, padding=3, dilation=3,
+                                                                                  groups=16, bias=False)
+
+    def forward(self, x):
+        return torch.cat((self.small(x[:, :8]), self.big(x[:, 8:])), dim=1)
+
+
+class Chunked(nn.Module):
+    """... a grouped 1x1 conv (MixNet's pointwise MixConv) with chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(12, 20, 1), nn.Conv2d(12, 20, 1)
+
+    def forward(self, x):
+        a, b = x.chunk(2, 1)
+        return torch.cat([self.a(a), self.b(b)], 1)
+
+
+class Inception(nn.Module):
+    """Not a MixConv: both convs read the whole input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Conv2d(24, 24, 5, padding=2, groups=24)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)[:, ::2]
+
+
+class Backwards(SplitCat):
+    """Not one either, read in registration order: its convs take the parts in reverse."""
+
+    def forward(self, x):
+        parts = torch.split(x, self.sizes[::-1], 1)
+        return torch.cat([conv(p) for conv, p in zip(self.convs[::-1], parts)], 1)
+
+
+@pytest.mark.parametrize("make, channels, kernels", [
+    (lambda: SplitCat(30, (3, 5, 7, 9), stride=2), [9, 7, 7, 7], [3, 5, 7, 9]),
+    (Slices, [8, 16], [3, 7]),
+    (Chunked, [12, 12], [1, 1]),
+])
+def test_a_mixconv_of_the_users_own_is_recognised_and_lowered(make, channels, kernels):
+    """Recognised by what it computes, however its forward() is written: listed, lowered by every
+    candidate and its BatchNorm folded into it, exactly."""
+    torch.manual_seed(0)
+    mix = make()
+    cin, cout = sum(channels), sum(c.out_channels for c in mix.modules() if isinstance(c, nn.Conv2d))
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1), mix, nn.BatchNorm2d(cout),
+                                              nn.ReLU()).eval())
+    info, = analyse(model, (cin, 19, 21))
+    assert (info.name, info.channels, info.kernels) == ("1", channels, kernels)
+    for choice in info.candidates:
+        lowered = lower(model, (cin, 19, 21), Plan({"1": choice}))
+        assert lowered.parity.rel_max < 1e-10, choice
+        assert not [m for m in lowered.module.modules() if isinstance(m, (nn.BatchNorm2d, type(mix)))], choice
+
+
+@pytest.mark.parametrize("make", [Inception, lambda: Backwards(24, (3, 5, 7))])
+def test_what_only_looks_like_a_mixconv_is_left_as_written(make):
+    """Convs that do not read consecutive parts in their order are no MixConv: each lowers as itself."""
+    model = nn.Sequential(make(), nn.ReLU()).eval()
+    assert "0" not in [layer.name for layer in analyse(model, (24, 16, 16))]
+    lowered = lower(model, (24, 16, 16), Plan({}))
+    assert lowered.parity.rel_max < 1e-10 and isinstance(lowered.module[0], type(model[0]))
+
+
 @pytest.mark.parametrize("choice", ["grouped", "dense", "split"])
 @pytest.mark.parametrize("channels", [(16, 32), (15, 33), (32, 32)])
 def test_grouped_pointwise_choices(choice, channels):
