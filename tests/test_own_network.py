@@ -18,14 +18,26 @@ from mixnet_deploy.parity import reference_outputs
 from mixnet_deploy.preprocess import random_images, sample_photos
 from test_models import perturbed
 
-# a sibling module it imports, as a user's project would (the file's folder is importable)
+# a sibling module it imports, as a user's project would (the file's folder is importable), with the
+# project's own MixConv
 BLOCKS = '''
+import torch
 from torch import nn
-from mixnet_deploy import MixConv
+
+
+class MixConv(nn.Module):
+    def __init__(self, channels, kernels, stride):
+        super().__init__()
+        self.splits = [channels // len(kernels)] * len(kernels)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+                                   for c, k in zip(self.splits, kernels))
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, torch.split(x, self.splits, 1))], 1)
 
 
 def mix_block(channels, stride):
-    return nn.Sequential(MixConv(channels, (3, 5, 7, 9), stride=stride), nn.BatchNorm2d(channels), nn.SiLU())
+    return nn.Sequential(MixConv(channels, (3, 5, 7, 9), stride), nn.BatchNorm2d(channels), nn.SiLU())
 '''
 NET = '''
 from __future__ import annotations
@@ -119,6 +131,7 @@ def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, r
     reports = json.loads(result.out)
     assert sorted(os.listdir()) == ["build.onnx", "build.tflite"] and all(r["parity"]["passed"] for r in reports)
     meta = inspect_file("build.onnx")["metadata"]
+    assert "BatchNormalization" not in inspect_file("build.onnx")["ops"]  # its MixConv's too is folded
     assert meta["mixdeploy.model"] == f"{tmp_path / 'project' / 'tinynet.py'}:build"
     from mixnet_deploy.models import load_model
 
@@ -134,12 +147,13 @@ def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, r
     bench = run_cli("bench", "work/build.onnx", "work/build_int8.tflite", "--runs", "3", "--json")
     assert bench.code == 0, bench.err
     assert [r["parity"]["passed"] for r in json.loads(bench.out)["results"]] == [True, True]
-    # a network that runs at its exported size only is rebuilt at it, from any folder
-    fixed = run_cli("export", "project/tinynet.py:fixed", "--input-size", "80", "-o", "work/fixed.onnx")
+    # a network that runs at its exported size only is rebuilt at it, from any folder; its 20x20 map
+    # flattened into a Linear converts to TFLite too
+    fixed = run_cli("export", "project/tinynet.py:fixed", "--input-size", "80", "--format", "all", "-o", "work/fixed")
     assert fixed.code == 0, fixed.err
     monkeypatch.chdir(tmp_path / "project")
-    again = run_cli("bench", "../work/fixed.onnx", "--runs", "3", "--json")
-    assert again.code == 0 and json.loads(again.out)["results"][0]["parity"]["passed"], again.err
+    again = run_cli("bench", "../work/fixed.onnx", "../work/fixed.tflite", "--runs", "3", "--json")
+    assert again.code == 0 and [r["parity"]["passed"] for r in json.loads(again.out)["results"]] == [True] * 2, again.err
     late = load_model("tinynet.py:late")  # the code recorded is what was loaded once FACTORY ran
     assert late.num_classes == 9 and sorted(Path(f).name for f in late.code) == [
         "tinynet.py", "tinynet_blocks.py", "tinynet_blocks_late.py"]
