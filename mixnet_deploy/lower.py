@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .complexity import mixconv_groups
 from .conv_groups import ConvGroup, crop, fold_batchnorm, merge, to_groups
@@ -75,6 +77,22 @@ def _feed(previous: Site | None, groups: list[ConvGroup]) -> tuple[int, int] | N
     return sum(g.in_channels for g in pw), len(pw)
 
 
+class _Reads(TorchFunctionMode):
+    """How many ops read each of the `watched` tensors (ops computing tensors: not .shape or .dim())."""
+
+    def __init__(self, watched: dict[int, tuple[torch.Tensor, Site]]) -> None:
+        super().__init__()
+        self.watched, self.count = watched, Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(out)):
+            for leaf in tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor) and self.watched.get(id(leaf), (None,))[0] is leaf:
+                    self.count[id(leaf)] += 1
+        return out
+
+
 def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
     """Run the model once: every conv-like layer, its input size, and the BatchNorm fed by it."""
     inner = {id(c) for m in model.modules() for c in (mixconv_groups(m) or [])}
@@ -94,7 +112,7 @@ def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
 
     def bn_hook(name):
         def hook(mod, inp, out):
-            made, site = produced_by.pop(id(inp[0]), (None, None))
+            made, site = produced_by.get(id(inp[0]), (None, None))
             # a BatchNorm without running statistics normalises by the batch's own: it cannot be folded
             if made is inp[0] and site.bn is None and mod.running_mean is not None:
                 site.bn = name
@@ -107,12 +125,16 @@ def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
             handles.append(mod.register_forward_hook(conv_hook(name)))
         elif isinstance(mod, nn.BatchNorm2d):
             handles.append(mod.register_forward_hook(bn_hook(name)))
+    reads = _Reads(produced_by)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reads:
             model(torch.randn(1, *input_size))
     finally:
         for h in handles:
             h.remove()
+    for key, (_, site) in produced_by.items():
+        if reads.count[key] > 1:  # the output has other readers than its BatchNorm (bn(y) + y): they need it unfolded
+            site.bn = None
     return list(sites.values())
 
 

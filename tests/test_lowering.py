@@ -153,6 +153,28 @@ def test_batchnorm_without_affine_folds_and_one_without_statistics_stays():
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_a_batchnorm_is_folded_only_into_a_conv_it_alone_reads():
+    """bn(y) + y needs y unfolded, and so does y changed in place before its BatchNorm: the BatchNorm
+    stays; the one after a conv read by nothing else folds."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix, self.bn = MixConv(24, (3, 5, 7)), nn.BatchNorm2d(24)
+            self.conv, self.bn2 = nn.Conv2d(24, 24, 1), nn.BatchNorm2d(24)
+            self.conv3, self.bn3 = nn.Conv2d(24, 24, 1), nn.BatchNorm2d(24)
+
+        def forward(self, x):
+            y = self.mix(x)
+            z = self.conv(self.bn(y) + y)
+            return self.bn3(self.conv3(self.bn2(z.relu_())))
+
+    model = randomize_batchnorm(Residual().eval())
+    lowered = lower(model, (24, 12, 12), Plan({"mix": "split"}))
+    assert lowered.parity.rel_max < 1e-10
+    assert [n for n, m in lowered.module.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn", "bn2"]
+
+
 def test_a_relu_after_a_split_mixconv_moves_into_its_segments():
     from mixnet_deploy.deploy_modules import ExpandedMixConv
 
