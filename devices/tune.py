@@ -4,8 +4,10 @@ auto and uniform plans; timings cached per device fingerprint, runtime and conve
 precision, threads, runs, rounds and probe version."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -237,6 +239,16 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
             "best": min(whole, key=whole.get)}
 
 
+def forward_code(model: nn.Module) -> str:
+    """A digest of the source of every forward() the model's modules run: an edited one is another model."""
+    digest = hashlib.sha256()
+    for kind in sorted({type(m) for m in model.modules()}, key=lambda t: f"{t.__module__}.{t.__qualname__}"):
+        digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
+        with contextlib.suppress(OSError, TypeError):  # a forward() without Python source
+            digest.update(inspect.getsource(kind.forward).encode())
+    return digest.hexdigest()
+
+
 def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, fmt: str, precision: str = "fp32",
          threads: int = 1, rounds: int = 3, runs: int = 20, target: str | None = None,
          step: Callable[[str, int, int], None] = lambda text, done, total: None) -> Tuning:
@@ -278,8 +290,8 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
         # the rivals' plans too: the auto plan changes with the cost tables, and a verdict on another is stale
         rivals = _rivals(model, input_size, layers, target)
         # the uniform plans follow from the layers; 2: the kept swaps are timed against the plan without them;
-        # the model's structure and size: two models may share layer names and shapes, not the rest
-        key = [2, sorted(shapes), plan.layers, rivals["auto"].layers, str(model), list(input_size)]
+        # the model's structure, code and size: two models may share layer names and shapes, not the rest
+        key = [3, sorted(shapes), plan.layers, rivals["auto"].layers, str(model), forward_code(model), list(input_size)]
         model_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         decision = cache.decisions.get(model_key)
         if decision is None:

@@ -399,6 +399,14 @@ def test_swaps_slower_together_are_dropped(tmp_path, monkeypatch):
     assert result.plan.layers == {info.name: info.candidates[0] for info in layers}
     decision = next(iter(TimingCache(result.fingerprint).decisions.values()))
     assert decision["best"] == "per-layer" and len(decision["refined"]) == devices.tune.REFINE
+    original = type(model).forward
+
+    def edited(self, x):  # the same modules, another forward(): the verdict is made again
+        return original(self, x) * 1.0
+
+    monkeypatch.setattr(type(model), "forward", edited)
+    devices.tune.tune(model, (3, 64, 64), open_device("local"), "onnx")
+    assert len(TimingCache(result.fingerprint).decisions) == 2
 
 
 def test_a_timing_cache_of_another_form_is_measured_again(tmp_path, monkeypatch):
