@@ -105,6 +105,31 @@ def test_digits_model_quantizes_with_small_accuracy_drop(tmp_path, digits, fmt, 
     assert fmt == "tflite" or "QuantizeLinear" in report["ops"]  # QDQ; TFLite's input type is checked above
 
 
+def test_a_float_file_planned_for_int8_is_quantized_with_its_plan(tmp_path, digits, run_cli):
+    """A float file whose plan was measured for the int8 runtime (export --tune DEVICE --precision
+    int8 records target litert_int8) is quantized with that plan; one measured for float is not."""
+    from exporters.export import export
+    from mixnet_deploy.lower import analyse
+    from mixnet_deploy.plan import Plan
+    from mixnet_deploy.planner import make_plan
+
+    root, checkpoint = digits
+    loaded = load_model("mixnet_s", checkpoint)
+    size = loaded.preprocess.input_size
+    auto = make_plan("auto", loaded.module, size, "litert_int8").layers
+    layers = {i.name: next(c for c in i.candidates[::-1] if c != auto[i.name]) for i in analyse(loaded.module, size)}
+    reports = {}
+    for target in ("litert_int8", "litert"):  # what a tuner measuring int8 or float returns
+        float_file, int8_file = tmp_path / f"for_{target}.tflite", tmp_path / f"quantized_for_{target}.tflite"
+        exported, = export("mixnet_s", "tflite", float_file, checkpoint=checkpoint,
+                           plan=lambda *_, target=target: Plan(layers, target, "tuned on local"))
+        assert exported.plan.target == target and exported.parity.passed
+        result = run_cli("quantize", float_file, "--calib", root / "train", "--num-calib", "32", "--json", "-o", int8_file)
+        assert result.code == 0, result.err
+        reports[target] = json.loads(result.out)["plan"]
+    assert reports == {"litert_int8": layers, "litert": auto}
+
+
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fmt):
     """Files exported at an input size of their own (not square, not 224) quantize at that size. The
