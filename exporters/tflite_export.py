@@ -3,6 +3,7 @@ TensorFlow function with constant weights, then converted with the TFLite conver
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import re
 from pathlib import Path
@@ -129,7 +130,7 @@ def _module(tf, x, mod: nn.Module):
         return _mixconv(tf, x, mod)
     if isinstance(mod, ExpandedMixConv):
         return _expanded(tf, x, mod)
-    if isinstance(mod, (nn.Identity, nn.Dropout)):
+    if isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)):  # dropout of every kind: eval mode
         return x
     if isinstance(mod, nn.Sequential):
         for m in mod:
@@ -164,12 +165,16 @@ ACTIVATIONS = {
     nn.GELU: lambda tf, x, mod: tf.nn.gelu(x, approximate=mod.approximate == "tanh"),
     nn.Tanh: lambda tf, x, _: tf.tanh(x),
     nn.LeakyReLU: lambda tf, x, mod: tf.nn.leaky_relu(x, alpha=mod.negative_slope),
+    nn.ELU: lambda tf, x, mod: tf.nn.relu(x) + mod.alpha * tf.minimum(tf.nn.elu(x), 0.0),
+    nn.PReLU: lambda tf, x, mod: tf.nn.relu(x) - tf.nn.relu(-x) * tf.constant(_np(mod.weight)),
+    nn.Softmax: lambda tf, x, mod: tf.nn.softmax(x, axis=_axes(1 if mod.dim is None else mod.dim, len(x.shape))[0]),
 }
 F = torch.nn.functional
 FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU,
              torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.hardswish: nn.Hardswish,
              F.hardsigmoid: nn.Hardsigmoid, F.gelu: nn.GELU, torch.tanh: nn.Tanh, "tanh": nn.Tanh,
-             F.leaky_relu: nn.LeakyReLU}
+             F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU, F.softmax: nn.Softmax, torch.softmax: nn.Softmax,
+             "softmax": nn.Softmax}
 POOLS = {F.max_pool2d: nn.MaxPool2d, F.avg_pool2d: nn.AvgPool2d, torch._C._nn.avg_pool2d: nn.AvgPool2d}
 
 
@@ -284,6 +289,17 @@ def _reshape(tf, x, shape: list):
     raise MixdeployError(f"the TFLite writer reshapes into (batch, features) only, not {tuple(shape)}")
 
 
+def _as_module(kind: type[nn.Module], args: list, kwargs: dict) -> nn.Module:
+    """The module computing what a function call does (F.leaky_relu(x, 0.2): nn.LeakyReLU(0.2)); the
+    function's own keywords (inplace, _stacklevel) dropped."""
+    accepted = inspect.signature(kind).parameters
+    try:
+        return kind(*args, **{k: v for k, v in kwargs.items() if k in accepted})
+    except (TypeError, ValueError) as exc:
+        raise MixdeployError(f"the TFLite writer cannot translate {kind.__name__} of {list(args)} {kwargs}: "
+                             f"{exc}") from None
+
+
 MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
@@ -321,16 +337,28 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
         return shape[args[1]] if target == "size" and len(args) > 1 else shape
     if target in FUNCTIONS:
         kind = FUNCTIONS[target]
-        return ACTIVATIONS[kind](tf, args[0], kind(*args[1:], **kwargs))
+        return ACTIVATIONS[kind](tf, args[0], _as_module(kind, args[1:], kwargs))
     if target in POOLS:
         kind = POOLS[target]
         names = MAX_POOL_ARGS if kind is nn.MaxPool2d else AVG_POOL_ARGS
-        return _pool(tf, args[0], kind(**dict(zip(names, args[1:])), **kwargs))
+        return _pool(tf, args[0], _as_module(kind, [], {**dict(zip(names, args[1:])), **kwargs}))
+    if target is F.dropout:  # eval mode
+        return args[0]
     if target is F.adaptive_avg_pool2d and args[1] in (1, (1, 1)):
         return tf.reduce_mean(args[0], [1, 2], keepdims=True)
     name = getattr(target, "__name__", target)
     raise MixdeployError(f"the TFLite writer cannot translate {name}(); export --format onnx, or open an issue with "
                          "the model")
+
+
+def _keeps_order(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `node` maps each feature by itself (an activation, dropout), so a map flattened in NHWC
+    order may pass through it to a Linear."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        return isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
+            isinstance(mod, tuple(ACTIVATIONS)) and not isinstance(mod, (nn.Softmax, nn.PReLU)))
+    return node.target is F.dropout or FUNCTIONS.get(node.target) not in (None, nn.Softmax)
 
 
 def _flattens(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -375,7 +403,7 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
             linear = node.op == "call_module" and isinstance(modules[node.target], nn.Linear)
             read = next((n for n in node.all_input_nodes if n.name in flat), None)
-            if read is not None and not linear:
+            if read is not None and not (linear or _keeps_order(node, modules)):
                 raise MixdeployError(f"{read.name}: the TFLite writer flattens a feature map larger than 1x1 only "
                                      "into a Linear; export --format onnx, or open an issue with the model")
             if node.op == "placeholder":
@@ -387,7 +415,7 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
                 mod = modules[node.target]
                 with tf.name_scope(_scope(node.target)), _at(node.target):  # tensors named after the module
                     env[node.name] = (_linear(tf, args[0], _hwc_weight(mod.weight, flat[read.name]), mod.bias)
-                                      if read is not None else _module(tf, args[0], mod))
+                                      if read is not None and linear else _module(tf, args[0], mod))
             elif node.op in ("call_function", "call_method"):
                 stack = list((node.meta.get("nn_module_stack") or {}).values())
                 where = stack[-1][0] if stack else node.name
@@ -395,6 +423,8 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
                     env[node.name] = _function(tf, node, list(args), dict(kwargs))
             elif node.op == "output":
                 return {OUTPUT_NAME: tf.identity(args[0], name=OUTPUT_NAME)}
+            if read is not None and not linear:  # still in NHWC order
+                flat[node.name] = flat[read.name]
             if _flattens(node, modules) and len(args[0].shape) == 4 and _nchw(args[0])[2:] != (1, 1):
                 flat[node.name] = _nchw(args[0])[1:]
         raise MixdeployError("the traced model has no output")

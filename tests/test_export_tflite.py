@@ -253,7 +253,8 @@ def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
 class OwnLayers(torch.nn.Module):
     """What users' own networks are made of besides MixNet's layers: their own MixConv (split, convs,
     cat), max and average pooling with PyTorch's padding and TF's, a BatchNorm no conv precedes,
-    leaky ReLU, chunk, slices, cat, arithmetic, and a 5x5 map flattened with view into a Linear."""
+    leaky ReLU, ELU, PReLU, dropout, softmax, chunk, slices, cat, arithmetic, and a 5x5 map flattened
+    with view into a Linear."""
 
     def __init__(self):
         from test_lowering import SplitCat
@@ -264,6 +265,7 @@ class OwnLayers(torch.nn.Module):
         self.bn_mix, self.act = nn.BatchNorm2d(16), nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(3, 2, 1)  # padding (1, 1), where TF's SAME pads (0, 1) at 20 px
         self.avg, self.bn = nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(16)
+        self.prelu, self.elu, self.drop = nn.PReLU(16, 0.3), nn.ELU(0.7), nn.Dropout2d()
         self.fc = nn.Linear(16 * 5 * 5, 5)
 
     def forward(self, x):
@@ -272,9 +274,9 @@ class OwnLayers(torch.nn.Module):
         x = self.pool(self.act(self.bn_mix(self.mix(self.stem(x)))))  # 10 x 10
         x = self.bn(self.avg(x) + F.max_pool2d(x, 3, 1, 1))  # the second pads as TF's SAME does
         a, b = x.chunk(2, dim=1)
-        x = torch.cat([F.leaky_relu(a, 0.2), b[:, :4], x[:, 12:]], 1)
-        x = F.avg_pool2d(x * F.relu6(x + 3) / 6 - 0.5, 2)  # 5 x 5
-        return self.fc(x.view(x.size(0), -1))
+        x = torch.cat([F.leaky_relu(a, 0.2), self.elu(b[:, :4]), F.elu(x[:, 12:])], 1)
+        x = F.avg_pool2d(self.drop(self.prelu(x * F.relu6(x + 3) / 6 - 0.5)), 2)  # 5 x 5
+        return F.softmax(self.fc(F.dropout(x.view(x.size(0), -1), 0.2, self.training)), dim=1)
 
 
 def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
@@ -294,7 +296,8 @@ def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
     out = LiteRtRunner(tmp_path / "own.tflite").run(x.numpy().transpose(0, 2, 3, 1))
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     taken = delegation(tmp_path / "own.tflite")
-    assert taken["not_delegated"] == {} and {"MAX_POOL_2D", "AVERAGE_POOL_2D", "LEAKY_RELU"} <= set(taken["ops"])
+    assert taken["not_delegated"] == {} and {"MAX_POOL_2D", "AVERAGE_POOL_2D", "LEAKY_RELU", "ELU", "SOFTMAX"} <= set(
+        taken["ops"])
     assert "TRANSPOSE" not in taken["ops"]  # the flatten reorders the Linear's weight, not the map
 
     class Spread(torch.nn.Module):  # a flattened map read by something else than a Linear: its order would show
