@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import operator
 import re
 from pathlib import Path
@@ -96,12 +97,12 @@ def _concat(tf, parts: list):
     return tf.concat(parts, 3) if len(parts) > 1 else parts[0]
 
 
-def _split(tf, x, splits: list[int]) -> list:
-    """x cut along channels: one SPLIT where XNNPACK takes it, else a slice per part."""
+def _split(tf, x, splits: list[int], axis: int = 3) -> list:
+    """x cut along `axis` (channels by default): one SPLIT where XNNPACK takes it, else a slice per part."""
     if len(set(splits)) == 1 and 1 < len(splits) <= MAX_SPLIT:
-        return tf.split(x, len(splits), axis=3)
+        return tf.split(x, len(splits), axis=axis)
     starts = np.cumsum([0] + splits)
-    return [x[..., int(a):int(b)] for a, b in zip(starts[:-1], starts[1:])]
+    return [x[(slice(None),) * axis + (slice(int(a), int(b)),)] for a, b in itertools.pairwise(starts)]
 
 
 def _mixconv(tf, x, mix: LoweredMixConv):
@@ -273,13 +274,6 @@ def _sizes(size, dim: int, x, chunks: bool = False) -> list[int]:
     return list(size)
 
 
-def _parts(tf, x, sizes: list[int], axis: int) -> list:
-    if axis == 3:
-        return _split(tf, x, sizes)
-    starts = np.cumsum([0] + sizes)
-    return [tf.slice(x, [0] * axis + [int(a)], [-1] * axis + [int(b - a)]) for a, b in zip(starts[:-1], starts[1:])]
-
-
 def _reshape(tf, x, shape: list):
     """view/reshape: into (batch, features) only, the flatten before a classifier."""
     shape = list(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else list(shape)
@@ -329,7 +323,7 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
     if target in (torch.split, "split", torch.chunk, "chunk"):
         dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
         sizes = _sizes(args[1], dim % len(args[0].shape), args[0], chunks=target in (torch.chunk, "chunk"))
-        return _parts(tf, args[0], sizes, _axes(dim, len(args[0].shape))[0])
+        return _split(tf, args[0], sizes, _axes(dim, len(args[0].shape))[0])
     if target is operator.getitem:
         return args[0][args[1]] if isinstance(args[0], (tuple, list)) else _index(args[0], args[1])
     if target is getattr and args[1] == "shape" or target == "size":

@@ -20,8 +20,8 @@ from .conv_groups import ConvGroup, crop, fold_batchnorm, merge, to_groups
 from .deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, Untraceable, trace
 from .errors import MixdeployError
 from .parity import ParityReport, compare, reference_outputs
-from .preprocess import random_images
 from .plan import PIECES, POINTWISE_CHOICES, DepthwiseChoice, Plan, depthwise_candidates, pieces
+from .preprocess import random_images
 
 TOLERANCE = 1e-5  # max abs error relative to max |reference|
 

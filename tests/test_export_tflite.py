@@ -186,6 +186,17 @@ def test_all_formats_and_info_of_files(tmp_path, run_cli):
     assert_usage_error(run_cli("info", tmp_path / "junk.tflite"), "not a readable TFLite file")
 
 
+def converts_exactly(model: torch.nn.Module, lowered: torch.nn.Module, size: tuple[int, int, int], path) -> dict:
+    """`lowered` written to `path` computes what `model` does on random inputs; its XNNPACK delegation."""
+    write_tflite(lowered, size, path)
+    x = torch.randn(3, *size)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = LiteRtRunner(path).run(x.numpy().transpose(0, 2, 3, 1))
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    return delegation(path)
+
+
 def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
     """Hard-swish, hard-sigmoid, GELU (exact and tanh), tanh, as modules and functions, and timm's
     Linear (the own networks and timm drop-ins use them) match PyTorch with every op in XNNPACK; a
@@ -213,13 +224,8 @@ def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
 
     torch.manual_seed(0)
     model, size = Acts().eval(), (8, 12, 12)
-    write_tflite(lower(model, size, make_plan("auto", model, size, "litert")).module, size, tmp_path / "a.tflite")
-    x = torch.randn(3, *size)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    out = LiteRtRunner(tmp_path / "a.tflite").run(x.numpy().transpose(0, 2, 3, 1))
-    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    taken = delegation(tmp_path / "a.tflite")
+    taken = converts_exactly(model, lower(model, size, make_plan("auto", model, size, "litert")).module, size,
+                             tmp_path / "a.tflite")
     assert taken["not_delegated"] == {} and {"HARD_SWISH", "GELU", "TANH"} <= set(taken["ops"])
 
     class Shuffled(nn.Module):
@@ -289,13 +295,7 @@ def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
     model, size = randomize_batchnorm(OwnLayers().eval()), (8, 20, 20)
     lowered = lower(model, size, make_plan("auto", model, size, "litert")).module
     assert not isinstance(lowered.mix, SplitCat) and not isinstance(lowered.bn_mix, torch.nn.BatchNorm2d)  # folded
-    write_tflite(lowered, size, tmp_path / "own.tflite")
-    x = torch.randn(3, *size)
-    with torch.no_grad():
-        ref = model(x).numpy()
-    out = LiteRtRunner(tmp_path / "own.tflite").run(x.numpy().transpose(0, 2, 3, 1))
-    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    taken = delegation(tmp_path / "own.tflite")
+    taken = converts_exactly(model, lowered, size, tmp_path / "own.tflite")
     assert taken["not_delegated"] == {} and {"MAX_POOL_2D", "AVERAGE_POOL_2D", "LEAKY_RELU", "ELU", "SOFTMAX"} <= set(
         taken["ops"])
     assert "TRANSPOSE" not in taken["ops"]  # the flatten reorders the Linear's weight, not the map
