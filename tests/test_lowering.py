@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import SWEEP_SIZE, randomize_batchnorm
+from timm.layers import MixedConv2d
 from torch import nn
 
 from mixnet_deploy import MixConv, MixdeployError, load_model
@@ -267,15 +268,26 @@ class Chunked(nn.Module):
         return torch.cat([self.a(a), self.b(b)], 1)
 
 
-class Inception(nn.Module):
-    """Not a MixConv: both convs read the whole input."""
+class SameHalf(nn.Module):
+    """Not a MixConv: both convs read the first half of the input."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Conv2d(24, 24, 5, padding=2, groups=24)
+        self.a, self.b = nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.Conv2d(12, 12, 5, padding=2, groups=12)
 
     def forward(self, x):
-        return torch.cat([self.a(x), self.b(x)], 1)[:, ::2]
+        return torch.cat([self.a(x[:, :12]), self.b(x[:, :12])], 1)
+
+
+class Wrapped(nn.Module):
+    """A MixConv inside another module: the inner one is the MixConv, listed once."""
+
+    def __init__(self, mix: nn.Module):
+        super().__init__()
+        self.mix = mix
+
+    def forward(self, x):
+        return self.mix(x)
 
 
 class Backwards(SplitCat):
@@ -307,13 +319,23 @@ def test_a_mixconv_of_the_users_own_is_recognised_and_lowered(make, channels, ke
         assert not [m for m in lowered.module.modules() if isinstance(m, (nn.BatchNorm2d, type(mix)))], choice
 
 
-@pytest.mark.parametrize("make", [Inception, lambda: Backwards(24, (3, 5, 7))])
+@pytest.mark.parametrize("make", [SameHalf, lambda: Backwards(24, (3, 5, 7))])
 def test_what_only_looks_like_a_mixconv_is_left_as_written(make):
-    """Convs that do not read consecutive parts in their order are no MixConv: each lowers as itself."""
+    """Convs that do not read consecutive parts in their order are no MixConv, whatever their weights
+    (zeros would make any order compute the same): each lowers as itself."""
     model = nn.Sequential(make(), nn.ReLU()).eval()
+    for conv in model[0].modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.zeros_(conv.weight)
     assert "0" not in [layer.name for layer in analyse(model, (24, 16, 16))]
     lowered = lower(model, (24, 16, 16), Plan({}))
     assert lowered.parity.rel_max < 1e-10 and isinstance(lowered.module[0], type(model[0]))
+
+
+@pytest.mark.parametrize("make", [lambda: SplitCat(24, (3, 5, 7)), lambda: MixedConv2d(24, 24, [3, 5, 7], depthwise=True)])
+def test_a_mixconv_wrapped_in_a_module_is_listed_once(make):
+    model = nn.Sequential(Wrapped(make()), nn.ReLU()).eval()
+    assert [layer.name for layer in analyse(model, (24, 16, 16))] == ["0.mix"]
 
 
 @pytest.mark.parametrize("choice", ["grouped", "dense", "split"])
