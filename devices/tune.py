@@ -240,12 +240,16 @@ def _whole_model(tuner: Tuner, model: nn.Module, input_size: tuple[int, int, int
 
 
 def forward_code(model: nn.Module) -> str:
-    """A digest of the source of every forward() the model's modules run: an edited one is another model."""
+    """A digest of the source of every method of the model's module classes and their bases (forward()
+    and what it calls, such as timm's forward_features): an edited one makes another model."""
     digest = hashlib.sha256()
-    for kind in sorted({type(m) for m in model.modules()}, key=lambda t: f"{t.__module__}.{t.__qualname__}"):
+    kinds = {cls for m in model.modules() for cls in type(m).__mro__ if cls not in (nn.Module, object)}
+    for kind in sorted(kinds, key=lambda t: f"{t.__module__}.{t.__qualname__}"):
         digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
-        with contextlib.suppress(OSError, TypeError):  # a forward() without Python source
-            digest.update(inspect.getsource(kind.forward).encode())
+        for name, method in sorted(vars(kind).items()):
+            if inspect.isfunction(method):
+                with contextlib.suppress(OSError, TypeError):  # a method without Python source
+                    digest.update(name.encode() + inspect.getsource(method).encode())
     return digest.hexdigest()
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from mixnet_deploy.conv_groups import same_pads
-from mixnet_deploy.deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, trace
+from mixnet_deploy.conv_groups import batchnorm_affine, same_pads
+from mixnet_deploy.deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, Untraceable, trace
 from mixnet_deploy.errors import MixdeployError
 
 if TYPE_CHECKING:
@@ -147,6 +147,8 @@ def _module(tf, x, mod: nn.Module):
     if isinstance(mod, nn.BatchNorm2d):
         return _batchnorm(tf, x, mod)
     if isinstance(mod, nn.Flatten):
+        if (mod.start_dim, mod.end_dim) not in FLATTEN_DIMS:
+            raise MixdeployError("the TFLite writer flattens into (batch, features) only: nn.Flatten()")
         return _flatten(tf, x)
     if isinstance(mod, nn.Linear):
         return _linear(tf, x, mod.weight, mod.bias)
@@ -176,11 +178,11 @@ FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.
              F.hardsigmoid: nn.Hardsigmoid, F.gelu: nn.GELU, torch.tanh: nn.Tanh, "tanh": nn.Tanh,
              F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU, F.softmax: nn.Softmax, torch.softmax: nn.Softmax,
              "softmax": nn.Softmax}
-POOLS = {F.max_pool2d: nn.MaxPool2d, F.avg_pool2d: nn.AvgPool2d, torch._C._nn.avg_pool2d: nn.AvgPool2d}
+POOLS = {F.max_pool2d: nn.MaxPool2d, F.avg_pool2d: nn.AvgPool2d}
 
 
-def _pool_pads(mod: nn.MaxPool2d | nn.AvgPool2d, h: int, w: int) -> tuple[int, int, int, int, int]:
-    """(kernel, stride, pad, out h, out w) of a square pooling window, or one line naming what is not."""
+def _pool_pads(mod: nn.MaxPool2d | nn.AvgPool2d, h: int, w: int) -> tuple[int, int, int]:
+    """(kernel, stride, pad) of a square pooling window, or one line naming what is not."""
     k, s, p = (v if isinstance(v, int) else v[0] if len(set(v)) == 1 else None
                for v in (mod.kernel_size, mod.stride or mod.kernel_size, mod.padding))
     if None in (k, s, p) or getattr(mod, "dilation", 1) not in (1, (1, 1)) or getattr(mod, "return_indices", False) \
@@ -191,7 +193,7 @@ def _pool_pads(mod: nn.MaxPool2d | nn.AvgPool2d, h: int, w: int) -> tuple[int, i
     if mod.ceil_mode and any((n + 2 * p - k) % s and (o * s - p) < n for n, o in ((h, out_h), (w, out_w))):
         raise MixdeployError(f"the TFLite writer cannot translate {type(mod).__name__}(ceil_mode=True) at this "
                              "input size, where it adds a partial window; use ceil_mode=False")
-    return k, s, p, out_h, out_w
+    return k, s, p
 
 
 def _pool(tf, x, mod: nn.MaxPool2d | nn.AvgPool2d):
@@ -199,7 +201,7 @@ def _pool(tf, x, mod: nn.MaxPool2d | nn.AvgPool2d):
     columns are repeated instead (every window reaching the padding also holds the edge it copies:
     exact); average pooling counting the padding pads zeros."""
     h, w = int(x.shape[1]), int(x.shape[2])
-    k, s, p, _, _ = _pool_pads(mod, h, w)
+    k, s, p = _pool_pads(mod, h, w)
     pool = tf.nn.max_pool2d if isinstance(mod, nn.MaxPool2d) else tf.nn.avg_pool2d
     if p == 0:
         return pool(x, k, s, "VALID")
@@ -218,11 +220,10 @@ def _pool(tf, x, mod: nn.MaxPool2d | nn.AvgPool2d):
 
 
 def _batchnorm(tf, x, bn: nn.BatchNorm2d):
-    """A BatchNorm no conv took in (eval mode, running statistics) as one scale and shift."""
+    """A BatchNorm not folded into a conv (eval mode, running statistics) as one scale and shift."""
     if bn.running_var is None:
         raise MixdeployError("the TFLite writer cannot translate a BatchNorm2d without running statistics")
-    scale = (bn.weight if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)
-    shift = (bn.bias if bn.bias is not None else 0) - bn.running_mean * scale
+    scale, shift = batchnorm_affine(bn)
     return x * tf.constant(_np(scale)) + tf.constant(_np(shift))
 
 
@@ -254,15 +255,27 @@ def _nchw(x) -> tuple[int, ...]:
     return (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else shape
 
 
-def _index(x, index):
-    """x[index] for an NCHW index of slices and ints."""
+def _index(tf, x, index):
+    """x[index] for an NCHW index of slices, and ints where the axis dropped keeps the others' order
+    (any axis of a tensor of other rank than 4; of a 4-D one, channels only)."""
     index = index if isinstance(index, tuple) else (index,)
     if not all(isinstance(i, (slice, int)) for i in index) or len(index) > len(x.shape):
         raise MixdeployError("the TFLite writer takes tensor indices of slices and ints only")
     if len(x.shape) == 4:
         index = index + (slice(None),) * (4 - len(index))
+        if any(isinstance(i, int) for i in (index[0], *index[2:])):
+            raise MixdeployError("the TFLite writer takes an int index of a feature map on its channel axis only")
         index = (index[0], index[2], index[3], index[1])
-    return x[index]
+    # an int as a one-wide slice, its axis reshaped away: XNNPACK leaves a STRIDED_SLICE dropping one out
+    y = x[tuple(slice(i, i + 1 or None) if isinstance(i, int) else i for i in index)]
+    kept = [int(n) for n, i in zip(y.shape, index + (slice(None),) * (len(y.shape) - len(index)))
+            if not isinstance(i, int)]
+    return tf.reshape(y, kept) if len(kept) < len(y.shape) else y
+
+
+def _arg(args: list, kwargs: dict, i: int, name: str, default=None):
+    """A call's i-th argument, given by position or by name."""
+    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
 def _sizes(size, dim: int, x, chunks: bool = False) -> list[int]:
@@ -294,41 +307,43 @@ def _as_module(kind: type[nn.Module], args: list, kwargs: dict) -> nn.Module:
                              f"{exc}") from None
 
 
+ARITHMETIC = {operator.add: operator.add, torch.add: operator.add, "add": operator.add,
+              operator.sub: operator.sub, torch.sub: operator.sub, "sub": operator.sub,
+              operator.mul: operator.mul, torch.mul: operator.mul, "mul": operator.mul,
+              operator.truediv: operator.truediv, torch.div: operator.truediv, "div": operator.truediv,
+              operator.floordiv: operator.floordiv}
+FLATTEN_DIMS = ((1, -1), (1, 3))
 MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
 
 def _function(tf, node: fx.Node, args: list, kwargs: dict):
     target = node.target
-    if target in (operator.add, torch.add, "add"):
-        return args[0] + args[1]
-    if target in (operator.sub, torch.sub, "sub"):
-        return args[0] - args[1]
-    if target in (operator.mul, torch.mul, "mul"):
-        return args[0] * args[1]
-    if target in (operator.truediv, torch.div, "div") and not kwargs:
-        return args[0] / args[1]
-    if target in (torch.flatten,) or target == "flatten":
+    if target in ARITHMETIC and not kwargs:  # torch.add's alpha, rounding modes: not translated
+        return ARITHMETIC[target](args[0], args[1])
+    if target in (torch.flatten, "flatten"):
+        if (_arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1)) not in FLATTEN_DIMS:
+            raise MixdeployError("the TFLite writer flattens into (batch, features) only: flatten(x, 1)")
         return _flatten(tf, args[0])
     if target in ("view", "reshape", torch.reshape):
-        return _reshape(tf, args[0], args[1:])
+        return _reshape(tf, args[0], args[1:] or [kwargs.get("shape")])
     if target in (torch.mean, "mean"):
-        dims = args[1] if len(args) > 1 else kwargs.get("dim")
-        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        dims, keep = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False)
         return tf.reduce_mean(args[0], _axes(dims, len(args[0].shape)), keepdims=keep)
     if target in (torch.cat, torch.concat, "cat"):
-        parts, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        parts, dim = list(_arg(args, kwargs, 0, "tensors")), _arg(args, kwargs, 1, "dim", 0)
         axis = _axes(dim, len(parts[0].shape))[0]
-        return _concat(tf, list(parts)) if axis == 3 else tf.concat(parts, axis)
+        return _concat(tf, parts) if axis == 3 else tf.concat(parts, axis)
     if target in (torch.split, "split", torch.chunk, "chunk"):
-        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-        sizes = _sizes(args[1], dim % len(args[0].shape), args[0], chunks=target in (torch.chunk, "chunk"))
-        return _split(tf, args[0], sizes, _axes(dim, len(args[0].shape))[0])
+        x, dim = args[0], _arg(args, kwargs, 2, "dim", 0)
+        chunks = target in (torch.chunk, "chunk")
+        size = _arg(args, kwargs, 1, "chunks" if chunks else "split_size_or_sections", kwargs.get("split_size"))
+        return _split(tf, x, _sizes(size, dim % len(x.shape), x, chunks), _axes(dim, len(x.shape))[0])
     if target is operator.getitem:
-        return args[0][args[1]] if isinstance(args[0], (tuple, list)) else _index(args[0], args[1])
-    if target is getattr and args[1] == "shape" or target == "size":
-        shape = _nchw(args[0])
-        return shape[args[1]] if target == "size" and len(args) > 1 else shape
+        return args[0][args[1]] if isinstance(args[0], (tuple, list)) else _index(tf, args[0], args[1])
+    if _reads_shape(node):
+        dim = _arg(args, kwargs, 1, "dim") if target == "size" else None
+        return _nchw(args[0]) if dim is None else _nchw(args[0])[dim]
     if target in FUNCTIONS:
         kind = FUNCTIONS[target]
         return ACTIVATIONS[kind](tf, args[0], _as_module(kind, args[1:], kwargs))
@@ -353,6 +368,11 @@ def _keeps_order(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
             isinstance(mod, tuple(ACTIVATIONS)) and not isinstance(mod, (nn.Softmax, nn.PReLU)))
     return node.target is F.dropout or FUNCTIONS.get(node.target) not in (None, nn.Softmax)
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """x.size(...) or x.shape: what PyTorch's shape is, whatever the layout."""
+    return node.target == "size" or (node.target is getattr and node.args[1] == "shape")
 
 
 def _flattens(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -382,7 +402,11 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
     """An NHWC tf.function computing `module` (a lowered model), weights as constants."""
     tf = tensorflow()
 
-    graph = trace(module)
+    try:
+        graph = trace(module)
+    except Untraceable as exc:
+        raise MixdeployError(f"{exc}; the TFLite writer needs one it can follow: export --format onnx, or open an "
+                             "issue with the model") from None
     modules = dict(module.named_modules())
     c, h, w = input_size
     shape = [1, h, w, c] if input_layout == "nhwc" else [1, c, h, w]
@@ -397,7 +421,7 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
             linear = node.op == "call_module" and isinstance(modules[node.target], nn.Linear)
             read = next((n for n in node.all_input_nodes if n.name in flat), None)
-            if read is not None and not (linear or _keeps_order(node, modules)):
+            if read is not None and not (linear or _keeps_order(node, modules) or _reads_shape(node)):
                 raise MixdeployError(f"{read.name}: the TFLite writer flattens a feature map larger than 1x1 only "
                                      "into a Linear; export --format onnx, or open an issue with the model")
             if node.op == "placeholder":
@@ -417,7 +441,7 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
                     env[node.name] = _function(tf, node, list(args), dict(kwargs))
             elif node.op == "output":
                 return {OUTPUT_NAME: tf.identity(args[0], name=OUTPUT_NAME)}
-            if read is not None and not linear:  # still in NHWC order
+            if read is not None and _keeps_order(node, modules):  # still in NHWC order
                 flat[node.name] = flat[read.name]
             if _flattens(node, modules) and len(args[0].shape) == 4 and _nchw(args[0])[2:] != (1, 1):
                 flat[node.name] = _nchw(args[0])[1:]

@@ -91,12 +91,18 @@ def to_groups(module: nn.Module, hw: tuple[int, int]) -> list[ConvGroup] | None:
     return groups
 
 
-def fold_batchnorm(groups: list[ConvGroup], bn: nn.BatchNorm2d) -> list[ConvGroup]:
-    """Fold an eval-mode BatchNorm that follows the concatenated groups into each group's conv."""
+def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel, float64, of an eval-mode BatchNorm with running statistics."""
     ones = torch.ones_like(bn.running_var, dtype=torch.float64)
     weight = bn.weight.detach().double() if bn.weight is not None else ones  # affine=False: 1 and 0
     scale = weight / torch.sqrt(bn.running_var.double() + bn.eps)
     shift = (bn.bias.detach().double() if bn.bias is not None else 0 * ones) - bn.running_mean.double() * scale
+    return scale, shift
+
+
+def fold_batchnorm(groups: list[ConvGroup], bn: nn.BatchNorm2d) -> list[ConvGroup]:
+    """Fold an eval-mode BatchNorm that follows the concatenated groups into each group's conv."""
+    scale, shift = batchnorm_affine(bn)
     folded, start = [], 0
     for g in groups:
         s = scale[start:start + g.out_channels]

@@ -148,10 +148,13 @@ def trace(module: nn.Module) -> fx.Graph:
         where, kind = next(reversed(tracer.module_stack.values()), ("", type(module)))
         reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
         raise Untraceable(f"{where or 'the model'} ({kind.__name__}): torch.fx cannot follow its forward(): "
-                          f"{reason}; the TFLite writer needs one it can follow: export --format onnx, or open an issue "
-                          "with the model") from None
+                          f"{reason}") from None
 
 
 def modules_called(module: nn.Module) -> set[str]:
-    """The paths of the modules that `trace` keeps whole (the writers translate each as one piece)."""
-    return {str(node.target) for node in trace(module).nodes if node.op == "call_module"}
+    """The paths of the modules that `trace` keeps whole (the writers translate each as one piece);
+    none for a model torch.fx cannot follow (its ONNX SQNR report then names innermost modules)."""
+    try:
+        return {str(node.target) for node in trace(module).nodes if node.op == "call_module"}
+    except Untraceable:
+        return set()

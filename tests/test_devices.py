@@ -399,12 +399,12 @@ def test_swaps_slower_together_are_dropped(tmp_path, monkeypatch):
     assert result.plan.layers == {info.name: info.candidates[0] for info in layers}
     decision = next(iter(TimingCache(result.fingerprint).decisions.values()))
     assert decision["best"] == "per-layer" and len(decision["refined"]) == devices.tune.REFINE
-    original = type(model).forward
+    original = type(model).forward_head
 
-    def edited(self, x):  # the same modules, another forward(): the verdict is made again
-        return original(self, x) * 1.0
+    def edited(self, x, pre_logits=False):  # the same modules, another method of forward(): the verdict is made again
+        return original(self, x, pre_logits) * 1.0
 
-    monkeypatch.setattr(type(model), "forward", edited)
+    monkeypatch.setattr(type(model), "forward_head", edited)
     devices.tune.tune(model, (3, 64, 64), open_device("local"), "onnx")
     assert len(TimingCache(result.fingerprint).decisions) == 2
 

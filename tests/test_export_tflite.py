@@ -279,10 +279,23 @@ class OwnLayers(torch.nn.Module):
 
         x = self.pool(self.act(self.bn_mix(self.mix(self.stem(x)))))  # 10 x 10
         x = self.bn(self.avg(x) + F.max_pool2d(x, 3, 1, 1))  # the second pads as TF's SAME does
-        a, b = x.chunk(2, dim=1)
-        x = torch.cat([F.leaky_relu(a, 0.2), self.elu(b[:, :4]), F.elu(x[:, 12:])], 1)
+        top, bottom = torch.split(x, 5, dim=2)  # along rows, then columns
+        x = torch.cat(tensors=[bottom, top], dim=2)
+        x = torch.cat([x[:, :, :, 6:], x[:, :, :, :6]], dim=-1)
+        a, b = x.chunk(chunks=2, dim=1)
+        x = torch.cat([F.leaky_relu(a, 0.2), self.elu(b[:, :x.size(1) // 4]), F.elu(x[:, 12:])], 1)
         x = F.avg_pool2d(self.drop(self.prelu(x * F.relu6(x + 3) / 6 - 0.5)), 2)  # 5 x 5
-        return F.softmax(self.fc(F.dropout(x.view(x.size(0), -1), 0.2, self.training)), dim=1)
+        logits = self.fc(F.dropout(x.view(x.size(dim=0), -1), 0.2, self.training))
+        return F.softmax(logits + x[:, 3].mean((1, 2)).reshape(-1, 1), dim=1)  # an int index on channels
+
+
+class Lambda(torch.nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
 
 
 def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
@@ -307,6 +320,11 @@ def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
     with pytest.raises(MixdeployError, match=r"flatten: the TFLite writer flattens a feature map larger than 1x1 only "
                                              r"into a Linear; export --format onnx"):
         write_tflite(Spread().eval(), size, tmp_path / "s.tflite")
+    for refused, message in [(lambda x: x[:, :, 0].mean(-1), "int index of a feature map on its channel axis only"),
+                             (lambda x: torch.flatten(x, 2).mean(-1), r"into \(batch, features\) only"),
+                             (lambda x: torch.sub(x, x, alpha=2).mean((2, 3)), r"cannot translate sub\(\)")]:
+        with pytest.raises(MixdeployError, match=message):
+            write_tflite(torch.fx.symbolic_trace(Lambda(refused)), size, tmp_path / "s.tflite")
 
     class Gated(torch.nn.Module):  # control flow on values: torch.fx cannot follow it
         def __init__(self):

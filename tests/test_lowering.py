@@ -155,8 +155,8 @@ def test_batchnorm_without_affine_folds_and_one_without_statistics_stays():
 
 
 def test_a_batchnorm_is_folded_only_into_a_conv_it_alone_reads():
-    """bn(y) + y needs y unfolded, and so does y changed in place before its BatchNorm: the BatchNorm
-    stays; the one after a conv read by nothing else folds."""
+    """bn(y) + y needs y unfolded, and so does y changed in place (relu_, an assignment) before its
+    BatchNorm: the BatchNorm stays; one after a conv read by nothing else folds."""
 
     class Residual(nn.Module):
         def __init__(self):
@@ -168,12 +168,16 @@ def test_a_batchnorm_is_folded_only_into_a_conv_it_alone_reads():
         def forward(self, x):
             y = self.mix(x)
             z = self.conv(self.bn(y) + y)
-            return self.bn3(self.conv3(self.bn2(z.relu_())))
+            w = self.conv3(self.bn2(z.relu_()))
+            w[:, :2] = 0.5  # changed in place too: bn3 cannot fold either
+            return self.bn3(w)
 
     model = randomize_batchnorm(Residual().eval())
     lowered = lower(model, (24, 12, 12), Plan({"mix": "split"}))
     assert lowered.parity.rel_max < 1e-10
-    assert [n for n, m in lowered.module.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn", "bn2"]
+    assert [n for n, m in lowered.module.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn", "bn2", "bn3"]
+    alone = randomize_batchnorm(nn.Sequential(nn.Conv2d(24, 24, 1), nn.BatchNorm2d(24)).eval())
+    assert not [m for m in lower(alone, (24, 12, 12), Plan({})).module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
 def test_a_relu_after_a_split_mixconv_moves_into_its_segments():
