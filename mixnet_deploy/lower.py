@@ -78,8 +78,8 @@ def _feed(previous: Site | None, groups: list[ConvGroup]) -> tuple[int, int] | N
 
 
 class _Reads(TorchFunctionMode):
-    """How many ops read or change each of the `watched` tensors (ops computing tensors, or changing
-    one in place: not .shape or .dim())."""
+    """How many ops read or change each of the `watched` tensors (ops computing tensors, or assigning
+    to one: not .shape or .dim())."""
 
     def __init__(self, watched: dict[int, tuple[torch.Tensor, Site]]) -> None:
         super().__init__()
@@ -87,8 +87,8 @@ class _Reads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        in_place = func is torch.Tensor.__setitem__ or getattr(func, "__name__", "").endswith("_")
-        if in_place or any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(out)):
+        # in-place ops return the tensor they change (relu_, +=), all but an assignment
+        if func is torch.Tensor.__setitem__ or any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(out)):
             for leaf in tree_leaves((args, kwargs)):
                 if isinstance(leaf, torch.Tensor) and self.watched.get(id(leaf), (None,))[0] is leaf:
                     self.count[id(leaf)] += 1
