@@ -14,6 +14,7 @@ from torch import nn
 from .errors import MixdeployError, is_number
 
 
+CHANNELS = (1, 3)  # grayscale or RGB
 MIN_SIDE = 32  # pixels: a MixNet halves its input five times
 MAX_SIDE = 1024  # pixels: export's float64 reference at 2048 needs more memory than a 24 GB machine has
 
@@ -29,6 +30,13 @@ class PreprocessConfig:
     crop_mode: str = "center"
     interpolation: str = "bicubic"
 
+    def __post_init__(self) -> None:
+        channels = self.input_size[0]
+        if channels not in CHANNELS or len(self.mean) != channels or len(self.std) != channels:
+            raise MixdeployError(f"preprocessing for input size {tuple(self.input_size)} with mean {tuple(self.mean)} "
+                                 f"and std {tuple(self.std)}: inputs must have 1 (grayscale) or 3 (RGB) channels, "
+                                 "with a mean and std per channel")
+
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessConfig":
         """From to_dict() output or JSON (lists become tuples)."""
@@ -43,9 +51,9 @@ class PreprocessConfig:
             raise MixdeployError(f"{source}: 'preprocess' must map some of {', '.join(base)} to values"
                                  + (f"; unknown: {', '.join(extra)}" if extra else ""))
         ok = {
-            "input_size": lambda v: len(v) == 3 and v[0] == 3 and all(isinstance(s, int) and MIN_SIDE <= s <= MAX_SIDE for s in v[1:]),
-            "mean": lambda v: len(v) == 3 and all(is_number(x) for x in v),
-            "std": lambda v: len(v) == 3 and all(is_number(x) and x > 0 for x in v),
+            "input_size": lambda v: len(v) == 3 and v[0] in CHANNELS and all(isinstance(s, int) and MIN_SIDE <= s <= MAX_SIDE for s in v[1:]),
+            "mean": lambda v: len(v) in CHANNELS and all(is_number(x) for x in v),
+            "std": lambda v: len(v) in CHANNELS and all(is_number(x) and x > 0 for x in v),
             "crop_pct": lambda v: is_number(v) and 0 < v <= 1,
             "crop_mode": lambda v: v in ("center", "squash", "border"),
             "interpolation": lambda v: v in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"),
@@ -94,21 +102,22 @@ def eval_transform(cfg: PreprocessConfig) -> Callable[[Image.Image], torch.Tenso
 WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG); convert("RGB") would clip it
 
 
-def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """One image decoded with Pillow as RGB (16-bit grayscale scaled to 8 bits) and passed through `transform`."""
+def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor], channels: int = 3) -> torch.Tensor:
+    """One image decoded with Pillow as RGB, or grayscale for a one-channel model (16-bit grayscale
+    scaled to 8 bits), and passed through `transform`."""
     with warnings.catch_warnings():  # images of 1-2x Pillow's pixel limit decode (above it they raise)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(path)
     with img:
         if img.mode in WIDE_GRAY:
             img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-        return transform(img.convert("RGB"))
+        return transform(img.convert("L" if channels == 1 else "RGB"))
 
 
 def load_images(paths: list[Path], cfg: PreprocessConfig) -> torch.Tensor:
     """Decode and preprocess exactly as the model's config says: (N, C, H, W)."""
     transform = eval_transform(cfg)
-    return torch.stack([read_image(path, transform) for path in paths])
+    return torch.stack([read_image(path, transform, cfg.input_size[0]) for path in paths])
 
 
 def sample_photos(cfg: PreprocessConfig, limit: int | None = None) -> torch.Tensor:

@@ -70,7 +70,7 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
             if limit is not None and len(used) >= limit:
                 break
             try:
-                tensors.append(read_image(path, transform))
+                tensors.append(read_image(path, transform, cfg.input_size[0]))
                 used.append(path)
                 bar.advance(task)
             except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:

@@ -99,6 +99,20 @@ def fixed():
     return Fixed()
 
 
+def gray():  # one-channel images
+    model = nn.Sequential(nn.Conv2d(1, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU(), mix_block(24, 2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+    model.pretrained_cfg = {{"input_size": (1, 64, 64), "crop_pct": 1.0, "interpolation": "bilinear",
+                            "mean": (0.5,), "std": (0.25,)}}
+    return model
+
+
+def mismatched():
+    model = gray()
+    model.pretrained_cfg = {{**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5)}}
+    return model
+
+
 def late():  # imports a module of its folder only when called
     from {blocks}_late import WIDTH
     return TinyMixNet(classes=WIDTH)
@@ -165,6 +179,27 @@ def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, r
         (tmp_path / "project" / edited).write_text(original)
 
 
+@pytest.mark.slow
+def test_own_grayscale_network(tmp_path, monkeypatch, run_cli):
+    """A one-channel network: photos are read as grayscale for its parity checks and calibration."""
+    write_network(tmp_path, "graynet")
+    monkeypatch.chdir(tmp_path)
+    exported = run_cli("export", "graynet.py:gray", "--format", "all", "--json")
+    assert exported.code == 0, exported.err
+    assert [r["parity"]["passed"] for r in json.loads(exported.out)] == [True, True]
+    from mixnet_deploy.models import load_model
+
+    loaded = load_model("graynet.py:gray")
+    photos = sample_photos(loaded.preprocess)
+    assert photos.shape[1:] == (1, 64, 64)
+    ref = reference_outputs(loaded.module, photos)
+    out = LiteRtRunner("gray.tflite").run(photos.numpy().transpose(0, 2, 3, 1))
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    quantized = run_cli("quantize", "gray.tflite", "--calib", PHOTOS, "--json")
+    assert quantized.code == 0 and json.loads(quantized.out)["agreement"]["passed"], quantized.err
+    assert inspect_file("gray_int8.tflite")["inputs"][0]["shape"] == [1, 64, 64, 1]
+
+
 def test_own_network_module_with_a_checkpoint(tmp_path, monkeypatch, run_cli):
     """MODULE:FACTORY from the current folder, with trained weights: the checkpoint is what is exported."""
     write_network(tmp_path, "modnet")
@@ -204,6 +239,8 @@ def test_own_network_mistakes_are_one_line(tmp_path, monkeypatch, run_cli):
     assert_usage_error(run_cli("info", "badnet.py:not_a_module"), "returned int, not a torch.nn.Module")
     assert_usage_error(run_cli("info", "badnet.py:feature_map"), "returns (2, 8, 222, 222)", "(batch, classes)")
     assert_usage_error(run_cli("info", "syntax.py:build"), "syntax.py failed: SyntaxError")
+    assert_usage_error(run_cli("info", "badnet.py:mismatched"), "with mean (0.5, 0.5, 0.5) and std (0.25,)",
+                       "1 (grayscale) or 3 (RGB) channels")
     assert_usage_error(run_cli("info", "no_such_module:build"), "no module no_such_module here")
     assert_usage_error(run_cli("info", "devices:build"), "devices is one of mixdeploy's own modules")
     installed = json.loads(run_cli("info", "torchvision.models:mobilenet_v2", "--json").out)  # an installed package's

@@ -72,7 +72,7 @@ def test_a_limited_read_samples_every_class_and_decodes_only_the_sample(tmp_path
             shutil.copy(photo, tmp_path / f"class{c}" / f"{i}.jpg")
     decoded = []
     read_image = calibration.read_image
-    monkeypatch.setattr(calibration, "read_image", lambda path, t: decoded.append(path) or read_image(path, t))
+    monkeypatch.setattr(calibration, "read_image", lambda path, *rest: decoded.append(path) or read_image(path, *rest))
     preprocess = load_model("mixnet_s").preprocess
     images = load_folder(tmp_path, preprocess, limit=6, progress=False)
     assert len(images.images) == 6 and decoded == images.paths
