@@ -197,6 +197,8 @@ def test_own_grayscale_network(tmp_path, monkeypatch, run_cli):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     quantized = run_cli("quantize", "gray.tflite", "--calib", PHOTOS, "--json")
     assert quantized.code == 0 and json.loads(quantized.out)["agreement"]["passed"], quantized.err
+    layers = [r["layer"] for r in json.loads(quantized.out)["layers_losing_most"]]  # modules, and the logits
+    assert "output" in layers and not [name for name in layers if set(name) & set("/:;")], layers
     assert inspect_file("gray_int8.tflite")["inputs"][0]["shape"] == [1, 64, 64, 1]
 
 
