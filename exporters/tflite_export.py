@@ -147,9 +147,7 @@ def _module(tf, x, mod: nn.Module):
     if isinstance(mod, nn.BatchNorm2d):
         return _batchnorm(tf, x, mod)
     if isinstance(mod, nn.Flatten):
-        if (mod.start_dim, mod.end_dim) not in FLATTEN_DIMS:
-            raise MixdeployError("the TFLite writer flattens into (batch, features) only: nn.Flatten()")
-        return _flatten(tf, x)
+        return _flatten(tf, x, mod.start_dim, mod.end_dim)
     if isinstance(mod, nn.Linear):
         return _linear(tf, x, mod.weight, mod.bias)
     raise MixdeployError(f"the TFLite writer cannot translate {type(mod).__name__}; export --format onnx, or open "
@@ -169,10 +167,23 @@ ACTIVATIONS = {
     nn.Tanh: lambda tf, x, _: tf.tanh(x),
     nn.LeakyReLU: lambda tf, x, mod: tf.nn.leaky_relu(x, alpha=mod.negative_slope),
     nn.ELU: lambda tf, x, mod: tf.nn.relu(x) + mod.alpha * tf.minimum(tf.nn.elu(x), 0.0),
-    nn.PReLU: lambda tf, x, mod: tf.nn.relu(x) - tf.nn.relu(-x) * tf.constant(_np(mod.weight)),
-    nn.Softmax: lambda tf, x, mod: tf.nn.softmax(x, axis=_axes(1 if mod.dim is None else mod.dim, len(x.shape))[0]),
+    nn.PReLU: lambda tf, x, mod: tf.nn.relu(x) - tf.nn.relu(-x) * _prelu_weight(tf, x, mod),
+    nn.Softmax: lambda tf, x, mod: tf.nn.softmax(x, axis=_axes(_softmax_dim(mod.dim, len(x.shape)), len(x.shape))[0]),
 }
 F = torch.nn.functional
+
+
+def _prelu_weight(tf, x, mod: nn.PReLU):
+    """PReLU's slopes, per channel: the last axis of an NHWC map or of (batch, features)."""
+    if mod.num_parameters > 1 and len(x.shape) not in (2, 4):
+        raise MixdeployError(f"the TFLite writer takes a PReLU of {mod.num_parameters} slopes on (batch, features) "
+                             "or feature maps only")
+    return tf.constant(_np(mod.weight))
+
+
+def _softmax_dim(dim: int | None, rank: int) -> int:
+    """softmax's dim; without one, PyTorch's implicit choice."""
+    return dim if dim is not None else 0 if rank in (0, 1, 3) else 1
 FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU,
              torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.hardswish: nn.Hardswish,
              F.hardsigmoid: nn.Hardsigmoid, F.gelu: nn.GELU, torch.tanh: nn.Tanh, "tanh": nn.Tanh,
@@ -232,8 +243,12 @@ def _linear(tf, x, weight: torch.Tensor, bias: torch.Tensor | None):
     return y + tf.constant(_np(bias)) if bias is not None else y
 
 
-def _flatten(tf, x):
-    """(N, H, W, C) -> (N, H*W*C): in NHWC order, which a Linear reading it takes by permuting its weight."""
+def _flatten(tf, x, start: int = 1, end: int = -1):
+    """(N, H, W, C) -> (N, H*W*C): in NHWC order, which a Linear reading it takes by permuting its weight.
+    Into (batch, features) only: start 1, end the last axis."""
+    rank = len(x.shape)
+    if (start % rank, end % rank) != (min(1, rank - 1), rank - 1):
+        raise MixdeployError("the TFLite writer flattens into (batch, features) only: flatten(x, 1)")
     return tf.reshape(x, [int(x.shape[0]), -1])
 
 
@@ -287,6 +302,17 @@ def _sizes(size, dim: int, x, chunks: bool = False) -> list[int]:
     return list(size)
 
 
+def _mean(tf, x, dims, keep: bool):
+    """x.mean(dims): of a feature map, over axes whose removal leaves the others in PyTorch's order
+    (channels, or both rows and columns, among them), or keeping them."""
+    rank = len(x.shape)
+    dims = sorted({d % rank for d in ([dims] if isinstance(dims, int) else dims or range(rank))})
+    if rank == 4 and not keep and 1 not in dims and not {2, 3} <= set(dims):
+        raise MixdeployError("the TFLite writer averages a feature map over rows or columns alone only with "
+                             "keepdim=True")
+    return tf.reduce_mean(x, _axes(dims, rank), keepdims=keep)
+
+
 def _reshape(tf, x, shape: list):
     """view/reshape: into (batch, features) only, the flatten before a classifier."""
     shape = list(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else list(shape)
@@ -312,7 +338,10 @@ ARITHMETIC = {operator.add: operator.add, torch.add: operator.add, "add": operat
               operator.mul: operator.mul, torch.mul: operator.mul, "mul": operator.mul,
               operator.truediv: operator.truediv, torch.div: operator.truediv, "div": operator.truediv,
               operator.floordiv: operator.floordiv}
-FLATTEN_DIMS = ((1, -1), (1, 3))
+FLATTENS, RESHAPES = (torch.flatten, "flatten"), ("view", "reshape", torch.reshape)
+# F.dropout*: identity unless called with training=True (the default of all but the alpha ones)
+DROPOUTS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True, F.alpha_dropout: False,
+            F.feature_alpha_dropout: False}
 MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
@@ -320,16 +349,17 @@ AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include
 def _function(tf, node: fx.Node, args: list, kwargs: dict):
     target = node.target
     if target in ARITHMETIC and not kwargs:  # torch.add's alpha, rounding modes: not translated
+        ranks = {len(a.shape) for a in args[:2] if hasattr(a, "shape") and int(np.prod(a.shape)) > 1}
+        if 4 in ranks and len(ranks) > 1:  # broadcast against W in PyTorch, against C here
+            raise MixdeployError("the TFLite writer combines a feature map only with another, a scalar or a "
+                                 "(N, C, 1, 1) tensor")
         return ARITHMETIC[target](args[0], args[1])
-    if target in (torch.flatten, "flatten"):
-        if (_arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1)) not in FLATTEN_DIMS:
-            raise MixdeployError("the TFLite writer flattens into (batch, features) only: flatten(x, 1)")
-        return _flatten(tf, args[0])
-    if target in ("view", "reshape", torch.reshape):
+    if target in FLATTENS:
+        return _flatten(tf, args[0], _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+    if target in RESHAPES:
         return _reshape(tf, args[0], args[1:] or [kwargs.get("shape")])
     if target in (torch.mean, "mean"):
-        dims, keep = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False)
-        return tf.reduce_mean(args[0], _axes(dims, len(args[0].shape)), keepdims=keep)
+        return _mean(tf, args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False))
     if target in (torch.cat, torch.concat, "cat"):
         parts, dim = list(_arg(args, kwargs, 0, "tensors")), _arg(args, kwargs, 1, "dim", 0)
         axis = _axes(dim, len(parts[0].shape))[0]
@@ -351,7 +381,10 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
         kind = POOLS[target]
         names = MAX_POOL_ARGS if kind is nn.MaxPool2d else AVG_POOL_ARGS
         return _pool(tf, args[0], _as_module(kind, [], {**dict(zip(names, args[1:])), **kwargs}))
-    if target is F.dropout:  # eval mode
+    if target in DROPOUTS:
+        if _arg(args, kwargs, 2, "training", DROPOUTS[target]):
+            raise MixdeployError(f"{target.__name__}(training=True) drops at random in eval mode too; pass "
+                                 "training=self.training")
         return args[0]
     if target is F.adaptive_avg_pool2d and args[1] in (1, (1, 1)):
         return tf.reduce_mean(args[0], [1, 2], keepdims=True)
@@ -367,7 +400,7 @@ def _keeps_order(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         mod = modules[node.target]
         return isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
             isinstance(mod, tuple(ACTIVATIONS)) and not isinstance(mod, (nn.Softmax, nn.PReLU)))
-    return node.target is F.dropout or FUNCTIONS.get(node.target) not in (None, nn.Softmax)
+    return node.target in DROPOUTS or FUNCTIONS.get(node.target) not in (None, nn.Softmax, nn.PReLU)
 
 
 def _reads_shape(node: fx.Node) -> bool:
@@ -379,8 +412,7 @@ def _flattens(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether `node` flattens a tensor into (batch, features)."""
     if node.op == "call_module":
         return isinstance(modules[node.target], nn.Flatten)
-    return node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten", "view",
-                                                                            "reshape", torch.reshape)
+    return node.op in ("call_function", "call_method") and node.target in FLATTENS + RESHAPES
 
 
 def _scope(module_path: str) -> str:
@@ -414,7 +446,8 @@ def to_tf_function(module: nn.Module, input_size: tuple[int, int, int], input_la
     @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)], autograph=False)
     def forward(x):  # Python walks the graph: nothing for autograph to convert (its errors would span lines)
         if input_layout == "nchw":
-            x = tf.transpose(x, [0, 2, 3, 1])
+            with tf.name_scope("input/"):  # quantize's SQNR report names it so
+                x = tf.transpose(x, [0, 2, 3, 1])
         env, flat = {}, {}  # flat: the (C, H, W) of maps larger than 1x1 flattened in NHWC order
         for node in graph.nodes:
             args = fx.node.map_arg(node.args, lambda n: env[n.name])

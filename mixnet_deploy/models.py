@@ -232,7 +232,8 @@ def _classes(name: str, module: nn.Module, size: tuple[int, int, int]) -> int:
             out = module(torch.zeros(2, *size))
     except Exception as exc:
         raise MixdeployError(f"{name} fails on a (2, {', '.join(map(str, size))}) input: {type(exc).__name__}: "
-                             f"{exc}; give its input size with --input-size, or preprocess in a checkpoint") from None
+                             f"{exc}; give its input size with --input-size, or its input_size (channels too), mean and std "
+                             "in a pretrained_cfg on the module or a checkpoint's preprocess") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise MixdeployError(f"{name} returns {shape}; mixdeploy exports classifiers returning logits "

@@ -65,7 +65,10 @@ class PreprocessConfig:
                 good = False
             if not good:
                 raise MixdeployError(f"{source}: preprocess {key} {value!r} is not usable (like {base[key]!r})")
-        return self.from_dict({**base, **data})
+        try:
+            return self.from_dict({**base, **data})
+        except MixdeployError as exc:  # the entries together: channels, mean and std must agree
+            raise MixdeployError(f"{source}: {exc}") from None
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "PreprocessConfig":
@@ -73,14 +76,17 @@ class PreprocessConfig:
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config(model=model)
-        return cls(
-            input_size=tuple(cfg["input_size"]),
-            mean=tuple(cfg["mean"]),
-            std=tuple(cfg["std"]),
-            crop_pct=float(cfg["crop_pct"]),
-            crop_mode=cfg.get("crop_mode", "center"),
-            interpolation=cfg["interpolation"],
-        )
+        try:
+            return cls(
+                input_size=tuple(cfg["input_size"]),
+                mean=tuple(cfg["mean"]),
+                std=tuple(cfg["std"]),
+                crop_pct=float(cfg["crop_pct"]),
+                crop_mode=cfg.get("crop_mode", "center"),
+                interpolation=cfg["interpolation"],
+            )
+        except MixdeployError as exc:
+            raise MixdeployError(f"the model's pretrained_cfg: {exc}") from None
 
     def to_dict(self) -> dict:
         """JSON-ready form."""

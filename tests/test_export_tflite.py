@@ -271,7 +271,8 @@ class OwnLayers(torch.nn.Module):
         self.bn_mix, self.act = nn.BatchNorm2d(16), nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(3, 2, 1)  # padding (1, 1), where TF's SAME pads (0, 1) at 20 px
         self.avg, self.bn = nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(16)
-        self.prelu, self.elu, self.drop = nn.PReLU(16, 0.3), nn.ELU(0.7), nn.Dropout2d()
+        self.prelu, self.elu, self.drop = nn.PReLU(16), nn.ELU(0.7), nn.Dropout2d()
+        nn.init.uniform_(self.prelu.weight, -0.5, 0.5)  # a slope per channel
         self.fc = nn.Linear(16 * 5 * 5, 5)
 
     def forward(self, x):
@@ -320,9 +321,14 @@ def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
     with pytest.raises(MixdeployError, match=r"flatten: the TFLite writer flattens a feature map larger than 1x1 only "
                                              r"into a Linear; export --format onnx"):
         write_tflite(Spread().eval(), size, tmp_path / "s.tflite")
+    import torch.nn.functional as F
+
     for refused, message in [(lambda x: x[:, :, 0].mean(-1), "int index of a feature map on its channel axis only"),
                              (lambda x: torch.flatten(x, 2).mean(-1), r"into \(batch, features\) only"),
-                             (lambda x: torch.sub(x, x, alpha=2).mean((2, 3)), r"cannot translate sub\(\)")]:
+                             (lambda x: torch.sub(x, x, alpha=2).mean((2, 3)), r"cannot translate sub\(\)"),
+                             (lambda x: x.mean(3).mean(2), "over rows or columns alone only with keepdim=True"),
+                             (lambda x: (x * x[:, 0]).mean((2, 3)), "combines a feature map only with another"),
+                             (lambda x: F.dropout(x, 0.1).mean((2, 3)), r"dropout\(training=True\) drops at random")]:
         with pytest.raises(MixdeployError, match=message):
             write_tflite(torch.fx.symbolic_trace(Lambda(refused)), size, tmp_path / "s.tflite")
 
