@@ -509,9 +509,8 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     named = [f for f in files if (f in known_models() or f.startswith(DROPIN_PREFIX) or own_network(f))
              and not Path(f).exists() and not file_format(f)]  # a missing mixconv_x.onnx is a missing file
     if named:
-        peers = "" if own_network(named[0]) else f", or --compare-peers {named[0]}"
         raise MixdeployError(f"{named[0]} is a model name; bench takes exported .onnx/.tflite files "
-                             f"(`mixdeploy export {named[0]}` first){peers}")
+                             f"(`mixdeploy export {named[0]}` first), or --compare-peers {named[0]}")
     if runner == "benchmark_model":
         _reject_given(("python",), "--runner python")
         if peer_model:
@@ -546,11 +545,8 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     kept = None
     if peer_model:  # before connecting: a typo fails at once
         from devices.compare_peers import keep_folder
-        from mixnet_deploy.models import check_request, own_network
+        from mixnet_deploy.models import check_request
 
-        if own_network(peer_model):
-            raise MixdeployError(f"--compare-peers {peer_model}: the peers convert timm models by name; export your "
-                                 "network and bench the files, or compare a timm model")
         check_request(peer_model, checkpoint, pretrained, calibrate_bn, input_size)
         kept = keep_folder(keep) if keep else None
     else:

@@ -1,4 +1,4 @@
-"""`mixdeploy bench --compare-peers MODEL`: the same timm model and weights exported by mixdeploy and
+"""`mixdeploy bench --compare-peers MODEL`: the same model (timm's, or the user's own) and weights exported by mixdeploy and
 by every peer available here, benchmarked side by side on one device with parity."""
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ from exporters.export import export
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
 from mixnet_deploy.errors import MixdeployError
+from mixnet_deploy.models import file_stem
 from mixnet_deploy.preprocess import SAMPLE_IMAGES
 
 from .bench import Settings, bench, check_runner
 from .transport import Transport
 
 
-def _peer_files(model, name: str, size: tuple[int, int, int], work: Path, precision: str, calib,
+def _peer_files(model, spec: str, size: tuple[int, int, int], work: Path, precision: str, calib,
                 step: Callable[[str], None]) -> tuple[dict[str, Path], dict[str, str]]:
-    """Peer label -> file, and peer label -> why it is missing."""
+    """Peer label -> file, and peer label -> why it is missing. `spec`: the model's name, as a peer in
+    its own environment builds it."""
+    name = file_stem(spec)
     files, missing = {}, {}
     step("peer: plain torch.onnx.export")
     plain = peers.plain_onnx(model, name, work / "plain", size)
@@ -41,7 +44,7 @@ def _peer_files(model, name: str, size: tuple[int, int, int], work: Path, precis
         if peer == "onnx2tf":
             path, why = peers.run_checked(convert, model, name, work / peer, precision == "int8", size)
         else:
-            path, why = peers.run_checked(convert, model, name, work / peer, size)
+            path, why = peers.run_checked(convert, model, name, work / peer, size, spec)
         if path is None:
             missing[label] = f"failed: {why}"
         else:
@@ -97,16 +100,17 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     step(f"checking the runtimes on {device.name}")
     check_runner(device, settings, {"onnx", "tflite"})  # before the exports: they take minutes
     loaded = load_model(name, checkpoint, pretrained, calibrate_bn, input_size)
+    stem = file_stem(name)
     with _work_folder(keep) as work:
         (work / "ours").mkdir()
         step(f"exporting {name} with mixdeploy")
-        ours = {r.format: r.path for r in export(name, "all", work / "ours" / name, checkpoint=checkpoint,
+        ours = {r.format: r.path for r in export(name, "all", work / "ours" / stem, checkpoint=checkpoint,
                                                  pretrained=pretrained,
                                                  calibrate_bn=calibrate_bn, input_size=input_size, step=step)}
         photos = settings.parity_dir or SAMPLE_IMAGES  # a sample of a large folder, the same one quantize takes
         calib = load_folder(photos, loaded.preprocess, limit=NUM_CALIB, progress=False).images.numpy()
         if precision == "int8":  # calibrated on all of them, as the peers are (not on quantize's four fifths)
-            ours = {fmt: quantize(str(path), photos, path.with_name(f"{name}_int8.{fmt}"), num_calib=len(calib),
+            ours = {fmt: quantize(str(path), photos, path.with_name(f"{stem}_int8.{fmt}"), num_calib=len(calib),
                                   eval_dir=photos, step=step).path for fmt, path in ours.items()}
         meta = inspect_file(ours["onnx"])["metadata"]
         files, missing = _peer_files(loaded.module, loaded.name, loaded.preprocess.input_size, work, precision,

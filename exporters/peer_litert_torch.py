@@ -1,18 +1,41 @@
-"""Runs inside the litert-torch environment (exporters/peers.py starts it): convert a timm model
-with given weights to .tflite with NHWC io.
+"""Runs inside the litert-torch environment (exporters/peers.py starts it): convert a timm model,
+or the user's own network (FILE.py:FACTORY or MODULE:FACTORY), with given weights to .tflite with
+NHWC io.
 
-    python peer_litert_torch.py MODEL WEIGHTS.pt OUT.tflite [HEIGHT WIDTH]
+    python peer_litert_torch.py MODEL WEIGHTS.pt OUT.tflite [CHANNELS HEIGHT WIDTH]
 """
+import importlib
+import importlib.util
+import os
 import sys
+from pathlib import Path
 
 import litert_torch
 import timm
 import torch
 
+
+def build(name: str, state: dict) -> torch.nn.Module:
+    """The model NAME names, of the classes its weights have."""
+    if ":" not in name:
+        return timm.create_model(name, num_classes=state["classifier.weight"].shape[0])
+    source, factory = name.rsplit(":", 1)
+    if source.endswith(".py"):  # its folder importable, for its sibling modules, as mixdeploy has it
+        sys.path.insert(0, str(Path(source).parent))
+        spec = importlib.util.spec_from_file_location(f"peer_own_{Path(source).stem}", source)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses with postponed annotations look their module up
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(source)
+    return getattr(module, factory)()
+
+
 name, weights, out = sys.argv[1:4]
-height, width = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (224, 224)
+channels, height, width = (int(v) for v in sys.argv[4:7]) if len(sys.argv) > 6 else (3, 224, 224)
 state = torch.load(weights, weights_only=True)
-model = timm.create_model(name, num_classes=state["classifier.weight"].shape[0]).eval()
+model = build(name, state).eval()
 model.load_state_dict(state)
 model = litert_torch.to_channel_last_io(model, args=[0]).eval()
-litert_torch.convert(model, (torch.randn(1, height, width, 3),)).export(out)
+litert_torch.convert(model, (torch.randn(1, height, width, channels),)).export(out)

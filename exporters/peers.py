@@ -1,4 +1,4 @@
-"""The peers we are measured against, on the same timm model and weights: the plain
+"""The peers we are measured against, on the same model (timm's, or the user's own) and weights: the plain
 torch.onnx.export, ORT's quantizer with its defaults, and onnx2tf and litert-torch, each run from
 its own virtual environment (made by benchmarks/peers/setup.sh, or $MIXDEPLOY_PEER_VENVS)."""
 from __future__ import annotations
@@ -28,7 +28,7 @@ def available() -> dict[str, bool]:
 
 
 def plain_onnx(model: nn.Module, name: str, work: Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
-    """torch.onnx.export of the timm model as it is (what a user gets without mixdeploy)."""
+    """torch.onnx.export of the model as it is (what a user gets without mixdeploy)."""
     from .onnx_export import write_onnx
 
     work.mkdir(parents=True, exist_ok=True)
@@ -69,13 +69,15 @@ def onnx2tf(model: nn.Module, name: str, work: Path, int8: bool = False,
     return work / f"{name}_onnx2tf" / f"{name}_{'full_integer_quant' if int8 else 'float32'}.tflite"
 
 
-def litert_torch(model: nn.Module, name: str, work: Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
-    """litert-torch's conversion of the same timm model and weights, with channel-last io."""
+def litert_torch(model: nn.Module, name: str, work: Path, input_size: tuple[int, int, int] = (3, 224, 224),
+                 spec: str | None = None) -> Path:
+    """litert-torch's conversion of the same model and weights, with channel-last io; `spec` is how its
+    environment builds the model (the timm name, or an own network's FILE.py:FACTORY; default `name`)."""
     work.mkdir(parents=True, exist_ok=True)
     weights, out = work / f"{name}_weights.pt", work / f"{name}_litert_torch.tflite"
     torch.save(model.state_dict(), weights)
-    subprocess.run([str(VENVS / "litert_torch/bin/python"), str(HERE / "peer_litert_torch.py"), name, str(weights),
-                    str(out), *map(str, input_size[1:])], env=OFFLINE, check=True, capture_output=True)
+    subprocess.run([str(VENVS / "litert_torch/bin/python"), str(HERE / "peer_litert_torch.py"), spec or name,
+                    str(weights), str(out), *map(str, input_size)], env=OFFLINE, check=True, capture_output=True)
     return out
 
 

@@ -180,6 +180,26 @@ def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, r
 
 
 @pytest.mark.slow
+def test_own_network_against_the_peers(tmp_path, monkeypatch, run_cli):
+    """bench --compare-peers FILE.py:FACTORY: the plain export always, litert-torch and onnx2tf where
+    installed, building the network from its file in their own environments."""
+    from exporters import peers
+
+    write_network(tmp_path / "project", "peernet")
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("bench", "--compare-peers", "project/peernet.py:build", "--runs", "3", "--parity-samples", "4",
+                     "--keep", "kept", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert set(report["missing_peers"]) == {peer for peer, here in peers.available().items() if not here}, report
+    rows = sorted((r["source"], r["format"]) for r in report["results"])
+    expected = [("mixdeploy", "onnx"), ("mixdeploy", "tflite"), ("plain torch.onnx.export", "onnx")] + [
+        (peer, "tflite") for peer, here in peers.available().items() if here]
+    assert rows == sorted(expected) and all(r["parity"]["passed"] for r in report["results"]), report["results"]
+    assert sorted(p.name for p in (tmp_path / "kept" / "ours").iterdir()) == ["build.onnx", "build.tflite"]
+
+
+@pytest.mark.slow
 def test_own_grayscale_network(tmp_path, monkeypatch, run_cli):
     """A one-channel network: photos are read as grayscale for its parity checks and calibration."""
     write_network(tmp_path, "graynet")
@@ -248,7 +268,7 @@ def test_own_network_mistakes_are_one_line(tmp_path, monkeypatch, run_cli):
     installed = json.loads(run_cli("info", "torchvision.models:mobilenet_v2", "--json").out)  # an installed package's
     assert installed["num_classes"] == 1000 and installed["mixconv_layers"] == []
     assert_usage_error(run_cli("bench", "mixconv_mobilenetv2_100.onnx"), "does not exist")
-    assert_usage_error(run_cli("bench", "badnet.py:build"), "badnet.py:build is a model name")
+    assert_usage_error(run_cli("bench", "badnet.py:build"), "badnet.py:build is a model name",
+                       "--compare-peers badnet.py:build")
     assert_usage_error(run_cli("export", "badnet.py:build", "--pretrained"), "--pretrained is for timm's models")
-    assert_usage_error(run_cli("bench", "--compare-peers", "badnet.py:build"), "the peers convert timm models by name")
     assert not [f for f in os.listdir() if not f.endswith(".py") and f != "__pycache__"]  # nothing written
