@@ -4,7 +4,8 @@
 
 One compare-peers run per model and precision (ONNX Runtime and LiteRT files side by side, at 1
 and 2 threads, parity on the shipped photos; random-init weights with BatchNorm calibrated on the
-photos). Writes benchmarks/results/CPU/peers.json and prints a Markdown table.
+photos). Writes benchmarks/results/CPU/peers.json (peers_FILE.json for own networks, such as
+benchmarks/own_mixnet.py:build) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def main() -> None:
                 print(f"{name} {precision} {r['source']} {r['format']}: {r['latency_ms']['median']:.2f} ms "
                       f"({r['ratio_to_ours']:.2f}x ours), parity {'PASS' if r['parity']['passed'] else 'FAIL'}",
                       flush=True)
-    save_result("peers", runs=runs)
+    own = [name for name in args.models.split(",") if ":" in name]  # FILE.py:FACTORY: results of their own
+    save_result("peers" if not own else "peers_" + "_".join(Path(n.split(":")[0]).stem for n in own), runs=runs)
     print("\n| model | precision | exported by | format | MB | threads | median ms | vs ours | top-1 agr. | parity |"
           "\n|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:

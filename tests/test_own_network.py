@@ -180,6 +180,26 @@ def test_own_network_file_exports_quantizes_and_benches(tmp_path, monkeypatch, r
 
 
 @pytest.mark.slow
+def test_an_own_mixnet_lowers_as_timms():
+    """benchmarks/own_mixnet.py (timm's mixnet_s with a split/cat MixConv class of its own): every
+    MixConv is recognised, and the lowered model is timm's mixnet_s's, module for module and weight
+    for weight."""
+    from conftest import ROOT
+
+    from mixnet_deploy.lower import analyse, lower
+    from mixnet_deploy.models import load_model
+    from mixnet_deploy.planner import make_plan
+
+    own, timm_s = load_model(f"{ROOT / 'benchmarks' / 'own_mixnet.py'}:build"), load_model("mixnet_s")
+    size = timm_s.preprocess.input_size
+    assert analyse(own.module, size) == analyse(timm_s.module, size)
+    lowered = [lower(m.module, size, make_plan("auto", m.module, size, "litert")).module for m in (own, timm_s)]
+    assert str(lowered[0]) == str(lowered[1])
+    theirs = lowered[1].state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in lowered[0].state_dict().items())
+
+
+@pytest.mark.slow
 def test_own_network_against_the_peers(tmp_path, monkeypatch, run_cli):
     """bench --compare-peers FILE.py:FACTORY: the plain export always, litert-torch and onnx2tf where
     installed, building the network from its file in their own environments."""
