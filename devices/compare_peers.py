@@ -1,5 +1,6 @@
-"""`mixdeploy bench --compare-peers MODEL`: the same model (timm's, or the user's own) and weights exported by mixdeploy and
-by every peer available here, benchmarked side by side on one device with parity."""
+"""`mixdeploy bench --compare-peers MODEL`: the same model (timm's, or the user's own) and weights
+exported by mixdeploy and by every peer available here, benchmarked side by side on one device with
+parity."""
 from __future__ import annotations
 
 import contextlib
