@@ -19,6 +19,7 @@ from benchmarks.timing import arguments  # noqa: E402
 from devices.bench import Settings  # noqa: E402
 from devices.compare_peers import compare_peers  # noqa: E402
 from devices.connect import open_device  # noqa: E402
+from mixnet_deploy.models import own_network  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +35,9 @@ def main() -> None:
                 print(f"{name} {precision} {r['source']} {r['format']}: {r['latency_ms']['median']:.2f} ms "
                       f"({r['ratio_to_ours']:.2f}x ours), parity {'PASS' if r['parity']['passed'] else 'FAIL'}",
                       flush=True)
-    own = [name for name in args.models.split(",") if ":" in name]  # FILE.py:FACTORY: results of their own
-    save_result("peers" if not own else "peers_" + "_".join(Path(n.split(":")[0]).stem for n in own), runs=runs)
+    own = [found for name in args.models.split(",") if (found := own_network(name))]  # results of their own
+    save_result("peers" if not own else "peers_" + "_".join(
+        Path(source).stem if source.endswith(".py") else source.replace(".", "_") for source, _ in own), runs=runs)
     print("\n| model | precision | exported by | format | MB | threads | median ms | vs ours | top-1 agr. | parity |"
           "\n|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:

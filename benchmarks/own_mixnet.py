@@ -1,5 +1,5 @@
-"""mixnet_s as a user with a MixConv of their own would have it: timm's architecture and weights,
-every MixedConv2d replaced by the usual split / depthwise convs / cat module. For comparing ours and
+"""mixnet_s as a user with a MixConv of their own would have it: timm's architecture (random-init
+weights), every MixedConv2d replaced by the usual split / per-group convs / cat module. For comparing ours and
 the peers' exports of an own network:
 
     python benchmarks/bench_peers.py --models benchmarks/own_mixnet.py:build --threads 1
@@ -13,7 +13,8 @@ from torch import nn
 
 
 class MixConv(nn.Module):
-    """Channels split into groups, a depthwise conv of its own kernel size per group, concatenated."""
+    """Channels split into groups, a conv per group (depthwise of its own kernel size, or 1x1),
+    concatenated."""
 
     def __init__(self, convs: list[nn.Conv2d], splits: list[int]) -> None:
         super().__init__()

@@ -28,12 +28,15 @@ def _peer_files(model, spec: str, size: tuple[int, int, int], work: Path, precis
     name = file_stem(spec)
     files, missing = {}, {}
     step("peer: plain torch.onnx.export")
-    plain = peers.plain_onnx(model, name, work / "plain", size)
-    if precision == "int8":
+    plain, why = peers.run_checked(peers.plain_onnx, model, name, work / "plain", size)
+    label = "ORT quantize_static (defaults)" if precision == "int8" else "plain torch.onnx.export"
+    if plain is not None and precision == "int8":
         step("peer: onnxruntime.quantization defaults")
-        files["ORT quantize_static (defaults)"] = peers.ort_quantizer(plain, calib)
+        plain, why = peers.run_checked(peers.ort_quantizer, plain, calib)
+    if plain is None:  # an own network torch.onnx.export cannot take as it is: a finding, not a crash
+        missing[label] = f"failed: {why}"
     else:
-        files["plain torch.onnx.export"] = plain
+        files[label] = plain
     for peer, convert in (("onnx2tf", peers.onnx2tf), ("litert_torch", peers.litert_torch)):
         if precision == "int8" and peer == "litert_torch":
             continue  # its int8 path needs a PT2E quantizer recipe, not a converter flag

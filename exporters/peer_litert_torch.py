@@ -10,13 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-import litert_torch
 import timm
 import torch
 
 
 def build(name: str, state: dict) -> torch.nn.Module:
-    """The model NAME names, of the classes its weights have."""
+    """The model NAME names, of the classes its weights have. (mixnet_deploy.own_network imports an
+    own network the same way; this environment has no mixdeploy to import it from.)"""
     if ":" not in name:
         return timm.create_model(name, num_classes=state["classifier.weight"].shape[0])
     source, factory = name.rsplit(":", 1)
@@ -32,10 +32,17 @@ def build(name: str, state: dict) -> torch.nn.Module:
     return getattr(module, factory)()
 
 
-name, weights, out = sys.argv[1:4]
-channels, height, width = (int(v) for v in sys.argv[4:7]) if len(sys.argv) > 6 else (3, 224, 224)
-state = torch.load(weights, weights_only=True)
-model = build(name, state).eval()
-model.load_state_dict(state)
-model = litert_torch.to_channel_last_io(model, args=[0]).eval()
-litert_torch.convert(model, (torch.randn(1, height, width, channels),)).export(out)
+def main() -> None:
+    import litert_torch
+
+    name, weights, out = sys.argv[1:4]
+    channels, height, width = (int(v) for v in sys.argv[4:7]) if len(sys.argv) > 6 else (3, 224, 224)
+    state = torch.load(weights, weights_only=True)
+    model = build(name, state).eval()
+    model.load_state_dict(state)
+    model = litert_torch.to_channel_last_io(model, args=[0]).eval()
+    litert_torch.convert(model, (torch.randn(1, height, width, channels),)).export(out)
+
+
+if __name__ == "__main__":
+    main()

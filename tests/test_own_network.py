@@ -219,6 +219,21 @@ def test_own_network_against_the_peers(tmp_path, monkeypatch, run_cli):
     assert sorted(p.name for p in (tmp_path / "kept" / "ours").iterdir()) == ["build.onnx", "build.tflite"]
 
 
+def test_the_litert_torch_peer_builds_own_networks(tmp_path, monkeypatch):
+    """exporters/peer_litert_torch.py (run in litert-torch's environment, which CI does not make)
+    builds FILE.py:FACTORY (its sibling module and dataclass importable), MODULE:FACTORY from the
+    current folder, and a timm model of its weights' classes."""
+    from exporters.peer_litert_torch import build
+
+    write_network(tmp_path, "peerbuilt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # build() extends it, as its own process may
+    for spec in (f"{tmp_path / 'peerbuilt.py'}:build", "peerbuilt:build"):
+        model = build(spec, {})
+        assert type(model).__name__ == "TinyMixNet" and model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    assert build("mixnet_s", {"classifier.weight": torch.zeros(9, 1536)}).num_classes == 9
+
+
 @pytest.mark.slow
 def test_own_grayscale_network(tmp_path, monkeypatch, run_cli):
     """A one-channel network: photos are read as grayscale for its parity checks and calibration."""
