@@ -117,7 +117,8 @@ def test_a_float_file_planned_for_int8_is_quantized_with_its_plan(tmp_path, digi
     loaded = load_model("mixnet_s", checkpoint)
     size = loaded.preprocess.input_size
     auto = make_plan("auto", loaded.module, size, "litert_int8").layers
-    layers = {i.name: next(c for c in i.candidates[::-1] if c != auto[i.name]) for i in analyse(loaded.module, size)}
+    # the first candidate other than auto's (split, the plainest: its float file passes parity in every run)
+    layers = {i.name: next(c for c in i.candidates if c != auto[i.name]) for i in analyse(loaded.module, size)}
     reports = {}
     for target in ("litert_int8", "litert"):  # what a tuner measuring int8 or float returns
         float_file, int8_file = tmp_path / f"for_{target}.tflite", tmp_path / f"quantized_for_{target}.tflite"
