@@ -316,7 +316,7 @@ def _mean(tf, x, dims, keep: bool):
 def _reshape(tf, x, shape: list):
     """view/reshape: into (batch, features) only, the flatten before a classifier."""
     shape = list(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else list(shape)
-    n = int(np.prod(_nchw(x)))
+    n = int(np.prod(x.shape))
     if len(shape) == 2 and shape[0] in (-1, int(x.shape[0])) and shape[1] in (-1, n // int(x.shape[0])):
         return _flatten(tf, x)
     raise MixdeployError(f"the TFLite writer reshapes into (batch, features) only, not {tuple(shape)}")
@@ -400,7 +400,7 @@ def _keeps_order(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         mod = modules[node.target]
         return isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
             isinstance(mod, tuple(ACTIVATIONS)) and not isinstance(mod, (nn.Softmax, nn.PReLU)))
-    return node.target in DROPOUTS or FUNCTIONS.get(node.target) not in (None, nn.Softmax, nn.PReLU)
+    return node.target in DROPOUTS or FUNCTIONS.get(node.target) not in (None, nn.Softmax)
 
 
 def _reads_shape(node: fx.Node) -> bool:
