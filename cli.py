@@ -24,6 +24,7 @@ from mixnet_deploy.terminal import stderr_is_interactive
 from quantization.calibration import NUM_CALIB
 
 if TYPE_CHECKING:
+    from devices.bench import Settings
     from devices.transport import Transport
 
 out = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty())  # logs: a line per line
@@ -104,6 +105,22 @@ input_size_option = click.option("--input-size", callback=_input_size, metavar="
                                  help="Input resolution of MODEL instead of its own (e.g. 192 or 192x256).")
 
 
+def _finite(data: object) -> object:
+    """`data` with every NaN or infinity (a broken kernel's outputs, say) as None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
+
+
+def _echo_json(data: object) -> None:
+    """Print `data` as strict JSON (NaN and infinity as null: parsers such as jq reject them)."""
+    click.echo(json.dumps(_finite(data), indent=2, allow_nan=False))
+
+
 def _reject_given(names: tuple[str, ...], goes_with: str) -> None:
     """A usage error when options among `names` (parameter names) were given: they only go with `goes_with`."""
     ctx = click.get_current_context()
@@ -169,7 +186,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         }
         if chosen:
             report["plan"] = chosen.to_dict()
-        click.echo(json.dumps(report, indent=2))
+        _echo_json(report)
         return
     pre = loaded.preprocess
     from mixnet_deploy.models import DROPIN_PREFIX, own_network
@@ -208,7 +225,7 @@ def _file_info(path: str, as_json: bool) -> None:
 
     report = inspect_file(path)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        _echo_json(report)
         return
     opset = f" opset {report['opset']}" if "opset" in report else ""
     out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {report['precision']}  "
@@ -274,12 +291,17 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--tune-threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--tune-runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed runs per candidate in each of 3 rounds (fewer for a slow or emulated device).")
+@click.option("--cpus", help="With --tune: cores to pin to, as for bench [default: big on an Android phone].")
+@click.option("--python", "python", help="With --tune: the device's Python [default: python3].")
+@click.option("--timeout", type=Finite(min=1, max=86400), default=900, show_default=True,
+              help="With --tune: seconds one timing call (a layer's candidates, or the whole-model plans) may take.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: bool, input_size: tuple[int, int] | None,
            fmt: str, output: str | None, plan: str,
            opset: int, dynamic_batch: bool, fp16: bool, input_layout: str | None, tune_device: str | None,
-           precision: str | None, tune_threads: int, tune_runs: int, force: bool, as_json: bool) -> None:
+           precision: str | None, tune_threads: int, tune_runs: int, cpus: str | None, python: str | None,
+           timeout: float, force: bool, as_json: bool) -> None:
     """Lower MODEL and write it as ONNX and/or TFLite, then check it in the target runtime.
 
     With --tune DEVICE the lowering plan is measured on DEVICE: every MixConv layer's candidate
@@ -290,7 +312,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
     if precision and not tune_device:
         raise MixdeployError("--precision goes with --tune DEVICE (use --fp16 for a float16 TFLite export)")
     if not tune_device:
-        _reject_given(("tune_threads", "tune_runs"), "--tune DEVICE")
+        _reject_given(("tune_threads", "tune_runs", "cpus", "python", "timeout"), "--tune DEVICE")
     if fmt == "onnx":
         _reject_given(("fp16",), "--format tflite or all (TFLite only)")
     if fmt == "tflite":
@@ -303,15 +325,18 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
     tunings: list = []
     with _progress("exporting") as step:
         options = {"opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16, "input_layout": input_layout}
-        if tune_device:  # the device before the model (seconds to minutes): a typo or a missing device fails at once
+        if tune_device:  # the device and its runtimes before the model (seconds to minutes): they fail at once
+            from devices.bench import Settings, check_runner
             from devices.connect import open_device
             from mixnet_deploy.models import check_request
 
+            settings = Settings([tune_threads], runs=tune_runs, warmup=3, cpus=cpus, timeout=timeout, python=python)
             check_request(model, checkpoint, pretrained, calibrate_bn, input_size)
             check_outputs(model, fmt, output, force, options)
             step(f"connecting to {tune_device}")
-            plan = _tuner(open_device(tune_device), precision or ("fp16" if fp16 else "fp32"), tune_threads,
-                          tune_runs, tunings, step)
+            device = open_device(tune_device)
+            check_runner(device, settings, {"onnx", "tflite"} if fmt == "all" else {fmt})
+            plan = _tuner(device, precision or ("fp16" if fp16 else "fp32"), settings, tunings, step)
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
                              force=force, options=options, calibrate_bn=calibrate_bn, input_size=input_size,
                              step=step)
@@ -319,7 +344,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         reports = [r.to_dict() for r in results]
         for report, tuning in zip(reports, tunings):
             report["tuning"] = tuning.to_dict()
-        click.echo(json.dumps(reports, indent=2))
+        _echo_json(reports)
     else:
         for tuning in tunings:
             whole = ", ".join(f"{k} {v:.2f} ms" for k, v in tuning.whole_model_ms.items())
@@ -341,14 +366,14 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         sys.exit(1)
 
 
-def _tuner(device: Transport, precision: str, threads: int, runs: int, tunings: list, report: Callable[[str], None]):
+def _tuner(device: Transport, precision: str, settings: Settings, tunings: list, report: Callable[[str], None]):
     """A planner for export(): tune on `device` (a transport) for the format of each target, keeping each tuning."""
     from devices.tune import tune
 
     def plan(module, size, target):
         fmt = "tflite" if target.startswith("litert") else "onnx"
         timed = "fp32" if fmt == "onnx" and precision == "fp16" else precision  # ONNX exports stay fp32
-        result = tune(module, size, device, fmt, timed, threads, runs=runs,
+        result = tune(module, size, device, fmt, timed, settings,
                       step=lambda text, done, total: report(f"tuning {fmt} on {device.name} [{done}/{total}]: {text}"))
         tunings.append(result)
         return result.plan
@@ -393,7 +418,7 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
                               step=step)
     budget = result.details.get("max_drop")
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        _echo_json(result.to_dict())
     else:
         _print_quantized(result)
     problems = [f"--max-drop {budget['budget_points']} not met even with {', '.join(result.kept_float)} in float "
@@ -566,7 +591,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         written = write_report(Path(report), measured["device"], results)
         err.print("report: " + ", ".join(map(str, written)))
     if as_json:
-        click.echo(json.dumps(measured, indent=2))
+        _echo_json(measured)
     else:
         _bench_table(measured)
     # with --compare-peers a peer's file failing parity is a finding, not our failure
@@ -579,7 +604,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
 
 
 def _bench_table(measured: dict) -> None:
-    from devices.report import number
+    from devices.report import median, number
 
     dev = measured["device"]
     title = f"mixdeploy bench on {dev['name']} ({dev['abi']}, {dev['os']})"
@@ -596,8 +621,8 @@ def _bench_table(measured: dict) -> None:
         for t, lat in r["latency_by_threads"].items():
             first = t == str(measured["settings"]["threads"][0])
             cells = ([r["source"], r["format"], f"{r['size_bytes'] / 1e6:.1f}", t,
-                      number(lat["median"]), f"{r['ratio_to_ours']:.2f}x" if first else ""] if peers else
-                     [Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, number(lat["median"]),
+                      median(lat), f"{r['ratio_to_ours']:.2f}x" if first else ""] if peers else
+                     [Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, median(lat),
                       number(lat["p90"]), number(r["peak_memory_mb"], ".0f")])
             table.add_row(*cells, f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
                           "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
@@ -626,7 +651,7 @@ def device_info_command(spec: str, as_json: bool) -> None:
     with open_device(spec) as transport:
         info = device_info(transport)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        _echo_json(info)
         return
     freqs = ", ".join(f"cpu{c['cpu']} {c['max_khz'] / 1e6:.2f} GHz" if c["max_khz"] else f"cpu{c['cpu']}"
                       for c in info["cores"])
@@ -663,7 +688,7 @@ def device_sim(action: str, port: int | None, as_json: bool) -> None:
             sim.stop()
         result = sim.status()
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        _echo_json(result)
     else:
         out.print(", ".join(f"{k} {v}" for k, v in result.items()))
 

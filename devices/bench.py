@@ -20,7 +20,7 @@ from mixnet_deploy.parity import DEPLOYED_TOLERANCE, compare, reference_outputs
 from mixnet_deploy.preprocess import SAMPLE_IMAGES
 
 from . import benchmark_model, runners
-from .device_info import cpu_mask, device_info, temperatures
+from .device_info import big_cores, cpu_mask, device_info, temperatures
 from .runners import latency_stats
 from .transport import Transport
 
@@ -53,6 +53,10 @@ class Settings:
     cooldown: float | None = None  # seconds between models; None: 10 s on a real phone, else 0
     timeout: float = 900
     python: str | None = None  # the device's Python; None: python3 (this Python on the local device)
+
+    def __post_init__(self) -> None:
+        if self.cpus not in (None, "big") and not re.fullmatch(r"(0[xX])?[0-9a-fA-F]+", self.cpus.strip()):
+            raise MixdeployError(f"--cpus {self.cpus}: give a hex core mask such as f0, or big")
 
 
 @dataclass
@@ -93,20 +97,23 @@ def prepare(file: str, report: dict, parity_dir: str | None, samples: int, refer
     return Prepared(Path(file), report, images, reference)
 
 
-def core_mask(cpus: str | None, info: dict) -> str | None:
-    """taskset mask for --cpus: "big" -> the fastest cores; None -> big cores on a real Android phone."""
+def core_mask(cpus: str | None, info: dict, threads: int = 1) -> str | None:
+    """taskset mask for --cpus: "big" -> the fastest cores, at least `threads` of them when the device
+    has them; None -> the same on a real Android phone. A mask of fewer cores than `threads` is refused:
+    the threads would share cores and time each other."""
     android = info["os"].startswith("Android") and not info["emulated"]
     if cpus == "big" or (cpus is None and android):
-        return cpu_mask(info["big_cores"])
+        return cpu_mask(big_cores(info["cores"], threads))
     if cpus is None:
         return None
-    if not re.fullmatch(r"(0[xX])?[0-9a-fA-F]+", cpus.strip()):
-        raise MixdeployError(f"--cpus {cpus}: give a hex core mask such as f0, or big")
     mask = int(cpus, 16)
     if mask <= 0 or mask >= 1 << len(info["cores"]):
         raise MixdeployError(f"--cpus {cpus}: {'selects no core' if mask <= 0 else 'names a core the device lacks'}; "
                              f"the device has cores 0-{len(info['cores']) - 1} (mask {(1 << len(info['cores'])) - 1:x} "
                              "for all of them)")
+    if mask.bit_count() < threads:
+        raise MixdeployError(f"--cpus {cpus} has {mask.bit_count()} core(s) for {threads} threads: they would share "
+                             "cores; give a mask of as many cores as the largest --threads, or big")
     return format(mask, "x")
 
 
@@ -116,7 +123,7 @@ class Session:
     def __init__(self, device: Transport, settings: Settings, host: Path) -> None:
         self.device, self.settings, self.host = device, settings, host
         self.info = device_info(device)
-        self.mask = core_mask(settings.cpus, self.info)
+        self.mask = core_mask(settings.cpus, self.info, max(settings.threads))
         self.prefix = ["taskset", self.mask] if self.mask else []
         self.python = settings.python or device.python
         self.binary: str | None = None
@@ -131,10 +138,15 @@ class Session:
             module = "onnxruntime" if fmt == "onnx" else "ai_edge_litert"
             code = f"import numpy, {module} as m; print(m.__name__, getattr(m, '__version__', '?'))"
             probe = self.device.shell([self.python, "-c", code], timeout=300, check=False)
+            if probe.code == 127:
+                raise DeviceError(f"{self.device.name} has no {self.python}: pass --python PATH of its Python "
+                                  "(bench can also use --runner benchmark_model)")
             if probe.code != 0:
-                raise DeviceError(f"{self.python} on {self.device.name} cannot import numpy and {module}: pip install "
-                                  f"them there, pass --python PATH of a Python that has them, or use --runner "
-                                  f"benchmark_model")
+                said = (probe.stderr or probe.stdout).strip().splitlines()
+                raise DeviceError(f"{self.python} on {self.device.name} cannot import numpy and {module}"
+                                  + (f" ({said[-1].strip()})" if said else "") + ": pip install them there or pass "
+                                  "--python PATH of a Python that has them (bench can also use --runner "
+                                  "benchmark_model)")
             self.runtimes[fmt] = probe.stdout.strip()
         return self.runtimes[fmt]
 
@@ -200,6 +212,7 @@ class Session:
         for x in host.feed(item.images):
             (self.host / "input.bin").write_bytes(runners.quantize(x[None], host.input).tobytes())
             self.device.push(self.host / "input.bin", f"{work}/input.bin")
+            self.device.shell(["rm", "-f", f"{work}/output.bin"])  # a run writing none must not pass the last one's
             with _run_limit():
                 benchmark_model.run(self.device, self.binary, model, s.threads[0], 1, 0, self.mask,
                                     {name: f"{work}/input.bin"}, {name: shape}, f"{work}/output.bin", timeout=left())

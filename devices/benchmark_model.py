@@ -163,17 +163,18 @@ def _escape(item: str) -> str:
 
 def command(binary: str, model: str, threads: int, runs: int, warmup: int, cpus: str | None = None,
             input_files: dict[str, str] | None = None, output_file: str | None = None,
-            extra: list[str] | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+            extra: list[str] | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+            max_secs: int = 150) -> list[str]:
     """The argv that runs `binary` on the device: pinned with `taskset cpus` (hex mask, e.g. "f0"),
-    exactly `runs` timed and `warmup` warm-up runs (min_secs and warmup_min_secs 0), peak memory
-    reported. `input_files` (name -> device path, every model input in the model's order) feed raw
+    exactly `runs` timed and `warmup` warm-up runs (min_secs and warmup_min_secs 0) unless they take
+    over `max_secs`, peak memory reported. `input_files` (name -> device path, every model input in the model's order) feed raw
     tensors and need `input_shapes`; `output_file` receives every output tensor's raw bytes.
     Both are flags of the TFLite-interpreter build only."""
     if cpus is not None and not re.fullmatch(r"(0x)?[0-9a-fA-F]+", cpus):
         raise MixdeployError(f"taskset mask {cpus!r} is not hexadecimal (cores 4-7 are 'f0')")
     argv = ["taskset", cpus] if cpus else []
     argv += [binary, f"--graph={model}", f"--num_threads={threads}", f"--num_runs={runs}",
-             f"--warmup_runs={warmup}", "--min_secs=0", "--warmup_min_secs=0",
+             f"--warmup_runs={warmup}", "--min_secs=0", "--warmup_min_secs=0", f"--max_secs={max_secs}",
              "--report_peak_memory_footprint=true"]
     if input_files:
         shapes = input_shapes or {}
@@ -234,8 +235,9 @@ def run(transport: Transport, remote_binary: str, model_on_device: str, threads:
         extra: list[str] | None = None, timeout: float = 600) -> dict:
     """Run the installed benchmark_model once and parse what it printed. A non-zero exit, or a flag
     the binary did not know (it would silently ignore input files), is a DeviceError quoting the tool."""
+    # the tool's own limit past ours: its default (150 s) would cut a slow model's runs short unsaid
     argv = command(remote_binary, model_on_device, threads, runs, warmup, cpus, input_files, output_file, extra,
-                   input_shapes)
+                   input_shapes, max_secs=math.ceil(timeout))
     result = transport.shell(argv, timeout=timeout, check=False)
     text = result.stdout + "\n" + result.stderr
     if result.code != 0:

@@ -11,6 +11,7 @@ echo "abi $(getprop ro.product.cpu.abi 2>/dev/null)"
 echo "model $(getprop ro.product.model 2>/dev/null)"
 echo "android $(getprop ro.build.version.release 2>/dev/null)"
 echo "qemu $(getprop ro.kernel.qemu 2>/dev/null)"
+echo "bootqemu $(getprop ro.boot.qemu 2>/dev/null)"
 for c in /sys/devices/system/cpu/cpu[0-9]*; do echo "cpu ${c##*cpu} $(cat $c/cpufreq/cpuinfo_max_freq 2>/dev/null)"; done
 echo "nproc $(nproc 2>/dev/null || grep -c ^processor /proc/cpuinfo)"
 echo "governor $(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null)"
@@ -46,16 +47,21 @@ def device_info(transport: Transport) -> dict:
         "big_cores": big_cores(cores),
         "governor": facts.get("governor") or None,
         "mem_free_mb": int(memfree[1]) // 1024 if len(memfree) > 1 and memfree[1].isdigit() else None,
-        "emulated": bool(facts.get("qemu")),
+        "emulated": "1" in (facts.get("qemu"), facts.get("bootqemu")),  # newer emulator images set only ro.boot.qemu
         "temps": temperatures(transport),
     }
 
 
-def big_cores(cores: list[dict]) -> list[int]:
-    """The cores with the highest max frequency (all cores when frequencies are unknown)."""
-    freqs = [c["max_khz"] for c in cores if c["max_khz"]]
-    top = max(freqs) if freqs else None
-    return [c["cpu"] for c in cores if top is None or c["max_khz"] == top]
+def big_cores(cores: list[dict], at_least: int = 1) -> list[int]:
+    """The cores with the highest max frequency, taking the next tier down (a phone's middle cores)
+    while they are fewer than `at_least` (all cores when frequencies are unknown)."""
+    tiers = sorted({c["max_khz"] or 0 for c in cores}, reverse=True)
+    chosen: list[int] = []
+    for tier in tiers:
+        chosen += [c["cpu"] for c in cores if (c["max_khz"] or 0) == tier]
+        if len(chosen) >= at_least:
+            break
+    return sorted(chosen)
 
 
 def cpu_mask(cpus: list[int]) -> str:

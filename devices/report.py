@@ -91,6 +91,11 @@ def number(value: float | None, spec: str = ".2f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def median(latency: dict) -> str:
+    """The median cell, marked when the runner printed only a mean (older benchmark_model builds)."""
+    return number(latency["median"]) + (" (mean)" if latency.get("median_is_mean") else "")
+
+
 def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
     header = ["file", "format", "precision", "input", "size MB", "threads", "min", "median", "mean", "p90", "p99", "std",
               "init ms",
@@ -106,7 +111,7 @@ def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
                 continue
             rows.append([Path(r["file"]).name.replace("|", "\\|"), r["format"], r["precision"],
                          "×".join(map(str, r.get("input_shape") or ["?"])), f"{r['size_bytes'] / 1e6:.2f}", t,
-                         number(lat["min"]), number(lat["median"]), number(lat.get("mean")), number(lat["p90"]),
+                         number(lat["min"]), median(lat), number(lat.get("mean")), number(lat["p90"]),
                          number(lat["p99"]), number(lat["std"]), number(r["init_ms"], ".1f"),
                          number(r["first_inference_ms"], ".1f"), number(memory, ".1f"),
                          f"{p['top1_agreement']:.1%}", f"{p['top5_agreement']:.1%}", f"{p['cosine']:.7f}",

@@ -24,6 +24,8 @@ class SshTransport(Transport):
         if not match:
             raise MixdeployError(f"device ssh:{target}: give ssh:USER@HOST or ssh:USER@HOST:PORT")
         user, self.host, port = match.groups()
+        if self.host.startswith("-") or (user or "").startswith("-"):  # ssh would read it as an option
+            raise MixdeployError(f"device ssh:{target}: a user or host cannot start with '-'")
         check_port(port, f"ssh:{target}")
         self.name = f"ssh:{target}"
         self.destination = f"{user}@{self.host}" if user else self.host
@@ -32,7 +34,9 @@ class SshTransport(Transport):
         except ValueError as exc:
             raise MixdeployError(f"MIXDEPLOY_SSH_OPTIONS cannot be split like a shell line ({exc}); "
                                  "balance its quotes") from None
-        self.options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", *extra]
+        # a board that dies mid-run: ssh gives up after 15 s of silence (exit 255, "ssh ... failed"), not at --timeout
+        self.options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", "-o", "ServerAliveInterval=5",
+                        "-o", "ServerAliveCountMax=3", *extra]
         self.port = port or "22"
         self.shell("true", timeout=timeout)
 

@@ -3,6 +3,7 @@ always removed, and what the device is (ABI, cores, governor, temperatures, memo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -10,6 +11,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 
@@ -72,11 +74,10 @@ class Transport:
         """A fresh folder on the device for this run, created on first use; folders left behind by
         runs that lost this device are removed first."""
         if self._workdir is None:
-            stale = _stale()
-            if stale.get(self.name):
-                folders = stale.pop(self.name)
-                self._shell("".join(map(_stop_in, folders)) + shlex.join(["rm", "-rf", *folders]), 60)
-                _save_stale(stale)
+            with _stale() as stale:
+                if stale.get(self.name):
+                    folders = stale.pop(self.name)
+                    self._shell("".join(map(_stop_in, folders)) + shlex.join(["rm", "-rf", *folders]), 60)
             self._workdir = self.shell(["mktemp", "-d", f"{self.tmp_root}/mixdeploy.XXXXXX"]).stdout.strip()
         return self._workdir
 
@@ -89,9 +90,8 @@ class Transport:
             try:
                 self._shell(stop + shlex.join(["rm", "-rf", self._workdir]), 30)
             except BaseException as exc:  # a lost device, or a stop (Ctrl-C) meanwhile: removed next time
-                stale = _stale()
-                stale.setdefault(self.name, []).append(self._workdir)
-                _save_stale(stale)
+                with _stale() as stale:
+                    stale.setdefault(self.name, []).append(self._workdir)
                 if not isinstance(exc, DeviceError):
                     raise
             finally:
@@ -116,17 +116,21 @@ def _stop_in(folder: str) -> str:
             "&& kill -9 -$pg 2>/dev/null; ")
 
 
-def _stale() -> dict[str, list[str]]:
-    """Device name -> work folders left on it by runs that lost the device."""
-    try:
-        return json.loads(STALE.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_stale(stale: dict[str, list[str]]) -> None:
+@contextlib.contextmanager
+def _stale() -> Iterator[dict[str, list[str]]]:
+    """Device name -> work folders left on it by runs that lost the device; read, then written back
+    when changed, under a lock (benches on two devices at once)."""
     STALE.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(STALE, json.dumps(stale).encode())
+    with open(STALE.with_name(STALE.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            stale = json.loads(STALE.read_text())
+        except (OSError, ValueError):
+            stale = {}
+        before = json.dumps(stale)
+        yield stale
+        if json.dumps(stale) != before:
+            write_atomic(STALE, json.dumps(stale).encode())
 
 
 def run_host(argv: list[str], timeout: float, what: str) -> ShellResult:

@@ -117,17 +117,16 @@ class TimingCache:
 class Tuner:
     """Times files on one device through the python runner, in the device's work folder."""
 
-    def __init__(self, device: Transport, fmt: str, precision: str, threads: int, rounds: int, runs: int,
-                 host: Path) -> None:
-        self.session = Session(device, Settings([threads], runs=runs, warmup=3), host)
-        self.fmt, self.precision, self.threads, self.rounds, self.runs = fmt, precision, threads, rounds, runs
-        self.host = host
+    def __init__(self, device: Transport, fmt: str, precision: str, settings: Settings, rounds: int, host: Path) -> None:
+        self.session = Session(device, settings, host)
+        self.fmt, self.precision, self.rounds, self.host = fmt, precision, rounds, host
+        self.threads, self.runs = settings.threads[0], settings.runs
         info = self.session.info
         self.fingerprint = {"abi": info["abi"], "model": info["model"], "os": info["os"],
                             "cores": [c["max_khz"] for c in info["cores"]], "cpus": self.session.mask,
                             "runtime": self.session.check_python(fmt), "format": fmt, "precision": precision,
-                            "threads": threads, "emulated": info["emulated"], "probes": VERSION,
-                            "converters": _converter_versions(fmt, precision), "rounds": rounds, "runs": runs,
+                            "threads": self.threads, "emulated": info["emulated"], "probes": VERSION,
+                            "converters": _converter_versions(fmt, precision), "rounds": rounds, "runs": self.runs,
                             "statistic": "fastest run"}
 
     def time(self, files: dict[str, Path]) -> dict[str, float]:
@@ -138,13 +137,15 @@ class Tuner:
             remote[name] = f"{work}/{path.name}"
             device.push(path, remote[name])
         argv = [*self.session.prefix, self.session.python, self.session.script, "time", *remote.values(),
-                "--threads", str(self.threads), "--runs", str(self.runs), "--rounds", str(self.rounds)]
+                "--threads", str(self.threads), "--runs", str(self.runs), "--warmup", str(self.session.settings.warmup),
+                "--rounds", str(self.rounds)]
         limit = self.session.settings.timeout
         try:
             done = device.shell(argv, timeout=limit, check=False)
         except DeviceTimeout:
             raise DeviceTimeout(f"timing {len(files)} files on {device.name} took over {limit:g} s ({self.rounds} "
-                                f"rounds x {self.runs} runs): lower --tune-runs for a slow or emulated device",
+                                f"rounds x {self.runs} runs): raise --timeout, or lower --tune-runs for a slow or "
+                                "emulated device",
                                 limit) from None
         device.shell(["rm", "-f", *remote.values()], check=False)
         if done.code != 0 or not done.stdout.strip():
@@ -254,9 +255,10 @@ def forward_code(model: nn.Module) -> str:
 
 
 def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, fmt: str, precision: str = "fp32",
-         threads: int = 1, rounds: int = 3, runs: int = 20, target: str | None = None,
+         settings: Settings | None = None, rounds: int = 3, target: str | None = None,
          step: Callable[[str, int, int], None] = lambda text, done, total: None) -> Tuning:
-    """Measure every uncached layer shape's candidates on the device, pick the fastest per layer,
+    """Measure every uncached layer shape's candidates on the device (at `settings`' first thread
+    count, its runs per round; default 1 thread, 20 runs), pick the fastest per layer,
     try the closest runner-ups inside the whole model, then time the whole model under the tuned,
     auto and uniform plans: if another plan is faster, it wins (and the plan's source says so).
     The whole-model verdict is cached too, so a second run on the device measures nothing.
@@ -270,14 +272,14 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-tune-") as tmp:
         host = Path(tmp)
         step(f"connecting to {device.name}", 0, 1)
-        tuner = Tuner(device, fmt, precision, threads, rounds, runs, host)
+        tuner = Tuner(device, fmt, precision, settings or Settings([1], runs=20, warmup=3), rounds, host)
         cache = TimingCache(tuner.fingerprint)
         shapes = {shape_key(info): info for info in layers}
         # a shape is measured again when a lowering was added after it was cached
         todo = [key for key in shapes if not set(shapes[key].candidates) <= set(cache.shapes.get(key, {}))]
         plan = Plan(target=target, source=f"tuned on {device.name}")
         result = Tuning(plan, tuner.fingerprint, measured_shapes=len(todo), cached_shapes=len(shapes) - len(todo),
-                        timing={"rounds": rounds, "runs": runs})
+                        timing={"rounds": rounds, "runs": tuner.runs})
         for i, key in enumerate(todo):
             info = shapes[key]
             step(f"layer {info.name}: {len(info.candidates)} candidates", i, len(todo))

@@ -121,7 +121,7 @@ def test_device_disappears_mid_tuning(sim_device, digits, tmp_path, monkeypatch)
     try:
         with pytest.raises(DeviceError) as failure:
             tune(loaded.module, loaded.preprocess.input_size, AdbTransport(sim_device["serial"]), "tflite",
-                 runs=2, rounds=1, step=step)
+                 settings=Settings([1], runs=2, warmup=3), rounds=1, step=step)
         assert sim_device["serial"] in str(failure.value) or "adb" in str(failure.value)
         files = list((tmp_path / "cache").glob("*.json"))
         assert len(files) == 1 and not [f for f in (tmp_path / "cache").iterdir() if f.name.startswith(".")]

@@ -168,10 +168,11 @@ def test_error_line_prefers_error_then_signal_then_failure_then_last_line():
 
 def test_command_flags_and_taskset():
     argv = command("/data/local/tmp/w/benchmark_model", "/data/local/tmp/w/m.tflite", threads=2, runs=30,
-                   warmup=3, cpus="f0", output_file="/data/local/tmp/w/out.bin", extra=["--use_xnnpack=false"])
+                   warmup=3, cpus="f0", output_file="/data/local/tmp/w/out.bin", extra=["--use_xnnpack=false"],
+                   max_secs=900)
     assert argv == ["taskset", "f0", "/data/local/tmp/w/benchmark_model", "--graph=/data/local/tmp/w/m.tflite",
                     "--num_threads=2", "--num_runs=30", "--warmup_runs=3", "--min_secs=0", "--warmup_min_secs=0",
-                    "--report_peak_memory_footprint=true", "--output_filepath=/data/local/tmp/w/out.bin",
+                    "--max_secs=900", "--report_peak_memory_footprint=true", "--output_filepath=/data/local/tmp/w/out.bin",
                     "--use_xnnpack=false"]
     assert command("bm", "m.tflite", 1, 5, 1)[0] == "bm"
 
@@ -256,13 +257,14 @@ class FakeDevice(Transport):
 def test_install_then_run_parses():
     device = FakeDevice(recording("tflite_percentiles_g_format.txt"))
     remote = install(device, PYTHON)
-    result = run(device, remote, "/data/local/tmp/mixdeploy.abc/m.tflite", threads=4, runs=50, warmup=1, cpus="f0")
+    result = run(device, remote, "/data/local/tmp/mixdeploy.abc/m.tflite", threads=4, runs=50, warmup=1, cpus="f0",
+                 timeout=99.5)
     assert result["latency_ms"]["median"] == pytest.approx(1239.807)
     assert remote == "/data/local/tmp/mixdeploy.abc/benchmark_model"
     assert device.pushed == [(PYTHON, remote)]
     assert device.commands[1] == f"chmod +x {remote}"
     assert shlex.split(device.commands[2]) == command(remote, "/data/local/tmp/mixdeploy.abc/m.tflite", 4, 50, 1,
-                                                      "f0")
+                                                      "f0", max_secs=100)  # the tool stops past our limit too
 
 
 def test_run_failures_quote_the_tool():

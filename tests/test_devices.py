@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 from conftest import assert_usage_error, probe_files, processes_mentioning, still_running
 
+from devices.bench import Settings, core_mask
 from devices.connect import open_device
 from devices.device_info import big_cores, cpu_mask, device_info
 from exporters.inspect_file import inspect_file
-from mixnet_deploy.errors import DeviceError, DeviceTimeout
+from devices.transport import ShellResult, Transport
+from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 from quantization.calibration import NUM_CALIB, find_images
 
 TRICKY = "it's a \"test\" with $HOME, `backticks`; and spaces"
@@ -142,10 +144,45 @@ def test_device_info(device):
     assert info["mem_free_mb"] > 100 and info["emulated"] is emulated
 
 
+PHONE = [{"cpu": i, "max_khz": f} for i, f in enumerate([1800000] * 4 + [2400000] * 3 + [3000000])]  # three tiers
+
+
 def test_big_cores_and_masks():
-    cores = [{"cpu": i, "max_khz": f} for i, f in enumerate([1800000] * 4 + [2400000] * 3 + [3000000])]
-    assert big_cores(cores) == [7] and cpu_mask([4, 5, 6, 7]) == "f0"
+    assert big_cores(PHONE) == [7] and cpu_mask([4, 5, 6, 7]) == "f0"
+    assert big_cores(PHONE, 2) == big_cores(PHONE, 4) == [4, 5, 6, 7] and big_cores(PHONE, 5) == list(range(8))
     assert big_cores([{"cpu": 0, "max_khz": None}, {"cpu": 1, "max_khz": None}]) == [0, 1]
+
+
+def test_pinning_gives_every_thread_a_core():
+    """A phone's default pinning takes the next tier down for more threads than its fastest cores;
+    a --cpus mask of fewer cores than threads is refused (they would time each other)."""
+    phone = {"os": "Android 14", "emulated": False, "cores": PHONE}
+    assert core_mask(None, phone, 1) == "80" and core_mask(None, phone, 2) == core_mask("big", phone, 4) == "f0"
+    assert core_mask(None, {**phone, "emulated": True}, 2) is None and core_mask("c0", phone, 2) == "c0"
+    with pytest.raises(MixdeployError, match="--cpus 80 has 1 core"):
+        core_mask("80", phone, 2)
+    with pytest.raises(MixdeployError, match="--cpus 4-7: give a hex core mask"):
+        Settings([1], cpus="4-7")
+
+
+class Props(Transport):
+    """A device whose shell prints the facts device_info asks for."""
+
+    name = "props"
+
+    def __init__(self, printed: str) -> None:
+        super().__init__()
+        self.printed = printed
+
+    def _shell(self, command: str, timeout: float) -> ShellResult:
+        return ShellResult(0, self.printed if "uname" in command else "", "")
+
+
+@pytest.mark.parametrize(("props", "emulated"), [("qemu 1", True), ("bootqemu 1", True), ("qemu 0", False), ("", False)])
+def test_emulator_is_told_by_its_properties(props, emulated):
+    """ro.kernel.qemu or (newer images) ro.boot.qemu set to 1: an emulator; "0" is a phone."""
+    info = device_info(Props(f"uname Linux 6.1 aarch64\nandroid 14\n{props}\ncpu 0 2000000\n"))
+    assert info["emulated"] is emulated and info["os"] == "Android 14"
 
 
 @pytest.mark.slow
@@ -174,6 +211,7 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     assert closed.code == 1 and "ssh to root@127.0.0.1 failed" in closed.err and "refused" in closed.err
     assert len(closed.message) == 1
     assert_usage_error(run_cli("bench", model, "--device", "ssh:bad host"), "ssh:USER@HOST")
+    assert_usage_error(run_cli("bench", model, "--device", "ssh:-Fevil"), "cannot start with '-'")  # not an ssh option
     absent = run_cli("bench", model, "--device", "no-such-serial")
     assert absent.code == 1 and "adb device no-such-serial not found" in absent.err
     # a network serial nothing listens on: adb's own reason, and no offline entry left in `adb devices`
@@ -197,6 +235,8 @@ def test_bad_bench_options(run_cli, digits_exports):
     assert_usage_error(run_cli("bench", model, "--cpus", "ff0", "--parity", digits_exports["eval"]), "lacks", "cores 0-")
     assert_usage_error(run_cli("bench", model, "--cpus", "0", "--parity", digits_exports["eval"]), "selects no core")
     assert_usage_error(run_cli("bench", model, "--cpus", "-1", "--parity", digits_exports["eval"]), "give a hex core mask")
+    assert_usage_error(run_cli("bench", model, "--cpus", "1", "--threads", "1,2", "--parity", digits_exports["eval"]),
+                       "--cpus 1 has 1 core(s) for 2 threads")
     assert_usage_error(run_cli("bench", model, f"{Path(model).parent}/./{Path(model).name}", "--parity", digits_exports["eval"]), "given twice")
     assert_usage_error(run_cli("bench", model, "--threads", "1,2,1"), "names a thread count twice")
     assert_usage_error(run_cli("bench", model, "--parity", "/nonexistent/photos"), "does not exist")
@@ -349,6 +389,7 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     assert third["probes"]["converted"] == 0 and third["probes"]["reused"] > 1  # the shape's probe files were kept
     # new cost tables make another auto plan: the cached verdict on the old one is not reused
     import devices.tune
+    import exporters.export
     from mixnet_deploy.lower import analyse, preset_plan
 
     decided = len(json.loads(cache.read_text())["decisions"])
@@ -363,6 +404,15 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     assert_usage_error(run_cli("export", "mixnet_s", *unroutable, "-o", tmp_path / "tuned.tflite"), "exists")
     assert_usage_error(run_cli("export", "mixnet_s", "--precision", "int8"), "goes with --tune")
     assert_usage_error(run_cli("export", "mixnet_s", "--tune-runs", "3"), "--tune-runs goes with --tune")
+    assert_usage_error(run_cli("export", "mixnet_s", "--python", "python3"), "--python goes with --tune")
+    assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--cpus", "4-7"), "give a hex core mask")
+    # the device's runtime is checked before the model is built (minutes for a large one)
+    monkeypatch.setattr(exporters.export, "load_model", lambda *_: pytest.fail("the model was built"))
+    missing = run_cli("export", "mixnet_s", "--tune", "local", "--python", "/nonexistent/python3", "--force",
+                      "-o", tmp_path / "tuned.tflite")
+    assert missing.code == 1 and missing.message == ["mixdeploy: error: local has no /nonexistent/python3: pass "
+                                                     "--python PATH of its Python (bench can also use --runner "
+                                                     "benchmark_model)"]
 
 
 def test_swaps_slower_together_are_dropped(tmp_path, monkeypatch):
@@ -376,7 +426,7 @@ def test_swaps_slower_together_are_dropped(tmp_path, monkeypatch):
     from mixnet_deploy.lower import analyse
 
     class ScriptedTuner:
-        def __init__(self, device, fmt, precision, threads, rounds, runs, host):
+        def __init__(self, device, fmt, precision, settings, rounds, host):
             self.fmt, self.precision, self.fingerprint = fmt, precision, {"scripted": True}
 
         def time(self, files):

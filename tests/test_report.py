@@ -1,6 +1,8 @@
 """The bench report renderer: Markdown table and PNG plot from result dicts (synthetic: it only renders)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 
@@ -124,3 +126,21 @@ def test_report_marks_the_cores_of_the_cpus_mask(tmp_path):
     write_report(tmp_path / "r.md", unknown, RESULTS)  # a VM: no frequencies, no governor
     text = (tmp_path / "r.md").read_text()
     assert "- Cores: 2: cpu0–1 (not pinned: any core)\n" in text and "- Governor: unknown\n" in text
+
+
+def test_json_output_is_strict(capsys):
+    """A broken kernel's NaN or infinite outputs print as null: jq and strict parsers reject NaN."""
+    from cli import _echo_json
+
+    _echo_json({"parity": {"cosine": float("nan"), "max_abs": float("inf")}, "runs": [1.5, float("-inf")]})
+    assert json.loads(capsys.readouterr().out) == {"parity": {"cosine": None, "max_abs": None}, "runs": [1.5, None]}
+
+
+def test_a_mean_standing_in_for_the_median_says_so(tmp_path):
+    """An older benchmark_model prints no median: its mean is reported in the median column, marked."""
+    from devices.report import median
+
+    old = {**RESULTS[1]["latency_ms"], "median_is_mean": True}
+    assert median(old) == f"{old['median']:.2f} (mean)" and "(mean)" not in median(RESULTS[1]["latency_ms"])
+    write_report(tmp_path / "r.md", DEVICE, [{**RESULTS[1], "latency_by_threads": {"1": old}}])
+    assert f"| {old['median']:.2f} (mean) |" in (tmp_path / "r.md").read_text()
