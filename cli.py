@@ -79,6 +79,15 @@ def _heartbeat(title: str, stream) -> Iterator[Callable[[str], None]]:
         thread.join()
 
 
+class GivenPath(click.Path):
+    """A path that is not empty ("" is the current folder to Python: an unset shell variable, most likely)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path (an unset shell variable?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class Finite(click.FloatRange):
     """A FloatRange that also refuses nan, which passes every bound (a comparison with nan is false), and inf."""
 
@@ -139,7 +148,7 @@ def model_options(fn: Callable) -> Callable:
                       help="Random-init only: BatchNorm statistics from the shipped photos (realistic activations "
                            "for benchmarks and int8 without trained weights).")(fn)
     fn = click.option("--pretrained", is_flag=True, help=PRETRAINED)(fn)
-    fn = click.option("--checkpoint", type=click.Path(), help="Local weights (.pth/.pt/.safetensors) for MODEL.")(fn)
+    fn = click.option("--checkpoint", type=GivenPath(), help="Local weights (.pth/.pt/.safetensors) for MODEL.")(fn)
     return click.argument("model")(fn)
 
 
@@ -277,7 +286,7 @@ def _render_parity(title: str, report) -> Table:
 @cli.command()
 @model_options
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "all"]), default="onnx", show_default=True)
-@click.option("--output", "-o", type=click.Path(), help="Output file (a stem for --format all). Default: MODEL.EXT here.")
+@click.option("--output", "-o", type=GivenPath(), help="Output file (a stem for --format all). Default: MODEL.EXT here.")
 @click.option("--plan", "plan", default="auto", show_default=True, help="auto, split, fold or a plan JSON file.")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: leave the batch dimension free.")
@@ -383,10 +392,10 @@ def _tuner(device: Transport, precision: str, settings: Settings, tunings: list,
 
 @cli.command()
 @click.argument("source", metavar="FILE_OR_MODEL")
-@click.option("--calib", required=True, type=click.Path(), help="Folder of calibration images (recursive).")
-@click.option("--output", "-o", type=click.Path(), help="Output file. Default: FILE_int8.EXT next to FILE, or MODEL_int8.EXT here.")
+@click.option("--calib", required=True, type=GivenPath(), help="Folder of calibration images (recursive).")
+@click.option("--output", "-o", type=GivenPath(), help="Output file. Default: FILE_int8.EXT next to FILE, or MODEL_int8.EXT here.")
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), help="For a MODEL name (default tflite).")
-@click.option("--checkpoint", type=click.Path(), help="Weights for a MODEL name.")
+@click.option("--checkpoint", type=GivenPath(), help="Weights for a MODEL name.")
 @click.option("--pretrained", is_flag=True, help=f"For a MODEL name: {PRETRAINED}")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
 @input_size_option
@@ -394,7 +403,7 @@ def _tuner(device: Transport, precision: str, settings: Settings, tunings: list,
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
               help="Activation ranges: min/max, clipped to the 99.999th percentile, or entropy (onnx only).")
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
-@click.option("--eval", "eval_dir", type=click.Path(), help="Held-out images (ImageFolder layout adds accuracy).")
+@click.option("--eval", "eval_dir", type=GivenPath(), help="Held-out images (ImageFolder layout adds accuracy).")
 @click.option("--num-eval", type=click.IntRange(min=1), default=1000, show_default=True,
               help="With --eval: images evaluated (a seeded sample spread over its classes).")
 @click.option("--max-drop", type=Finite(min=0, max=100), help="Keep sensitive layers in float until "
@@ -409,7 +418,7 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     from mixnet_deploy.models import RANDOM_INIT
     from quantization.quantize import quantize as run_quantize
 
-    if not eval_dir:
+    if eval_dir is None:
         _reject_given(("num_eval",), "--eval DIR")
     with _progress("quantizing") as step:
         result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, pretrained=pretrained,
@@ -458,14 +467,15 @@ def _print_quantized(result) -> None:
               f"{result.method} calibration on {cal['used']} images ({cal['skipped']} unreadable skipped)")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()))
     a = result.agreement
-    out.print(f"vs float on {cal['evaluated']} held-out images: top-1 agreement {a.top1_agreement:.1%}, "
+    skipped = f" ({cal['eval_skipped']} unreadable skipped)" if cal["eval_skipped"] else ""
+    out.print(f"vs float on {cal['evaluated']} held-out images{skipped}: top-1 agreement {a.top1_agreement:.1%}, "
               f"top-5 {a.top5_agreement:.1%}, cosine {a.cosine:.5f} (at least {a.tolerance['min_cosine']}: "
               f"{'PASS' if a.passed else 'FAIL'}), SQNR {a.sqnr_db:.1f} dB")
     budget = result.details.get("max_drop")
     if budget:
         out.print(f"--max-drop {budget['budget_points']}: {'met' if budget['met'] else 'NOT met'}; in float: "
                   f"{', '.join(result.kept_float) or 'nothing'}; latency {budget['latency_ms']:.2f} ms vs "
-                  f"{budget['latency_all_int8_ms']:.2f} ms all-int8")
+                  f"{budget['latency_all_int8_ms']:.2f} ms without --max-drop's float layers")
     advice = _eval_advice(budget) if budget else None
     if advice is None and cal["evaluated"] < FIRM_VERDICT:
         advice = (f"judged on {cal['evaluated']} held-out images, too few for a firm verdict (bench's parity may "
@@ -487,10 +497,10 @@ def _print_quantized(result) -> None:
               help="Export MODEL with mixdeploy and with every peer available here; bench them side by side.")
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="With --compare-peers: the precision compared (int8 calibrated on the parity photos).")
-@click.option("--checkpoint", type=click.Path(), help="With --compare-peers: local weights for MODEL.")
+@click.option("--checkpoint", type=GivenPath(), help="With --compare-peers: local weights for MODEL.")
 @click.option("--pretrained", is_flag=True, help=f"With --compare-peers: {PRETRAINED}")
 @click.option("--calibrate-bn", is_flag=True, help="With --compare-peers: random-init BatchNorm statistics from photos.")
-@click.option("--keep", type=click.Path(), help="With --compare-peers: keep every compared file in this new or empty "
+@click.option("--keep", type=GivenPath(), help="With --compare-peers: keep every compared file in this new or empty "
               "folder [default: a temporary one, removed].")
 @input_size_option
 @click.option("--device", default="local", show_default=True,
@@ -501,14 +511,14 @@ def _print_quantized(result) -> None:
 @click.option("--cpus", help="Cores to pin to: a hex mask (f0) or big [default: big on an Android phone].")
 @click.option("--runner", type=click.Choice(["python", "benchmark_model"]), default="python", show_default=True,
               help="python3 with ai-edge-litert/onnxruntime on the device, or LiteRT's benchmark_model (.tflite).")
-@click.option("--benchmark-binary", type=click.Path(), help="benchmark_model built for the device.")
+@click.option("--benchmark-binary", type=GivenPath(), help="benchmark_model built for the device.")
 @click.option("--python", "python", help="The device's Python for the python runner [default: python3].")
-@click.option("--parity", "parity_dir", type=click.Path(), help="Photos for the parity check (default: the shipped ones).")
+@click.option("--parity", "parity_dir", type=GivenPath(), help="Photos for the parity check (default: the shipped ones).")
 @click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--cooldown", type=Finite(min=0, max=3600), help="Seconds between models [default: 10 on a phone, else 0].")
 @click.option("--timeout", type=Finite(min=1, max=86400), default=900, show_default=True,
               help="Seconds one model may take on the device.")
-@click.option("--report", type=click.Path(), help="Also write a Markdown report (.md) here, with a PNG plot beside it.")
+@click.option("--report", type=GivenPath(), help="Also write a Markdown report (.md) here, with a PNG plot beside it.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkpoint: str | None, pretrained: bool,
@@ -562,9 +572,9 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     if twice := next((f for i, f in enumerate(files) if given[i] in given[:i]), None):
         raise MixdeployError(f"{twice} is given twice; give each file once")
     if parity_dir:
-        from quantization.calibration import check_folder
+        from quantization.calibration import MIN_IMAGES, check_folder
 
-        check_folder(parity_dir)
+        check_folder(parity_dir, min(parity_samples, MIN_IMAGES))
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
     kept = None

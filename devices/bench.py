@@ -90,7 +90,7 @@ def prepare(file: str, report: dict, parity_dir: str | None, samples: int, refer
     references = {} if references is None else references
     if key not in references:
         loaded = reload(meta)
-        images = load_folder(parity_dir or SAMPLE_IMAGES, loaded.preprocess, limit=samples, progress=False,
+        images = load_folder(parity_dir or SAMPLE_IMAGES, loaded.preprocess, limit=samples,
                              minimum=min(samples, MIN_IMAGES)).images
         references[key] = images.numpy(), reference_outputs(loaded.module, images)
     images, reference = references[key]

@@ -112,7 +112,7 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
                                                  pretrained=pretrained,
                                                  calibrate_bn=calibrate_bn, input_size=input_size, step=step)}
         photos = settings.parity_dir or SAMPLE_IMAGES  # a sample of a large folder, the same one quantize takes
-        calib = load_folder(photos, loaded.preprocess, limit=NUM_CALIB, progress=False).images.numpy()
+        calib = load_folder(photos, loaded.preprocess, limit=NUM_CALIB).images.numpy()
         if precision == "int8":  # calibrated on all of them, as the peers are (not on quantize's four fifths)
             ours = {fmt: quantize(str(path), photos, path.with_name(f"{stem}_int8.{fmt}"), num_calib=len(calib),
                                   eval_dir=photos, step=step).path for fmt, path in ours.items()}

@@ -72,6 +72,12 @@ def reference_outputs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         torch.set_num_threads(threads)
 
 
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal (reference) to error power, in dB, computed in float64."""
+    ref = reference.astype(np.float64)
+    return float(10 * np.log10(max(np.sum(ref**2), 1e-30) / max(np.sum((candidate - ref) ** 2), 1e-30)))
+
+
 def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None = None,
             min_cosine: float | None = None, min_top1: float | None = None) -> ParityReport:
     """Compare two (N, classes) outputs; each given threshold must hold for `passed`."""
@@ -99,7 +105,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None 
         rel_l2=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
         cosine=cosine,
         psnr_db=float(20 * np.log10((max_ref + 1e-5) / (rmse + 1e-10))),
-        sqnr_db=float(10 * np.log10(max(np.sum(ref**2), 1e-30) / max(np.sum(diff**2), 1e-30))),
+        sqnr_db=sqnr_db(ref, out),
         top1_agreement=float(np.mean(out.argmax(1) == top1_ref)),
         top5_agreement=float(np.mean([t in row for t, row in zip(top1_ref, top5_out)])),
         tolerance=tolerance,

@@ -8,7 +8,7 @@ from mixnet_deploy.models import LoadedModel
 
 def class_index(folder: str, loaded: LoadedModel) -> int | None:
     """A folder name as a class index: a number, a label of the model, or an ImageNet synset."""
-    if folder.isdigit():
+    if folder.isascii() and folder.isdigit():  # not '²', which isdigit() takes
         return int(folder)
     if loaded.labels and folder in loaded.labels:
         return loaded.labels.index(folder)
@@ -23,7 +23,7 @@ def class_index(folder: str, loaded: LoadedModel) -> int | None:
 def accuracy(reference: np.ndarray, candidate: np.ndarray, folders: list[str], loaded: LoadedModel) -> dict | None:
     """Top-1/top-5 of both models and the drop in points, or None when folders are not classes."""
     targets = [class_index(f, loaded) for f in folders]
-    if any(t is None for t in targets):
+    if any(t is None or t >= reference.shape[1] for t in targets):  # folders 2023, 2024: not classes
         return None
     t = np.asarray(targets)
 

@@ -2,18 +2,17 @@
 as the model's config says (timm's eval transform)."""
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from rich.console import Console
-from rich.progress import Progress
 
 from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform, read_image
-from mixnet_deploy.terminal import stderr_is_interactive
 
 MIN_IMAGES = 2
 NUM_CALIB = 100  # calibration images by default (quantize --num-calib, compare-peers' int8 files)
@@ -37,7 +36,7 @@ class ImageSet:
         return ImageSet(a, pa, la, self.skipped), ImageSet(b, pb, lb, [])
 
 
-def check_folder(folder: str | Path) -> Path:
+def _folder(folder: str | Path) -> Path:
     """`folder` as a Path; a usage error when it is not a folder."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -46,15 +45,34 @@ def check_folder(folder: str | Path) -> Path:
 
 
 def find_images(folder: str | Path) -> list[Path]:
-    """Every JPEG, PNG, WebP and BMP under `folder`, recursively, in a stable order."""
-    return sorted(p for p in check_folder(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every JPEG, PNG, WebP and BMP under `folder`, recursively (symlinked class folders too, each
+    real folder once), in a stable order."""
+    found, seen = [], set()
+    for current, subfolders, files in os.walk(_folder(folder), followlinks=True):
+        if os.path.realpath(current) in seen:  # a link back up, or a second link to one folder
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(current))
+        found += [Path(current, f) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
-def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = None,
-                progress: bool = True, minimum: int = MIN_IMAGES) -> ImageSet:
+def check_folder(folder: str | Path, minimum: int = MIN_IMAGES) -> Path:
+    """`folder` as a Path, checked before any work: a folder holding at least `minimum` image files
+    (not decoded yet: an unreadable one is found, and skipped, when read)."""
+    count = len(find_images(folder))
+    if count < minimum:
+        raise MixdeployError(f"image folder {folder} holds {count} JPEG, PNG, WebP or BMP file(s) (searched "
+                             f"recursively; need at least {minimum}); pass a folder of photos")
+    return Path(folder)
+
+
+def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = None, minimum: int = MIN_IMAGES,
+                step: Callable[[str], None] = lambda _: None) -> ImageSet:
     """Decode and preprocess the readable images in a stable order, or with `limit` as many of them
     in a seeded random order (spread over every class of an ImageFolder, not its first files, so that
-    quantize's held-out last fifth is spread too); unreadable ones are skipped and listed."""
+    quantize's held-out last fifth is spread too); unreadable ones are skipped and listed. `step`
+    reports progress (the caller's spinner or heartbeat)."""
     folder = Path(folder)
     paths = find_images(folder)
     layout = [p.relative_to(folder).parts for p in paths]
@@ -63,18 +81,16 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
         random.Random(SAMPLE_SEED).shuffle(paths)
     transform = eval_transform(cfg)
     tensors, used, skipped = [], [], []
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not progress or not stderr_is_interactive()) as bar:
-        task = bar.add_task(f"reading {folder}", total=len(paths) if limit is None else min(limit, len(paths)))
-        for path in paths:
-            if limit is not None and len(used) >= limit:
-                break
-            try:
-                tensors.append(read_image(path, transform, cfg.input_size[0]))
-                used.append(path)
-                bar.advance(task)
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-                skipped.append((str(path), type(exc).__name__))
+    total = len(paths) if limit is None else min(limit, len(paths))
+    for path in paths:
+        if limit is not None and len(used) >= limit:
+            break
+        step(f"reading {folder} [{len(used)}/{total}]")
+        try:
+            tensors.append(read_image(path, transform, cfg.input_size[0]))
+            used.append(path)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+            skipped.append((str(path), type(exc).__name__))
     if len(used) < minimum:
         raise MixdeployError(f"{folder} has {len(used)} usable image(s) (need at least {minimum}; "
                              f"{len(skipped)} unreadable); add JPEG, PNG, WebP or BMP photos")

@@ -32,12 +32,14 @@ def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from exporters.onnx_export import INPUT_NAME
+
     prepared = out_path.with_name(out_path.name + ".prep.onnx")
     try:
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress to stdout (breaks --json)
             quantize_static(
-                str(prepared), str(out_path), CalibrationReader(images, "input"), quant_format=QuantFormat.QDQ,
+                str(prepared), str(out_path), CalibrationReader(images, INPUT_NAME), quant_format=QuantFormat.QDQ,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=keep_float or [],
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},

@@ -117,17 +117,19 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     if from_file and out.resolve() == Path(source).resolve():
         raise MixdeployError(f"output {out} is the float file being quantized; give another --output")
     check_writable(out, force, FORMATS[fmt].suffix, format_option=not from_file)
-    for folder in filter(None, (calib, eval_dir)):
-        check_folder(folder)
+    # without --eval, a fifth of the images read is held out: read no more than that needs
+    limit = num_calib if eval_dir is not None else num_calib + math.ceil(num_calib / 4)
+    check_folder(calib, min(limit, MIN_IMAGES))
+    if eval_dir is not None:
+        check_folder(eval_dir, min(num_eval, MIN_IMAGES))
     loaded, file_plan, options = _source(source, checkpoint, pretrained, calibrate_bn, input_size)
     layout = options.get("input_layout", FORMATS[fmt].input_layout)  # the float file's, kept
-    step("reading calibration images")
-    # without --eval, a fifth of the images read is held out: read no more than that needs
-    limit = num_calib if eval_dir else num_calib + math.ceil(num_calib / 4)
-    images = load_folder(calib, loaded.preprocess, limit=limit, minimum=min(limit, MIN_IMAGES))
+    images = load_folder(calib, loaded.preprocess, limit=limit, minimum=min(limit, MIN_IMAGES), step=step)
+    evaluated = None
     if eval_dir is not None:
-        calibration, held_out = images, load_folder(eval_dir, loaded.preprocess, limit=num_eval,
-                                                         minimum=min(num_eval, MIN_IMAGES))
+        calibration = images
+        held_out = evaluated = load_folder(eval_dir, loaded.preprocess, limit=num_eval,
+                                           minimum=min(num_eval, MIN_IMAGES), step=step)
     else:
         calibration, held_out = images.split(len(images.images) - max(1, math.ceil(len(images.images) / 5)))
     size = loaded.preprocess.input_size
@@ -168,7 +170,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
             budget = budget or {"budget_points": max_drop, "latency_all_int8_ms": latency,
                                 "images": len(held_out.images), "points_per_image": 100 / len(held_out.images)}
             budget.update(latency_ms=latency, top1_agreement=agreement.top1_agreement,
-                          met=agreement.top1_agreement * 100 >= 100 - max_drop)
+                          met=budget_met(agreement.top1_agreement, len(held_out.images), max_drop))
             if (budget["met"] and agreement.passed) or not to_keep:
                 break
             kept.append(to_keep.pop(0))
@@ -180,7 +182,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 "calibration_images": len(calibration.images), "kept_float": kept},
                 "mixdeploy.parity": agreement.to_dict(), "mixdeploy.versions": versions(fmt)}
         FORMATS[fmt].add_metadata(tmp, meta)
-        acc = accuracy(reference, candidate, held_out.labels, loaded) if held_out.labels else None
+        acc = accuracy(reference, candidate, evaluated.labels, loaded) if evaluated and evaluated.labels else None
         details = FORMATS[fmt].inspect(tmp) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}
         out = kept_as(out, agreement.passed and (budget is None or budget["met"]))
         os.replace(tmp, out)  # the last step: a stop before it leaves no file
@@ -188,10 +190,17 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         for path in filter(None, (tmp, float_onnx)):
             path.unlink(missing_ok=True)
     calib_info = {"folder": str(calib), "used": len(calibration.images), "evaluated": len(held_out.images),
-                  "eval_folder": str(eval_dir) if eval_dir else None, "skipped": len(images.skipped),
-                  "skipped_files": images.skipped}
+                  "eval_folder": str(eval_dir) if eval_dir is not None else None, "skipped": len(images.skipped),
+                  "skipped_files": images.skipped, "eval_skipped": len(evaluated.skipped) if evaluated else 0,
+                  "eval_skipped_files": evaluated.skipped if evaluated else []}
     return QuantizeResult(out, fmt, loaded.name, loaded.weights, method, io, calib_info, agreement, acc,
                           kept, plan.layers, details)
+
+
+def budget_met(top1_agreement: float, images: int, max_drop: float) -> bool:
+    """Whether the images whose top-1 differs from float's fit a `max_drop`-point budget, counted in
+    images (in floating point, 97.4 % of 500 images falls short of a 2.6-point budget)."""
+    return round((1 - top1_agreement) * images) <= max_drop * images / 100 + 1e-9
 
 
 LAYERS_SHOWN = 10

@@ -7,10 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-
-def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
-    err = np.sum((reference.astype(np.float64) - candidate) ** 2)
-    return float(10 * np.log10(max(np.sum(reference.astype(np.float64) ** 2), 1e-30) / max(err, 1e-30)))
+from mixnet_deploy.parity import sqnr_db
 
 
 def _worst_per_module(sqnr: dict[str, float], module_of: Callable[[str], str]) -> list[dict]:
@@ -32,14 +29,16 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: se
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations, create_activation_matching, modify_model_output_intermediate_tensors)
 
+    from exporters.onnx_export import INPUT_NAME
+
     from .onnx_qdq import CalibrationReader
 
     float_aug, qdq_aug = float_path.with_suffix(".aug.onnx"), qdq_path.with_suffix(".aug.onnx")
     try:
         modify_model_output_intermediate_tensors(str(float_path), str(float_aug))
         modify_model_output_intermediate_tensors(str(qdq_path), str(qdq_aug))
-        matching = create_activation_matching(collect_activations(str(qdq_aug), CalibrationReader(images, "input")),
-                                              collect_activations(str(float_aug), CalibrationReader(images, "input")))
+        matching = create_activation_matching(collect_activations(str(qdq_aug), CalibrationReader(images, INPUT_NAME)),
+                                              collect_activations(str(float_aug), CalibrationReader(images, INPUT_NAME)))
     finally:
         float_aug.unlink(missing_ok=True)
         qdq_aug.unlink(missing_ok=True)
@@ -48,7 +47,7 @@ def onnx_layers(float_path: Path, qdq_path: Path, images: np.ndarray, leaves: se
         # post_qdq: the activation as the next op sees it (quantized; a removed ReLU is the clamp)
         quant = pair.get("post_qdq") or pair.get("pre_qdq")
         if "float" in pair and quant:
-            sqnr[name] = _sqnr(np.concatenate([a.ravel() for a in pair["float"]]),
+            sqnr[name] = sqnr_db(np.concatenate([a.ravel() for a in pair["float"]]),
                                np.concatenate([a.ravel() for a in quant]))
     modules = {}  # tensor -> the module path of the node that wrote it (its name scopes end in the op's name)
     for node in onnx.load(str(float_path)).graph.node:
@@ -78,7 +77,7 @@ def tflite_layers(calibrated: bytes, samples: np.ndarray, float_ops: list[str] |
             yield [sample[None]]
 
     options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics={
-        "sqnr_db": lambda floats, quants, scale, zero: _sqnr(np.concatenate([f.ravel() for f in floats]),
+        "sqnr_db": lambda floats, quants, scale, zero: sqnr_db(np.concatenate([f.ravel() for f in floats]),
                                                               np.concatenate([(q.ravel().astype(np.float64) - zero) * scale for q in quants]))})
     with quiet_native_stderr():
         debugger = tf.lite.experimental.QuantizationDebugger(

@@ -56,7 +56,7 @@ def train(root: Path, epochs: int = 20) -> Path:
     from quantization.calibration import load_folder
 
     cfg = PreprocessConfig.from_dict(PREPROCESS)
-    data = load_folder(root / "train", cfg, progress=False)
+    data = load_folder(root / "train", cfg)
     x, y = data.images, torch.tensor([int(label) for label in data.labels])
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ def test_calibration_preprocessing_equals_timms_eval_transform():
         path = sorted(PHOTOS.glob("*.jpg"))[0]
         with Image.open(path) as img:
             expected = timm_transform(img.convert("RGB"))
-        got = load_folder(PHOTOS, loaded.preprocess, progress=False)
+        got = load_folder(PHOTOS, loaded.preprocess)
         assert torch.equal(got.images[0], expected)
         assert torch.equal(load_images([path], loaded.preprocess)[0], expected)
         assert repr(eval_transform(loaded.preprocess)) == repr(timm_transform)
@@ -39,8 +39,37 @@ def test_finds_images_recursively_and_skips_unreadable(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     assert [p.name for p in find_images(tmp_path)] == ["x.JPG", "broken.png", "y.jpeg"]
-    images = load_folder(tmp_path, load_model("mixnet_s").preprocess, progress=False)
+    images = load_folder(tmp_path, load_model("mixnet_s").preprocess)
     assert len(images.images) == 2 and [s[0].endswith("broken.png") for s in images.skipped] == [True]
+
+
+def test_symlinked_class_folders_are_read_once(tmp_path):
+    """A calibration set made of links to class folders (os.walk and rglob skip them by default); a
+    link back up, or two links to one folder, read each photo once."""
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    shutil.copy(PHOTOS / "coffee.jpg", tmp_path / "data" / "cat" / "a.jpg")
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "cat").symlink_to(tmp_path / "data" / "cat")
+    (tmp_path / "calib" / "kitty").symlink_to(tmp_path / "data" / "cat")
+    (tmp_path / "data" / "cat" / "loop").symlink_to(tmp_path / "calib")
+    assert len(find_images(tmp_path / "calib")) == 1
+
+
+def test_max_drop_budget_is_counted_in_images():
+    from quantization.quantize import budget_met
+
+    assert budget_met(0.974, 500, 2.6) and budget_met(1 - 13 / 500, 500, 2.6)  # 13 of 500 is 2.6 points
+    assert not budget_met(1 - 14 / 500, 500, 2.6) and budget_met(1.0, 3, 0.0) and not budget_met(2 / 3, 3, 33.0)
+
+
+def test_accuracy_only_for_folders_that_are_classes():
+    from quantization.accuracy import accuracy
+
+    loaded = load_model("mixnet_s")
+    logits = np.eye(4)[[0, 1, 2, 3]]
+    assert accuracy(logits, logits, ["0", "1", "2", "3"], loaded)["float_top1"] == 100
+    assert accuracy(logits, logits, ["0", "1", "2", "2023"], loaded) is None  # a year, past the model's classes
+    assert accuracy(logits, logits, ["0", "1", "2", "²"], loaded) is None  # a digit to isdigit(), not to int()
 
 
 def test_wide_and_huge_images(tmp_path, monkeypatch):
@@ -54,7 +83,7 @@ def test_wide_and_huge_images(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "b16.png").mode.startswith("I")
     Image.open(PHOTOS / "coffee.jpg").resize((1200, 1200)).save(tmp_path / "c_big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600 * 600)  # errors above twice this
-    images = load_folder(tmp_path, load_model("mixnet_s").preprocess, progress=False)
+    images = load_folder(tmp_path, load_model("mixnet_s").preprocess)
     assert [p.name for p in images.paths] == ["a8.png", "b16.png"]
     assert torch.equal(images.images[0], images.images[1])
     assert images.skipped == [(str(tmp_path / "c_big.png"), "DecompressionBombError")]
@@ -74,13 +103,13 @@ def test_a_limited_read_samples_every_class_and_decodes_only_the_sample(tmp_path
     read_image = calibration.read_image
     monkeypatch.setattr(calibration, "read_image", lambda path, *rest: decoded.append(path) or read_image(path, *rest))
     preprocess = load_model("mixnet_s").preprocess
-    images = load_folder(tmp_path, preprocess, limit=6, progress=False)
+    images = load_folder(tmp_path, preprocess, limit=6)
     assert len(images.images) == 6 and decoded == images.paths
     assert images.labels is not None and len(set(images.labels)) > 1  # the first 6 files span two classes at most
-    assert len(load_folder(tmp_path / "class0", preprocess, limit=1, minimum=1, progress=False).images) == 1
+    assert len(load_folder(tmp_path / "class0", preprocess, limit=1, minimum=1).images) == 1
     # a limit above the folder's size reads every file, in the same seeded order: quantize's held-out
     # last fifth spans classes (in sorted order it was the last class alone)
-    every = load_folder(tmp_path, preprocess, limit=25, progress=False)
+    every = load_folder(tmp_path, preprocess, limit=25)
     assert len(every.images) == 20 and len(set(every.split(16)[1].labels)) > 1
 
 
@@ -138,6 +167,11 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
     mixnet_s does not (cosine 0.89 measured; its random-init activations have no realistic ranges),
     so its file is kept as *.failed and the command fails, naming the fix; the random-init drop-in
     MobileNetV2 does (0.999)."""
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    for photo in sorted(PHOTOS.glob("*.jpg"))[:2]:
+        shutil.copy(photo, eval_dir / photo.name)
+    (eval_dir / "torn.jpg").write_bytes(b"\xff\xd8\xff\xe0 torn")
     for name, passes in (("mixnet_s", False), ("mixconv_mobilenetv2_100", True)):
         exported = run_cli("export", name, "--format", fmt, "-o", tmp_path / f"{name}.{fmt}", "--plan", "fold",
                            "--input-size", "160x192")
@@ -145,7 +179,8 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         assert_usage_error(run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "-o", tmp_path / f"{name}.{fmt}",
                                    "--force"), "is the float file being quantized")
         # without -o, the int8 file goes next to the float one (not into the current folder)
-        result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "--json", "--num-calib", "8")
+        result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "--json", "--num-calib", "8",
+                         "--eval", eval_dir)
         written = tmp_path / f"{name}_int8{'' if passes else '.failed'}.{fmt}"
         if passes:
             assert result.code == 0, result.err
@@ -154,8 +189,9 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
             assert f"kept as {written}" in result.err and "--calibrate-bn" in result.err
         assert result.out.startswith("{")  # the progress bar draws on stderr, never into the JSON
         report = json.loads(result.out)
-        # 8 calibrate, a fifth of the 10 read is held out: the folder's other photos are never decoded
+        # 8 calibrate (the folder's other photos are never decoded); --eval's unreadable file is counted
         assert report["model"] == name and report["calibration"]["used"] == 8 and report["calibration"]["evaluated"] == 2
+        assert report["calibration"]["eval_skipped"] == 1 and report["calibration"]["skipped"] == 0
         assert report["agreement"]["passed"] == passes and report["path"] == str(written)
         assert report["agreement"]["tolerance"] == {"min_cosine": 0.97}
         assert (tmp_path / f"{name}_int8.{fmt}").exists() == passes
@@ -194,10 +230,14 @@ def test_bad_calibration_input(tmp_path, run_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "q.tflite"
-    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", empty, "-o", out), "0 usable image")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", empty, "-o", out), "holds 0 JPEG, PNG")
     (empty / "a.txt").write_text("x")
-    (empty / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 corrupt jpeg")
-    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", empty, "-o", out), "1 unreadable")
+    for name in ("b.jpg", "c.png"):
+        (empty / name).write_bytes(b"\xff\xd8\xff\xe0 corrupt")
+    assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", empty, "-o", out), "0 usable", "2 unreadable")
+    for option in ("--calib", "--eval", "-o"):  # an unset shell variable: not the current folder
+        args = {"--calib": PHOTOS, "-o": out, option: ""}
+        assert_usage_error(run_cli("quantize", "mixnet_s", *[str(x) for kv in args.items() for x in kv]), "is empty")
     single = tmp_path / "single"
     single.mkdir()
     shutil.copy(PHOTOS / "coffee.jpg", single / "c.jpg")
@@ -233,6 +273,9 @@ def test_quantize_checks_options_output_and_folders_before_the_model(tmp_path, r
     assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS, "--format", "onnx"), "--format goes with")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--eval", tmp_path / "nope", "-o",
                                tmp_path / "q.tflite"), "nope does not exist")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "scan.pdf").write_bytes(b"%PDF")  # a folder of no photos: said before the rebuild too
+    assert_usage_error(run_cli("quantize", float_file, "--calib", tmp_path / "docs", "--force"), "holds 0 JPEG")
     # the file before the output path: a mistyped folder names the file, not the output's folder
     assert_usage_error(run_cli("quantize", tmp_path / "biuld" / "m.tflite", "--calib", PHOTOS), "m.tflite does not exist")
     assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS, "--num-eval", "5", "--force"), "--eval DIR")
