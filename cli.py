@@ -198,10 +198,10 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         _echo_json(report)
         return
     pre = loaded.preprocess
-    from mixnet_deploy.models import DROPIN_PREFIX, own_network
+    from mixnet_deploy.models import has_pretrained
 
-    untrained = own_network(model) or model.startswith(DROPIN_PREFIX)  # timm has no weights for them
-    weights = (f"{loaded.weights} (pass {'' if untrained else '--pretrained or '}--checkpoint for trained weights)"
+    weights = (f"{loaded.weights} (pass {'--pretrained or ' if has_pretrained(model) else ''}--checkpoint for "
+               "trained weights)"
                if loaded.random_init else loaded.weights)
     out.print(f"[bold]{loaded.name}[/]  weights: {weights}")
     out.print(f"params {stats.params / 1e6:.2f} M   MACs {stats.macs / 1e6:.1f} M (conv+linear {stats.conv_macs / 1e6:.1f} M)")

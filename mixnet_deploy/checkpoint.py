@@ -1,10 +1,12 @@
 """Reading a local checkpoint into a model, with errors that say what is wrong."""
 from __future__ import annotations
 
+import argparse
 import textwrap
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Collection
 
 import torch
 from torch import nn
@@ -41,8 +43,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
             state = load_file(str(path))
         else:
-            with warnings.catch_warnings():  # torch warns about pickle protocols before failing in its own words
-                warnings.simplefilter("ignore")
+            # timm's train.py saves its argparse Namespace beside the weights: allowed, nothing else
+            with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing in its own words
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
         if "Unsupported operand" in str(exc):
@@ -58,7 +61,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"checkpoint {path} cannot be read as PyTorch weights ({type(exc).__name__}{': ' + first if first else ''}); "
             "pass a state_dict saved with torch.save or a .safetensors file"
         ) from None
-    extras = {k: state.pop(k) for k in ("preprocess", "labels") if isinstance(state, dict) and k in state}
+    # entries beside the weights (a bare state_dict may have a buffer called labels: a tensor stays)
+    extras = {k: state.pop(k) for k in ("preprocess", "labels", "arch")
+              if isinstance(state, dict) and k in state and not isinstance(state[k], torch.Tensor)}
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -67,17 +72,30 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise MixdeployError(
             f"checkpoint {path} holds no state_dict (looked at the top level and under {', '.join(WRAPPER_KEYS)})"
         )
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel / DDP
-    # torch.compile's and Lightning's wrappers, nested either way
-    while state and (prefix := next((p for p in ("_orig_mod.", "model.") if all(k.startswith(p) for k in state)), None)):
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state, extras
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, torch.compile, Lightning
+
+
+def unwrapped(state: dict[str, torch.Tensor], keys: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """`state` with the wrappers' key prefixes removed, nested in any order: all of them, or with the
+    model's `keys` known, as far as that makes its keys the model's (a network of the user's own may
+    name its parts `model.` itself)."""
+    best = state
+    while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+        if keys is None or len(set(state) & set(keys)) > len(set(best) & set(keys)):
+            best = state
+    return best
+
+
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
-    """Load `state` into `model` strictly; a mismatch names the first missing and unexpected keys."""
+    """Load `state` into `model` strictly (BatchNorm's num_batches_tracked may be missing, as PyTorch
+    allows); a mismatch names the first missing and unexpected keys."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    state = unwrapped(state, own.keys())
+    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         parts = [f"checkpoint {source} does not fit {arch}"]

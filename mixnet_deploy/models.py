@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .checkpoint import apply_state_dict, read_checkpoint
+from .checkpoint import apply_state_dict, read_checkpoint, unwrapped
 from .digests import file_sha256, state_sha256
 from .dropin import replace_depthwise
 from .errors import MixdeployError
@@ -176,6 +176,19 @@ def check_request(name: str, checkpoint: str | Path | None = None, pretrained: b
                              "--checkpoint PATH with weights trained for it")
     if pretrained and own_network(name):
         raise MixdeployError("--pretrained is for timm's models; pass your network's weights with --checkpoint PATH")
+    if pretrained and not has_pretrained(name):
+        raise MixdeployError(f"timm publishes no pretrained weights for {name}; pass --checkpoint PATH with weights "
+                             "trained for it")
+
+
+def has_pretrained(name: str) -> bool:
+    """Whether timm publishes weights for `name` (not for mixnet_xxl, a drop-in or an own network)."""
+    if name.startswith(DROPIN_PREFIX) or own_network(name):
+        return False
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return bool(cfg and (cfg.hf_hub_id or cfg.url))
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
@@ -189,8 +202,13 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if own and own[0].endswith(".py"):  # recorded so that it is found from any folder
         name = f"{Path(own[0]).resolve()}:{own[1]}"
     state, extras = read_checkpoint(checkpoint) if checkpoint is not None else (None, {})
+    arch = str(extras.get("arch", "")).split(".")[0]  # timm's train.py records the model it trained
+    if arch in known_models() and name in known_models() and arch != name:  # tf_ and plain MixNets share keys
+        raise MixdeployError(f"checkpoint {checkpoint} was trained as {arch} (its 'arch' entry), not {name}; "
+                             f"pass {arch} as the model")
     num_classes = None
     if state is not None and not own:
+        state = unwrapped(state)  # timm's keys start with no wrapper's prefix
         head = [k for k in _classifier_weights(name) if k in state]
         if head and state[head[0]].ndim != 2:
             raise MixdeployError(f"checkpoint {checkpoint}: {head[0]} has shape {tuple(state[head[0]].shape)}; a "
@@ -207,6 +225,10 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     preprocess = PreprocessConfig.from_model(module)
     if "preprocess" in extras:
         preprocess = preprocess.updated(extras["preprocess"], f"checkpoint {checkpoint}")
+        stem = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+        if not own and stem is not None and stem.in_channels != preprocess.input_size[0]:  # own ones: _classes says
+            raise MixdeployError(f"checkpoint {checkpoint}: its preprocess gives {preprocess.input_size[0]} input "
+                                 f"channel(s); {name} takes {stem.in_channels}")
     if input_size is not None:
         preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
     sha256 = file_sha256(checkpoint) if checkpoint else state_sha256(module) if pretrained else None

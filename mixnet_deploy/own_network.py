@@ -74,6 +74,9 @@ def _import(source: str):
             del sys.modules[name]
             raise
         return code
+    except SystemExit:  # argparse, or sys.exit(), run on import
+        raise MixdeployError(f"importing {source} exits (sys.exit or argparse run on import); put that code under "
+                             "`if __name__ == \"__main__\":`") from None
     except Exception as exc:  # the user's code: any error
         raise MixdeployError(f"importing {source} failed: {type(exc).__name__}: {exc}") from None
 
@@ -88,7 +91,7 @@ def build(source: str, factory: str) -> tuple[nn.Module, dict[str, str]]:
                              "your model")
     try:
         model = made()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # the user's code: any error, an argparse exit too
         raise MixdeployError(f"{source}:{factory}() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise MixdeployError(f"{source}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")

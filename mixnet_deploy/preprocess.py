@@ -1,6 +1,7 @@
 """A model's preprocessing, as timm's pretrained config states it."""
 from __future__ import annotations
 
+import secrets
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,16 +78,12 @@ class PreprocessConfig:
 
         cfg = resolve_data_config(model=model)
         try:
-            return cls(
-                input_size=tuple(cfg["input_size"]),
-                mean=tuple(cfg["mean"]),
-                std=tuple(cfg["std"]),
-                crop_pct=float(cfg["crop_pct"]),
-                crop_mode=cfg.get("crop_mode", "center"),
-                interpolation=cfg["interpolation"],
-            )
+            made = cls(input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
         except MixdeployError as exc:
             raise MixdeployError(f"the model's pretrained_cfg: {exc}") from None
+        # checked as a checkpoint's are: an unknown interpolation would fail later, in the middle of an export
+        return made.updated({k: cfg[k] for k in ("crop_pct", "crop_mode", "interpolation") if k in cfg},
+                            "the model's pretrained_cfg")
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -137,7 +134,8 @@ def random_images(n: int, input_size: tuple[int, int, int], seed: int | None = N
     structure of photos (noise at several scales, finer scales weaker: a pink-noise spectrum) and
     unit standard deviation. Unlike i.i.d. pixel noise, they keep a network whose BatchNorm was
     fitted to photos within the activation range it works in."""
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    # a fresh seed without reseeding torch's global generator (torch.seed() would)
+    gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
     c, h, w = input_size
     image = torch.zeros(n, c, h, w)
     for cells, weight in ((4, 1.0), (8, 0.7), (16, 0.5), (32, 0.35), (64, 0.25)):

@@ -100,6 +100,75 @@ def test_a_checkpoint_with_ema_weights_loads_those(tmp_path):
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
 
 
+def test_checkpoints_as_trainers_write_them(tmp_path):
+    """timm's train.py (its argparse Namespace beside the weights, its 'arch'), torch.compile over
+    DDP (_orig_mod.module.), weights without BatchNorm's num_batches_tracked (PyTorch loads them),
+    and a bare state_dict with a buffer called labels all load; a tf_mixnet checkpoint (the same
+    keys, another padding) is refused for mixnet_s."""
+    import argparse
+
+    from mixnet_deploy.errors import MixdeployError
+
+    weights = perturbed(load_model("mixnet_s").module.state_dict())
+
+    def loads(state: dict) -> None:
+        torch.save(state, tmp_path / "w.pth")
+        loaded = load_model("mixnet_s", checkpoint=tmp_path / "w.pth").module.state_dict()
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights if "num_batches_tracked" not in k)
+
+    trained = {"arch": "mixnet_s", "state_dict": weights, "args": argparse.Namespace(lr=0.1), "epoch": 3}
+    loads(trained)
+    loads({f"_orig_mod.module.{k}": v for k, v in weights.items()})
+    loads({k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")})
+    torch.save({**trained, "arch": "tf_mixnet_s"}, tmp_path / "tf.pth")
+    with pytest.raises(MixdeployError, match="trained as tf_mixnet_s .* pass tf_mixnet_s as the model"):
+        load_model("mixnet_s", checkpoint=tmp_path / "tf.pth")
+    gray = {**weights, "preprocess": {"input_size": [1, 64, 64], "mean": [0.5], "std": [0.5]}}
+    torch.save(gray, tmp_path / "gray.pth")
+    with pytest.raises(MixdeployError, match="gives 1 input channel.*mixnet_s takes 3"):
+        load_model("mixnet_s", checkpoint=tmp_path / "gray.pth")
+    with pytest.raises(MixdeployError, match="timm publishes no pretrained weights for mixnet_xxl"):
+        load_model("mixnet_xxl", pretrained=True)
+
+
+def test_own_checkpoints_keep_their_own_prefixes(tmp_path):
+    """A network of the user's own whose part is called `model` (keys model.*) loads its own
+    state_dict, its buffer called `labels` too; wrapped by DataParallel (module.model.*) as well."""
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Wrap(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), "
+        "nn.Flatten(), nn.Linear(8, 4))\n        self.register_buffer('labels', torch.arange(4))\n\n"
+        "    def forward(self, x):\n        return self.model(x)\n\n\ndef build():\n    return Wrap()\n")
+    weights = perturbed(load_model(f"{tmp_path}/net.py:build").module.state_dict())
+    for state in (weights, {f"module.{k}": v for k, v in weights.items()}):
+        torch.save(state, tmp_path / "w.pth")
+        loaded = load_model(f"{tmp_path}/net.py:build", checkpoint=tmp_path / "w.pth").module.state_dict()
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def test_own_code_that_exits_or_names_no_usable_preprocessing_is_one_line(tmp_path):
+    from mixnet_deploy.errors import MixdeployError
+
+    (tmp_path / "train.py").write_text("import argparse\nargparse.ArgumentParser().parse_args(['--lr'])\n")
+    with pytest.raises(MixdeployError, match="exits .* put that code under"):
+        load_model(f"{tmp_path}/train.py:build")
+    (tmp_path / "cubic.py").write_text(
+        "from torch import nn\n\n\ndef build():\n    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), "
+        "nn.Flatten())\n    net.pretrained_cfg = {'interpolation': 'cubic'}\n    return net\n")
+    with pytest.raises(MixdeployError, match="pretrained_cfg: preprocess interpolation 'cubic' is not usable"):
+        load_model(f"{tmp_path}/cubic.py:build")
+
+
+def test_fresh_random_images_leave_torchs_generator_alone():
+    from mixnet_deploy.preprocess import random_images
+
+    torch.manual_seed(0)
+    first = torch.rand(3)
+    torch.manual_seed(0)
+    random_images(2, (3, 32, 32))
+    assert torch.equal(torch.rand(3), first)
+
+
 def test_safetensors_checkpoint_with_other_class_count(tmp_path):
     import timm
     from safetensors.torch import save_file
