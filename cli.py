@@ -236,7 +236,7 @@ def _file_info(path: str, as_json: bool) -> None:
     if as_json:
         _echo_json(report)
         return
-    opset = f" opset {report['opset']}" if "opset" in report else ""
+    opset = f" opset {report['opset']}" if report.get("opset") else ""
     out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {report['precision']}  "
               f"{report['size_bytes'] / 1e6:.2f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
@@ -246,7 +246,7 @@ def _file_info(path: str, as_json: bool) -> None:
         for t in report[kind]:
             out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}")
     meta = report.get("metadata", {})
-    if meta:
+    if "mixdeploy.model" in meta:  # other tools' files carry metadata of their own (Ultralytics' author, stride)
         parity = meta.get("mixdeploy.parity", {})
         stored = ParityReport.from_dict(parity)
         verdict = stored.summary() if stored else ("PASS" if parity.get("passed") else "FAIL") if parity else "not recorded"

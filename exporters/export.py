@@ -82,6 +82,9 @@ def check_writable(path: Path, force: bool, suffix: str | None = None, format_op
                              f"ending in {suffix}" + (f" or pass --format {other}" if other else ""))
     if path.exists() and not force:
         raise MixdeployError(f"output {path} exists; pass --force to overwrite it")
+    if kept_as(path, False).exists() and not force:  # where this run's file goes if it fails its check
+        raise MixdeployError(f"output {kept_as(path, False)} (kept from a run that failed its parity check) exists; "
+                             "pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise MixdeployError(f"{parent} is a file, not a folder; give another output path")
@@ -140,7 +143,8 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     step(f"PyTorch reference in float64 on {len(x)} images")
     reference = reference_outputs(loaded.module, x)
     checked: list[tuple[str, Path, Plan, ParityReport, ParityReport]] = []
-    partials = {name: path.with_name(f".{path.name}.partial") for name, path in paths.items()}
+    # the process's own partial files: two exports to one path at once would remove each other's
+    partials = {name: path.with_name(f".{path.name}.{os.getpid()}.partial") for name, path in paths.items()}
     try:  # every format is written and checked before any file takes its place: all of them or none
         for name, tmp in partials.items():
             writer: Format = FORMATS[name]

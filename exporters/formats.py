@@ -63,6 +63,9 @@ class OnnxFormat(_Runs):
         import onnx
 
         model = onnx.load(str(path))
+        kept = [e for e in model.metadata_props if e.key not in metadata]  # replaced, never a duplicate key
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
         for key, value in metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)

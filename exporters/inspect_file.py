@@ -18,6 +18,9 @@ def _onnx(path: Path) -> dict:
         raise MixdeployError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
 
     def tensor(v) -> dict:
+        kind = v.type.WhichOneof("value")
+        if kind != "tensor_type" or not v.type.tensor_type.elem_type:  # a sequence or map (skl2onnx's ZipMap)
+            return {"name": v.name, "shape": None, "dtype": kind.removesuffix("_type") if kind else "unknown"}
         dims = [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
         return {"name": v.name, "shape": dims, "dtype": dtype}
@@ -30,9 +33,12 @@ def _onnx(path: Path) -> dict:
             meta[prop.key] = json.loads(prop.value)
         except ValueError:
             meta[prop.key] = prop.value
+    weights = {t.name for t in model.graph.initializer}  # listed as inputs too by files of IR version 3
     return {"ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-            "inputs": [tensor(v) for v in model.graph.input], "outputs": [tensor(v) for v in model.graph.output],
-            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "metadata": meta}
+            "inputs": [tensor(v) for v in model.graph.input if v.name not in weights],
+            "outputs": [tensor(v) for v in model.graph.output],
+            "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+            "metadata": meta}
 
 
 def _tflite(path: Path) -> dict:
@@ -48,9 +54,10 @@ def _tflite(path: Path) -> dict:
 def _precision(report: dict) -> str:
     """fp32, fp16 or int8, from the ops and tensors of an exported file (inspect_file's report)."""
     ops = set(report["ops"])
-    if ops & {"QuantizeLinear", "QUANTIZE"} or report["inputs"][0]["dtype"] in ("int8", "uint8"):
+    dtype = report["inputs"][0]["dtype"] if report["inputs"] else None
+    if ops & {"QuantizeLinear", "QUANTIZE"} or dtype in ("int8", "uint8"):
         return "int8"
-    return "fp16" if "DEQUANTIZE" in ops else "fp32"
+    return "fp16" if "DEQUANTIZE" in ops or dtype == "float16" else "fp32"
 
 
 def written_options(report: dict, input_size: tuple[int, int, int]) -> dict:

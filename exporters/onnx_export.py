@@ -26,11 +26,13 @@ def global_average_pools(model: onnx.ModelProto) -> int:
 
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    shapes = _shapes(model)
     nodes, rewritten = [], 0
     for node in graph.node:
         attrs = _attrs(node)
         axes = constants.get(node.input[1]) if len(node.input) > 1 else attrs.get("axes")
         if (node.op_type == "ReduceMean" and axes is not None and attrs.get("keepdims", 1) == 1
+                and len(shapes.get(node.input[0], [])) == 4  # (N, C, H, W) only: a 5-D mean is not a pool
                 and sorted(int(a) % 4 for a in axes) == [2, 3]):
             pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
             pool.metadata_props.extend(node.metadata_props)  # the PyTorch module it came from, for reports

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import MixdeployError
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,6 +70,12 @@ def reference_outputs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     try:
         with torch.no_grad():
             return copy.deepcopy(model).double().eval()(x.double()).numpy()
+    except RuntimeError as exc:  # "Input type (float) and bias type (double)": a cast in the user's forward()
+        if "type" not in str(exc):
+            raise
+        raise MixdeployError(f"the model does not run in float64, which the parity reference needs "
+                             f"({str(exc).splitlines()[0][:100]}); a forward() casting to float32 (x.float(), "
+                             "torch.float32 tensors) must leave the input's dtype alone") from None
     finally:
         torch.set_num_threads(threads)
 

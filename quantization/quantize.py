@@ -139,7 +139,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     plan = (Plan.from_dict(file_plan) if file_plan and file_plan.get("target") == target
             else make_plan("auto", loaded.module, size, target))
     lowered = lower(loaded.module, size, plan, check_inputs=calibration.images[:4])
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # this process's own (two at once)
     float_onnx = tmp.with_name(tmp.name + ".float.onnx") if fmt == "onnx" else None
     with torch.no_grad():  # in batches: a large --eval folder would not fit in memory at once
         reference = torch.cat([loaded.module(batch) for batch in held_out.images.split(64)]).numpy()

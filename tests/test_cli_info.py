@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import onnx
 import torch
 from conftest import ROOT, assert_usage_error
 
@@ -215,6 +217,32 @@ def test_info_of_an_empty_or_unknown_file(run_cli, tmp_path):
                        "--plan, --target go with a MODEL name")
     (tmp_path / "notes.txt").write_text("x")
     assert_usage_error(run_cli("bench", tmp_path / "notes.txt"), "reads .onnx and .tflite files")
+
+
+def test_info_of_other_tools_onnx_files(run_cli, tmp_path):
+    """Files mixdeploy did not write: a ZipMap-style output (a sequence of maps), an ai.onnx.ml-only
+    opset, IR-3 weights listed as inputs, a float16 input, and metadata of another tool (Ultralytics'
+    author and stride): described, never a traceback, and not taken for a mixdeploy file."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones(3, np.float16), "w")
+    zipmap = helper.make_value_info("probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT16, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 3]), zipmap], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 3)], ir_version=3)
+    helper.set_model_props(model, {"author": "Ultralytics", "stride": "32"})
+    onnx.save(model, tmp_path / "other.onnx")
+    result = run_cli("info", tmp_path / "other.onnx", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [t["name"] for t in report["inputs"]] == ["x"] and report["precision"] == "fp16"
+    assert report["outputs"][1] == {"name": "probabilities", "shape": None, "dtype": "sequence"}
+    assert report["opset"] is None
+    text = run_cli("info", tmp_path / "other.onnx")
+    assert text.code == 0 and "not exported by mixdeploy" in text.out
 
 
 def test_heartbeat_reaches_stderr_while_native_logs_are_silenced():

@@ -235,7 +235,7 @@ def test_export_all_writes_every_file_or_none(tmp_path, monkeypatch, run_cli):
     from exporters.formats import TfliteFormat
 
     def stopped(*_):
-        assert list(tmp_path.glob(".m.onnx.partial"))  # the ONNX file was written and checked by then
+        assert list(tmp_path.glob(".m.onnx.*.partial"))  # the ONNX file was written and checked by then
         raise Terminated(15)
 
     monkeypatch.setattr(TfliteFormat, "write", stopped)
@@ -297,3 +297,47 @@ def test_bad_export_input(tmp_path, run_cli, monkeypatch):
     # --plan is checked before any model is loaded
     monkeypatch.setattr("exporters.export.load_model", lambda *a, **k: pytest.fail("loaded a model before checking --plan"))
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--plan", "nonsense"), "--plan")
+
+
+def test_only_a_4d_spatial_mean_becomes_a_pool():
+    """ReduceMean over the last two axes is GlobalAveragePool only on (N, C, H, W): a 5-D one (a
+    grouped view's mean) stays, instead of failing ONNX's shape inference."""
+    from onnx import TensorProto, helper
+
+    from exporters.onnx_export import global_average_pools
+
+    def mean_of(rank: int) -> onnx.ModelProto:
+        shape = [1, 2, 4, 5, 6][-rank:] if rank == 4 else [1, 2, 4, 5, 6]
+        node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=1)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor("axes", TensorProto.INT64, [2], [-2, -1])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    assert global_average_pools(mean_of(4)) == 1 and global_average_pools(mean_of(5)) == 0
+
+
+def test_metadata_is_replaced_not_repeated(tmp_path):
+    from exporters.formats import FORMATS
+
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 1), (torch.randn(1, 3, 8, 8),), str(tmp_path / "m.onnx"), dynamo=False)
+    for value in ("first", "second"):
+        FORMATS["onnx"].add_metadata(tmp_path / "m.onnx", {"mixdeploy.model": value})
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))  # duplicate keys fail the checker
+    assert meta(tmp_path / "m.onnx") == {"mixdeploy.model": "second"}  # strings as they are
+
+
+def test_a_forward_casting_to_float32_is_one_line(tmp_path, run_cli):
+    """The parity reference runs the model in float64: a forward() casting its input back says so."""
+    (tmp_path / "cast.py").write_text(
+        "from torch import nn\n\n\nclass Cast(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.c = nn.Conv2d(3, 4, 3)\n\n    def forward(self, x):\n        return self.c(x.float()).mean((2, 3))\n"
+        "\n\ndef build():\n    return Cast()\n")
+    assert_usage_error(run_cli("export", f"{tmp_path}/cast.py:build", "-o", tmp_path / "c.onnx"),
+                       "does not run in float64", "must leave the input's dtype alone")
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_a_failed_file_of_an_earlier_run_is_not_overwritten_unasked(tmp_path, run_cli):
+    (tmp_path / "m.failed.onnx").write_bytes(b"kept from a run that failed")
+    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx"), "m.failed.onnx (kept from a run")
