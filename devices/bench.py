@@ -127,14 +127,14 @@ class Session:
         self.prefix = ["taskset", self.mask] if self.mask else []
         self.python = settings.python or device.python
         self.binary: str | None = None
-        self.runtimes: dict[str, str] = {}  # format -> "module version" on the device
         self.script = f"{device.workdir}/runner.py"
         device.push(runners.__file__, self.script)
 
     def check_python(self, fmt: str) -> str:
         """The device's python3 must import numpy and the file's runtime; the runtime and its version
         (asked once per format: a Python start-up takes seconds on a slow or emulated device)."""
-        if fmt not in self.runtimes:
+        key = (self.python, fmt)  # kept on the device's transport: a check before the model is built counts
+        if key not in self.device.runtimes:
             module = "onnxruntime" if fmt == "onnx" else "ai_edge_litert"
             code = f"import numpy, {module} as m; print(m.__name__, getattr(m, '__version__', '?'))"
             probe = self.device.shell([self.python, "-c", code], timeout=300, check=False)
@@ -147,8 +147,8 @@ class Session:
                                   + (f" ({said[-1].strip()})" if said else "") + ": pip install them there or pass "
                                   "--python PATH of a Python that has them (bench can also use --runner "
                                   "benchmark_model)")
-            self.runtimes[fmt] = probe.stdout.strip()
-        return self.runtimes[fmt]
+            self.device.runtimes[key] = probe.stdout.strip()
+        return self.device.runtimes[key]
 
     def run_python(self, item: Prepared) -> dict:
         """Push the model and the parity inputs, run the runner, pull the outputs."""

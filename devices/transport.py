@@ -37,6 +37,7 @@ class Transport:
     def __init__(self) -> None:
         self._workdir: str | None = None
         self._cut = False  # a command was cut off (timeout, lost connection, a stop): it may still run there
+        self.runtimes: dict[tuple[str, str], str] = {}  # (python, format) -> "module version" there, asked once
 
     # --- what subclasses provide -------------------------------------------------------------
     def _shell(self, command: str, timeout: float) -> ShellResult:
