@@ -20,8 +20,8 @@ from conftest import assert_usage_error, probe_files, processes_mentioning, stil
 from devices.bench import Settings, core_mask
 from devices.connect import open_device
 from devices.device_info import big_cores, cpu_mask, device_info
-from exporters.inspect_file import inspect_file
 from devices.transport import ShellResult, Transport
+from exporters.inspect_file import inspect_file
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 from quantization.calibration import NUM_CALIB, find_images
 
@@ -410,9 +410,9 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     monkeypatch.setattr(exporters.export, "load_model", lambda *_: pytest.fail("the model was built"))
     missing = run_cli("export", "mixnet_s", "--tune", "local", "--python", "/nonexistent/python3", "--force",
                       "-o", tmp_path / "tuned.tflite")
-    assert missing.code == 1 and missing.message == ["mixdeploy: error: local has no /nonexistent/python3: pass "
-                                                     "--python PATH of its Python (bench can also use --runner "
-                                                     "benchmark_model)"]
+    assert missing.code == 1 and missing.message == [("mixdeploy: error: local has no /nonexistent/python3: pass "
+                                                      "--python PATH of its Python (bench can also use --runner "
+                                                      "benchmark_model)")]
 
 
 def test_swaps_slower_together_are_dropped(tmp_path, monkeypatch):
