@@ -21,6 +21,7 @@ from mixnet_deploy.planner import make_plan, read_spec
 from mixnet_deploy.preprocess import random_images, sample_photos
 
 from .formats import FORMATS, Format
+from .inspect_file import contents
 from .onnx_export import check_opset
 
 Planner = Callable[[torch.nn.Module, tuple[int, int, int], str], Plan]
@@ -167,5 +168,5 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
         for tmp in partials.values():
             tmp.unlink(missing_ok=True)
     return [ExportResult(name, final, loaded.name, loaded.weights, chosen, lowering, report,
-                         FORMATS[name].inspect(final), final.stat().st_size)
+                         contents(final, name), final.stat().st_size)
             for name, final, chosen, lowering, report in checked]

@@ -1,8 +1,7 @@
-"""The export formats: how each writes, runs, inspects and tags its files."""
+"""The export formats: how each writes, runs and tags its files."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,7 +23,6 @@ class Format(Protocol):
     def latency(self, path: Path, x: np.ndarray, runs: int = 20) -> float: ...
     def tolerance(self, options: dict) -> dict: ...
     def add_metadata(self, path: Path, metadata: dict) -> None: ...
-    def inspect(self, path: Path) -> dict: ...
 
 
 class _Runs:
@@ -71,11 +69,6 @@ class OnnxFormat(_Runs):
             entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
         onnx.save(model, str(path))
 
-    def inspect(self, path: Path) -> dict:
-        import onnx
-
-        return {"ops": dict(Counter(n.op_type for n in onnx.load(str(path)).graph.node).most_common())}
-
 
 class TfliteFormat(_Runs):
     suffix, target, runtime_name = ".tflite", "litert", "LiteRT (XNNPACK)"
@@ -100,11 +93,6 @@ class TfliteFormat(_Runs):
         from .tflite_export import OUTPUT_NAME
 
         write_metadata(path, metadata, OUTPUT_NAME)
-
-    def inspect(self, path: Path) -> dict:
-        from .tflite_inspect import delegation, tensors
-
-        return delegation(path) | tensors(path)
 
 
 FORMATS: dict[str, Format] = {"onnx": OnnxFormat(), "tflite": TfliteFormat()}

@@ -42,13 +42,19 @@ def _onnx(path: Path) -> dict:
 
 
 def _tflite(path: Path) -> dict:
-    from .tflite_inspect import delegation, read_metadata, tensors
+    from .tflite_inspect import delegation, tensors
 
     try:
-        report = delegation(path) | tensors(path)
+        return delegation(path) | tensors(path)
     except (ValueError, RuntimeError) as exc:
         raise MixdeployError(f"{path} is not a readable TFLite file ({str(exc).splitlines()[0][:120]})") from None
-    return report | {"metadata": read_metadata(path)}
+
+
+def contents(path: str | Path, fmt: str) -> dict:
+    """Ops by type, input and output tensors (ONNX: the opset; TFLite: what XNNPACK takes) of a file
+    in `fmt`, whatever its name (a partial file being written)."""
+    report = _onnx(Path(path)) if fmt == "onnx" else _tflite(Path(path))
+    return {k: v for k, v in report.items() if k != "metadata"}
 
 
 def _precision(report: dict) -> str:
@@ -88,6 +94,11 @@ def inspect_file(path: str | Path) -> dict:
     tensors and embedded metadata."""
     path = Path(path)
     fmt = exported_format(path)
-    report = {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size,
-              **(_onnx(path) if fmt == "onnx" else _tflite(path))}
+    if fmt == "onnx":
+        body = _onnx(path)
+    else:
+        from .tflite_inspect import read_metadata
+
+        body = _tflite(path) | {"metadata": read_metadata(path)}
+    report = {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **body}
     return report | {"precision": _precision(report)}

@@ -108,18 +108,30 @@ def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
     advice = f"download the {name} weights on a connected machine and pass the file with --checkpoint PATH"
     overlay = {}
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:  # offline: a download's copy in the Hugging Face cache (the hub would retry for a minute first)
+    if offline := _offline(host):  # a download's copy in the Hugging Face cache (the hub would retry for a minute)
         cached = _hub_cached(name)
         if cached is None:
-            raise MixdeployError(f"cannot download pretrained {name}: {host} is unreachable (offline?) and the "
-                                 f"Hugging Face cache has no copy; {advice}") from None
+            raise MixdeployError(f"cannot download pretrained {name}: {offline} and the Hugging Face cache has no "
+                                 f"copy; {advice}") from None
         overlay = {"pretrained_cfg_overlay": {"file": cached}}
     try:
         return timm.create_model(name, pretrained=True, **overlay, **kwargs)
     except Exception as exc:  # hub and network errors come in many types
         raise MixdeployError(f"downloading pretrained {name} failed ({type(exc).__name__}); {advice}") from None
+
+
+def _offline(host: str) -> str | None:
+    """Why the hub cannot be reached: HF_HUB_OFFLINE set, or `host` not resolvable here (behind a
+    proxy only the proxy resolves it: the hub is asked then); None when it may be."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} is unreachable (offline?)"
+    return None
 
 
 def _hub_cached(name: str) -> str | None:

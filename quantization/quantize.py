@@ -12,7 +12,7 @@ import torch
 
 from devices.runners import file_format, in_layout
 from exporters.export import check_writable, kept_as, versions
-from exporters.inspect_file import exported_format, inspect_file, written_options
+from exporters.inspect_file import contents, exported_format, inspect_file, written_options
 from mixnet_deploy import load_model
 from mixnet_deploy.deploy_modules import modules_called
 from mixnet_deploy.errors import MixdeployError, reject_options
@@ -183,7 +183,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
                 "mixdeploy.parity": agreement.to_dict(), "mixdeploy.versions": versions(fmt)}
         FORMATS[fmt].add_metadata(tmp, meta)
         acc = accuracy(reference, candidate, evaluated.labels, loaded) if evaluated and evaluated.labels else None
-        details = FORMATS[fmt].inspect(tmp) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}
+        details = contents(tmp, fmt) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}
         out = kept_as(out, agreement.passed and (budget is None or budget["met"]))
         os.replace(tmp, out)  # the last step: a stop before it leaves no file
     finally:

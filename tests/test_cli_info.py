@@ -121,8 +121,13 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(run_cli, monkeypatch, 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine's holds
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(proxy, raising=False)  # behind a proxy the hub itself is asked
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     assert_usage_error(run_cli("info", "mixnet_s", "--pretrained"), "unreachable", "--checkpoint PATH")
+    monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # said offline: the cache alone, whatever DNS answers
+    assert_usage_error(run_cli("info", "mixnet_s", "--pretrained"), "HF_HUB_OFFLINE is set", "--checkpoint PATH")
     assert_usage_error(run_cli("info", "mixconv_mobilenetv2_100", "--pretrained"), "has no pretrained weights")
 
 
@@ -159,8 +164,9 @@ except MixdeployError as exc:
 else:
     raise AssertionError("changed pretrained weights were not noticed")
 """)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": "https://hub.invalid",  # offline
-           "PYTHONPATH": str(ROOT)}
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # behind one the hub itself is asked
+    env = {**{k: v for k, v in os.environ.items() if k not in proxies}, "HF_HUB_CACHE": str(tmp_path),
+           "HF_ENDPOINT": "https://hub.invalid", "PYTHONPATH": str(ROOT)}  # offline
     proc = subprocess.run([sys.executable, str(tmp_path / "check.py")], capture_output=True, text=True, cwd=ROOT,
                           env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
