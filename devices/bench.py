@@ -128,7 +128,8 @@ class Session:
         self.python = settings.python or device.python
         self.binary: str | None = None
         self.script = f"{device.workdir}/runner.py"
-        device.push(runners.__file__, self.script)
+        if settings.runner == "python":  # benchmark_model needs no Python there
+            device.push(runners.__file__, self.script)
 
     def check_python(self, fmt: str) -> str:
         """The device's python3 must import numpy and the file's runtime; the runtime and its version
