@@ -272,14 +272,15 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-tune-") as tmp:
         host = Path(tmp)
         step(f"connecting to {device.name}", 0, 1)
-        tuner = Tuner(device, fmt, precision, settings or Settings([1], runs=20, warmup=3), rounds, host)
+        settings = settings or Settings([1], runs=20, warmup=3)
+        tuner = Tuner(device, fmt, precision, settings, rounds, host)
         cache = TimingCache(tuner.fingerprint)
         shapes = {shape_key(info): info for info in layers}
         # a shape is measured again when a lowering was added after it was cached
         todo = [key for key in shapes if not set(shapes[key].candidates) <= set(cache.shapes.get(key, {}))]
         plan = Plan(target=target, source=f"tuned on {device.name}")
         result = Tuning(plan, tuner.fingerprint, measured_shapes=len(todo), cached_shapes=len(shapes) - len(todo),
-                        timing={"rounds": rounds, "runs": tuner.runs})
+                        timing={"rounds": rounds, "runs": settings.runs})
         for i, key in enumerate(todo):
             info = shapes[key]
             step(f"layer {info.name}: {len(info.candidates)} candidates", i, len(todo))
