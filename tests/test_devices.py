@@ -409,7 +409,7 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     # the device's runtime is checked before the model is built (minutes for a large one)
     monkeypatch.setattr(exporters.export, "load_model", lambda *_: pytest.fail("the model was built"))
     missing = run_cli("export", "mixnet_s", "--tune", "local", "--python", "/nonexistent/python3", "--force",
-                      "-o", tmp_path / "tuned.tflite")
+                      "--format", "tflite", "-o", tmp_path / "tuned.tflite")
     assert missing.code == 1 and missing.message == [("mixdeploy: error: local has no /nonexistent/python3: pass "
                                                       "--python PATH of its Python (bench can also use --runner "
                                                       "benchmark_model)")]
