@@ -11,14 +11,15 @@ OUT    := build/demo
 install: system $(STAMP)
 
 # System tools the device tests use: the adb client, QEMU user emulation and debootstrap for the
-# virtual ARM64 device, an OpenSSH server on loopback. Installed only when missing.
+# virtual ARM64 device, an OpenSSH server on loopback; and python3-venv for .venv/. Installed only when missing.
 SYSTEM_TOOLS := adb qemu-aarch64-static debootstrap update-binfmts sshd ssh
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 system:
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null || missing=1; done; \
+	python3 -c "import ensurepip, venv" 2>/dev/null || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    adb qemu-user-static debootstrap binfmt-support openssh-server openssh-client >/dev/null; fi
+	    adb qemu-user-static debootstrap binfmt-support openssh-server openssh-client python3-venv >/dev/null; fi
 
 # torch and torchvision first, pinned: pip takes them from this machine's disk (never a bare `torch`).
 $(STAMP): pyproject.toml Makefile

@@ -405,7 +405,7 @@ def _tuner(device: Transport, precision: str, settings: Settings, tunings: list,
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
 @click.option("--eval", "eval_dir", type=GivenPath(), help="Held-out images (ImageFolder layout adds accuracy).")
 @click.option("--num-eval", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="With --eval: images evaluated (a seeded sample spread over its classes).")
+              help="With --eval: images evaluated (a seeded random sample).")
 @click.option("--max-drop", type=Finite(min=0, max=100), help="Keep sensitive layers in float until "
               "top-1 agreement with float is within POINTS of 100 %.", metavar="POINTS")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")

@@ -70,8 +70,8 @@ def check_folder(folder: str | Path, minimum: int = MIN_IMAGES) -> Path:
 def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = None, minimum: int = MIN_IMAGES,
                 step: Callable[[str], None] = lambda _: None) -> ImageSet:
     """Decode and preprocess the readable images in a stable order, or with `limit` as many of them
-    in a seeded random order (spread over every class of an ImageFolder, not its first files, so that
-    quantize's held-out last fifth is spread too); unreadable ones are skipped and listed. `step`
+    in a seeded random order (an ImageFolder's classes in about their proportions, not its first
+    files, and so quantize's held-out last fifth too); unreadable ones are skipped and listed. `step`
     reports progress (the caller's spinner or heartbeat)."""
     folder = Path(folder)
     paths = find_images(folder)
