@@ -16,6 +16,9 @@ from .lower import LayerInfo, Site, build_layer
 from .plan import FAST_TAPS
 
 TABLES = Path(__file__).parent / "cost_tables"
+# ms per 1x1 multiply-add at least (1000 GMAC/s, beyond any CPU): a fit that put 1x1 work on other
+# features (weight 0) would price a dense 1x1 conv, with several times a grouped one's work, as free
+MAC_FLOOR = 1e-9
 FEATURES = ("dw_px", "dw_taps", "dw_px_unaligned", "dw_taps_unaligned", "dw_taps_large", "pw_macs", "pw_macs_unaligned",
             "split_elems", "segments", "block_adds", "pad_elems")
 
@@ -94,7 +97,7 @@ class CostModel:
 
     def cost(self, layer: nn.Module, in_hw: tuple[int, int]) -> float:
         f = features(layer, in_hw, self.align)
-        return sum(self.weights.get(k, 0.0) * v for k, v in f.items())
+        return sum(max(self.weights.get(k, 0.0), MAC_FLOOR if k.startswith("pw_macs") else 0.0) * v for k, v in f.items())
 
     def choose(self, site: Site, info: LayerInfo) -> tuple[str, dict[str, float]]:
         """The cheapest candidate of a layer, and every candidate's cost. A probed shape chooses among

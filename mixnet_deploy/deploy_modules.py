@@ -53,7 +53,9 @@ class BlockConv(nn.Module):
         w = in_hw[1] + pads[2] + pads[3]
         self.out_hw = ((h - k) // stride + 1, (w - k) // stride + 1)
         kept = [(p, full[..., p.top:p.top + (p.height - 1) * p.step + 1:p.step, p.left:p.left + p.width]) for p in pieces]
-        kept = [(p, piece) for p, piece in kept if piece.any()]
+        # pieces of zeros add nothing (a kernel zero-padded to the piece grid), but one stays: a segment
+        # whose weights are all zero (a BatchNorm gamma of 0, pruned channels) still gives its bias
+        kept = [(p, piece) for p, piece in kept if piece.any()] or kept[:1]
         self.pieces = [p for p, _ in kept]
         # per piece, the window of the padded input it reads (top, left, height, width) ...
         self.spans = [(p.top, p.left, (self.out_hw[0] - 1) * stride + (p.height - 1) * p.step + 1,

@@ -399,6 +399,31 @@ def test_bad_plans_are_rejected():
         lower(model, (32, 8, 8), Plan({"1": "fold<=7"}))
     with pytest.raises(MixdeployError, match="layers"):
         Plan.from_dict({"fold": 1})
+    with pytest.raises(MixdeployError, match="a string such as split"):  # null would lower as split, unsaid
+        Plan.from_dict({"layers": {"1": None}})
+
+
+def test_a_segment_of_zero_weights_keeps_its_bias():
+    """A BatchNorm gamma of 0 on one group (pruned channels) zeroes every piece of its cut kernel:
+    the segment still gives the BatchNorm's shift."""
+    model = block(MixConv(16, (3, 9)), 16)
+    randomize_batchnorm(model)
+    with torch.no_grad():
+        model[2].weight[8:] = 0
+    assert lower(model, (16, 12, 12), Plan({"1": "split+block3"})).parity.rel_max < 1e-10
+
+
+def test_an_unmeasured_grouped_pointwise_layer_is_not_made_dense_for_free():
+    """LiteRT's fitted 1x1 weight is 0 (the fit put that work elsewhere): a floor keeps a dense conv,
+    three times a grouped conv's multiply-adds, from pricing the same."""
+    from mixnet_deploy.cost_model import CostModel
+    from mixnet_deploy.lower import discover, layer_info
+
+    costs = CostModel.load("litert")
+    for out, groups, cheapest in ((256, [1, 1], "grouped"), (512, [1, 1, 1], "split")):  # 512 = 172 + 170 + 170
+        site, = discover(nn.Sequential(MixedConv2d(512, out, groups)), (512, 28, 28))
+        choice, priced = costs.choose(site, layer_info(site))
+        assert choice == cheapest and priced["dense"] > priced[cheapest], priced
 
 
 def test_verification_catches_a_wrong_lowering():
