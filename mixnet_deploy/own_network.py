@@ -3,6 +3,7 @@ imported with the code it was built from recorded (each file's SHA-256), so a re
 code edited since."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -39,6 +40,7 @@ def check_source(source: str) -> None:
         if not Path(source).is_file():
             raise MixdeployError(f"{source} does not exist; FILE.py:FACTORY names a Python file and the function in "
                                  "it that returns your model")
+        _check_siblings(Path(source))
         return
     if source.split(".")[0] in OWN_PACKAGES:
         raise MixdeployError(f"{source} is one of mixdeploy's own modules; rename yours or give FILE.py:FACTORY")
@@ -50,6 +52,24 @@ def check_source(source: str) -> None:
     if found is None:
         raise MixdeployError(f"no module {source} here; MODULE:FACTORY imports MODULE from the current folder or "
                              "the installed packages (or give FILE.py:FACTORY)")
+
+
+def _check_siblings(path: Path) -> None:
+    """A sibling module FILE.py imports under the name of one of mixdeploy's own (devices, cli ...)
+    would silently be mixdeploy's, already loaded: a usage error naming it."""
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, OSError):
+        return  # said when it is imported
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    folder = path.resolve().parent
+    for name in sorted(imported & set(OWN_PACKAGES)):
+        if folder != _MIXDEPLOY and ((folder / f"{name}.py").exists() or (folder / name).is_dir()):
+            raise MixdeployError(f"{path} imports its sibling {name}, which has the name of one of mixdeploy's own "
+                                 "modules (mixdeploy's would be used); rename it")
 
 
 def _importable(folder: Path) -> None:

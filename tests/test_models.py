@@ -159,6 +159,17 @@ def test_own_code_that_exits_or_names_no_usable_preprocessing_is_one_line(tmp_pa
         load_model(f"{tmp_path}/cubic.py:build")
 
 
+def test_a_sibling_named_like_mixdeploys_own_modules_is_refused(tmp_path):
+    """`import devices` beside FILE.py would give mixdeploy's devices package, already loaded."""
+    from mixnet_deploy.errors import MixdeployError
+
+    (tmp_path / "devices.py").write_text("WIDTH = 4\n")
+    (tmp_path / "net.py").write_text("import devices\nfrom torch import nn\n\n\ndef build():\n"
+                                     "    return nn.Sequential(nn.Conv2d(3, devices.WIDTH, 1))\n")
+    with pytest.raises(MixdeployError, match="imports its sibling devices, which has the name of one of mixdeploy"):
+        load_model(f"{tmp_path}/net.py:build")
+
+
 def test_fresh_random_images_leave_torchs_generator_alone():
     from mixnet_deploy.preprocess import random_images
 
