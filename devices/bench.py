@@ -111,7 +111,7 @@ def core_mask(cpus: str | None, info: dict, threads: int = 1) -> str | None:
         raise MixdeployError(f"--cpus {cpus}: {'selects no core' if mask <= 0 else 'names a core the device lacks'}; "
                              f"the device has cores 0-{len(info['cores']) - 1} (mask {(1 << len(info['cores'])) - 1:x} "
                              "for all of them)")
-    if mask.bit_count() < threads:
+    if mask.bit_count() < min(threads, len(info["cores"])):
         raise MixdeployError(f"--cpus {cpus} has {mask.bit_count()} core(s) for {threads} threads: they would share "
                              "cores; give a mask of as many cores as the largest --threads, or big")
     return format(mask, "x")
@@ -123,6 +123,9 @@ class Session:
     def __init__(self, device: Transport, settings: Settings, host: Path) -> None:
         self.device, self.settings, self.host = device, settings, host
         self.info = device_info(device)
+        # each thread count on its own fastest cores (1 thread on the prime core, not beside little ones);
+        # the process on all of them
+        self.masks = {t: core_mask(settings.cpus, self.info, t) for t in settings.threads}
         self.mask = core_mask(settings.cpus, self.info, max(settings.threads))
         self.prefix = ["taskset", self.mask] if self.mask else []
         self.python = settings.python or device.python
@@ -160,6 +163,8 @@ class Session:
         self.device.push(self.host / "inputs.npy", f"{work}/inputs.npy")
         argv = [*self.prefix, self.python, self.script, "bench", model, f"{work}/inputs.npy", f"{work}/outputs.npy",
                 "--threads", ",".join(map(str, s.threads)), "--runs", str(s.runs), "--warmup", str(s.warmup)]
+        if self.mask:
+            argv += ["--affinity", ",".join(f"{t}={mask}" for t, mask in self.masks.items())]
         with _run_limit():
             done = self.device.shell(argv, timeout=s.timeout, check=False)
         lines = done.stdout.strip().splitlines()
@@ -200,7 +205,7 @@ class Session:
         latency, first = {}, None
         for t in s.threads:
             with _run_limit():
-                parsed = benchmark_model.run(self.device, self.binary, model, t, s.runs, s.warmup, self.mask,
+                parsed = benchmark_model.run(self.device, self.binary, model, t, s.runs, s.warmup, self.masks[t],
                                              timeout=left())
             first = first or parsed
             stats = {"p90": None, "p99": None, **parsed["latency_ms"], "runs": parsed["runs"], "raw": []}
@@ -215,7 +220,7 @@ class Session:
             self.device.push(self.host / "input.bin", f"{work}/input.bin")
             self.device.shell(["rm", "-f", f"{work}/output.bin"])  # a run writing none must not pass the last one's
             with _run_limit():
-                benchmark_model.run(self.device, self.binary, model, s.threads[0], 1, 0, self.mask,
+                benchmark_model.run(self.device, self.binary, model, s.threads[0], 1, 0, self.masks[s.threads[0]],
                                     {name: f"{work}/input.bin"}, {name: shape}, f"{work}/output.bin", timeout=left())
             self.device.pull(f"{work}/output.bin", self.host / "output.bin")
             raw = benchmark_model.read_outputs((self.host / "output.bin").read_bytes(),
@@ -244,7 +249,8 @@ class Session:
         return {"file": str(item.path), "model": meta["mixdeploy.model"], "weights": meta["mixdeploy.weights"],
                 "format": report["format"], "precision": report["precision"], "size_bytes": report["size_bytes"],
                 "input_shape": report["inputs"][0]["shape"], "runner": s.runner, "runtime": measured["runtime"],
-                "cpus": self.mask, "cores_run_on": measured.get("cores"),  # as the runner saw them (python runner)
+                "cpus": self.mask, "cpus_by_threads": {str(t): m for t, m in self.masks.items()} if self.mask else None,
+                "cores_run_on": measured.get("cores"),  # per thread count, as the runner saw them (python runner)
                 "init_ms": measured["init_ms"], "first_inference_ms": measured["first_inference_ms"],
                 "peak_memory_mb": measured["peak_memory_mb"], "model_memory_mb": measured["model_memory_mb"],
                 "latency_ms": latency[str(s.threads[0])], "latency_by_threads": latency,

@@ -196,9 +196,16 @@ def _bench(args) -> dict:
     import resource
 
     threads = [int(t) for t in args.threads.split(",")]
+    # thread count -> the cores it runs on (hex masks); set before its runtime makes its thread pool
+    affinity = {int(t): {c for c in range(64) if int(m, 16) >> c & 1}
+                for t, m in (item.split("=") for item in args.affinity.split(","))} if args.affinity else {}
+    pin = (lambda t: os.sched_setaffinity(0, affinity[t])) if affinity and hasattr(os, "sched_setaffinity") else None
+    cores = {}
     x = np.load(args.inputs)
     version = runtime_version(args.model)
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if pin:
+        pin(threads[0])
     start = time.perf_counter()
     runner = runner_for(args.model, threads[0])
     init_ms = (time.perf_counter() - start) * 1e3
@@ -209,12 +216,15 @@ def _bench(args) -> dict:
     np.save(args.outputs, runner.run(feed))
     latency = {}
     for t in threads:
+        if pin:
+            pin(t)
         timed = runner if t == threads[0] else runner_for(args.model, t)
         latency[str(t)] = timed.time(feed[:1], runs=args.runs, warmup=args.warmup)
+        cores[str(t)] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"runtime": version, "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
             "latency_ms": latency, "peak_memory_mb": peak_kb / 1024, "model_memory_mb": (peak_kb - baseline_kb) / 1024,
-            "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+            "cores": cores}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("inputs")
     bench.add_argument("outputs")
     bench.add_argument("--threads", default="1")
+    bench.add_argument("--affinity", help="THREADS=HEXMASK,...: the cores each thread count runs on")
     timing = commands.add_parser("time")
     timing.add_argument("files", nargs="+")
     timing.add_argument("--threads", type=int, default=1)

@@ -35,8 +35,9 @@ class SshTransport(Transport):
             raise MixdeployError(f"MIXDEPLOY_SSH_OPTIONS cannot be split like a shell line ({exc}); "
                                  "balance its quotes") from None
         # a board that dies mid-run: ssh gives up after 15 s of silence (exit 255, "ssh ... failed"), not at --timeout
-        self.options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", "-o", "ServerAliveInterval=5",
-                        "-o", "ServerAliveCountMax=3", *extra]
+        # the user's options first: ssh keeps the first value of each
+        self.options = [*extra, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", "-o",
+                        "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
         self.port = port or "22"
         self.shell("true", timeout=timeout)
 

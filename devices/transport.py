@@ -121,8 +121,13 @@ def _stop_in(folder: str) -> str:
 def _stale() -> Iterator[dict[str, list[str]]]:
     """Device name -> work folders left on it by runs that lost the device; read, then written back
     when changed, under a lock (benches on two devices at once)."""
-    STALE.parent.mkdir(parents=True, exist_ok=True)
-    with open(STALE.with_name(STALE.name + ".lock"), "w") as lock:
+    try:
+        STALE.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(STALE.with_name(STALE.name + ".lock"), "w")  # noqa: SIM115 - closed below
+    except OSError:  # a HOME that cannot be written: nothing recorded, nothing to clean up
+        yield {}
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             stale = json.loads(STALE.read_text())

@@ -83,9 +83,6 @@ def check_writable(path: Path, force: bool, suffix: str | None = None, format_op
                              f"ending in {suffix}" + (f" or pass --format {other}" if other else ""))
     if path.exists() and not force:
         raise MixdeployError(f"output {path} exists; pass --force to overwrite it")
-    if kept_as(path, False).exists() and not force:  # where this run's file goes if it fails its check
-        raise MixdeployError(f"output {kept_as(path, False)} (kept from a run that failed its parity check) exists; "
-                             "pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise MixdeployError(f"{parent} is a file, not a folder; give another output path")

@@ -110,4 +110,5 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
                 f"checkpoint {source} does not fit {arch}: {key} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
             )
-    model.load_state_dict(state)
+    # PyTorch fills in a missing num_batches_tracked only for state_dicts of old versions: given here
+    model.load_state_dict({**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")}, **state})

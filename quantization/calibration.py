@@ -53,6 +53,7 @@ def find_images(folder: str | Path) -> list[Path]:
             subfolders.clear()
             continue
         seen.add(os.path.realpath(current))
+        subfolders.sort()  # which of two links to one folder names its images: the same on every machine
         found += [Path(current, f) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(p for p in found if p.is_file())
 

@@ -1,8 +1,11 @@
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
-from conftest import PHOTOS, assert_usage_error
+from conftest import PHOTOS, ROOT, assert_usage_error
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +83,24 @@ def test_runs_pinned_to_the_cores_asked_for(digits_exports, run_cli):
     assert result.code == 0, result.err
     report = json.loads(result.out)
     assert report["settings"]["cpus"] == report["results"][0]["cpus"] == "2" and report["results"][0]["parity"]["passed"]
-    assert report["results"][0]["cores_run_on"] == [1]  # mask 2: core 1 alone, as the runner saw it
+    assert report["results"][0]["cores_run_on"] == {"1": [1]}  # mask 2: core 1 alone, as the runner saw it
+    assert report["results"][0]["cpus_by_threads"] == {"1": "2"}
     unpinned = json.loads(run_cli("bench", digits_exports["fp32.onnx"], "--runs", "3", "--parity-samples", "2",
                                   "--parity", digits_exports["eval"], "--json").out)
-    assert unpinned["results"][0]["cpus"] is None and unpinned["results"][0]["cores_run_on"] == sorted(os.sched_getaffinity(0))
+    assert unpinned["results"][0]["cpus"] is None
+    assert unpinned["results"][0]["cores_run_on"] == {"1": sorted(os.sched_getaffinity(0))}
+
+
+def test_each_thread_count_runs_on_its_own_cores(digits_exports, tmp_path):
+    """The runner pins each thread count to its own mask before making its thread pool (a phone's
+    1-thread run on its prime core, its 4-thread run on the four fastest)."""
+    from devices.runners import OrtRunner
+
+    model = digits_exports["fp32.onnx"]
+    shape = [1, *OrtRunner(model).input.shape[1:]]
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    done = subprocess.run([sys.executable, str(ROOT / "devices" / "runners.py"), "bench", model, tmp_path / "x.npy",
+                           tmp_path / "y.npy", "--threads", "1,2", "--runs", "2", "--affinity", "1=2,2=3"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["cores"] == {"1": [1], "2": [0, 1]}

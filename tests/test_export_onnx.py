@@ -337,7 +337,3 @@ def test_a_forward_casting_to_float32_is_one_line(tmp_path, run_cli):
                        "does not run in float64", "must leave the input's dtype alone")
     assert not list(tmp_path.glob("*.onnx"))
 
-
-def test_a_failed_file_of_an_earlier_run_is_not_overwritten_unasked(tmp_path, run_cli):
-    (tmp_path / "m.failed.onnx").write_bytes(b"kept from a run that failed")
-    assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx"), "m.failed.onnx (kept from a run")

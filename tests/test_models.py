@@ -102,9 +102,9 @@ def test_a_checkpoint_with_ema_weights_loads_those(tmp_path):
 
 def test_checkpoints_as_trainers_write_them(tmp_path):
     """timm's train.py (its argparse Namespace beside the weights, its 'arch'), torch.compile over
-    DDP (_orig_mod.module.), weights without BatchNorm's num_batches_tracked (PyTorch loads them),
-    and a bare state_dict with a buffer called labels all load; a tf_mixnet checkpoint (the same
-    keys, another padding) is refused for mixnet_s."""
+    DDP (_orig_mod.module.) and weights without BatchNorm's num_batches_tracked (a state_dict of
+    today's version, which PyTorch itself would refuse) load; a tf_mixnet checkpoint (the same keys,
+    another padding) is refused for mixnet_s."""
     import argparse
 
     from mixnet_deploy.errors import MixdeployError
@@ -119,7 +119,11 @@ def test_checkpoints_as_trainers_write_them(tmp_path):
     trained = {"arch": "mixnet_s", "state_dict": weights, "args": argparse.Namespace(lr=0.1), "epoch": 3}
     loads(trained)
     loads({f"_orig_mod.module.{k}": v for k, v in weights.items()})
-    loads({k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")})
+    pruned = load_model("mixnet_s").module.state_dict()  # keeps its _metadata (version 2 BatchNorms)
+    for key in [k for k in pruned if k.endswith("num_batches_tracked")]:
+        del pruned[key]
+    pruned.update({k: v for k, v in weights.items() if k in pruned})
+    loads(pruned)
     torch.save({**trained, "arch": "tf_mixnet_s"}, tmp_path / "tf.pth")
     with pytest.raises(MixdeployError, match="trained as tf_mixnet_s .* pass tf_mixnet_s as the model"):
         load_model("mixnet_s", checkpoint=tmp_path / "tf.pth")
