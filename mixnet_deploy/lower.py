@@ -331,9 +331,9 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
     unknown = sorted(set(plan.layers) - {layer.name for layer in layers})
     if unknown:
         raise MixdeployError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
-    for layer in layers:
-        choice = plan.layers.get(layer.name)
-        if choice is not None and choice not in layer.candidates:
+    for layer in layers:  # a null choice too: it would be lowered as the default, unsaid
+        if layer.name in plan.layers and plan.layers[layer.name] not in layer.candidates:
+            choice = plan.layers[layer.name]
             raise MixdeployError(f"plan choice {choice!r} does not fit {layer.name}; "
                                  f"candidates: {', '.join(layer.candidates)}")
 

@@ -399,8 +399,8 @@ def test_bad_plans_are_rejected():
         lower(model, (32, 8, 8), Plan({"1": "fold<=7"}))
     with pytest.raises(MixdeployError, match="layers"):
         Plan.from_dict({"fold": 1})
-    with pytest.raises(MixdeployError, match="a string such as split"):  # null would lower as split, unsaid
-        Plan.from_dict({"layers": {"1": None}})
+    with pytest.raises(MixdeployError, match="plan choice None does not fit 1"):  # not lowered as split, unsaid
+        lower(model, (32, 8, 8), Plan.from_dict({"layers": {"1": None}}))
 
 
 def test_a_segment_of_zero_weights_keeps_its_bias():
