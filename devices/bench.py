@@ -126,7 +126,7 @@ class Session:
         # each thread count on its own fastest cores (1 thread on the prime core, not beside little ones);
         # the process on all of them
         self.masks = {t: core_mask(settings.cpus, self.info, t) for t in settings.threads}
-        self.mask = core_mask(settings.cpus, self.info, max(settings.threads))
+        self.mask = self.masks[max(settings.threads)]
         self.prefix = ["taskset", self.mask] if self.mask else []
         self.python = settings.python or device.python
         self.binary: str | None = None

@@ -82,10 +82,10 @@ def unwrapped(state: dict[str, torch.Tensor], keys: Collection[str] | None = Non
     """`state` with the wrappers' key prefixes removed, nested in any order: all of them, or with the
     model's `keys` known, as far as that makes its keys the model's (a network of the user's own may
     name its parts `model.` itself)."""
-    best = state
+    best, keys = state, None if keys is None else set(keys)
     while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
         state = {k.removeprefix(prefix): v for k, v in state.items()}
-        if keys is None or len(set(state) & set(keys)) > len(set(best) & set(keys)):
+        if keys is None or len(keys.intersection(state)) > len(keys.intersection(best)):
             best = state
     return best
 
@@ -94,8 +94,9 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     """Load `state` into `model` strictly (BatchNorm's num_batches_tracked may be missing, as PyTorch
     allows); a mismatch names the first missing and unexpected keys."""
     own = model.state_dict()
-    state = unwrapped(state, own.keys())
-    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
+    # PyTorch fills in a missing num_batches_tracked only for state_dicts of old versions: the model's own stand in
+    state = {**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")}, **unwrapped(state, own.keys())}
+    missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         parts = [f"checkpoint {source} does not fit {arch}"]
@@ -110,5 +111,4 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
                 f"checkpoint {source} does not fit {arch}: {key} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
             )
-    # PyTorch fills in a missing num_batches_tracked only for state_dicts of old versions: given here
-    model.load_state_dict({**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")}, **state})
+    model.load_state_dict(state)

@@ -2,11 +2,12 @@
 as the model's config says (timm's eval transform)."""
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -44,24 +45,29 @@ def _folder(folder: str | Path) -> Path:
     return folder
 
 
-def find_images(folder: str | Path) -> list[Path]:
-    """Every JPEG, PNG, WebP and BMP under `folder`, recursively (symlinked class folders too, each
-    real folder once), in a stable order."""
-    found, seen = [], set()
+def _image_files(folder: str | Path) -> Iterator[Path]:
+    """The JPEG, PNG, WebP and BMP files under `folder`, recursively (symlinked class folders too, each
+    real folder once), as the walk finds them."""
+    seen = set()
     for current, subfolders, files in os.walk(_folder(folder), followlinks=True):
         if os.path.realpath(current) in seen:  # a link back up, or a second link to one folder
             subfolders.clear()
             continue
         seen.add(os.path.realpath(current))
         subfolders.sort()  # which of two links to one folder names its images: the same on every machine
-        found += [Path(current, f) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(p for p in found if p.is_file())
+        yield from (p for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES and (p := Path(current, f)).is_file())
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every JPEG, PNG, WebP and BMP under `folder`, recursively, in a stable order."""
+    return sorted(_image_files(folder))
 
 
 def check_folder(folder: str | Path, minimum: int = MIN_IMAGES) -> Path:
     """`folder` as a Path, checked before any work: a folder holding at least `minimum` image files
-    (not decoded yet: an unreadable one is found, and skipped, when read)."""
-    count = len(find_images(folder))
+    (not decoded yet: an unreadable one is found, and skipped, when read; the walk stops at `minimum`,
+    so a large dataset is not listed twice)."""
+    count = sum(1 for _ in itertools.islice(_image_files(folder), minimum))
     if count < minimum:
         raise MixdeployError(f"image folder {folder} holds {count} JPEG, PNG, WebP or BMP file(s) (searched "
                              f"recursively; need at least {minimum}); pass a folder of photos")
