@@ -614,7 +614,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
 
 
 def _bench_table(measured: dict) -> None:
-    from devices.report import median, number
+    from devices.report import delegation_line, median, number
 
     dev = measured["device"]
     title = f"mixdeploy bench on {dev['name']} ({dev['abi']}, {dev['os']})"
@@ -639,6 +639,8 @@ def _bench_table(measured: dict) -> None:
     out.print(table)
     for line in dict.fromkeys(f"{r['model']}, weights {r['weights']}, {r['runtime']}" for r in measured["results"]):
         out.print(line)  # one line per model and runtime, not per file
+    for line in filter(None, map(delegation_line, measured["results"])):
+        out.print(line, markup=False)
     for label, why in measured.get("missing_peers", {}).items():
         out.print(f"[yellow]{label}: {why}[/]")
     if measured.get("kept_in"):

@@ -226,8 +226,9 @@ class Session:
             raw = benchmark_model.read_outputs((self.host / "output.bin").read_bytes(),
                                                [(tuple(host.output["shape"]), host.output["dtype"])])[0]
             outputs.append(runners.dequantize(raw, host.output))
-        memory = first["memory_mb"]
+        memory, delegated = first["memory_mb"], first["delegated_nodes"]
         return {"runtime": "benchmark_model", "init_ms": first["init_ms"],
+                "delegation": None if delegated is None else {"nodes": first["total_nodes"], "delegated": delegated},
                 "first_inference_ms": first["first_inference_ms"], "latency_ms": latency,
                 "peak_memory_mb": memory["peak"] or memory["overall"], "model_memory_mb": memory["overall"],
                 "outputs": np.concatenate(outputs)}
@@ -251,6 +252,7 @@ class Session:
                 "input_shape": report["inputs"][0]["shape"], "runner": s.runner, "runtime": measured["runtime"],
                 "cpus": self.mask, "cpus_by_threads": {str(t): m for t, m in self.masks.items()} if self.mask else None,
                 "cores_run_on": measured.get("cores"),  # per thread count, as the runner saw them (python runner)
+                "delegation": measured.get("delegation"),  # what XNNPACK took on the device (.tflite)
                 "init_ms": measured["init_ms"], "first_inference_ms": measured["first_inference_ms"],
                 "peak_memory_mb": measured["peak_memory_mb"], "model_memory_mb": measured["model_memory_mb"],
                 "latency_ms": latency[str(s.threads[0])], "latency_by_threads": latency,

@@ -42,6 +42,9 @@ def _markdown(device: dict, results: list[dict], plot_name: str) -> str:
     lines += _table(results, threads, ref)
     lines += ["", f"![median latency and parity per file]({quote(plot_name)})", "", "## Parity tolerances", ""]
     lines += _tolerance_lines(results)
+    delegated = [line for line in map(delegation_line, results) if line]
+    if delegated:
+        lines += ["", "## Delegation on the device", "", *(f"- {line}" for line in delegated)]
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +121,18 @@ def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
                          f"{p['psnr_db']:.1f}", "PASS" if p["passed"] else "**FAIL**",
                          f"{lat['median'] / fastest:.2f}×" if t == ref else ""])
     return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def delegation_line(result: dict) -> str | None:
+    """What XNNPACK took of a .tflite file on the device, e.g. `s.tflite: XNNPACK ran 250 of 250 nodes`,
+    naming the ops it left; None for a file without delegation figures (ONNX)."""
+    d = result.get("delegation")
+    if not d or d.get("delegated") is None:
+        return None
+    left = ", ".join(f"{op} ×{n}" for op, n in (d.get("not_delegated") or {}).items())
+    return (f"{Path(result['file']).name}: XNNPACK ran {d['delegated']} of {number(d['nodes'], 'd')} nodes"
+            + (f" in {d['partitions']} partitions" if (d.get("partitions") or 1) > 1 else "")
+            + (f" (left to the CPU kernels: {left})" if left else ""))
 
 
 def _tolerance_lines(results: list[dict]) -> list[str]:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -150,6 +151,27 @@ class LiteRtRunner:
         self.interpreter.set_tensor(self.input["index"], quantize(x[:1], self.input))
         return _timed(self.interpreter.invoke, runs, warmup)
 
+    def delegation(self) -> dict:
+        """Ops by type and how many of them the XNNPACK delegate took here (traced back from its DELEGATE
+        nodes' outputs to their inputs), in how many partitions, and the ops by type it left."""
+        native = self.interpreter._interpreter
+        nodes = [(native.NodeName(i), set(native.NodeInputs(i)), set(native.NodeOutputs(i)))
+                 for i in range(native.NumNodes())]
+        originals = [n for n in nodes if n[0] != "DELEGATE"]
+        producer = {t: i for i, (_, _, outs) in enumerate(originals) for t in outs}
+        taken: set[int] = set()
+        for _, inputs, outputs in (n for n in nodes if n[0] == "DELEGATE"):
+            stack = [producer[t] for t in outputs if t in producer]
+            while stack:
+                i = stack.pop()
+                if i in taken:
+                    continue
+                taken.add(i)
+                stack += [producer[t] for t in originals[i][1] if t in producer and t not in inputs]
+        left = Counter(originals[i][0] for i in range(len(originals)) if i not in taken)
+        return {"ops": dict(Counter(n[0] for n in originals).most_common()), "nodes": len(originals),
+                "delegated": len(taken), "partitions": len(nodes) - len(originals), "not_delegated": dict(left)}
+
 
 def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
     """A float input as the tensor `detail` (LiteRT's input details) takes it."""
@@ -224,7 +246,7 @@ def _bench(args) -> dict:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"runtime": version, "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
             "latency_ms": latency, "peak_memory_mb": peak_kb / 1024, "model_memory_mb": (peak_kb - baseline_kb) / 1024,
-            "cores": cores}
+            "cores": cores, "delegation": runner.delegation() if isinstance(runner, LiteRtRunner) else None}
 
 
 def main(argv: list[str] | None = None) -> None:

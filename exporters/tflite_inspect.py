@@ -4,37 +4,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from collections import Counter
 from pathlib import Path
 
 METADATA_NAME = "mixdeploy"
 
 
 def delegation(path: str | Path) -> dict:
-    """Ops by type and how many of them the XNNPACK delegate takes (from its DELEGATE nodes' inputs and outputs)."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Ops by type and how many of them the XNNPACK delegate takes (see LiteRtRunner.delegation)."""
+    from devices.runners import LiteRtRunner
 
-    from devices.runners import quiet_native_stderr
-
-    with quiet_native_stderr():
-        interp = Interpreter(model_path=str(path), num_threads=1)
-        interp.allocate_tensors()
-    native = interp._interpreter
-    nodes = [(native.NodeName(i), set(native.NodeInputs(i)), set(native.NodeOutputs(i))) for i in range(native.NumNodes())]
-    originals = [n for n in nodes if n[0] != "DELEGATE"]
-    producer = {t: i for i, (_, _, outs) in enumerate(originals) for t in outs}
-    taken = set()
-    for _, inputs, outputs in (n for n in nodes if n[0] == "DELEGATE"):
-        stack = [producer[t] for t in outputs if t in producer]
-        while stack:
-            i = stack.pop()
-            if i in taken:
-                continue
-            taken.add(i)
-            stack += [producer[t] for t in originals[i][1] if t in producer and t not in inputs]
-    left = Counter(originals[i][0] for i in range(len(originals)) if i not in taken)
-    return {"ops": dict(Counter(n[0] for n in originals).most_common()), "nodes": len(originals),
-            "delegated": len(taken), "partitions": len(nodes) - len(originals), "not_delegated": dict(left)}
+    return LiteRtRunner(path).delegation()
 
 
 def tensors(path: str | Path) -> dict:
@@ -68,10 +47,14 @@ def write_metadata(path: str | Path, metadata: dict, output_name: str | None = N
     schema, model = _model(path)
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()] + [entry]
+    ours = next((m for m in model.metadata or [] if m.name == METADATA_NAME.encode()), None)
+    if ours is None:  # a first tag adds a buffer; a re-tag replaces its own, leaving nothing behind
+        ours = schema.MetadataT()
+        ours.name, ours.buffer = METADATA_NAME, len(model.buffers)
+        model.buffers.append(buffer)
+        model.metadata = [*(model.metadata or []), ours]
+    else:
+        model.buffers[ours.buffer] = buffer
     if output_name:
         graph = model.subgraphs[0]
         graph.tensors[graph.outputs[0]].name = output_name

@@ -30,8 +30,13 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
         assert r["parity"]["passed"] and r["parity"]["samples"] == len(list(PHOTOS.glob("*.jpg")))
         assert r["peak_memory_mb"] > r["model_memory_mb"] > 0 and r["init_ms"] > 0
     assert rows[0]["parity"]["top1_agreement"] == 1.0 and rows[0]["parity"]["rel_max"] < 1e-5
+    assert rows[0]["delegation"] is None  # ONNX: no delegate
+    for r in rows[1:]:  # what XNNPACK took in the runner's own interpreter: all of it, one partition
+        assert r["delegation"]["delegated"] == r["delegation"]["nodes"] > 100 and r["delegation"]["partitions"] == 1
+    assert f"s_int8.tflite: XNNPACK ran {rows[2]['delegation']['nodes']} of" in markdown
     table = run_cli("bench", files[1], files[2], "--runs", "3")
     assert table.code == 0 and "PASS" in table.out and "fp32" in table.out
+    assert f"s.tflite: XNNPACK ran {rows[1]['delegation']['nodes']} of {rows[1]['delegation']['nodes']} nodes" in table.out
     assert table.out.count("weights random-init+calibrated-bn") == 1  # two LiteRT files of one model: one line
 
 

@@ -42,6 +42,9 @@ def test_bench_fp32_and_int8_on_arm(sim_device, digits_exports, run_cli, tmp_pat
     assert fp32["parity"]["rel_max"] < 1e-4 and fp32["parity"]["top1_agreement"] == 1.0
     assert onnx["runtime"].startswith("onnxruntime") and fp32["runtime"] == "ai-edge-litert 2.3.0"
     assert int8["precision"] == "int8" and int8["parity"]["cosine"] > 0.97
+    for r in (fp32, int8):  # ARM's XNNPACK takes every node too
+        assert r["delegation"]["delegated"] == r["delegation"]["nodes"] > 10 and r["delegation"]["not_delegated"] == {}
+    assert onnx["delegation"] is None
     assert "EMULATED" in (tmp_path / "arm.md").read_text()
     assert set(leftover_workdirs(serial)) <= set(before)  # ours removed (and any a lost run left)
 

@@ -345,3 +345,19 @@ def test_layers_of_own_networks_convert_exactly_into_xnnpack(tmp_path):
                                              r"the TFLite writer needs one it can follow: export --format onnx"):
         write_tflite(Gated().eval(), size, tmp_path / "g.tflite")
     assert not list(tmp_path.glob("[sg].tflite"))
+
+
+def test_a_retag_replaces_the_metadata_buffer(tmp_path):
+    """Tagging a file again replaces its metadata in place: no orphaned buffer grows the file."""
+    from exporters.tflite_inspect import _model, write_metadata
+
+    path = tmp_path / "m.tflite"
+    write_tflite(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval(), (3, 8, 8), path)
+    x = np.random.default_rng().standard_normal((2, 8, 8, 3), dtype=np.float32)
+    before = LiteRtRunner(path).run(x)
+    write_metadata(path, {"tag": "first " * 100})
+    buffers, size = len(_model(path)[1].buffers), path.stat().st_size
+    write_metadata(path, {"tag": "second " * 100}, "logits")
+    assert read_metadata(path) == {"tag": "second " * 100}
+    assert len(_model(path)[1].buffers) == buffers and path.stat().st_size <= size + 100
+    np.testing.assert_array_equal(LiteRtRunner(path).run(x), before)

@@ -144,3 +144,15 @@ def test_a_mean_standing_in_for_the_median_says_so(tmp_path):
     assert median(old) == f"{old['median']:.2f} (mean)" and "(mean)" not in median(RESULTS[1]["latency_ms"])
     write_report(tmp_path / "r.md", DEVICE, [{**RESULTS[1], "latency_by_threads": {"1": old}}])
     assert f"| {old['median']:.2f} (mean) |" in (tmp_path / "r.md").read_text()
+
+
+def test_delegation_lines_name_what_xnnpack_left(tmp_path):
+    partial = {**RESULTS[3], "delegation": {"nodes": 64, "delegated": 62, "partitions": 2,
+                                            "not_delegated": {"AVERAGE_POOL_2D": 1, "HARD_SWISH": 1}}}
+    old_tool = {**RESULTS[1], "delegation": {"nodes": None, "delegated": 269}}  # benchmark_model without "out of M"
+    md, _ = write_report(tmp_path / "bench.md", DEVICE, [RESULTS[0], old_tool, partial])
+    text = md.read_text()
+    assert text.endswith("## Delegation on the device\n\n- s.tflite: XNNPACK ran 269 of — nodes\n"
+                         "- s_int8.tflite: XNNPACK ran 62 of 64 nodes in 2 partitions (left to the CPU kernels: "
+                         "AVERAGE_POOL_2D ×1, HARD_SWISH ×1)\n")
+    assert "Delegation" not in write_report(tmp_path / "onnx.md", DEVICE, RESULTS[:1])[0].read_text()
