@@ -1,8 +1,8 @@
 """int8 on this CPU: mixdeploy's TFLite full-integer and ONNX QDQ files against our own fp32 files
 and onnx2tf's full-integer conversion of the same model (random-init, BatchNorm calibrated on
-the shipped photos), 1 thread.
+the shipped photos; every int8 file calibrated on them), at each --threads count (default 1).
 
-    bash benchmarks/peers/setup.sh && python benchmarks/bench_int8.py [--models mixnet_s]
+    bash benchmarks/peers/setup.sh && python benchmarks/bench_int8.py [--models mixnet_s] [--threads 1,2]
 
 Writes benchmarks/results/CPU/int8.json and prints a Markdown table.
 """
@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from exporters import peers  # noqa: E402
 from benchmarks.machine import save_result  # noqa: E402
 from benchmarks.timing import arguments, interleaved  # noqa: E402
-from devices.runners import OrtRunner, runner_for  # noqa: E402
+from devices.runners import runner_for  # noqa: E402
 from exporters.export import export  # noqa: E402
 from mixnet_deploy import load_model  # noqa: E402
 from mixnet_deploy.preprocess import SAMPLE_IMAGES  # noqa: E402
+from quantization.calibration import load_folder  # noqa: E402
 from quantization.quantize import quantize  # noqa: E402
 
 
@@ -37,23 +38,36 @@ def main() -> None:
                 fp32, = export(name, fmt, work / f"{name}.{fmt}", calibrate_bn=True)
                 files[f"mixdeploy {fmt} fp32"] = fp32.path
                 q = quantize(str(fp32.path), SAMPLE_IMAGES, work / f"{name}_int8.{fmt}")
+                if not q.passed:
+                    print(f"{name} {fmt} int8 failed its parity check: {q.agreement.summary()}", file=sys.stderr)
                 files[f"mixdeploy {fmt} int8"] = q.path
-            if peers.available()["onnx2tf"]:
-                files["onnx2tf tflite int8"] = peers.onnx2tf(load_model(name, calibrate_bn=True).module, name, work / "o2t",
-                                                             int8=True)
-            runners = {k: runner_for(p) for k, p in files.items()}
-            feeds = {}
-            for k, r in runners.items():
-                shape = r.input.shape if isinstance(r, OrtRunner) else r.input["shape"]
-                feeds[k] = np.random.default_rng(0).standard_normal(tuple(shape), dtype=np.float32)
-            stats = interleaved(runners, feeds, rounds=args.rounds)
-            rows.append({"model": name, "threads": 1, "latency_ms": stats})
-            print(name, {k: round(v["median"], 2) for k, v in stats.items()}, flush=True)
+            if peers.available()["onnx2tf"]:  # calibrated on the same photos as ours
+                loaded = load_model(name, calibrate_bn=True)
+                calib = load_folder(SAMPLE_IMAGES, loaded.preprocess).images.numpy()
+                path, why = peers.run_checked(peers.onnx2tf, loaded.module, name, work / "o2t", calib)
+                if path is None:
+                    print(f"onnx2tf failed on {name}: {why}", file=sys.stderr)
+                else:
+                    files["onnx2tf tflite int8"] = path
+            for threads in map(int, args.threads.split(",")):
+                runners = {k: runner_for(p, threads) for k, p in files.items()}
+                feeds = {k: np.random.default_rng(0).standard_normal(r.shape, dtype=np.float32)
+                         for k, r in runners.items()}
+                stats = interleaved(runners, feeds, rounds=args.rounds)
+                med = {k: v["median"] for k, v in stats.items()}
+                ratios = {f"{fmt} int8 / fp32": med[f"mixdeploy {fmt} int8"] / med[f"mixdeploy {fmt} fp32"]
+                          for fmt in ("tflite", "onnx")}
+                if "onnx2tf tflite int8" in med:
+                    ratios["tflite int8 / onnx2tf int8"] = med["mixdeploy tflite int8"] / med["onnx2tf tflite int8"]
+                rows.append({"model": name, "threads": threads, "latency_ms": stats, "ratios": ratios})
+                print(name, threads, {k: round(v, 2) for k, v in med.items()}, flush=True)
     save_result("int8", rows=rows)
-    print("\n| model | file | median ms (1 thread) |\n|---|---|---|")
+    print("\n| model | threads | file | median ms |\n|---|---|---|---|")
     for r in rows:
         for k, v in r["latency_ms"].items():
-            print(f"| {r['model']} | {k} | {v['median']:.2f} |")
+            print(f"| {r['model']} | {r['threads']} | {k} | {v['median']:.2f} |")
+        for k, v in r["ratios"].items():
+            print(f"| {r['model']} | {r['threads']} | {k} | {v:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,23 @@ def results_dir() -> Path:
     return folder
 
 
-def save_result(benchmark: str, **payload) -> None:
-    """benchmarks/results/CPU/BENCHMARK.json: the figures with the date, the command and this machine."""
-    result = {"benchmark": benchmark, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "machine": describe(), **payload}
-    (results_dir() / f"{benchmark}.json").write_text(json.dumps(result, indent=1) + "\n")
+def save_result(benchmark: str, **payload) -> Path:
+    """benchmarks/results/CPU/BENCHMARK.json: the figures with the date, the command and this machine,
+    written atomically. A run with other options than the stored file's (`--models mixnet_s` where the
+    file has three models) goes beside it, dated, instead of replacing it; the path is printed."""
+    from devices.atomic import write_atomic
+
+    command = " ".join(sys.argv)
+    now = datetime.datetime.now()
+    result = {"benchmark": benchmark, "date": now.isoformat(timespec="seconds"), "command": command,
+              "machine": describe(), **payload}
+    path = results_dir() / f"{benchmark}.json"
+    try:
+        stored = json.loads(path.read_text()).get("command")
+    except (OSError, ValueError):
+        stored = command
+    if stored.split()[1:] != sys.argv[1:]:  # the options, wherever the script was run from
+        path = path.with_name(f"{benchmark}_{now:%Y%m%d-%H%M%S}.json")
+    write_atomic(path, (json.dumps(result, indent=1) + "\n").encode())
+    print(f"results: {path}", file=sys.stderr)
+    return path

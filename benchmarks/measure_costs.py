@@ -27,6 +27,7 @@ from mixnet_deploy.cost_model import FEATURES, TABLES, CostModel, features, fit,
 from mixnet_deploy.lower import analyse, discover, layer_info, lower  # noqa: E402
 from mixnet_deploy.plan import Plan  # noqa: E402
 from mixnet_deploy.probes import probe, probe_input, probed_layer  # noqa: E402
+from devices.atomic import write_atomic  # noqa: E402
 from benchmarks.machine import describe, results_dir  # noqa: E402
 from benchmarks.probe_timing import ALIGN, PROBE_TIMERS  # noqa: E402
 
@@ -66,10 +67,10 @@ def main() -> None:
     source.update({"probes": len(probes), "samples": len(samples),
                    "linear_model_best_pick_rate": round(picks / len(probes), 3),
                    "linear_model_regret_ms": round(regret, 3), "probe_best_total_ms": round(best_total, 3)})
-    (TABLES / f"{args.runtime}.json").write_text(json.dumps(
+    write_atomic(TABLES / f"{args.runtime}.json", (json.dumps(
         {"runtime": args.runtime, "align": ALIGN[args.runtime], "weights": weights, "source": source,
-         "table": table}, indent=1) + "\n")
-    out.write_text(json.dumps({"source": source, "samples": raw}, indent=1) + "\n")
+         "table": table}, indent=1) + "\n").encode())
+    write_atomic(out, (json.dumps({"source": source, "samples": raw}, indent=1) + "\n").encode())
     print(json.dumps({"weights": weights, **source}, indent=1))
 
 

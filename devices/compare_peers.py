@@ -46,7 +46,8 @@ def _peer_files(model, spec: str, size: tuple[int, int, int], work: Path, precis
             continue
         step(f"peer: {label}")
         if peer == "onnx2tf":
-            path, why = peers.run_checked(convert, model, name, work / peer, precision == "int8", size)
+            path, why = peers.run_checked(convert, model, name, work / peer, calib if precision == "int8" else None,
+                                          size)
         else:
             path, why = peers.run_checked(convert, model, name, work / peer, size, spec)
         if path is None:

@@ -89,6 +89,35 @@ def exported_format(path: str | Path) -> str:
     return fmt
 
 
+# what each entry of mixdeploy's metadata is; a file whose entries are not was edited or damaged
+METADATA_TYPES: dict[str, type | tuple[type, ...]] = {
+    "mixdeploy.model": str, "mixdeploy.weights": str, "mixdeploy.preprocess": dict, "mixdeploy.labels": (list, type(None)),
+    "mixdeploy.weights_sha256": str, "mixdeploy.code": dict, "mixdeploy.calibrated_at": list, "mixdeploy.plan": dict,
+    "mixdeploy.parity": dict, "mixdeploy.quantization": dict, "mixdeploy.versions": dict}
+REQUIRED = ("mixdeploy.weights", "mixdeploy.preprocess")
+
+
+def _check_metadata(path: Path, meta: dict) -> None:
+    """A file naming a mixdeploy model carries every entry bench and quantize rebuild it from, each of
+    its type, and usable preprocessing; else one MixdeployError saying to export it again."""
+    if "mixdeploy.model" not in meta:
+        return
+    from mixnet_deploy.plan import Plan
+    from mixnet_deploy.preprocess import PreprocessConfig
+
+    damaged = f"{path}: its mixdeploy metadata is damaged"
+    for key, kind in METADATA_TYPES.items():
+        if (key in meta or key in REQUIRED) and not isinstance(meta.get(key), kind):
+            what = "missing" if key not in meta else f"a {type(meta[key]).__name__}"
+            raise MixdeployError(f"{damaged} ({key} is {what}); export the file again")
+    try:
+        PreprocessConfig().updated(meta["mixdeploy.preprocess"], "mixdeploy.preprocess")
+        if "mixdeploy.plan" in meta:
+            Plan.from_dict(meta["mixdeploy.plan"])
+    except MixdeployError as exc:
+        raise MixdeployError(f"{damaged} ({exc}); export the file again") from None
+
+
 def inspect_file(path: str | Path) -> dict:
     """Format, size, precision (fp32, fp16 or int8), ops by type (and XNNPACK delegation for .tflite),
     tensors and embedded metadata."""
@@ -100,5 +129,6 @@ def inspect_file(path: str | Path) -> dict:
         from .tflite_inspect import read_metadata
 
         body = _tflite(path) | {"metadata": read_metadata(path)}
+    _check_metadata(path, body["metadata"])
     report = {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, **body}
     return report | {"precision": _precision(report)}

@@ -52,10 +52,11 @@ def ort_quantizer(float_onnx: Path, images: np.ndarray) -> Path:
     return out
 
 
-def onnx2tf(model: nn.Module, name: str, work: Path, int8: bool = False,
+def onnx2tf(model: nn.Module, name: str, work: Path, calib: np.ndarray | None = None,
             input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
-    """The plain torch.onnx.export (opset 17) of `model`, converted by onnx2tf with onnxsim
-    (with int8: its full-integer quantization, -oiqt)."""
+    """The plain torch.onnx.export (opset 17) of `model`, converted by onnx2tf with onnxsim; with
+    `calib` (preprocessed NCHW images), its full-integer quantization (-oiqt) calibrated on them:
+    the same images ours is calibrated on, not the sample file it falls back to."""
     work.mkdir(parents=True, exist_ok=True)
     onnx_path = work / f"{name}.onnx"
     with warnings.catch_warnings():
@@ -63,9 +64,13 @@ def onnx2tf(model: nn.Module, name: str, work: Path, int8: bool = False,
         torch.onnx.export(model.eval(), (torch.randn(1, *input_size),), str(onnx_path), dynamo=False,
                           opset_version=17, input_names=["input"], output_names=["logits"])
     np.save(work / ONNX2TF_SAMPLE, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
+    int8 = []
+    if calib is not None:  # -cind takes NHWC data and normalizes it as (x - mean) / std: ours are normalized already
+        np.save(work / "calib.npy", np.ascontiguousarray(calib.transpose(0, 2, 3, 1), dtype=np.float32))
+        int8 = ["-oiqt", "-cind", "input", "calib.npy", "[[[[0.0]]]]", "[[[[1.0]]]]"]
     env = dict(OFFLINE, PATH=f"{VENVS / 'onnx2tf/bin'}:{os.environ['PATH']}")
-    subprocess.run([str(VENVS / "onnx2tf/bin/onnx2tf"), "-i", onnx_path.name, "-o", f"{name}_onnx2tf"]
-                   + (["-oiqt"] if int8 else []), cwd=work, env=env, check=True, capture_output=True)
+    subprocess.run([str(VENVS / "onnx2tf/bin/onnx2tf"), "-i", onnx_path.name, "-o", f"{name}_onnx2tf", *int8],
+                   cwd=work, env=env, check=True, capture_output=True)
     return work / f"{name}_onnx2tf" / f"{name}_{'full_integer_quant' if int8 else 'float32'}.tflite"
 
 

@@ -6,6 +6,8 @@ import json
 import numpy as np
 from pathlib import Path
 
+from mixnet_deploy.errors import MixdeployError
+
 METADATA_NAME = "mixdeploy"
 
 
@@ -68,5 +70,12 @@ def read_metadata(path: str | Path) -> dict:
     schema, model = _model(Path(path))
     for entry in model.metadata or []:
         if entry.name == METADATA_NAME.encode():
-            return json.loads(bytes(model.buffers[entry.buffer].data))
+            try:
+                meta = json.loads(bytes(model.buffers[entry.buffer].data))
+            except (ValueError, TypeError, IndexError):
+                meta = None
+            if not isinstance(meta, dict):
+                raise MixdeployError(f"{path}: its mixdeploy metadata is damaged (not a JSON object); export the file "
+                                     "again")
+            return meta
     return {}

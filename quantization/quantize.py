@@ -48,8 +48,15 @@ class QuantizeResult:
     plan: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
 
+    @property
+    def passed(self) -> bool:
+        """Within the int8 tolerance of the float model, and within --max-drop when one was given."""
+        budget = self.details.get("max_drop")
+        return self.agreement.passed and (budget is None or budget["met"])
+
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "format": self.format, "model": self.model, "weights": self.weights,
+        return {"passed": self.passed, "path": str(self.path), "format": self.format, "model": self.model,
+                "weights": self.weights,
                 "method": self.method, "io": self.io, "calibration": self.calibration,
                 "agreement": self.agreement.to_dict(), "accuracy": self.accuracy, "kept_float": self.kept_float,
                 "plan": self.plan, **self.details}

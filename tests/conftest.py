@@ -22,6 +22,16 @@ SWEEP_SIZE = (160, 160)
 SWEPT = tuple(name for name in MIXNETS + DROPIN_EXAMPLES if name != "mixnet_s")
 
 
+SLOW_FIXTURES = {"digits", "digits_exports", "sim_device"}  # minutes to build on a fresh machine
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that train the digits model or boot the ARM64 simulator are slow, marked or not."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 HEARTBEAT = re.compile(r"^mixdeploy: \[\d+ s\] ")  # the progress line long work prints when stderr is no terminal
 
 

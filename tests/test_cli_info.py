@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 import onnx
+import pytest
 import torch
-from conftest import ROOT, assert_usage_error
+from conftest import PHOTOS, ROOT, assert_usage_error
 
 
 def test_info_json_has_counted_params_and_macs(run_cli):
@@ -258,15 +259,17 @@ def test_heartbeat_reaches_stderr_while_native_logs_are_silenced():
 
     script = ("import time, cli\n"
               "from devices.runners import quiet_native_stderr\n"
-              "cli.HEARTBEAT_S = 0.05\n"
+              "cli.HEARTBEAT_S = 0.1\n"
               "with cli._progress('first') as step:\n"
               "    step('converting')\n"
               "    with quiet_native_stderr():\n"
-              "        time.sleep(0.5)\n")
+              "        time.sleep(1)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     lines = proc.stderr.splitlines()
-    assert proc.returncode == 0 and len(lines) >= 3, proc.stderr
-    assert all(HEARTBEAT.match(line) and line.endswith("converting") for line in lines), proc.stderr
+    assert proc.returncode == 0 and all(HEARTBEAT.match(line) for line in lines), proc.stderr
+    # a beat may fall before the step changes (a stalled thread); those during the silenced sleep name the step
+    assert sum(line.endswith("converting") for line in lines) >= 3, proc.stderr
+    assert all(line.endswith(("first", "converting")) for line in lines), proc.stderr
 
 
 def test_spinner_keeps_drawing_while_native_logs_are_silenced():
@@ -298,3 +301,44 @@ def test_spinner_keeps_drawing_while_native_logs_are_silenced():
     os.close(main)
     assert proc.wait(timeout=30) == 0, shown
     assert b"converting" in shown and b"finishing" in shown, shown
+
+
+@pytest.mark.parametrize("props, fragment", [
+    ({"mixdeploy.parity": "not json"}, "mixdeploy.parity is a str"),
+    ({"mixdeploy.weights": None}, "mixdeploy.weights is missing"),
+    ({"mixdeploy.preprocess": {"input_size": [3, 8]}}, "preprocess input_size"),
+    ({"mixdeploy.plan": {"layers": 3}}, "'layers' mapping"),
+])
+def test_damaged_metadata_is_one_line_everywhere(run_cli, tmp_path, props, fragment):
+    """A file whose mixdeploy metadata was edited or damaged: info, quantize and bench say so in one line."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 32, 32])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    meta = {"mixdeploy.model": "mixnet_s", "mixdeploy.weights": "random-init",
+            "mixdeploy.preprocess": {"input_size": [3, 32, 32]}, **props}
+    helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()
+                                   if v is not None})
+    onnx.save(model, tmp_path / "m.onnx")
+    for args in (["info"], ["quantize", "--calib", str(PHOTOS)], ["bench"]):
+        assert_usage_error(run_cli(args[0], tmp_path / "m.onnx", *args[1:]), "metadata is damaged", fragment)
+
+
+def test_damaged_tflite_metadata_is_one_line(run_cli, tmp_path):
+    import flatbuffers
+
+    from exporters.tflite_export import write_tflite
+    from exporters.tflite_inspect import METADATA_NAME, _model, write_metadata
+
+    path = tmp_path / "m.tflite"
+    write_tflite(torch.nn.Sequential(torch.nn.ReLU()).eval(), (3, 32, 32), path)
+    write_metadata(path, {"mixdeploy.model": "mixnet_s"})
+    schema, model = _model(path)
+    entry = next(m for m in model.metadata if m.name == METADATA_NAME.encode())
+    model.buffers[entry.buffer].data = np.frombuffer(b"[1, 2", dtype=np.uint8)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    assert_usage_error(run_cli("info", path), "metadata is damaged (not a JSON object)")

@@ -63,7 +63,7 @@ def sshd(tmp_path_factory):
     del os.environ["MIXDEPLOY_SSH_OPTIONS"]
 
 
-@pytest.fixture(params=["local", "ssh", "adb"])
+@pytest.fixture(params=["local", "ssh", pytest.param("adb", marks=pytest.mark.slow)])  # adb: the ARM64 sim
 def device(request):
     """Each transport: this machine, a real sshd on loopback, the virtual ARM64 device over the real adb client."""
     spec = {"local": lambda: "local", "ssh": lambda: request.getfixturevalue("sshd"),

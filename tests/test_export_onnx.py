@@ -11,7 +11,7 @@ from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy import load_model
 from mixnet_deploy.parity import reference_outputs
-from mixnet_deploy.preprocess import SAMPLE_IMAGES, random_images
+from mixnet_deploy.preprocess import SAMPLE_IMAGES, random_images, sample_photos
 
 pytestmark = pytest.mark.slow
 
@@ -145,32 +145,33 @@ def test_a_relu_after_a_split_mixconv_reads_a_conv_not_the_concat(tmp_path):
 
 
 def test_dynamic_batch_and_opset_17(tmp_path):
-    result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", plan="fold",
+    size = (3, *SWEEP_SIZE)
+    result, = export("mixnet_s", "onnx", tmp_path / "d.onnx", plan="fold", input_size=SWEEP_SIZE,
                      options={"dynamic_batch": True, "opset": 17})
     assert result.passed and result.path == tmp_path / "d.onnx"
     model = onnx.load(str(result.path))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
-    x = random_images(3, (3, 224, 224))  # another batch size than the check's
-    ref = reference_outputs(load_model("mixnet_s").module, x)
+    x = random_images(3, size)  # another batch size than the check's
+    ref = reference_outputs(load_model("mixnet_s", input_size=SWEEP_SIZE).module, x)
     out = OrtRunner(result.path).session.run(None, {"input": x.numpy()})[0]
     assert out.shape == (3, 1000) and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    auto, = export("mixnet_s", "onnx", tmp_path / "a.onnx", options={"opset": 17})  # Splits, folded gates
+    auto, = export("mixnet_s", "onnx", tmp_path / "a.onnx", input_size=SWEEP_SIZE, options={"opset": 17})
     assert auto.passed and "Split" in auto.ops and [o.version for o in onnx.load(str(auto.path)).opset_import] == [17]
 
 
 def test_nhwc_input_adds_one_transpose(tmp_path):
     """--input-layout nhwc: the input takes (N, H, W, C) and one Transpose feeds the NCHW graph."""
-    nhwc, = export("mixnet_s", "onnx", tmp_path / "n.onnx", plan="fold",
+    nhwc, = export("mixnet_s", "onnx", tmp_path / "n.onnx", plan="fold", input_size=SWEEP_SIZE,
                    options={"input_layout": "nhwc", "dynamic_batch": True})
     assert nhwc.passed and nhwc.ops["Transpose"] == 1
     graph = onnx.load(str(nhwc.path)).graph
-    assert [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", 224, 224, 3]
+    assert [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", *SWEEP_SIZE, 3]
     assert graph.node[0].op_type == "Transpose" and list(graph.node[0].input) == ["input"]
-    nchw, = export("mixnet_s", "onnx", tmp_path / "c.onnx", plan="fold")
-    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    loaded = load_model("mixnet_s", input_size=SWEEP_SIZE)
+    x = torch.cat([random_images(2, (3, *SWEEP_SIZE)), sample_photos(loaded.preprocess, 2)])
     runner = OrtRunner(nhwc.path)
-    assert runner.feed(x).shape == (2, 224, 224, 3)
-    ours, ref = runner.run(runner.feed(x)), OrtRunner(nchw.path).run(x)
+    assert runner.feed(x.numpy()).shape == (4, *SWEEP_SIZE, 3)
+    ours, ref = runner.run(runner.feed(x.numpy())), reference_outputs(loaded.module, x)
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
@@ -207,7 +208,7 @@ def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
     from exporters.formats import OnnxFormat
 
     monkeypatch.setattr(OnnxFormat, "tolerance", lambda self, options: {"max_rel": 0.0})
-    result = run_cli("export", "mixnet_s", "--plan", "fold", "-o", tmp_path / "m.onnx")
+    result = run_cli("export", "mixnet_s", "--plan", "fold", "--input-size", "64", "-o", tmp_path / "m.onnx")
     assert result.code == 1 and "out of tolerance" in result.err
     assert not (tmp_path / "m.onnx").exists() and (tmp_path / "m.failed.onnx").exists()
     assert sorted(os.listdir(tmp_path)) == ["m.failed.onnx"]
@@ -253,7 +254,7 @@ def test_cli_export_prints_parity_and_json(tmp_path, monkeypatch, run_cli):
     import cli
 
     monkeypatch.setattr(cli, "HEARTBEAT_S", 0.05)  # stderr is no terminal here: progress comes as heartbeat lines
-    result = run_cli("export", "mixnet_s", "--format", "onnx", "-o", tmp_path / "m.onnx", "--json")
+    result = run_cli("export", "mixnet_s", "--format", "onnx", "--input-size", "64", "-o", tmp_path / "m.onnx", "--json")
     assert result.code == 0, result.err
     assert result.err and not result.message  # every stderr line is a heartbeat
     assert any("lowering and verifying" in line for line in result.err.splitlines())
@@ -261,7 +262,7 @@ def test_cli_export_prints_parity_and_json(tmp_path, monkeypatch, run_cli):
     assert report["passed"] and report["parity"]["top1_agreement"] == 1.0 and report["ops"]["Conv"] > 50
     again = run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx")
     assert_usage_error(again, "exists", "--force")
-    forced = run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--force", "--plan", "split")
+    forced = run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--force", "--plan", "split", "--input-size", "64")
     assert forced.code == 0 and "PASS" in forced.out and "random-init" in forced.out
 
 

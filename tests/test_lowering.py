@@ -332,6 +332,9 @@ def test_what_only_looks_like_a_mixconv_is_left_as_written(make):
         if isinstance(conv, nn.Conv2d):
             nn.init.zeros_(conv.weight)
     assert "0" not in [layer.name for layer in analyse(model, (24, 16, 16))]
+    for conv in model[0].modules():  # lowered with weights that make the order matter, so parity can fail
+        if isinstance(conv, nn.Conv2d):
+            nn.init.normal_(conv.weight)
     lowered = lower(model, (24, 16, 16), Plan({}))
     assert lowered.parity.rel_max < 1e-10 and isinstance(lowered.module[0], type(model[0]))
 
@@ -376,12 +379,13 @@ def test_tf_same_padding_becomes_static():
         assert lowered.parity.rel_max < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mixnet_s", "mixnet_m", "mixconv_mobilenetv2_100"])
 def test_whole_models_lower_with_every_preset_and_on_photos(name):
     loaded = load_model(name, input_size=None if name == "mixnet_s" else SWEEP_SIZE)
     randomize_batchnorm(loaded.module, seed=3)
     layers = analyse(loaded.module, loaded.preprocess.input_size)
-    photos = sample_photos(loaded.preprocess)
+    photos = sample_photos(loaded.preprocess, 6)
     for plan in (preset_plan(layers, "split", "onnxruntime"), preset_plan(layers, "fold", "onnxruntime"),
                  Plan({layer.name: layer.candidates[-1] for layer in layers})):
         lowered = lower(loaded.module, loaded.preprocess.input_size, plan, check_inputs=photos)
