@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -48,8 +49,8 @@ def _progress(title: str) -> Iterator[Callable[[str], None]]:
         stream = sys.stderr
     try:
         if stderr_is_interactive():
-            with Console(file=stream).status(title) as status:
-                yield status.update
+            with Console(file=stream).status(escape(title)) as status:
+                yield lambda text: status.update(escape(text))  # steps name files: no markup in them
         else:
             with _heartbeat(title, stream) as step:
                 yield step
@@ -203,7 +204,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
     weights = (f"{loaded.weights} (pass {'--pretrained or ' if has_pretrained(model) else ''}--checkpoint for "
                "trained weights)"
                if loaded.random_init else loaded.weights)
-    out.print(f"[bold]{loaded.name}[/]  weights: {weights}")
+    out.print(f"[bold]{escape(loaded.name)}[/]  weights: {escape(weights)}")
     out.print(f"params {stats.params / 1e6:.2f} M   MACs {stats.macs / 1e6:.1f} M (conv+linear {stats.conv_macs / 1e6:.1f} M)")
     out.print(
         f"input {pre.input_size}  mean {pre.mean}  std {pre.std}  crop_pct {pre.crop_pct}  "
@@ -237,24 +238,25 @@ def _file_info(path: str, as_json: bool) -> None:
         _echo_json(report)
         return
     opset = f" opset {report['opset']}" if report.get("opset") else ""
-    out.print(f"[bold]{report['path']}[/]  {report['format']}{opset} {report['precision']}  "
+    out.print(f"[bold]{escape(report['path'])}[/]  {report['format']}{opset} {report['precision']}  "
               f"{report['size_bytes'] / 1e6:.2f} MB")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
     if "delegated" in report:
         out.print(_delegation_line(report))
     for kind in ("inputs", "outputs"):
         for t in report[kind]:
-            out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}")
+            out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}", markup=False)
     meta = report.get("metadata", {})
     if "mixdeploy.model" in meta:  # other tools' files carry metadata of their own (Ultralytics' author, stride)
         parity = meta.get("mixdeploy.parity", {})
         stored = ParityReport.from_dict(parity)
         verdict = stored.summary() if stored else ("PASS" if parity.get("passed") else "FAIL") if parity else "not recorded"
-        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: {verdict}")
+        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: {verdict}",
+                  markup=False)
         if meta.get("mixdeploy.plan"):
             out.print(_plan_line(meta["mixdeploy.plan"]))
         if meta.get("mixdeploy.preprocess"):
-            out.print("preprocess: " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.preprocess"].items()))
+            out.print("preprocess: " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.preprocess"].items()), markup=False)
         if meta.get("mixdeploy.versions"):
             out.print("written with " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.versions"].items()))
     else:
@@ -359,9 +361,9 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
             whole = ", ".join(f"{k} {v:.2f} ms" for k, v in tuning.whole_model_ms.items())
             out.print(f"tuned {tuning.fingerprint['format']} {tuning.fingerprint['precision']} on "
                       f"{tuning.plan.source.split(' on ')[-1]}: {tuning.measured_shapes} layer shapes measured, "
-                      f"{tuning.cached_shapes} from the cache; whole model: {whole}")
+                      f"{tuning.cached_shapes} from the cache; whole model: {whole}", markup=False)
         for r in results:
-            out.print(f"[bold]{r.path}[/]  {r.model} ({r.weights})  {r.size_bytes / 1e6:.1f} MB")
+            out.print(f"[bold]{escape(str(r.path))}[/]  {escape(f'{r.model} ({r.weights})')}  {r.size_bytes / 1e6:.1f} MB")
             out.print(_plan_line(r.plan.to_dict()))
             out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()))
             if "delegated" in r.details:
@@ -463,7 +465,7 @@ def _eval_advice(budget: dict) -> str | None:
 
 def _print_quantized(result) -> None:
     cal = result.calibration
-    out.print(f"[bold]{result.path}[/]  {result.model} ({result.weights})  int8 {result.format}, io {result.io}, "
+    out.print(f"[bold]{escape(str(result.path))}[/]  {escape(f'{result.model} ({result.weights})')}  int8 {result.format}, io {result.io}, "
               f"{result.method} calibration on {cal['used']} images ({cal['skipped']} unreadable skipped)")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()))
     a = result.agreement
@@ -484,7 +486,8 @@ def _print_quantized(result) -> None:
         out.print(f"[yellow]{advice}[/]")
     worst = result.details.get("layers_losing_most", [])
     if worst:
-        out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))
+        out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst),
+                  markup=False)
     if result.accuracy:
         acc = result.accuracy
         out.print(f"accuracy: float top-1 {acc['float_top1']:.1f} %, int8 top-1 {acc['int8_top1']:.1f} % "
@@ -599,7 +602,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         from devices.report import write_report
 
         written = write_report(Path(report), measured["device"], results)
-        err.print("report: " + ", ".join(map(str, written)))
+        err.print("report: " + ", ".join(map(str, written)), markup=False)
     if as_json:
         _echo_json(measured)
     else:
@@ -621,7 +624,7 @@ def _bench_table(measured: dict) -> None:
     peers = "missing_peers" in measured
     if peers:  # one precision per peer comparison: in the title, so the table fits 120 columns
         title += f", {measured['results'][0]['precision']}"
-    table = Table(title=title + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
+    table = Table(title=escape(title) + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
     columns = (["exported by", "format", "MB", "threads", "median ms", "vs ours"] if peers else
                ["file", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB"])
     for col in columns + ["top-1 agr.", "cosine", "parity"]:
@@ -630,21 +633,21 @@ def _bench_table(measured: dict) -> None:
         p = r["parity"]
         for t, lat in r["latency_by_threads"].items():
             first = t == str(measured["settings"]["threads"][0])
-            cells = ([r["source"], r["format"], f"{r['size_bytes'] / 1e6:.1f}", t,
+            cells = ([escape(r["source"]), r["format"], f"{r['size_bytes'] / 1e6:.1f}", t,
                       median(lat), f"{r['ratio_to_ours']:.2f}x" if first else ""] if peers else
-                     [Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, median(lat),
+                     [escape(Path(r["file"]).name), r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, median(lat),
                       number(lat["p90"]), number(r["peak_memory_mb"], ".0f")])
             table.add_row(*cells, f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
                           "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
     out.print(table)
     for line in dict.fromkeys(f"{r['model']}, weights {r['weights']}, {r['runtime']}" for r in measured["results"]):
-        out.print(line)  # one line per model and runtime, not per file
+        out.print(line, markup=False)  # one line per model and runtime, not per file
     for line in filter(None, map(delegation_line, measured["results"])):
         out.print(line, markup=False)
     for label, why in measured.get("missing_peers", {}).items():
-        out.print(f"[yellow]{label}: {why}[/]")
+        out.print(f"[yellow]{escape(f'{label}: {why}')}[/]")
     if measured.get("kept_in"):
-        out.print(f"files kept in {measured['kept_in']}")
+        out.print(f"files kept in {measured['kept_in']}", markup=False)
 
 
 @cli.group()
@@ -667,9 +670,9 @@ def device_info_command(spec: str, as_json: bool) -> None:
         return
     freqs = ", ".join(f"cpu{c['cpu']} {c['max_khz'] / 1e6:.2f} GHz" if c["max_khz"] else f"cpu{c['cpu']}"
                       for c in info["cores"])
-    out.print(f"[bold]{info['name']}[/]  {info['abi']}  {info['model']}  {info['os']}"
+    out.print(f"[bold]{escape(info['name'])}[/]  " + escape(f"{info['abi']}  {info['model']}  {info['os']}")
               + ("  [red](emulated: latency is not meaningful)[/]" if info["emulated"] else "  (not emulated)"))
-    out.print(f"cores: {freqs}; big: {info['big_cores']}; governor: {info['governor'] or 'unknown'}")
+    out.print(f"cores: {freqs}; big: {info['big_cores']}; governor: {info['governor'] or 'unknown'}", markup=False)
     out.print(f"free memory: {info['mem_free_mb']} MB; temperatures: "
               + (", ".join(f"{k} {v:.1f} C" for k, v in info["temps"].items()) or "not readable"))
 
@@ -706,6 +709,7 @@ def device_sim(action: str, port: int | None, as_json: bool) -> None:
 
 
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # a group called bare (click 8.2 and later)
 
 
 class Terminated(BaseException):
@@ -744,6 +748,8 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
             click.echo(f"mixdeploy: stopped by {signal.Signals(signum).name}", err=True)
         sys.exit(128 + signum)
+    except NO_ARGS as exc:  # `mixdeploy`, `mixdeploy device`: their help, as click before 8.2 printed it
+        click.echo(exc.ctx.get_help())
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)  # a usage error knows its command: point at that command's help
         click.echo(f"mixdeploy: error: {exc.format_message()} (see {ctx.command_path if ctx else 'mixdeploy'} --help)",

@@ -1,12 +1,17 @@
 """`--device` to a transport: local, adb:SERIAL or a bare SERIAL, ssh:USER@HOST[:PORT]."""
 from __future__ import annotations
 
+from mixnet_deploy.errors import MixdeployError
+
 from .transport import Transport
 
 
 def open_device(spec: str) -> Transport:
     """The transport for a --device value; errors say what is wrong with the device."""
-    if spec == "local":
+    if not spec.strip():
+        raise MixdeployError("the device is empty; give local, an adb SERIAL (see `adb devices`), adb:SERIAL or "
+                             "ssh:USER@HOST[:PORT]")
+    if spec.lower() == "local":  # `Local`: this machine, not an adb serial
         from .local import LocalTransport
 
         return LocalTransport()

@@ -14,7 +14,7 @@ from devices.runners import file_format
 from mixnet_deploy import __version__, load_model
 from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.lower import lower
-from mixnet_deploy.models import file_stem
+from mixnet_deploy.models import check_request, file_stem
 from mixnet_deploy.parity import ParityReport, compare, reference_outputs
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan, read_spec
@@ -132,6 +132,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
     a tuner measuring on a device. options: opset, dynamic_batch (ONNX); fp16 (TFLite); input_layout (nhwc or nchw;
     default: TFLite nhwc, ONNX nchw).
     input_size: (height, width) to export at instead of the model's own resolution."""
+    check_request(model, checkpoint, pretrained, calibrate_bn, input_size)  # a typo is named before any output check
     paths = check_outputs(model, fmt, output, force, options, plan)
     step(f"loading {model}")
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)

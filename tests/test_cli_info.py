@@ -176,6 +176,9 @@ else:
 def test_unknown_option_is_one_line(run_cli):
     assert_usage_error(run_cli("info", "mixnet_s", "--bogus"), "--bogus", "(see mixdeploy info --help)")
     assert_usage_error(run_cli("bogus"), "No such command 'bogus'", "(see mixdeploy --help)")
+    for group in ([], ["device"]):  # a group called bare prints its help
+        shown = run_cli(*group)
+        assert shown.code == 0 and not shown.err and "Usage: mixdeploy" in shown.out and "Commands:" in shown.out
 
 
 def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
@@ -250,6 +253,11 @@ def test_info_of_other_tools_onnx_files(run_cli, tmp_path):
     assert report["opset"] is None
     text = run_cli("info", tmp_path / "other.onnx")
     assert text.code == 0 and "not exported by mixdeploy" in text.out
+    (tmp_path / "a[").mkdir()  # a path that reads as console markup is printed as it is
+    odd = tmp_path / "a[" / "b][bold].onnx"
+    onnx.save(model, odd)
+    shown = run_cli("info", odd)
+    assert shown.code == 0 and str(odd) in shown.out.replace("\n", ""), shown.err
 
 
 def test_heartbeat_reaches_stderr_while_native_logs_are_silenced():

@@ -332,6 +332,19 @@ def test_compare_peers_keep_folder(run_cli, digits, tmp_path, monkeypatch):
     assert not list((tmp_path / "kept").iterdir())
 
 
+def test_device_info_command(run_cli, tmp_path):
+    """`device info` of this machine, in any letter case; an empty device is a usage error, not an adb serial."""
+    shown = run_cli("device", "info", "Local", "--json")
+    assert shown.code == 0, shown.err
+    info = json.loads(shown.out)
+    assert info["name"] == "local" and len(info["cores"]) == os.cpu_count() and not info["emulated"]
+    table = run_cli("device", "info")  # local by default
+    assert table.code == 0 and table.out.startswith("local  ") and "cores: cpu0" in table.out
+    assert_usage_error(run_cli("device", "info", ""), "the device is empty")
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert_usage_error(run_cli("bench", tmp_path / "m.onnx", "--device", " "), "the device is empty")
+
+
 def test_bench_needs_files_or_peers(run_cli):
     assert_usage_error(run_cli("bench"), "give exported FILES")
     assert_usage_error(run_cli("bench", "x.onnx", "--compare-peers", "mixnet_s"), "not both")

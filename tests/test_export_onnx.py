@@ -295,6 +295,9 @@ def test_bad_export_input(tmp_path, run_cli, monkeypatch):
     (tmp_path / "a_file").write_text("x")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "a_file" / "m.onnx"), "a_file is a file, not a folder")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", "/proc/m.onnx"), "cannot write in output folder /proc")
+    monkeypatch.chdir(tmp_path)  # a file given as the model: named as such, not as an output to --force over
+    (tmp_path / "plain.onnx").write_bytes(b"x")
+    assert_usage_error(run_cli("export", "plain.onnx"), "plain.onnx is a path, not a model name")
     # --plan is checked before any model is loaded
     monkeypatch.setattr("exporters.export.load_model", lambda *a, **k: pytest.fail("loaded a model before checking --plan"))
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--plan", "nonsense"), "--plan")
