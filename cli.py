@@ -112,7 +112,8 @@ def _input_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 
 
 input_size_option = click.option("--input-size", callback=_input_size, metavar="N|HxW",
-                                 help="Input resolution of MODEL instead of its own (e.g. 192 or 192x256).")
+                                 help="Input resolution of a MODEL name instead of its own, e.g. 192 or 192x256 "
+                                 "(bench: with --compare-peers; a file keeps the size it was exported at).")
 
 
 def _finite(data: object) -> object:
@@ -175,18 +176,18 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
     from mixnet_deploy import count, load_model
     from mixnet_deploy.planner import make_plan, read_spec
 
-    if not plan:
+    if plan is None:
         _reject_given(("target",), "--plan")
     if file_format(model):
         _reject_given(("checkpoint", "pretrained", "calibrate_bn", "input_size", "plan", "target"),
                       "a MODEL name; an exported FILE keeps what it was exported with")
         _file_info(model, as_json)
         return
-    if plan:
+    if plan is not None:  # an empty --plan "$UNSET" is refused, not ignored
         read_spec(plan)
     loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
     stats = count(loaded.module, loaded.preprocess.input_size)
-    chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan else None
+    chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan is not None else None
     if as_json:
         report = {
             "model": loaded.name, "weights": loaded.weights, "params": stats.params, "macs": stats.macs,
@@ -287,8 +288,9 @@ def _render_parity(title: str, report) -> Table:
 
 @cli.command()
 @model_options
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "all"]), default="onnx", show_default=True)
-@click.option("--output", "-o", type=GivenPath(), help="Output file (a stem for --format all). Default: MODEL.EXT here.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "all"]), default="onnx", show_default=True,
+              help="What to write: an ONNX file, a TFLite file, or both (all).")
+@click.option("--output", "-o", type=GivenPath(), help="Output file (a stem for --format all). Default: MODEL.EXT here (FACTORY.EXT for FILE.py:FACTORY).")
 @click.option("--plan", "plan", default="auto", show_default=True, help="auto, split, fold or a plan JSON file.")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: leave the batch dimension free.")
@@ -299,7 +301,8 @@ def _render_parity(title: str, report) -> Table:
               help="Measure the plan on DEVICE (local, SERIAL, adb:SERIAL, ssh:USER@HOST[:PORT]) instead of --plan.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="What --tune times: fp32, fp16 (TFLite) or int8 (the plan `mixdeploy quantize` then reuses).")
-@click.option("--tune-threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--tune-threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --tune: the one thread count the plan is measured and chosen for.")
 @click.option("--tune-runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed runs per candidate in each of 3 rounds (fewer for a slow or emulated device).")
 @click.option("--cpus", help="With --tune: cores to pin to, as for bench [default: big on an Android phone].")
@@ -401,7 +404,8 @@ def _tuner(device: Transport, precision: str, settings: Settings, tunings: list,
 @click.option("--pretrained", is_flag=True, help=f"For a MODEL name: {PRETRAINED}")
 @click.option("--calibrate-bn", is_flag=True, help="For a random-init MODEL name: BatchNorm statistics from the shipped photos.")
 @input_size_option
-@click.option("--num-calib", type=click.IntRange(min=1), default=NUM_CALIB, show_default=True)
+@click.option("--num-calib", type=click.IntRange(min=1), default=NUM_CALIB, show_default=True,
+              help="Calibration images: a seeded random sample of --calib (without --eval, a fifth is held out).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
               help="Activation ranges: min/max, clipped to the 99.999th percentile, or entropy (onnx only).")
 @click.option("--io", type=click.Choice(["int8", "uint8", "float32"]), help="Input/output type (tflite default int8, onnx float32).")
@@ -509,15 +513,18 @@ def _print_quantized(result) -> None:
 @click.option("--device", default="local", show_default=True,
               help="local, an adb SERIAL (or adb:SERIAL; HOST:PORT is adb-connected), or ssh:USER@HOST[:PORT].")
 @click.option("--threads", default="1", show_default=True, help="Thread counts to sweep, e.g. 1,2,4.")
-@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed runs per file and thread count.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed runs before them.")
 @click.option("--cpus", help="Cores to pin to: a hex mask (f0) or big [default: big on an Android phone].")
 @click.option("--runner", type=click.Choice(["python", "benchmark_model"]), default="python", show_default=True,
               help="python3 with ai-edge-litert/onnxruntime on the device, or LiteRT's benchmark_model (.tflite).")
 @click.option("--benchmark-binary", type=GivenPath(), help="benchmark_model built for the device.")
 @click.option("--python", "python", help="The device's Python for the python runner [default: python3].")
 @click.option("--parity", "parity_dir", type=GivenPath(), help="Photos for the parity check (default: the shipped ones).")
-@click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Photos of --parity run on the device (the 14 shipped ones at most without --parity).")
 @click.option("--cooldown", type=Finite(min=0, max=3600), help="Seconds between models [default: 10 on a phone, else 0].")
 @click.option("--timeout", type=Finite(min=1, max=86400), default=900, show_default=True,
               help="Seconds one model may take on the device.")
@@ -656,10 +663,11 @@ def device() -> None:
 
 
 @device.command("info")
-@click.argument("spec", metavar="DEVICE", default="local")
+@click.argument("spec", metavar="[DEVICE]", default="local")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def device_info_command(spec: str, as_json: bool) -> None:
-    """ABI, model, OS, cores and max frequencies, governor, temperatures and free memory of DEVICE."""
+    """ABI, model, OS, cores and max frequencies, governor, temperatures and free memory of DEVICE
+    (local, SERIAL, adb:SERIAL or ssh:USER@HOST[:PORT]; default local)."""
     from devices.connect import open_device
     from devices.device_info import device_info
 

@@ -41,8 +41,10 @@ def describe() -> dict:
         versions["tensorflow"] = tf.__version__
     except ImportError:
         pass
+    from exporters import peers
+
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "machine": platform.machine(),
-            "os": platform.platform(), "versions": versions}
+            "os": platform.platform(), "versions": versions, "peer_versions": peers.versions()}
 
 
 def cpu_slug(cpu: str) -> str:

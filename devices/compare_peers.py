@@ -131,6 +131,7 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
         if not keep:
             r["file"] = str(Path(r["file"]).relative_to(work))
     measured["missing_peers"] = missing
+    measured["peer_versions"] = peers.versions()
     measured["kept_in"] = str(keep.resolve()) if keep else None
     measured["model"] = {"name": loaded.name, "weights": loaded.weights, "precision": precision,
                          "input_size": list(loaded.preprocess.input_size)}

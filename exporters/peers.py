@@ -27,6 +27,19 @@ def available() -> dict[str, bool]:
             "litert_torch": (VENVS / "litert_torch/bin/python").exists()}
 
 
+def versions() -> dict[str, dict[str, str]]:
+    """Each peer environment's converter and the packages behind it, as installed (read from pip's records)."""
+    wanted = {"onnx2tf": ("onnx2tf", "tensorflow", "onnx", "ai_edge_litert"),
+              "litert_torch": ("litert_torch", "torch", "ai_edge_litert")}
+    found = {}
+    for peer, packages in wanted.items():
+        records = {d.name.split("-")[0].lower(): d.name.removesuffix(".dist-info").split("-")[1]
+                   for d in (VENVS / peer).glob("lib/python*/site-packages/*.dist-info")}
+        if records:
+            found[peer] = {name: records[name] for name in packages if name in records}
+    return found
+
+
 def plain_onnx(model: nn.Module, name: str, work: Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
     """torch.onnx.export of the model as it is (what a user gets without mixdeploy)."""
     from .onnx_export import write_onnx

@@ -176,6 +176,7 @@ else:
 def test_unknown_option_is_one_line(run_cli):
     assert_usage_error(run_cli("info", "mixnet_s", "--bogus"), "--bogus", "(see mixdeploy info --help)")
     assert_usage_error(run_cli("bogus"), "No such command 'bogus'", "(see mixdeploy --help)")
+    assert_usage_error(run_cli("info", "mixnet_s", "--plan", ""), "--plan '' is neither")  # empty, not ignored
     for group in ([], ["device"]):  # a group called bare prints its help
         shown = run_cli(*group)
         assert shown.code == 0 and not shown.err and "Usage: mixdeploy" in shown.out and "Commands:" in shown.out

@@ -5,7 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p .venvs
-if [ ! -x .venvs/onnx2tf/bin/onnx2tf ]; then
+# a venv of other versions than these pins is made again (the results record the versions used)
+pinned() { [ -x ".venvs/$1/bin/python" ] && ".venvs/$1/bin/python" -c \
+  "import importlib.metadata as m, sys; sys.exit(m.version('$2') != '$3')" 2>/dev/null; }
+if ! pinned onnx2tf onnx2tf 1.29.24; then
+  rm -rf .venvs/onnx2tf
   python3 -m venv .venvs/onnx2tf
   .venvs/onnx2tf/bin/pip install -q --upgrade pip
   .venvs/onnx2tf/bin/pip install -q numpy==1.26.4 onnx==1.19.1 onnxruntime==1.23.0 opencv-python-headless==4.11.0.86 \
@@ -14,7 +18,8 @@ if [ ! -x .venvs/onnx2tf/bin/onnx2tf ]; then
     ml-dtypes==0.5.1 flatbuffers==25.12.19 requests
   .venvs/onnx2tf/bin/pip install -q --no-deps onnx2tf==1.29.24
 fi
-if [ ! -x .venvs/litert_torch/bin/python ] || ! .venvs/litert_torch/bin/python -c "import litert_torch" 2>/dev/null; then
+if ! pinned litert_torch litert-torch 0.10.0 || ! .venvs/litert_torch/bin/python -c "import litert_torch" 2>/dev/null; then
+  rm -rf .venvs/litert_torch
   python3 -m venv .venvs/litert_torch
   .venvs/litert_torch/bin/pip install -q --upgrade pip
   .venvs/litert_torch/bin/pip install -q torch==2.14.1 torchvision==0.29.1
