@@ -119,13 +119,14 @@ def digits(request):
     return root, checkpoint
 
 
-def probe_files(checkpoint: Path) -> int:
-    """How many probe models tuning the digits model builds: every candidate of every layer shape."""
+def probe_files(checkpoint: Path | None, name: str = "mixnet_s") -> int:
+    """How many probe models tuning a model builds (the digits model by default): every candidate of
+    every layer shape."""
     from mixnet_deploy import load_model
     from mixnet_deploy.cost_model import shape_key
     from mixnet_deploy.lower import analyse
 
-    loaded = load_model("mixnet_s", checkpoint)
+    loaded = load_model(name, checkpoint)
     return sum({shape_key(i): len(i.candidates) for i in analyse(loaded.module, loaded.preprocess.input_size)}.values())
 
 

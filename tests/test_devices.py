@@ -381,7 +381,8 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
     tuning = report["tuning"]
     assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0 and tuning["timing"]["runs"] == 20
     assert sum(tuning["probes"].values()) == probe_files(checkpoint)  # reused if the ARM device's tuning ran first
-    assert set(tuning["whole_model_ms"]) - {"per-layer"} == {"tuned", "auto", "split", "fold"} and tuning["swaps"]
+    # (whether a close call is swapped depends on this run's timings: the scripted test below asserts the swaps)
+    assert set(tuning["whole_model_ms"]) - {"per-layer"} == {"tuned", "auto", "split", "fold"}
     assert not tuning["refined"] or "per-layer" in tuning["whole_model_ms"]  # kept swaps timed without them too
     assert report["plan"]["source"].endswith("on local") and report["parity"]["passed"]
     chosen = min(tuning["whole_model_ms"], key=tuning["whole_model_ms"].get)
