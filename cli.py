@@ -373,6 +373,9 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
                 out.print(_delegation_line(r.details))
             out.print(_render_parity(f"lowered torch vs original ({r.lowering.rel_max:.2g} of max|ref|)", r.lowering))
             out.print(_render_parity(f"{r.format} file vs PyTorch", r.parity))
+            if "max_rel" in r.parity.tolerance:
+                out.print(f"bound {r.parity.tolerance['max_rel']:.3g} of max|ref|; PyTorch's own float32 run: "
+                          f"{r.details['torch_float32_rel_max']:.3g}")
     failed = [r for r in results if not r.passed]
     if failed:
         for r in failed:

@@ -10,7 +10,7 @@ from conftest import SWEEP_SIZE, assert_usage_error
 from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy import load_model
-from mixnet_deploy.parity import reference_outputs
+from mixnet_deploy.parity import FLOAT32_SLACK, reference_outputs
 from mixnet_deploy.preprocess import SAMPLE_IMAGES, random_images, sample_photos
 
 pytestmark = pytest.mark.slow
@@ -21,9 +21,16 @@ def meta(path) -> dict:
 
 
 def check_export(result, path) -> None:
-    assert result.passed and result.path == path
-    assert result.parity.rel_max <= 1e-5 and result.parity.samples >= 10
+    assert result.passed and result.path == path and result.parity.samples >= 10
+    assert_float32_bound(result)
     assert "BatchNormalization" not in result.ops and "Pad" not in result.ops
+
+
+def assert_float32_bound(result) -> None:
+    """A float32 file within 1e-5 of max|ref|, or twice PyTorch's own float32 error when that is larger."""
+    floor = result.details["torch_float32_rel_max"]
+    assert 0 < floor and result.parity.tolerance == {"max_rel": max(1e-5, FLOAT32_SLACK * floor)}
+    assert result.parity.rel_max <= result.parity.tolerance["max_rel"]
 
 
 def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
@@ -148,8 +155,8 @@ def test_dynamic_batch_and_opset_17(tmp_path):
     ref = reference_outputs(load_model("mixnet_s", input_size=SWEEP_SIZE).module, x)
     out = OrtRunner(result.path).session.run(None, {"input": x.numpy()})[0]
     assert out.shape == (3, 1000) and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    auto, = export("mixnet_s", "onnx", tmp_path / "a.onnx", input_size=SWEEP_SIZE, options={"opset": 17})
-    assert auto.passed and "Split" in auto.ops and [o.version for o in onnx.load(str(auto.path)).opset_import] == [17]
+    split, = export("mixnet_s", "onnx", tmp_path / "a.onnx", plan="split", input_size=SWEEP_SIZE, options={"opset": 17})
+    assert split.passed and "Split" in split.ops and [o.version for o in onnx.load(str(split.path)).opset_import] == [17]
 
 
 def test_nhwc_input_adds_one_transpose(tmp_path):
@@ -201,6 +208,7 @@ def test_out_of_tolerance_is_kept_aside(tmp_path, monkeypatch, run_cli):
     from exporters.formats import OnnxFormat
 
     monkeypatch.setattr(OnnxFormat, "tolerance", lambda self, options: {"max_rel": 0.0})
+    monkeypatch.setattr("exporters.export.FLOAT32_SLACK", 0.0)  # no float32 allowance: every file fails
     result = run_cli("export", "mixnet_s", "--plan", "fold", "--input-size", "64", "-o", tmp_path / "m.onnx")
     assert result.code == 1 and "out of tolerance" in result.err
     assert not (tmp_path / "m.onnx").exists() and (tmp_path / "m.failed.onnx").exists()
@@ -217,6 +225,7 @@ def test_export_all_places_the_formats_that_pass(tmp_path, monkeypatch, run_cli)
     from exporters.formats import TfliteFormat
 
     monkeypatch.setattr(TfliteFormat, "tolerance", lambda self, options: {"max_rel": 0.0})
+    monkeypatch.setattr("exporters.export.FLOAT32_SLACK", 0.0)  # no float32 allowance: every file fails
     result = run_cli("export", "mixnet_s", "--format", "all", "--input-size", "64", "-o", tmp_path / "m")
     assert result.code == 1 and "out of tolerance" in result.err
     assert sorted(os.listdir(tmp_path)) == ["m.failed.tflite", "m.onnx"]
