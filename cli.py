@@ -216,7 +216,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         table.add_column(col, no_wrap=True)
     for layer in stats.mixconv_layers:
         kernels = ",".join(f"{k}" + (f"d{d}" if d > 1 else "") for k, d in zip(layer.kernel_sizes, layer.dilation))
-        table.add_row(layer.name, layer.kind, ",".join(map(str, layer.channels)), kernels, str(layer.stride), f"{layer.macs / 1e6:.2f}")
+        table.add_row(escape(layer.name), layer.kind, ",".join(map(str, layer.channels)), kernels, str(layer.stride), f"{layer.macs / 1e6:.2f}")
     out.print(table)
     if chosen:
         by_name = {layer.name: layer for layer in stats.mixconv_layers}
@@ -226,7 +226,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         for name, choice in chosen.layers.items():
             ks = ",".join(map(str, by_name[name].kernel_sizes)) if name in by_name else ""
             est = chosen.estimates_ms.get(name)
-            plan_table.add_row(name, ks, choice, f"{est:.3f}" if est is not None else "")
+            plan_table.add_row(escape(name), ks, choice, f"{est:.3f}" if est is not None else "")
         out.print(plan_table)
 
 
@@ -241,9 +241,9 @@ def _file_info(path: str, as_json: bool) -> None:
     opset = f" opset {report['opset']}" if report.get("opset") else ""
     out.print(f"[bold]{escape(report['path'])}[/]  {report['format']}{opset} {report['precision']}  "
               f"{report['size_bytes'] / 1e6:.2f} MB")
-    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()), markup=False)
     if "delegated" in report:
-        out.print(_delegation_line(report))
+        out.print(_delegation_line(report), markup=False)
     for kind in ("inputs", "outputs"):
         for t in report[kind]:
             out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}", markup=False)
@@ -255,11 +255,12 @@ def _file_info(path: str, as_json: bool) -> None:
         out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: {verdict}",
                   markup=False)
         if meta.get("mixdeploy.plan"):
-            out.print(_plan_line(meta["mixdeploy.plan"]))
+            out.print(_plan_line(meta["mixdeploy.plan"]), markup=False)
         if meta.get("mixdeploy.preprocess"):
             out.print("preprocess: " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.preprocess"].items()), markup=False)
         if meta.get("mixdeploy.versions"):
-            out.print("written with " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.versions"].items()))
+            out.print("written with " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.versions"].items()),
+                      markup=False)
     else:
         out.print("no mixdeploy metadata: not exported by mixdeploy")
 
@@ -367,10 +368,10 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
                       f"{tuning.cached_shapes} from the cache; whole model: {whole}", markup=False)
         for r in results:
             out.print(f"[bold]{escape(str(r.path))}[/]  {escape(f'{r.model} ({r.weights})')}  {r.size_bytes / 1e6:.1f} MB")
-            out.print(_plan_line(r.plan.to_dict()))
-            out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()))
+            out.print(_plan_line(r.plan.to_dict()), markup=False)
+            out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()), markup=False)
             if "delegated" in r.details:
-                out.print(_delegation_line(r.details))
+                out.print(_delegation_line(r.details), markup=False)
             out.print(_render_parity(f"lowered torch vs original ({r.lowering.rel_max:.2g} of max|ref|)", r.lowering))
             out.print(_render_parity(f"{r.format} file vs PyTorch", r.parity))
             if "max_rel" in r.parity.tolerance:
@@ -474,7 +475,7 @@ def _print_quantized(result) -> None:
     cal = result.calibration
     out.print(f"[bold]{escape(str(result.path))}[/]  {escape(f'{result.model} ({result.weights})')}  int8 {result.format}, io {result.io}, "
               f"{result.method} calibration on {cal['used']} images ({cal['skipped']} unreadable skipped)")
-    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()))
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()), markup=False)
     a = result.agreement
     skipped = f" ({cal['eval_skipped']} unreadable skipped)" if cal["eval_skipped"] else ""
     out.print(f"vs float on {cal['evaluated']} held-out images{skipped}: top-1 agreement {a.top1_agreement:.1%}, "
@@ -685,7 +686,7 @@ def device_info_command(spec: str, as_json: bool) -> None:
               + ("  [red](emulated: latency is not meaningful)[/]" if info["emulated"] else "  (not emulated)"))
     out.print(f"cores: {freqs}; big: {info['big_cores']}; governor: {info['governor'] or 'unknown'}", markup=False)
     out.print(f"free memory: {info['mem_free_mb']} MB; temperatures: "
-              + (", ".join(f"{k} {v:.1f} C" for k, v in info["temps"].items()) or "not readable"))
+              + (", ".join(f"{k} {v:.1f} C" for k, v in info["temps"].items()) or "not readable"), markup=False)
 
 
 @device.command("sim")

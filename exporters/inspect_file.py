@@ -110,8 +110,14 @@ def _check_metadata(path: Path, meta: dict) -> None:
         if (key in meta or key in REQUIRED) and not isinstance(meta.get(key), kind):
             what = "missing" if key not in meta else f"a {type(meta[key]).__name__}"
             raise MixdeployError(f"{damaged} ({key} is {what}); export the file again")
+    pre = meta["mixdeploy.preprocess"]
+    try:  # its structure only: an own network may take sizes that --input-size refuses (28x28)
+        size = PreprocessConfig.from_dict(pre).input_size
+        if len(size) != 3 or not all(isinstance(n, int) and n > 0 for n in size):
+            raise ValueError
+    except (MixdeployError, TypeError, ValueError):
+        raise MixdeployError(f"{damaged} (mixdeploy.preprocess {pre} is not usable); export the file again") from None
     try:
-        PreprocessConfig().updated(meta["mixdeploy.preprocess"], "mixdeploy.preprocess")
         if "mixdeploy.plan" in meta:
             Plan.from_dict(meta["mixdeploy.plan"])
     except MixdeployError as exc:

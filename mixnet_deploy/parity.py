@@ -19,10 +19,12 @@ DEPLOYED_TOLERANCE = {"fp32": {"max_rel": 1e-4, "min_top1": 1.0}, "fp16": {"min_
 
 
 # a float32 file's bound (max_rel 1e-5) is raised, for a model whose own float32 run is close to it, to this
-# many times the error PyTorch makes in float32 on the same inputs: float32 arithmetic alone puts a deep
-# model there (mixnet_xxl at 160x160, BatchNorm calibrated: PyTorch 5.0-7.6e-6 of max|ref| over 12 input
-# sets, our files 4.0-9.9e-6 and once above 1e-5)
+# many times the error PyTorch makes in float32 on the same inputs, up to FLOAT32_CEILING (bench's fp32
+# bound): float32 arithmetic alone puts a deep model there (mixnet_xl and mixnet_xxl at 160x160, BatchNorm
+# calibrated: PyTorch 4.8e-6 to 1.5e-5 of max|ref|; our xxl files 4.0-9.9e-6 over 12 input sets, and once
+# above 1e-5 in a test run)
 FLOAT32_SLACK = 2.0
+FLOAT32_CEILING = 1e-4
 
 
 @dataclass
@@ -66,10 +68,12 @@ class ParityReport:
 def float32_error(model: torch.nn.Module, x: torch.Tensor, reference: np.ndarray) -> float:
     """rel_max of the model run by PyTorch in float32 against its float64 `reference` on `x`: what
     float32 arithmetic alone costs on these inputs, the floor below which no float32 file can be held."""
+    import copy
+
     import torch
 
-    with torch.no_grad():
-        out = model.float().eval()(x.float()).numpy()
+    with torch.no_grad():  # a copy: the caller's model keeps its dtypes
+        out = copy.deepcopy(model).float().eval()(x.float()).numpy()
     return float(np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-30))
 
 

@@ -315,7 +315,8 @@ def test_spinner_keeps_drawing_while_native_logs_are_silenced():
 @pytest.mark.parametrize("props, fragment", [
     ({"mixdeploy.parity": "not json"}, "mixdeploy.parity is a str"),
     ({"mixdeploy.weights": None}, "mixdeploy.weights is missing"),
-    ({"mixdeploy.preprocess": {"input_size": [3, 8]}}, "preprocess input_size"),
+    ({"mixdeploy.preprocess": {"input_size": [3, 8]}}, "mixdeploy.preprocess {'input_size': [3, 8]} is not usable"),
+    ({"mixdeploy.preprocess": {"mean": [0.5, 0.5]}}, "mixdeploy.preprocess {'mean': [0.5, 0.5]} is not usable"),
     ({"mixdeploy.plan": {"layers": 3}}, "'layers' mapping"),
 ])
 def test_damaged_metadata_is_one_line_everywhere(run_cli, tmp_path, props, fragment):

@@ -30,7 +30,7 @@ def assert_float32_bound(result) -> None:
     """A float32 file within 1e-5 of max|ref|, or twice PyTorch's own float32 error when that is larger."""
     floor = result.details["torch_float32_rel_max"]
     assert 0 < floor and result.parity.tolerance == {"max_rel": max(1e-5, FLOAT32_SLACK * floor)}
-    assert result.parity.rel_max <= result.parity.tolerance["max_rel"]
+    assert result.parity.rel_max <= result.parity.tolerance["max_rel"] <= 4e-5  # timm's models: float32 stays near
 
 
 def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):

@@ -21,20 +21,20 @@ def test_counted_figures_match_paper_table_2(name):
     counted = (round(stats.params / 1e6, 2), round(stats.macs / 1e6, 1), round(stats.conv_macs / 1e6, 1))
     assert counted == COUNTED[name]
     # conv and linear multiply-adds counted here from each layer's output, independently of mixdeploy
-    macs = []
+    layer_macs = []
 
     def hook(module, _inputs, output):
         if isinstance(module, torch.nn.Conv2d):
             kh, kw = module.kernel_size
-            macs.append(output.numel() * module.in_channels // module.groups * kh * kw)
+            layer_macs.append(output.numel() * module.in_channels // module.groups * kh * kw)
         elif isinstance(module, torch.nn.Linear):
-            macs.append(output.numel() * module.in_features)
+            layer_macs.append(output.numel() * module.in_features)
 
     for module in loaded.module.modules():
         module.register_forward_hook(hook)
     with torch.no_grad():
         loaded.module(torch.randn(1, *loaded.preprocess.input_size))
-    assert sum(macs) == stats.conv_macs
+    assert sum(layer_macs) == stats.conv_macs
     assert stats.params == sum(p.numel() for p in loaded.module.parameters())
     assert any(layer.kind == "depthwise" and len(layer.kernel_sizes) >= 3 for layer in stats.mixconv_layers)
 

@@ -114,8 +114,8 @@ def test_a_limited_read_samples_every_class_and_decodes_only_the_sample(tmp_path
 
 
 @pytest.mark.parametrize("fmt,method,io", [("tflite", "minmax", "int8"), ("onnx", "minmax", "float32"),
-                                           ("onnx", "entropy", "float32"), ("tflite", "percentile", "uint8")])
-# (TFLite with float32 io: the max-drop test's tight run writes one)
+                                           ("onnx", "entropy", "float32"), ("tflite", "percentile", "uint8"),
+                                           ("tflite", "minmax", "float32")])
 def test_digits_model_quantizes_with_small_accuracy_drop(tmp_path, digits, fmt, method, io, run_cli):
     root, checkpoint = digits
     result = run_cli("quantize", "mixnet_s", "--checkpoint", checkpoint, "--calib", root / "train", "--eval",
