@@ -345,7 +345,7 @@ def test_damaged_tflite_metadata_is_one_line(run_cli, tmp_path):
     path = tmp_path / "m.tflite"
     write_tflite(torch.nn.Sequential(torch.nn.ReLU()).eval(), (3, 32, 32), path)
     write_metadata(path, {"mixdeploy.model": "mixnet_s"})
-    schema, model = _model(path)
+    _, model = _model(path)
     entry = next(m for m in model.metadata if m.name == METADATA_NAME.encode())
     model.buffers[entry.buffer].data = np.frombuffer(b"[1, 2", dtype=np.uint8)
     builder = flatbuffers.Builder(1024)
