@@ -22,7 +22,7 @@ from rich.table import Table
 
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.terminal import stderr_is_interactive
-from quantization.calibration import NUM_CALIB
+from quantization import NUM_CALIB
 
 if TYPE_CHECKING:
     from devices.bench import Settings

@@ -99,7 +99,8 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     ones calibrated on the same photos), benchmarked together; each row says whose file it is and
     its median latency relative to ours in the same format. The files are written to `keep` (from
     keep_folder) or to a temporary folder (removed; rows then name them relative to it)."""
-    from quantization.calibration import NUM_CALIB, load_folder
+    from quantization import NUM_CALIB
+    from quantization.calibration import load_folder
     from quantization.quantize import quantize
 
     step(f"checking the runtimes on {device.name}")

@@ -16,7 +16,6 @@ from mixnet_deploy.errors import MixdeployError
 from mixnet_deploy.preprocess import IMAGE_SUFFIXES, PreprocessConfig, eval_transform, read_image
 
 MIN_IMAGES = 2
-NUM_CALIB = 100  # calibration images by default (quantize --num-calib, compare-peers' int8 files)
 SAMPLE_SEED = 0
 
 

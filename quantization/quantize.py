@@ -24,7 +24,8 @@ from mixnet_deploy.planner import make_plan
 
 from . import sensitivity
 from .accuracy import accuracy
-from .calibration import MIN_IMAGES, NUM_CALIB, check_folder, load_folder
+from . import NUM_CALIB
+from .calibration import MIN_IMAGES, check_folder, load_folder
 from .keep_float import GROUPS, onnx_nodes, tflite_ops
 
 IO_TYPES = ("int8", "uint8", "float32")

@@ -34,6 +34,14 @@ def test_console_script_runs():
     assert proc.returncode == 2 and "did you mean mixnet_s" in proc.stderr
 
 
+def test_help_does_not_load_pytorch():
+    """`mixdeploy --help` and usage errors answer without importing torch (seconds of start-up)."""
+    code = "import sys, cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\nprint(sorted({'torch', 'PIL'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "Usage: mixdeploy" in done.stdout, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_unknown_model_suggests_closest(run_cli, tmp_path):
     assert_usage_error(run_cli("info", "mixnet_ss"), "unknown model 'mixnet_ss'", "mixnet_s")
     notes = tmp_path / "notes.txt"

@@ -23,7 +23,8 @@ from devices.device_info import big_cores, cpu_mask, device_info
 from devices.transport import ShellResult, Transport
 from exporters.inspect_file import inspect_file
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
-from quantization.calibration import NUM_CALIB, find_images
+from quantization import NUM_CALIB
+from quantization.calibration import find_images
 
 TRICKY = "it's a \"test\" with $HOME, `backticks`; and spaces"
 
