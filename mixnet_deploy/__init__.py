@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 _MODULES = {"MixdeployError": "errors", "MixConv": "mixconv", "split_channels": "mixconv",
             "replace_depthwise": "dropin", "LoadedModel": "models", "known_models": "models", "load_model": "models",
             "PreprocessConfig": "preprocess", "Complexity": "complexity", "count": "complexity"}
-__all__ = [*_MODULES, "__version__"]
+__all__ = ["MixdeployError", "MixConv", "split_channels", "replace_depthwise", "LoadedModel", "known_models",
+           "load_model", "PreprocessConfig", "Complexity", "count", "__version__"]
 
 
 def __getattr__(name: str) -> object:
