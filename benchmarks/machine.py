@@ -72,13 +72,10 @@ def save_result(benchmark: str, **payload) -> Path:
               "machine": describe(), **payload}
     path = results_dir() / f"{benchmark}.json"
     try:
-        stored = json.loads(path.read_text())
-    except FileNotFoundError:
-        stored = {"command": command}
-    except (OSError, ValueError):
+        stored = json.loads(path.read_text()).get("command") if path.exists() else command
+    except (OSError, ValueError, AttributeError):  # unreadable, or not an object: keep it, write beside it
         stored = None
-    same = isinstance(stored, dict) and isinstance(stored.get("command"), str)
-    if not same or stored["command"].split()[1:] != sys.argv[1:]:  # the options, wherever the script ran from
+    if not isinstance(stored, str) or stored.split()[1:] != sys.argv[1:]:  # the options, wherever it ran from
         path = path.with_name(f"{benchmark}_{now:%Y%m%d-%H%M%S}.json")
     write_atomic(path, (json.dumps(result, indent=1) + "\n").encode())
     print(f"results: {path}", file=sys.stderr)
