@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.terminal import stderr_is_interactive
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from devices.bench import Settings
     from devices.transport import Transport
 
-out = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty())  # logs: a line per line
+# markup off: paths, model, layer and device names print as they are; styles are given as Text or style=
+out = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty(),  # logs: a line per line
+              markup=False)
 err = Console(stderr=True)
 HEARTBEAT_S = 10.0  # how often long work reports its current step when stderr is not a terminal
 
@@ -49,8 +51,8 @@ def _progress(title: str) -> Iterator[Callable[[str], None]]:
         stream = sys.stderr
     try:
         if stderr_is_interactive():
-            with Console(file=stream).status(escape(title)) as status:
-                yield lambda text: status.update(escape(text))  # steps name files: no markup in them
+            with Console(file=stream).status(Text(title)) as status:
+                yield lambda text: status.update(Text(text))  # steps name files: no markup in them
         else:
             with _heartbeat(title, stream) as step:
                 yield step
@@ -205,7 +207,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
     weights = (f"{loaded.weights} (pass {'--pretrained or ' if has_pretrained(model) else ''}--checkpoint for "
                "trained weights)"
                if loaded.random_init else loaded.weights)
-    out.print(f"[bold]{escape(loaded.name)}[/]  weights: {escape(weights)}")
+    out.print(_headline(loaded.name, f"weights: {weights}"))
     out.print(f"params {stats.params / 1e6:.2f} M   MACs {stats.macs / 1e6:.1f} M (conv+linear {stats.conv_macs / 1e6:.1f} M)")
     out.print(
         f"input {pre.input_size}  mean {pre.mean}  std {pre.std}  crop_pct {pre.crop_pct}  "
@@ -216,7 +218,7 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         table.add_column(col, no_wrap=True)
     for layer in stats.mixconv_layers:
         kernels = ",".join(f"{k}" + (f"d{d}" if d > 1 else "") for k, d in zip(layer.kernel_sizes, layer.dilation))
-        table.add_row(escape(layer.name), layer.kind, ",".join(map(str, layer.channels)), kernels, str(layer.stride), f"{layer.macs / 1e6:.2f}")
+        table.add_row(layer.name, layer.kind, ",".join(map(str, layer.channels)), kernels, str(layer.stride), f"{layer.macs / 1e6:.2f}")
     out.print(table)
     if chosen:
         by_name = {layer.name: layer for layer in stats.mixconv_layers}
@@ -226,12 +228,13 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         for name, choice in chosen.layers.items():
             ks = ",".join(map(str, by_name[name].kernel_sizes)) if name in by_name else ""
             est = chosen.estimates_ms.get(name)
-            plan_table.add_row(escape(name), ks, choice, f"{est:.3f}" if est is not None else "")
+            plan_table.add_row(name, ks, choice, f"{est:.3f}" if est is not None else "")
         out.print(plan_table)
 
 
 def _file_info(path: str, as_json: bool) -> None:
     from exporters.inspect_file import inspect_file
+    from exporters.tflite_inspect import delegation_text
     from mixnet_deploy.parity import ParityReport
 
     report = inspect_file(path)
@@ -239,28 +242,26 @@ def _file_info(path: str, as_json: bool) -> None:
         _echo_json(report)
         return
     opset = f" opset {report['opset']}" if report.get("opset") else ""
-    out.print(f"[bold]{escape(report['path'])}[/]  {report['format']}{opset} {report['precision']}  "
-              f"{report['size_bytes'] / 1e6:.2f} MB")
-    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()), markup=False)
+    out.print(_headline(report["path"], f"{report['format']}{opset} {report['precision']}  "
+                                        f"{report['size_bytes'] / 1e6:.2f} MB"))
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
     if "delegated" in report:
-        out.print(_delegation_line(report), markup=False)
+        out.print(delegation_text(report))
     for kind in ("inputs", "outputs"):
         for t in report[kind]:
-            out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}", markup=False)
+            out.print(f"{kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}")
     meta = report.get("metadata", {})
     if "mixdeploy.model" in meta:  # other tools' files carry metadata of their own (Ultralytics' author, stride)
         parity = meta.get("mixdeploy.parity", {})
         stored = ParityReport.from_dict(parity)
         verdict = stored.summary() if stored else ("PASS" if parity.get("passed") else "FAIL") if parity else "not recorded"
-        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: {verdict}",
-                  markup=False)
+        out.print(f"model {meta.get('mixdeploy.model')} ({meta.get('mixdeploy.weights')}); parity when written: {verdict}")
         if meta.get("mixdeploy.plan"):
-            out.print(_plan_line(meta["mixdeploy.plan"]), markup=False)
+            out.print(_plan_line(meta["mixdeploy.plan"]))
         if meta.get("mixdeploy.preprocess"):
-            out.print("preprocess: " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.preprocess"].items()), markup=False)
+            out.print("preprocess: " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.preprocess"].items()))
         if meta.get("mixdeploy.versions"):
-            out.print("written with " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.versions"].items()),
-                      markup=False)
+            out.print("written with " + ", ".join(f"{k} {v}" for k, v in meta["mixdeploy.versions"].items()))
     else:
         out.print("no mixdeploy metadata: not exported by mixdeploy")
 
@@ -271,10 +272,13 @@ def _plan_line(plan: dict) -> str:
     return f"plan ({plan.get('source')}, {plan.get('target')}): {choices or 'no MixConv layer'}"
 
 
-def _delegation_line(details: dict) -> str:
-    left = ", ".join(f"{k} {v}" for k, v in details["not_delegated"].items()) or "none"
-    return (f"XNNPACK takes {details['delegated']} of {details['nodes']} nodes in {details['partitions']} "
-            f"partition(s); left out: {left}")
+def _headline(bold: str, rest: str, *more: str | tuple[str, str]) -> Text:
+    """A result's first line: its file or name in bold, then what it is."""
+    return Text.assemble((bold, "bold"), "  ", rest, *more)
+
+
+def _verdict(passed: bool) -> Text:
+    return Text("PASS", style="green") if passed else Text("FAIL", style="red")
 
 
 def _render_parity(title: str, report) -> Table:
@@ -283,7 +287,7 @@ def _render_parity(title: str, report) -> Table:
         table.add_column(col, no_wrap=True)
     table.add_row(str(report.samples), f"{report.max_abs:.3g}", f"{report.rel_max:.3g}", f"{report.rel_l2:.3g}",
                   f"{report.cosine:.7f}", f"{report.psnr_db:.1f}", f"{report.top1_agreement:.1%}",
-                  f"{report.top5_agreement:.1%}", "[green]PASS[/]" if report.passed else "[red]FAIL[/]")
+                  f"{report.top5_agreement:.1%}", _verdict(report.passed))
     return table
 
 
@@ -323,6 +327,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
     lowerings are timed there as single-layer models (cached per device, runtime and precision)."""
     from exporters.export import check_outputs
     from exporters.export import export as run_export
+    from exporters.tflite_inspect import delegation_text
 
     if precision and not tune_device:
         raise MixdeployError("--precision goes with --tune DEVICE (use --fp16 for a float16 TFLite export)")
@@ -365,13 +370,13 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
             whole = ", ".join(f"{k} {v:.2f} ms" for k, v in tuning.whole_model_ms.items())
             out.print(f"tuned {tuning.fingerprint['format']} {tuning.fingerprint['precision']} on "
                       f"{tuning.plan.source.split(' on ')[-1]}: {tuning.measured_shapes} layer shapes measured, "
-                      f"{tuning.cached_shapes} from the cache; whole model: {whole}", markup=False)
+                      f"{tuning.cached_shapes} from the cache; whole model: {whole}")
         for r in results:
-            out.print(f"[bold]{escape(str(r.path))}[/]  {escape(f'{r.model} ({r.weights})')}  {r.size_bytes / 1e6:.1f} MB")
-            out.print(_plan_line(r.plan.to_dict()), markup=False)
-            out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()), markup=False)
+            out.print(_headline(str(r.path), f"{r.model} ({r.weights})  {r.size_bytes / 1e6:.1f} MB"))
+            out.print(_plan_line(r.plan.to_dict()))
+            out.print("ops: " + ", ".join(f"{k} {v}" for k, v in r.ops.items()))
             if "delegated" in r.details:
-                out.print(_delegation_line(r.details), markup=False)
+                out.print(delegation_text(r.details))
             out.print(_render_parity(f"lowered torch vs original ({r.lowering.rel_max:.2g} of max|ref|)", r.lowering))
             out.print(_render_parity(f"{r.format} file vs PyTorch", r.parity))
             if "max_rel" in r.parity.tolerance:
@@ -473,9 +478,10 @@ def _eval_advice(budget: dict) -> str | None:
 
 def _print_quantized(result) -> None:
     cal = result.calibration
-    out.print(f"[bold]{escape(str(result.path))}[/]  {escape(f'{result.model} ({result.weights})')}  int8 {result.format}, io {result.io}, "
-              f"{result.method} calibration on {cal['used']} images ({cal['skipped']} unreadable skipped)")
-    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()), markup=False)
+    out.print(_headline(str(result.path), f"{result.model} ({result.weights})  int8 {result.format}, io {result.io}, "
+                                          f"{result.method} calibration on {cal['used']} images "
+                                          f"({cal['skipped']} unreadable skipped)"))
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()))
     a = result.agreement
     skipped = f" ({cal['eval_skipped']} unreadable skipped)" if cal["eval_skipped"] else ""
     out.print(f"vs float on {cal['evaluated']} held-out images{skipped}: top-1 agreement {a.top1_agreement:.1%}, "
@@ -491,11 +497,10 @@ def _print_quantized(result) -> None:
         advice = (f"judged on {cal['evaluated']} held-out images, too few for a firm verdict (bench's parity may "
                   f"differ): pass --eval DIR with at least {FIRM_VERDICT} images")
     if advice:
-        out.print(f"[yellow]{advice}[/]")
+        out.print(advice, style="yellow")
     worst = result.details.get("layers_losing_most", [])
     if worst:
-        out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst),
-                  markup=False)
+        out.print("layers losing most (SQNR dB): " + ", ".join(f"{w['layer']} {w['sqnr_db']:.1f}" for w in worst))
     if result.accuracy:
         acc = result.accuracy
         out.print(f"accuracy: float top-1 {acc['float_top1']:.1f} %, int8 top-1 {acc['int8_top1']:.1f} % "
@@ -613,7 +618,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         from devices.report import write_report
 
         written = write_report(Path(report), measured["device"], results)
-        err.print("report: " + ", ".join(map(str, written)), markup=False)
+        err.print("report: " + ", ".join(map(str, written)))
     if as_json:
         _echo_json(measured)
     else:
@@ -635,7 +640,7 @@ def _bench_table(measured: dict) -> None:
     peers = "missing_peers" in measured
     if peers:  # one precision per peer comparison: in the title, so the table fits 120 columns
         title += f", {measured['results'][0]['precision']}"
-    table = Table(title=escape(title) + (" [red]EMULATED: latency is not meaningful[/]" if dev["emulated"] else ""))
+    table = Table(title=Text.assemble(title, (" EMULATED: latency is not meaningful", "red") if dev["emulated"] else ""))
     columns = (["exported by", "format", "MB", "threads", "median ms", "vs ours"] if peers else
                ["file", "precision", "MB", "threads", "median ms", "p90 ms", "peak MB"])
     for col in columns + ["top-1 agr.", "cosine", "parity"]:
@@ -644,21 +649,21 @@ def _bench_table(measured: dict) -> None:
         p = r["parity"]
         for t, lat in r["latency_by_threads"].items():
             first = t == str(measured["settings"]["threads"][0])
-            cells = ([escape(r["source"]), r["format"], f"{r['size_bytes'] / 1e6:.1f}", t,
+            cells = ([r["source"], r["format"], f"{r['size_bytes'] / 1e6:.1f}", t,
                       median(lat), f"{r['ratio_to_ours']:.2f}x" if first else ""] if peers else
-                     [escape(Path(r["file"]).name), r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, median(lat),
+                     [Path(r["file"]).name, r["precision"], f"{r['size_bytes'] / 1e6:.1f}", t, median(lat),
                       number(lat["p90"]), number(r["peak_memory_mb"], ".0f")])
             table.add_row(*cells, f"{p['top1_agreement']:.1%}", f"{p['cosine']:.5f}",
-                          "[green]PASS[/]" if p["passed"] else "[red]FAIL[/]")
+                          _verdict(p["passed"]))
     out.print(table)
     for line in dict.fromkeys(f"{r['model']}, weights {r['weights']}, {r['runtime']}" for r in measured["results"]):
-        out.print(line, markup=False)  # one line per model and runtime, not per file
+        out.print(line)  # one line per model and runtime, not per file
     for line in filter(None, map(delegation_line, measured["results"])):
-        out.print(line, markup=False)
+        out.print(line)
     for label, why in measured.get("missing_peers", {}).items():
-        out.print(f"[yellow]{escape(f'{label}: {why}')}[/]")
+        out.print(f"{label}: {why}", style="yellow")
     if measured.get("kept_in"):
-        out.print(f"files kept in {measured['kept_in']}", markup=False)
+        out.print(f"files kept in {measured['kept_in']}")
 
 
 @cli.group()
@@ -682,11 +687,11 @@ def device_info_command(spec: str, as_json: bool) -> None:
         return
     freqs = ", ".join(f"cpu{c['cpu']} {c['max_khz'] / 1e6:.2f} GHz" if c["max_khz"] else f"cpu{c['cpu']}"
                       for c in info["cores"])
-    out.print(f"[bold]{escape(info['name'])}[/]  " + escape(f"{info['abi']}  {info['model']}  {info['os']}")
-              + ("  [red](emulated: latency is not meaningful)[/]" if info["emulated"] else "  (not emulated)"))
-    out.print(f"cores: {freqs}; big: {info['big_cores']}; governor: {info['governor'] or 'unknown'}", markup=False)
+    out.print(_headline(info["name"], f"{info['abi']}  {info['model']}  {info['os']}",
+                        ("  (emulated: latency is not meaningful)", "red") if info["emulated"] else "  (not emulated)"))
+    out.print(f"cores: {freqs}; big: {info['big_cores']}; governor: {info['governor'] or 'unknown'}")
     out.print(f"free memory: {info['mem_free_mb']} MB; temperatures: "
-              + (", ".join(f"{k} {v:.1f} C" for k, v in info["temps"].items()) or "not readable"), markup=False)
+              + (", ".join(f"{k} {v:.1f} C" for k, v in info["temps"].items()) or "not readable"))
 
 
 @device.command("sim")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from devices.adb import adb
 from devices.adbd import DEVICE_ENV
@@ -85,7 +86,7 @@ def build(rebuild: bool = False) -> Path:
     log = STATE / "build.log"
     log.write_text("")
     wheels = CACHE / "wheels"
-    console, started = Console(stderr=True), time.monotonic()
+    console, started = Console(stderr=True, markup=False), time.monotonic()
     _enable_binfmt()
     chroot = ["chroot", str(tmp)]
     steps = [  # (what, command, needs /proc, /sys and /dev mounted)
@@ -108,7 +109,7 @@ def build(rebuild: bool = False) -> Path:
                 shutil.copy("/etc/resolv.conf", tmp / "etc/resolv.conf")
                 mounts = _mount(tmp)
             t0 = time.monotonic()
-            with console.status(f"sim: [{i}/{len(steps)}] {what}..."):
+            with console.status(Text(f"sim: [{i}/{len(steps)}] {what}...")):
                 _run_logged(argv, log, what)
             console.print(f"sim: [{i}/{len(steps)}] {what}: {time.monotonic() - t0:.0f} s")
     finally:
