@@ -124,15 +124,14 @@ def _table(results: list[dict], threads: list[str], ref: str) -> list[str]:
 
 
 def delegation_line(result: dict) -> str | None:
-    """What XNNPACK took of a .tflite file on the device, e.g. `s.tflite: XNNPACK ran 250 of 250 nodes`,
+    """What XNNPACK took of a .tflite file on the device, e.g. `s.tflite: XNNPACK takes 250 of 250 nodes`,
     naming the ops it left; None for a file without delegation figures (ONNX)."""
+    from exporters.tflite_inspect import delegation_text
+
     d = result.get("delegation")
     if not d or d.get("delegated") is None:
         return None
-    left = ", ".join(f"{op} ×{n}" for op, n in (d.get("not_delegated") or {}).items())
-    return (f"{Path(result['file']).name}: XNNPACK ran {d['delegated']} of {number(d['nodes'], 'd')} nodes"
-            + (f" in {d['partitions']} partitions" if (d.get("partitions") or 1) > 1 else "")
-            + (f" (left to the CPU kernels: {left})" if left else ""))
+    return f"{Path(result['file']).name}: {delegation_text(d)}"
 
 
 def _tolerance_lines(results: list[dict]) -> list[str]:

@@ -18,6 +18,16 @@ def delegation(path: str | Path) -> dict:
     return LiteRtRunner(path).delegation()
 
 
+def delegation_text(d: dict) -> str:
+    """A delegation dict as a phrase: `XNNPACK takes 62 of 64 nodes in 2 partitions (left to the CPU
+    kernels: HARD_SWISH ×1)`; nodes may be None (benchmark_model builds that do not print them)."""
+    nodes = "—" if d.get("nodes") is None else d["nodes"]
+    left = ", ".join(f"{op} ×{n}" for op, n in (d.get("not_delegated") or {}).items())
+    return (f"XNNPACK takes {d['delegated']} of {nodes} nodes"
+            + (f" in {d['partitions']} partitions" if (d.get("partitions") or 1) > 1 else "")
+            + (f" (left to the CPU kernels: {left})" if left else ""))
+
+
 def tensors(path: str | Path) -> dict:
     """Input and output tensors: name, shape, type, quantization."""
     from ai_edge_litert.interpreter import Interpreter

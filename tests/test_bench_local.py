@@ -35,10 +35,10 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
     assert rows[0]["delegation"] is None  # ONNX: no delegate
     for r in rows[1:]:  # what XNNPACK took in the runner's own interpreter: all of it, one partition
         assert r["delegation"]["delegated"] == r["delegation"]["nodes"] > 100 and r["delegation"]["partitions"] == 1
-    assert f"s_int8.tflite: XNNPACK ran {rows[2]['delegation']['nodes']} of" in markdown
+    assert f"s_int8.tflite: XNNPACK takes {rows[2]['delegation']['nodes']} of" in markdown
     table = run_cli("bench", files[1], files[2], "--runs", "3")
     assert table.code == 0 and "PASS" in table.out and "fp32" in table.out
-    assert f"s.tflite: XNNPACK ran {rows[1]['delegation']['nodes']} of {rows[1]['delegation']['nodes']} nodes" in table.out
+    assert f"s.tflite: XNNPACK takes {rows[1]['delegation']['nodes']} of {rows[1]['delegation']['nodes']} nodes" in table.out
     assert table.out.count("weights random-init+calibrated-bn") == 1  # two LiteRT files of one model: one line
 
 

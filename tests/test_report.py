@@ -152,7 +152,7 @@ def test_delegation_lines_name_what_xnnpack_left(tmp_path):
     old_tool = {**RESULTS[1], "delegation": {"nodes": None, "delegated": 269}}  # benchmark_model without "out of M"
     md, _ = write_report(tmp_path / "bench.md", DEVICE, [RESULTS[0], old_tool, partial])
     text = md.read_text()
-    assert text.endswith("## Delegation on the device\n\n- s.tflite: XNNPACK ran 269 of — nodes\n"
-                         "- s_int8.tflite: XNNPACK ran 62 of 64 nodes in 2 partitions (left to the CPU kernels: "
+    assert text.endswith("## Delegation on the device\n\n- s.tflite: XNNPACK takes 269 of — nodes\n"
+                         "- s_int8.tflite: XNNPACK takes 62 of 64 nodes in 2 partitions (left to the CPU kernels: "
                          "AVERAGE_POOL_2D ×1, HARD_SWISH ×1)\n")
     assert "Delegation" not in write_report(tmp_path / "onnx.md", DEVICE, RESULTS[:1])[0].read_text()
