@@ -81,8 +81,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for name in args.models.split(","):
         loaded = load_model(name)
         for info in analyse(loaded.module, loaded.preprocess.input_size):
-            key = (info.kind, tuple(info.channels), tuple(info.out_channels), tuple(info.kernels), info.stride, info.in_hw)
-            shapes.setdefault(key, info)
+            shapes.setdefault(shape_key(info), info)
     raw = []
     with tempfile.TemporaryDirectory() as tmp:
         for pid, info in enumerate(track(list(shapes.values()), description=f"probing {args.runtime}")):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import textwrap
 import warnings
 import zipfile
@@ -32,8 +33,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.suffix != ".safetensors" and head != b"PK" and head[:1] != b"\x80":  # zip (torch.save) or legacy pickle
         raise MixdeployError(f"checkpoint {path} is not a PyTorch file (torch.save writes a zip archive); "
                              "pass a state_dict saved with torch.save or a .safetensors file")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
+    if zipfile.is_zipfile(path):  # its end record only: a damaged archive is named by torch.load below
+        with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(path) as archive:
             if any(n.endswith("/constants.pkl") for n in archive.namelist()):
                 raise MixdeployError(f"checkpoint {path} is a TorchScript archive (torch.jit.save); save "
                                      "model.state_dict() with torch.save instead")

@@ -1,7 +1,9 @@
 """Parameters and multiply-adds counted from a model by running it once."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -54,6 +56,19 @@ def depthwise_mixconv(groups: list[nn.Conv2d]) -> bool:
     return any(c.groups > 1 and c.groups == c.in_channels == c.out_channels for c in groups)
 
 
+@contextlib.contextmanager
+def in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode meanwhile (a look at it must not move a BatchNorm's running statistics),
+    then each module back in its own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:  # one by one: train() would set every child's mode too
+            m.training = training
+
+
 def _conv_macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
     kh, kw = conv.kernel_size
     return out.numel() * (conv.in_channels // conv.groups) * kh * kw
@@ -93,8 +108,8 @@ def count(model: nn.Module, input_size: tuple[int, int, int]) -> Complexity:
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size))
+        with torch.no_grad(), in_eval_mode(model):
+            model(torch.zeros(1, *input_size))
     finally:
         for h in handles:
             h.remove()

@@ -71,12 +71,22 @@ def static_pads(conv: nn.Conv2d, hw: tuple[int, int]) -> Pads:
     return ph, ph, pw, pw
 
 
+def _computes_with_its_weight(conv: nn.Conv2d) -> bool:
+    """Whether `conv` convolves with its own weight and padding: nn.Conv2d's forward or timm's TF-'same'
+    one, not a subclass that changes them at run time (timm's StdConv2d standardises its weight)."""
+    from timm.layers import Conv2dSame
+    from timm.layers.conv2d_same import Conv2dSameExport
+
+    return type(conv).forward in (nn.Conv2d.forward, Conv2dSame.forward, Conv2dSameExport.forward)
+
+
 def to_groups(module: nn.Module, hw: tuple[int, int]) -> list[ConvGroup] | None:
-    """The conv groups of a Conv2d or MixConv at input size `hw`, or None for other modules."""
+    """The conv groups of a Conv2d or MixConv at input size `hw`, or None for other modules (and for
+    convs whose forward is their own: they are left as written, see _computes_with_its_weight)."""
     convs = mixconv_groups(module)
     if convs is None and isinstance(module, nn.Conv2d):
         convs = [module]
-    if convs is None:
+    if convs is None or not all(map(_computes_with_its_weight, convs)):
         return None
     groups, depthwise_layer = [], depthwise_mixconv(convs)  # a one-channel group counts by its siblings
     for conv in convs:

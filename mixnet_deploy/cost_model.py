@@ -71,7 +71,8 @@ def features(layer: nn.Module, in_hw: tuple[int, int], align: int) -> dict[str, 
 def shape_key(info: LayerInfo) -> str:
     """The identity of a layer shape in the measured table."""
     feed = f"|feed{list(info.feed)}" if info.feed else ""
-    return f"{info.kind}|{info.channels}|{info.out_channels}|{info.kernels}|{info.stride}|{list(info.in_hw)}{feed}"
+    dilated = f"|dilation{info.dilations}" if max(info.dilations or [1]) > 1 else ""  # runs other kernels than dense ones
+    return f"{info.kind}|{info.channels}|{info.out_channels}|{info.kernels}|{info.stride}|{list(info.in_hw)}{feed}{dilated}"
 
 
 class CostModel:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .complexity import mixconv_groups
+from .complexity import in_eval_mode, mixconv_groups
 from .conv_groups import ConvGroup, crop, fold_batchnorm, merge, to_groups
 from .deploy_modules import BlockConv, DeployConv, ExpandedMixConv, LoweredMixConv, Untraceable, trace
 from .errors import MixdeployError
@@ -46,6 +46,7 @@ class LayerInfo:
     out_hw: tuple[int, int]
     candidates: list[str]
     feed: tuple[int, int] | None = None  # (in channels, groups) of the 1x1 conv that feeds a depthwise MixConv
+    dilations: list[int] | None = None  # per group (None: 1 each); kernels holds their dilation-expanded sizes
 
 
 @dataclass
@@ -129,7 +130,7 @@ def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
             handles.append(mod.register_forward_hook(bn_hook(name)))
     reads = _Reads(produced_by)
     try:
-        with torch.no_grad(), reads:
+        with torch.no_grad(), in_eval_mode(model), reads:
             model(torch.randn(1, *input_size))
     finally:
         for h in handles:
@@ -158,7 +159,7 @@ def layer_info(site: Site) -> LayerInfo | None:
     candidates = (depthwise_candidates(kernels, [g.in_channels for g in site.groups]) if kind == "depthwise"
                   else [c for c in POINTWISE_CHOICES if even or c != "grouped"])
     return LayerInfo(site.name, kind, [g.in_channels for g in site.groups], [g.out_channels for g in site.groups], kernels, site.groups[0].stride,
-                     site.in_hw, site.out_hw, candidates, site.feed)
+                     site.in_hw, site.out_hw, candidates, site.feed, [g.dilation for g in site.groups])
 
 
 def _conv(g: ConvGroup) -> DeployConv:
@@ -330,7 +331,8 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
     """Raise MixdeployError when `plan` names a layer not in `layers` or a choice that layer cannot take."""
     unknown = sorted(set(plan.layers) - {layer.name for layer in layers})
     if unknown:
-        raise MixdeployError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
+        raise MixdeployError(f"the plan names layers that are not MixConv layers of this model: {', '.join(unknown[:3])} "
+                             "(`mixdeploy info MODEL --plan auto` lists them)")
     for layer in layers:  # a null choice too: it would be lowered as the default, unsaid
         if layer.name in plan.layers and plan.layers[layer.name] not in layer.candidates:
             choice = plan.layers[layer.name]

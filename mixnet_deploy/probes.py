@@ -24,6 +24,17 @@ def probe_input(info: LayerInfo) -> tuple[int, int, int]:
     return (_expansion(info)[0] if info.kind == "depthwise" else sum(info.channels), *info.in_hw)
 
 
+def _depthwise_layer(info: LayerInfo) -> MixConv:
+    """A MixConv with the layer's own groups: kernel, dilation (timed as they run, not as the dense
+    kernels LayerInfo.kernels counts) and even sizes too, padded 'same' at stride 1."""
+    layer = MixConv(sum(info.channels), [3] * len(info.channels), info.stride, partition=info.channels)
+    for i, (c, dense, d) in enumerate(zip(info.channels, info.kernels, info.dilations or [1] * len(info.kernels))):
+        k = (dense - 1) // d + 1
+        layer.convs[i] = nn.Conv2d(c, c, k, info.stride, "same" if info.stride == 1 else d * (k - 1) // 2, d,
+                                   groups=c, bias=False)
+    return layer
+
+
 def probe(info: LayerInfo, choice: str) -> Lowered:
     """A probe model for `info`, lowered with `choice` (its layer: `probed_layer`). A depthwise MixConv
     is fed by its layer's 1x1 expansion conv, with as many groups (or a dense one), as in an inverted
@@ -35,7 +46,7 @@ def probe(info: LayerInfo, choice: str) -> Lowered:
     if info.kind == "depthwise":
         feed_in, feed_groups = _expansion(info)
         feed = MixedConv2d(feed_in, channels, [1] * feed_groups)
-        layer = MixConv(channels, info.kernels, info.stride, partition=info.channels)
+        layer = _depthwise_layer(info)
     else:
         feed = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         layer = MixedConv2d(channels, out, [1] * len(info.channels))

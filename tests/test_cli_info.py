@@ -66,6 +66,10 @@ def test_corrupt_checkpoint(run_cli, tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
     assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", truncated), "cannot be read")
+    damaged = tmp_path / "damaged.pth"  # its end record intact (is_zipfile says yes), its directory not
+    torch.save(torch.nn.Linear(2, 2).state_dict(), damaged)
+    damaged.write_bytes(damaged.read_bytes().replace(b"PK\x01\x02", b"XX\x01\x02"))
+    assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", damaged), "cannot be read")
     whole = tmp_path / "whole.pth"
     torch.save(torch.nn.Linear(2, 2), whole)  # a whole pickled model, not a state_dict
     assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", whole), "not only tensors", "model.state_dict()")
@@ -220,7 +224,7 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     assert "blocks.5.2.conv_dw" in table and "fold" in table
     # a plan file is checked as export checks it: a choice the layer cannot take, a layer the model lacks
     for plan, fragment in (({"layers": {"blocks.2.0.conv_dw": 5}}, "plan choice 5 does not fit blocks.2.0.conv_dw"),
-                           ({"layers": {"blocks.9.conv_dw": "split"}}, "layers this model does not have: blocks.9.conv_dw"),
+                           ({"layers": {"blocks.9.conv_dw": "split"}}, "not MixConv layers of this model: blocks.9.conv_dw"),
                            ({"layers": {}, "estimates_ms": "x"}, "estimates_ms maps layer names to milliseconds"),
                            ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": True}}, "to milliseconds"),
                            ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": -1.0}}, "0 or more"),

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from conftest import SWEEP_SIZE, randomize_batchnorm
@@ -154,6 +156,36 @@ def test_batchnorm_without_affine_folds_and_one_without_statistics_stays():
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_a_conv_that_changes_its_weight_at_run_time_stays_with_its_batchnorm():
+    """timm's StdConv2d standardises its weight in forward: a BatchNorm folded into its raw weight
+    would compute something else, so both stay as written; the plain convs around them still lower."""
+    from timm.layers import StdConv2d
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(StdConv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                                              MixConv(24, (3, 5, 7)), nn.BatchNorm2d(24)).eval())
+    lowered = lower(model, (3, 12, 12), Plan({"3": "split"}))
+    kinds = [type(m) for m in lowered.module.children()]
+    assert kinds[:2] == [StdConv2d, nn.BatchNorm2d] and LoweredMixConv in kinds and kinds.count(nn.BatchNorm2d) == 1
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        ref, out = model(x), lowered.module(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_look_at_a_training_model_leaves_it_as_it_was():
+    """analyse (the planners' look) and count run the model once, in eval mode: a training model's
+    BatchNorm statistics do not move, and every module keeps its own mode."""
+    from mixnet_deploy.complexity import count
+
+    model = block(MixConv(16, (3, 5)), 16).train()
+    model[0].eval()
+    modes, before = [m.training for m in model.modules()], copy.deepcopy(model.state_dict())
+    assert analyse(model, (16, 8, 8)) and count(model, (16, 8, 8)).mixconv_layers
+    assert [m.training for m in model.modules()] == modes and modes[0] and not modes[1]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_a_batchnorm_is_folded_only_into_a_conv_it_alone_reads():
     """bn(y) + y needs y unfolded, and so does y changed in place (relu_, an assignment) before its
     BatchNorm: the BatchNorm stays; one after a conv read by nothing else folds."""
@@ -218,6 +250,24 @@ def test_probes_are_fed_by_the_layers_own_expansion():
     assert probe_input(info) == (24, 12, 12)
     layer = probed_layer(probe(info, "split"))  # 32 channels each: the middle segment spans both expansion groups
     assert isinstance(layer, ExpandedMixConv) and layer.inputs == [(0, 12), (0, 24), (12, 24)]
+
+
+def test_probes_time_the_layers_own_kernels():
+    """A dilated MixConv's probe runs its dilated 3x3 kernels (split keeps them), not the dense
+    kernels they span, and is timed apart from a dense layer of that shape; an even kernel probes too."""
+    from mixnet_deploy.cost_model import shape_key
+    from mixnet_deploy.probes import probe, probed_layer
+
+    dilated, = analyse(block(MixConv(32, (3, 5, 7), dilated=True), 32, first=3), (32, 12, 12))
+    dense, = analyse(block(MixConv(32, (3, 5, 7)), 32, first=3), (32, 12, 12))
+    assert dilated.kernels == dense.kernels and dilated.dilations == [1, 2, 3] and dense.dilations == [1, 1, 1]
+    assert shape_key(dilated) != shape_key(dense) and "dilation" not in shape_key(dense)
+    split = probed_layer(probe(dilated, "split"))
+    assert [(s.kernel_size[0], s.dilation[0]) for s in split.segments] == [(3, 1), (3, 2), (3, 3)]
+    even, = analyse(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 4, padding="same", groups=8)),
+                    (8, 9, 9))
+    for choice in even.candidates:
+        assert probe(even, choice).parity.rel_max < 1e-10
 
 
 def test_a_model_fx_cannot_trace_still_lowers():
@@ -397,7 +447,7 @@ def test_whole_models_lower_with_every_preset_and_on_photos(name):
 
 def test_bad_plans_are_rejected():
     model = block(MixConv(32, (3, 5)), 32)
-    with pytest.raises(MixdeployError, match="does not have"):
+    with pytest.raises(MixdeployError, match="not MixConv layers of this model"):
         lower(model, (32, 8, 8), Plan({"nope": "fold"}))
     with pytest.raises(MixdeployError, match="does not fit"):
         lower(model, (32, 8, 8), Plan({"1": "fold<=7"}))
