@@ -109,11 +109,12 @@ class OrtRunner:
         step = 1 if self.input.shape[0] == 1 else BATCH
         if len(x) > step:
             return np.concatenate([self.run(x[i:i + step]) for i in range(0, len(x), step)])
-        return self.session.run(None, {self.input.name: x.astype(np.float32)})[0]
+        return self.session.run(None, {self.input.name: x.astype(np.float32, copy=False)})[0]
 
     def time(self, x: np.ndarray, runs: int = 50, warmup: int = 5) -> list[float]:
-        """Latencies in ms of `runs` single runs after `warmup` runs."""
-        return _timed(lambda: self.run(x), runs, warmup)
+        """Latencies in ms of `runs` single runs after `warmup` runs (the input converted once, before)."""
+        feed = {self.input.name: np.ascontiguousarray(x, dtype=np.float32)}
+        return _timed(lambda: self.session.run(None, feed), runs, warmup)
 
 
 class LiteRtRunner:
@@ -225,7 +226,8 @@ def _bench(args) -> dict:
     cores = {}
     x = np.load(args.inputs)
     version = runtime_version(args.model)
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kb = 1024 if sys.platform == "darwin" else 1  # ru_maxrss: bytes on macOS, KiB elsewhere
+    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
     if pin:
         pin(threads[0])
     start = time.perf_counter()
@@ -235,7 +237,6 @@ def _bench(args) -> dict:
     start = time.perf_counter()
     runner.run(feed[:1])
     first_ms = (time.perf_counter() - start) * 1e3
-    np.save(args.outputs, runner.run(feed))
     latency = {}
     for t in threads:
         if pin:
@@ -243,7 +244,9 @@ def _bench(args) -> dict:
         timed = runner if t == threads[0] else runner_for(args.model, t)
         latency[str(t)] = timed.time(feed[:1], runs=args.runs, warmup=args.warmup)
         cores[str(t)] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if t == threads[0]:  # the peak of one model on one image: not with other thread counts' runners, nor the batch
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
+    np.save(args.outputs, runner.run(feed))
     return {"runtime": version, "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
             "latency_ms": latency, "peak_memory_mb": peak_kb / 1024, "model_memory_mb": (peak_kb - baseline_kb) / 1024,
             "cores": cores, "delegation": runner.delegation() if isinstance(runner, LiteRtRunner) else None}
