@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import signal
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mixnet_deploy import strict_json
 from mixnet_deploy.errors import MixdeployError, reject_options
 from mixnet_deploy.terminal import stderr_is_interactive
 from quantization import NUM_CALIB
@@ -118,20 +118,9 @@ input_size_option = click.option("--input-size", callback=_input_size, metavar="
                                  "(bench: with --compare-peers; a file keeps the size it was exported at).")
 
 
-def _finite(data: object) -> object:
-    """`data` with every NaN or infinity (a broken kernel's outputs, say) as None."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
-    if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(value) for value in data]
-    return data
-
-
 def _echo_json(data: object) -> None:
     """Print `data` as strict JSON (NaN and infinity as null: parsers such as jq reject them)."""
-    click.echo(json.dumps(_finite(data), indent=2, allow_nan=False))
+    click.echo(strict_json.dumps(data, indent=2))
 
 
 def _reject_given(names: tuple[str, ...], goes_with: str) -> None:
@@ -614,15 +603,19 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
         else:
             measured = run_bench(list(files), open_device(device), settings, step=step)
     results = measured["results"]
-    if report:
-        from devices.report import write_report
-
-        written = write_report(Path(report), measured["device"], results)
-        err.print("report: " + ", ".join(map(str, written)))
     if as_json:
         _echo_json(measured)
     else:
         _bench_table(measured)
+    if report:  # after the results: a report that cannot be written loses none of them
+        from devices.report import write_report
+
+        try:
+            written = write_report(Path(report), measured["device"], results)
+        except OSError as exc:
+            raise MixdeployError(f"cannot write the report {report} ({exc.strerror or exc}); the results are "
+                                 "printed above") from None
+        err.print("report: " + ", ".join(map(str, written)))
     # with --compare-peers a peer's file failing parity is a finding, not our failure
     failed = [r["file"] for r in results if not r["parity"]["passed"] and r.get("source", "mixdeploy") == "mixdeploy"]
     if failed:

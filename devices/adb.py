@@ -67,7 +67,8 @@ class AdbTransport(Transport):
             raise DeviceError(f"adb device {serial} not found (adb devices lists: {listed}); "
                               "check the cable or `adb connect HOST:PORT`")
         if state != "device":
-            raise DeviceError(f"adb device {serial} " + STATES.get(state, f"is {state}").format(s=serial))
+            known = next((key for key in STATES if state.startswith(key)), None)  # adb adds advice to some states
+            raise DeviceError(f"adb device {serial} " + (STATES[known].format(s=serial) if known else f"is {state}"))
         self.tmp_root = self._tmp_root()
 
     def _tmp_root(self) -> str:

@@ -27,7 +27,7 @@ MACHINES = {183: "arm64", 40: "32-bit arm", 62: "x86_64", 3: "x86"}
 
 # a line's message without its "INFO: " / "VERBOSE: " level and LiteRT's "[file.h:81] " origin
 _PREFIX = re.compile(r"^(?:(?:INFO|WARNING|ERROR|VERBOSE|DEBUG): )?(?:\[[^\]]*:\d+\] )?")
-_NUM = r"([-+\d.eE]+|-?nan|-?inf)"
+_NUM = r"(-?nan|-?inf|[-+\d.eE]+)"  # glibc prints a NaN as -nan: the words first
 _CLASSIC = {
     "session_ms": re.compile(rf"^Initialized session in {_NUM}ms"),
     "timings_us": re.compile(rf"^Inference timings in us: Init: {_NUM}, First inference: {_NUM}, "

@@ -22,8 +22,9 @@ def write_report(path: Path, device: dict, results: list[dict]) -> list[Path]:
     png = path.with_suffix(".png")
     if png == path:
         raise ValueError(f"the report is Markdown, not {path}")
-    write_atomic(png, _plot_png(device, results))
-    write_atomic(path, _markdown(device, results, png.name).encode())
+    plot, text = _plot_png(device, results), _markdown(device, results, png.name).encode()  # both made, then written
+    write_atomic(png, plot)
+    write_atomic(path, text)
     return [path, png]
 
 

@@ -46,7 +46,9 @@ class SshTransport(Transport):
         return DeviceError(f"ssh to {self.destination} failed: {lines[-1] if lines else 'exit 255'}")
 
     def _shell(self, command: str, timeout: float) -> ShellResult:
-        result = run_host(["ssh", *self.options, "-p", self.port, self.destination, command], timeout, INSTALL)
+        # the login shell reads the line: it may be fish or csh, so it hands the command to sh (exec: same process group)
+        result = run_host(["ssh", *self.options, "-p", self.port, self.destination, "exec sh -c " + shlex.quote(command)],
+                          timeout, INSTALL)
         if result.code == 255:
             raise self._ssh_failed(result)
         return result
@@ -57,7 +59,7 @@ class SshTransport(Transport):
             raise self._ssh_failed(result)
 
     def push(self, local: Path | str, remote: str) -> None:
-        self._scp(str(local), f"{self.destination}:{remote}")
+        self._scp(os.path.abspath(local), f"{self.destination}:{remote}")  # absolute: scp reads `a:b` as a host
 
     def pull(self, remote: str, local: Path | str) -> None:
-        self._scp(f"{self.destination}:{remote}", str(local))
+        self._scp(f"{self.destination}:{remote}", os.path.abspath(local))

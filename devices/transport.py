@@ -36,7 +36,8 @@ class Transport:
 
     def __init__(self) -> None:
         self._workdir: str | None = None
-        self._cut = False  # a command was cut off (timeout, lost connection, a stop): it may still run there
+        self._commands = 0  # numbered in the work folder's .pgid, with their process group
+        self._cut = 0  # the number of a command cut off (timeout, lost connection, a stop): it may still run there
         self.runtimes: dict[tuple[str, str], str] = {}  # (python, format) -> "module version" there, asked once
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -57,12 +58,13 @@ class Transport:
         """Run a command (a list is quoted word by word; a string is a shell line we built ourselves).
         With check, a non-zero exit is a DeviceError naming the command and its stderr."""
         command = argv if isinstance(argv, str) else shlex.join(argv)
+        self._commands += 1
         line = command if self._workdir is None else (  # its process group, for cleanup() to stop if we are cut off
-            f"echo $$ > {shlex.quote(self._workdir + '/.pgid')}; {command}")
+            f"echo $$ {self._commands} > {shlex.quote(self._workdir + '/.pgid')}; {command}")
         try:
             result = self._shell(line, timeout)
         except BaseException:
-            self._cut = True
+            self._cut = self._commands
             raise
         if check and result.code != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
@@ -87,7 +89,9 @@ class Transport:
         side starts every command as a process group of its own), remove the work folder; if the
         device is gone, remember the folder for the next connection."""
         if self._workdir is not None:
-            stop = f"kill -9 -$(cat {shlex.quote(self._workdir + '/.pgid')}) 2>/dev/null; " if self._cut else ""
+            # the cut command's group, if that command started (else .pgid names an earlier one's, its id maybe reused)
+            stop = (f"read pg n < {shlex.quote(self._workdir + '/.pgid')} && [ \"$n\" = {self._cut} ] && "
+                    "kill -9 -$pg 2>/dev/null; ") if self._cut else ""
             try:
                 self._shell(stop + shlex.join(["rm", "-rf", self._workdir]), 30)
             except BaseException as exc:  # a lost device, or a stop (Ctrl-C) meanwhile: removed next time
@@ -96,7 +100,7 @@ class Transport:
                 if not isinstance(exc, DeviceError):
                     raise
             finally:
-                self._workdir, self._cut = None, False
+                self._workdir, self._cut = None, 0
 
     def __enter__(self) -> "Transport":
         return self
@@ -113,7 +117,7 @@ def _stop_in(folder: str) -> str:
     when the device was lost, if that group still runs it (its leader's command line names the
     folder: a process id reused since is left alone)."""
     pgid, path = shlex.quote(folder + "/.pgid"), shlex.quote(folder)
-    return (f"pg=$(cat {pgid} 2>/dev/null) && tr '\\0' ' ' < /proc/$pg/cmdline 2>/dev/null | grep -qF {path} "
+    return (f"read pg _ < {pgid} 2>/dev/null && tr '\\0' ' ' < /proc/$pg/cmdline 2>/dev/null | grep -qF {path} "
             "&& kill -9 -$pg 2>/dev/null; ")
 
 

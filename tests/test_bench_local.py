@@ -10,7 +10,7 @@ from conftest import PHOTOS, ROOT, assert_usage_error
 pytestmark = pytest.mark.slow
 
 
-def test_bench_compares_files_side_by_side(tmp_path, run_cli):
+def test_bench_compares_files_side_by_side(tmp_path, run_cli, monkeypatch):
     # at 160x160: what is tested is the harness, not the model's size (at 128 the int8 cosine is 0.980, near 0.97)
     assert run_cli("export", "mixnet_s", "--calibrate-bn", "--input-size", "160", "--format", "all",
                    "-o", tmp_path / "s").code == 0
@@ -40,6 +40,16 @@ def test_bench_compares_files_side_by_side(tmp_path, run_cli):
     assert table.code == 0 and "PASS" in table.out and "fp32" in table.out
     assert f"s.tflite: XNNPACK takes {rows[1]['delegation']['nodes']} of {rows[1]['delegation']['nodes']} nodes" in table.out
     assert table.out.count("weights random-init+calibrated-bn") == 1  # two LiteRT files of one model: one line
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("devices.report.write_report", full_disk)
+    alone = run_cli("bench", files[1], "--runs", "3", "--json", "--report", tmp_path / "r2.md")
+    assert_usage_error(alone, "cannot write the report", "No space left on device")
+    one = json.loads(alone.out)["results"][0]  # the results are printed before the report is written
+    # memory: one model on one image, not the runners of other thread counts as well
+    assert 0.67 < rows[1]["model_memory_mb"] / one["model_memory_mb"] < 1.5
 
 
 def test_bench_bad_input(tmp_path, run_cli, monkeypatch):

@@ -144,6 +144,15 @@ def test_no_warmup_runs_leave_first_and_warmup_unknown():
     assert parsed["latency_ms"]["mean"] == pytest.approx(116.066)
 
 
+def test_a_negative_nan_in_a_stat_line_is_unknown():
+    # glibc prints NaN as -nan (a std of one run on some builds)
+    text = recording("tflite_info_prefix.txt").replace(
+        "INFO: count=50 first=121183 curr=115199 min=111222 max=121324 avg=116066 std=1906",
+        "INFO: count=50 first=121183 curr=115199 min=111222 max=121324 avg=116066 std=-nan")
+    parsed = parse_output(text)
+    assert parsed["latency_ms"]["mean"] == pytest.approx(116.066) and parsed["latency_ms"]["std"] is None
+
+
 def test_all_same_without_percentiles():
     # tsl Stat::OutputToStream before percentiles existed: `count=N curr=X(all same)`
     text = recording("tflite_info_prefix.txt").replace(
@@ -242,7 +251,7 @@ class FakeDevice(Transport):
         self.printed, self.code, self.pushed, self.commands = printed, code, [], []
 
     def _shell(self, command: str, timeout: float) -> ShellResult:
-        command = command.split("; ", 1)[1] if command.startswith("echo $$ > ") else command  # Transport's pgid record
+        command = command.split("; ", 1)[1] if command.startswith("echo $$ ") else command  # Transport's pgid record
         self.commands.append(command)
         if command.startswith("mktemp"):
             return ShellResult(0, "/data/local/tmp/mixdeploy.abc\n", "")

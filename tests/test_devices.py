@@ -112,6 +112,23 @@ def test_a_command_cut_off_is_stopped_on_the_device(device):
     assert not still_running(f"sleep {seconds}")
 
 
+def test_cleanup_leaves_a_group_alone_when_the_cut_command_never_started(monkeypatch):
+    """The connection fails before a command starts: .pgid still names an earlier command's process
+    group, whose id may be another process's by now. cleanup() kills only the cut command's group."""
+    bystander = subprocess.Popen(["setsid", "sleep", "60"])  # a group of its own, standing for a reused id
+    try:
+        with open_device("local") as device:
+            number = device._commands + 1  # of the command below: it records its group, then ours replaces it
+            device.shell(["sh", "-c", f"echo {bystander.pid} {number} > {device.workdir}/.pgid"])
+            with monkeypatch.context() as patch, pytest.raises(DeviceError):
+                patch.setattr(device, "_shell", lambda *_: (_ for _ in ()).throw(DeviceError("connection refused")))
+                device.shell(["true"])
+        assert bystander.poll() is None  # cleanup() ran on leaving the block
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connection(sshd, monkeypatch, tmp_path):
     """The connection drops while a command runs (ssh leaves it running there) and the clean-up
     cannot reach the device: the next connection kills what still runs in the folder, then removes it."""
