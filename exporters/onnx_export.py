@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
+import textwrap
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,11 +14,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from mixnet_deploy.errors import MixdeployError
+
 if TYPE_CHECKING:
     import onnx
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def export_failure(exc: Exception) -> str:
+    """torch.onnx.export's long report in a phrase: its exception summary and the model's line that raised."""
+    lines = [line for line in (ANSI.sub("", line).strip() for line in str(exc).splitlines()) if line]
+    after = {line: lines[i + 1:i + 3] for i, line in enumerate(lines)}
+    summary = (after.get("## Exception summary") or lines or [type(exc).__name__])[0]
+    raised = after.get("The following call raised this error:", [])
+    return textwrap.shorten(summary.split(">: ", 1)[-1], 160, placeholder=" ...") + (
+        f" ({' '.join(raised)})" if raised else "")
 
 
 def global_average_pools(model: onnx.ModelProto) -> int:
@@ -232,7 +247,10 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
     dynamic = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
     converter_log = logging.getLogger("onnxscript.version_converter")  # a notice on stderr for opsets above 18
     level = converter_log.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    from devices.runners import quiet_native_stderr
+
+    # torch.export logs a failed capture's graphs on stderr: the one line below says what failed
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_native_stderr():
         warnings.simplefilter("ignore")
         converter_log.setLevel(logging.ERROR)
         try:
@@ -240,6 +258,10 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
                 module.eval(), example, dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, external_data=False, optimize=True,
             )
+        except torch.onnx.OnnxExporterError as exc:
+            raise MixdeployError(f"torch.onnx.export cannot capture this model: {export_failure(exc)}; ONNX export "
+                                 "needs a forward that torch.export follows (no Python branch on a tensor's "
+                                 "value: torch.where or torch.cond instead)") from None
         finally:
             converter_log.setLevel(level)
     model = program.model_proto
@@ -250,5 +272,9 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
         nhwc_input(model)
     if opset == 17:
         model = opset_17(model)
-    onnx.checker.check_model(model, full_check=True)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise MixdeployError(f"the ONNX graph written is not valid ({str(exc).splitlines()[0]}): please open an "
+                             "issue with the model; --format tflite may export it") from None
     onnx.save(model, str(path))

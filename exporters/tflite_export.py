@@ -41,6 +41,22 @@ def tensorflow() -> ModuleType:
     return tf
 
 
+@contextlib.contextmanager
+def converting() -> Iterator[None]:
+    """Around a TFLite converter call: its native logs silenced, its failure one line."""
+    from tensorflow.lite.python.convert_phase import ConverterError
+
+    from devices.runners import quiet_native_stderr
+
+    try:
+        with quiet_native_stderr():
+            yield
+    except ConverterError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "no reason given")
+        raise MixdeployError(f"the TFLite converter failed ({first[:200]}): please open an issue with the model; "
+                             "--format onnx may export it") from None
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
@@ -504,8 +520,6 @@ def converter(module: nn.Module, input_size: tuple[int, int, int], fp16: bool = 
 def write_tflite(module: nn.Module, input_size: tuple[int, int, int], path: str | Path, fp16: bool = False,
                  input_layout: str = "nhwc", representative: Callable | None = None, io_type: str = "float32") -> None:
     """Convert `module` to a .tflite file (see `converter`)."""
-    from devices.runners import quiet_native_stderr
-
     conv = converter(module, input_size, fp16, input_layout, representative, io_type)
-    with quiet_native_stderr():
+    with converting():
         Path(path).write_bytes(conv.convert())

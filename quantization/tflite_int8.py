@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from exporters.tflite_export import converter, tensorflow
+from exporters.tflite_export import converter, converting, tensorflow
 
 PERCENTILE = 99.999  # ONNX Runtime's default for its percentile calibrator
 BINS = 2048  # histogram bins per activation (ONNX Runtime uses 2048 for percentile)
@@ -22,7 +22,6 @@ def calibrate(module: nn.Module, input_size: tuple[int, int, int], samples: np.n
     """The float TFLite model of a lowered module, input in `input_layout`, with each activation's
     range recorded over the calibration `samples` (in that layout): min/max, or clipped to
     percentiles with method "percentile"."""
-    from devices.runners import quiet_native_stderr
 
     def representative():
         for sample in samples:
@@ -30,7 +29,7 @@ def calibrate(module: nn.Module, input_size: tuple[int, int, int], samples: np.n
 
     conv = converter(module, input_size, input_layout=input_layout, representative=representative)
     conv._experimental_calibrate_only = True  # noqa: SLF001 (the converter's own two-step path, as its debugger uses)
-    with quiet_native_stderr():
+    with converting():
         calibrated = conv.convert()
     return _clip_to_percentile(calibrated, samples) if method == "percentile" else calibrated
 
@@ -71,10 +70,8 @@ def quantize_calibrated(calibrated: bytes, io_type: str = "int8", float_ops: lis
     in `float_ops` stay float; `debug` adds the numeric-verify ops TF's QuantizationDebugger reads."""
     from tensorflow.lite.python.convert import mlir_quantize
 
-    from devices.runners import quiet_native_stderr
-
     io = getattr(tensorflow(), io_type)
-    with quiet_native_stderr():
+    with converting():
         return mlir_quantize(calibrated, input_data_type=io, output_data_type=io, enable_numeric_verify=debug,
                              denylisted_ops=list(float_ops or []))
 

@@ -343,3 +343,25 @@ def test_a_forward_casting_to_float32_is_one_line(tmp_path, run_cli):
                        "does not run in float64", "must leave the input's dtype alone")
     assert not list(tmp_path.glob("*.onnx"))
 
+
+
+def test_a_model_torch_export_cannot_capture_is_one_line(tmp_path):
+    """A Python branch on a tensor's value: torch.onnx.export fails with pages of graphs; the user gets
+    one line naming the reason and the model's line, and no file (a process of its own: stderr whole)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import HEARTBEAT, ROOT
+
+    (tmp_path / "gated.py").write_text(
+        "from torch import nn\n\n\nclass Gated(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.c = nn.Conv2d(3, 4, 3)\n\n    def forward(self, x):\n        y = self.c(x)\n"
+        "        if y.mean() > 0:\n            y = y * 2\n        return y.mean((2, 3))\n\n\ndef build():\n"
+        "    return Gated()\n")
+    done = subprocess.run([Path(sys.executable).with_name("mixdeploy"), "export", f"{tmp_path}/gated.py:build",
+                           "--input-size", "32", "-o", tmp_path / "g.onnx"], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stderr.splitlines() if not HEARTBEAT.match(line)]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "torch.onnx.export cannot capture this model" in lines[0] and "line 11" in lines[0], lines[0]
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*partial"))
