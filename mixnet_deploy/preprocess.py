@@ -108,13 +108,15 @@ WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG); 
 def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor], channels: int = 3) -> torch.Tensor:
     """One image decoded with Pillow as RGB, or grayscale for a one-channel model (16-bit grayscale
     scaled to 8 bits), and passed through `transform`."""
-    with warnings.catch_warnings():  # images of 1-2x Pillow's pixel limit decode (above it they raise)
+    # images of 1-2x Pillow's pixel limit decode (above it they raise); a palette PNG's transparency
+    # warns on stderr mid-run: it is dropped, as timm's own loader drops it (convert("RGB"))
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(path)
-    with img:
-        if img.mode in WIDE_GRAY:
-            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-        return transform(img.convert("L" if channels == 1 else "RGB"))
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        with Image.open(path) as img:
+            if img.mode in WIDE_GRAY:
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+            return transform(img.convert("L" if channels == 1 else "RGB"))
 
 
 def load_images(paths: list[Path], cfg: PreprocessConfig) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -95,7 +96,9 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
         try:
             tensors.append(read_image(path, transform, cfg.input_size[0]))
             used.append(path)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        # a damaged file: Pillow raises SyntaxError for a broken PNG chunk, EOFError or struct.error for a cut one
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
+                struct.error) as exc:
             skipped.append((str(path), type(exc).__name__))
     if len(used) < minimum:
         raise MixdeployError(f"{folder} has {len(used)} usable image(s) (need at least {minimum}; "

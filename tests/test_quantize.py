@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PHOTOS, assert_usage_error
+from PIL import Image
 
 from exporters.inspect_file import inspect_file
 from mixnet_deploy import load_model
@@ -38,9 +39,12 @@ def test_finds_images_recursively_and_skips_unreadable(tmp_path):
     shutil.copy(PHOTOS / "rocket.jpg", tmp_path / "y.jpeg")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    assert [p.name for p in find_images(tmp_path)] == ["x.JPG", "broken.png", "y.jpeg"]
+    Image.open(PHOTOS / "coffee.jpg").save(tmp_path / "cut.png")  # a download cut short: its data breaks off
+    whole = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2] + bytes(len(whole) - len(whole) // 2))
+    assert [p.name for p in find_images(tmp_path)] == ["x.JPG", "broken.png", "cut.png", "y.jpeg"]
     images = load_folder(tmp_path, load_model("mixnet_s").preprocess)
-    assert len(images.images) == 2 and [s[0].endswith("broken.png") for s in images.skipped] == [True]
+    assert len(images.images) == 2 and sorted(Path(s[0]).name for s in images.skipped) == ["broken.png", "cut.png"]
 
 
 def test_symlinked_class_folders_are_read_once(tmp_path):
