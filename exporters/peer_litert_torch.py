@@ -1,6 +1,6 @@
-"""Runs inside the litert-torch environment (exporters/peers.py starts it): convert a timm model,
-or the user's own network (FILE.py:FACTORY or MODULE:FACTORY), with given weights to .tflite with
-NHWC io.
+"""Runs inside the litert-torch environment (exporters/peers.py starts it): convert a timm model, a
+MixConv drop-in (mixconv_ + a timm name), or the user's own network (FILE.py:FACTORY or
+MODULE:FACTORY), with given weights to .tflite with NHWC io.
 
     python peer_litert_torch.py MODEL WEIGHTS.pt OUT.tflite [CHANNELS HEIGHT WIDTH]
 """
@@ -10,15 +10,22 @@ import os
 import sys
 from pathlib import Path
 
-import timm
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent  # mixdeploy's folder: its drop-ins need only torch and timm
 
 
 def build(name: str, state: dict) -> torch.nn.Module:
-    """The model NAME names, of the classes its weights have. (mixnet_deploy.own_network imports an
-    own network the same way; this environment has no mixdeploy to import it from.)"""
+    """The model NAME names, of the classes its weights have. (mixnet_deploy.own_network imports an own
+    network the same way; this environment has not installed mixdeploy: a drop-in comes from ROOT.)"""
     if ":" not in name:
-        return timm.create_model(name, num_classes=state["classifier.weight"].shape[0])
+        import timm
+
+        sys.path.append(str(ROOT))
+        from mixnet_deploy.dropin import PREFIX, create_dropin
+
+        build_model = create_dropin if name.startswith(PREFIX) else timm.create_model
+        return build_model(name, num_classes=state["classifier.weight"].shape[0])
     source, factory = name.rsplit(":", 1)
     if source.endswith(".py"):  # its folder importable, for its sibling modules, as mixdeploy has it
         sys.path.insert(0, str(Path(source).parent))

@@ -7,6 +7,20 @@ from torch import nn
 
 from .mixconv import MixConv
 
+PREFIX = "mixconv_"  # a drop-in's name: this + a timm model's
+KERNELS = (3, 5, 7, 9)  # of the MixConvs that replace its depthwise convs
+
+
+def create_dropin(name: str, **kwargs: object) -> nn.Module:
+    """timm's model named `name` without PREFIX (kwargs: create_model's), each depthwise conv replaced
+    by a MixConv of KERNELS; ValueError when one cannot be or there is none."""
+    import timm
+
+    model = timm.create_model(name.removeprefix(PREFIX), **kwargs)
+    if replace_depthwise(model, KERNELS) == 0:
+        raise ValueError("the timm model has no depthwise convolution to replace with MixConv")
+    return model
+
 
 def is_depthwise(module: nn.Module) -> bool:
     """A depthwise convolution: one filter per channel, no channel multiplier (a Conv2d, timm's

@@ -14,7 +14,8 @@ from torch import nn
 
 from .checkpoint import apply_state_dict, read_checkpoint, unwrapped
 from .digests import file_sha256, state_sha256
-from .dropin import replace_depthwise
+from .dropin import PREFIX as DROPIN_PREFIX
+from .dropin import create_dropin
 from .errors import MixdeployError
 from .own_network import build as build_own
 from .own_network import check_rebuilt, check_source, check_unchanged, own_network
@@ -24,9 +25,7 @@ MIXNETS = (
     "mixnet_s", "mixnet_m", "mixnet_l", "mixnet_xl", "mixnet_xxl",
     "tf_mixnet_s", "tf_mixnet_m", "tf_mixnet_l",
 )
-DROPIN_PREFIX = "mixconv_"
 DROPIN_EXAMPLES = ("mixconv_mobilenetv2_100",)
-DROPIN_KERNELS = (3, 5, 7, 9)
 
 
 @dataclass
@@ -95,14 +94,10 @@ def _build(name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith(DROPIN_PREFIX):
-        model = timm.create_model(name.removeprefix(DROPIN_PREFIX), **kwargs)
         try:
-            replaced = replace_depthwise(model, DROPIN_KERNELS)
+            return create_dropin(name, **kwargs)
         except ValueError as exc:
             raise MixdeployError(f"{name}: {exc}") from None
-        if replaced == 0:
-            raise MixdeployError(f"{name}: the timm model has no depthwise convolution to replace with MixConv")
-        return model
     if not pretrained:
         return timm.create_model(name, **kwargs)
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""

@@ -222,7 +222,7 @@ def test_own_network_against_the_peers(tmp_path, monkeypatch, run_cli):
 def test_the_litert_torch_peer_builds_own_networks(tmp_path, monkeypatch):
     """exporters/peer_litert_torch.py (run in litert-torch's environment, which CI does not make)
     builds FILE.py:FACTORY (its sibling module and dataclass importable), MODULE:FACTORY from the
-    current folder, and a timm model of its weights' classes."""
+    current folder, a timm model of its weights' classes, and a MixConv drop-in (built by mixdeploy's dropin)."""
     from exporters.peer_litert_torch import build
 
     write_network(tmp_path, "peerbuilt")
@@ -232,6 +232,8 @@ def test_the_litert_torch_peer_builds_own_networks(tmp_path, monkeypatch):
         model = build(spec, {})
         assert type(model).__name__ == "TinyMixNet" and model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
     assert build("mixnet_s", {"classifier.weight": torch.zeros(9, 1536)}).num_classes == 9
+    dropin = build("mixconv_mobilenetv2_100", {"classifier.weight": torch.zeros(5, 1280)})  # mixdeploy's own
+    assert dropin.num_classes == 5 and sum(type(m).__name__ == "MixConv" for m in dropin.modules()) == 17
 
 
 @pytest.mark.slow
