@@ -65,6 +65,7 @@ def save_result(benchmark: str, **payload) -> Path:
     written atomically. A run with other options than the stored file's (`--models mixnet_s` where the
     file has three models) goes beside it, dated, instead of replacing it; the path is printed."""
     from devices.atomic import write_atomic
+    from mixnet_deploy import strict_json
 
     command = " ".join(sys.argv)
     now = datetime.datetime.now()
@@ -77,6 +78,6 @@ def save_result(benchmark: str, **payload) -> Path:
         stored = None
     if not isinstance(stored, str) or stored.split()[1:] != sys.argv[1:]:  # the options, wherever it ran from
         path = path.with_name(f"{benchmark}_{now:%Y%m%d-%H%M%S}.json")
-    write_atomic(path, (json.dumps(result, indent=1) + "\n").encode())
+    write_atomic(path, (strict_json.dumps(result, indent=1) + "\n").encode())
     print(f"results: {path}", file=sys.stderr)
     return path

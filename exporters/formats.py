@@ -1,12 +1,13 @@
 """The export formats: how each writes, runs and tags its files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from torch import nn
+
+from mixnet_deploy import strict_json
 
 if TYPE_CHECKING:
     from devices.runners import LiteRtRunner, OrtRunner
@@ -66,7 +67,7 @@ class OnnxFormat(_Runs):
         model.metadata_props.extend(kept)
         for key, value in metadata.items():
             entry = model.metadata_props.add()
-            entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+            entry.key, entry.value = key, value if isinstance(value, str) else strict_json.dumps(value)
         onnx.save(model, str(path))
 
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 from pathlib import Path
 
+from mixnet_deploy import strict_json
 from mixnet_deploy.errors import MixdeployError
 
 METADATA_NAME = "mixdeploy"
@@ -58,7 +59,7 @@ def write_metadata(path: str | Path, metadata: dict, output_name: str | None = N
     path = Path(path)
     schema, model = _model(path)
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    buffer.data = np.frombuffer(strict_json.dumps(metadata).encode(), dtype=np.uint8)
     ours = next((m for m in model.metadata or [] if m.name == METADATA_NAME.encode()), None)
     if ours is None:  # a first tag adds a buffer; a re-tag replaces its own, leaving nothing behind
         ours = schema.MetadataT()

@@ -136,6 +136,24 @@ def test_json_output_is_strict(capsys):
     assert json.loads(capsys.readouterr().out) == {"parity": {"cosine": None, "max_abs": None}, "runs": [1.5, None]}
 
 
+def test_metadata_is_strict_json(tmp_path):
+    """A file kept aside for NaN outputs stores its parity report as strict JSON too."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporters.formats import FORMATS
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy"]
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", tensor[:1],
+                                                  tensor[1:])), tmp_path / "m.onnx")
+    FORMATS["onnx"].add_metadata(tmp_path / "m.onnx", {"mixdeploy.parity": {"cosine": float("nan"), "samples": 4}})
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(stored["mixdeploy.parity"], parse_constant=refuse) == {"cosine": None, "samples": 4}
+
+
 def test_a_mean_standing_in_for_the_median_says_so(tmp_path):
     """An older benchmark_model prints no median: its mean is reported in the median column, marked."""
     from devices.report import median
