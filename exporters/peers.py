@@ -59,9 +59,11 @@ def ort_quantizer(float_onnx: Path, images: np.ndarray) -> Path:
 
     prepared = float_onnx.with_name(float_onnx.stem + "_prep.onnx")
     out = float_onnx.with_name(float_onnx.stem + "_ort_int8.onnx")
-    quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(out), CalibrationReader(images, "input"))
-    prepared.unlink()
+    try:
+        quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), CalibrationReader(images, "input"))
+    finally:  # failed too: a --keep folder holds the peers' files, not their scratch
+        prepared.unlink(missing_ok=True)
     return out
 
 
