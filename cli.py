@@ -412,12 +412,14 @@ def _tuner(device: Transport, precision: str, settings: Settings, tunings: list,
               help="With --eval: images evaluated (a seeded random sample).")
 @click.option("--max-drop", type=Finite(min=0, max=100), help="Keep sensitive layers in float until "
               "top-1 agreement with float is within POINTS of 100 %.", metavar="POINTS")
+@click.option("--reduce-range", is_flag=True, help="ONNX: 7-bit weights, for x86 CPUs without VNNI (their AVX2 "
+              "int8 kernels saturate on 8-bit weights; ARM and VNNI kernels do not).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None, pretrained: bool,
              calibrate_bn: bool, input_size: tuple[int, int] | None, num_calib: int,
              method: str, io: str | None, eval_dir: str | None, num_eval: int, max_drop: float | None,
-             force: bool, as_json: bool) -> None:
+             reduce_range: bool, force: bool, as_json: bool) -> None:
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
     from mixnet_deploy.models import RANDOM_INIT
     from quantization.quantize import quantize as run_quantize
@@ -427,8 +429,8 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     with _progress("quantizing") as step:
         result = run_quantize(source, calib, output, fmt=fmt, checkpoint=checkpoint, pretrained=pretrained,
                               num_calib=num_calib, method=method, io=io, eval_dir=eval_dir, num_eval=num_eval,
-                              force=force, calibrate_bn=calibrate_bn, max_drop=max_drop, input_size=input_size,
-                              step=step)
+                              force=force, calibrate_bn=calibrate_bn, max_drop=max_drop, reduce_range=reduce_range,
+                              input_size=input_size, step=step)
     budget = result.details.get("max_drop")
     if as_json:
         _echo_json(result.to_dict())

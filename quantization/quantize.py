@@ -87,7 +87,7 @@ def _source(source: str, checkpoint: str | None, pretrained: bool, calibrate_bn:
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
              checkpoint: str | None = None, pretrained: bool = False, num_calib: int = NUM_CALIB, method: str = "minmax",
              io: str | None = None, eval_dir: str | Path | None = None, num_eval: int = 1000, force: bool = False,
-             max_drop: float | None = None,
+             max_drop: float | None = None, reduce_range: bool = False,
              calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize SOURCE to int8 with images under `calib`; evaluate on (a sample of `num_eval` images
@@ -96,7 +96,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     agreement with the float model is within `max_drop` points of 100 % and the int8 tolerance
     holds (FLOAT_FOR_SPEED groups are float from the start). io defaults to int8 for TFLite and
     float32 (the only choice) for ONNX. A file out of the int8 tolerance (DEPLOYED_TOLERANCE) is
-    kept as NAME.failed.EXT: see the result's path and agreement.passed."""
+    kept as NAME.failed.EXT: see the result's path and agreement.passed. reduce_range: ONNX weights
+    in 7 bits (see onnx_qdq.quantize_onnx)."""
     from exporters.formats import FORMATS
 
     # everything that can be checked without the model first: rebuilding it takes seconds
@@ -118,6 +119,9 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         raise MixdeployError(f"--io {io!r}: use {', '.join(IO_TYPES)}")
     if fmt == "onnx" and io != "float32":
         raise MixdeployError("ONNX QDQ models keep float32 input and output; use --io float32 for onnx")
+    if fmt == "tflite" and reduce_range:
+        raise MixdeployError("--reduce-range is for ONNX Runtime's x86 kernels without VNNI; LiteRT's int8 kernels "
+                             "take 8-bit weights exactly: leave it out for tflite")
     if fmt == "tflite" and method not in TFLITE_METHODS:
         raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
     default = Path(source).with_name(f"{Path(source).stem}_int8.{fmt}") if from_file else Path(f"{file_stem(source)}_int8.{fmt}")
@@ -169,7 +173,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         while True:
             step(f"writing {out.name}" + (f" ({', '.join(kept)} in float)" if kept else ""))
             io = "float32" if fmt == "tflite" and tflite_ops(kept) else io  # TFLite ops kept float take float io
-            _write(tmp, samples, method, io, kept, float_onnx, calibrated)
+            _write(tmp, samples, method, io, kept, float_onnx, calibrated, reduce_range)
             candidate = FORMATS[fmt].run(tmp, held_out.images.numpy())
             agreement = compare(reference, candidate, **DEPLOYED_TOLERANCE["int8"])
             if max_drop is None:
@@ -187,11 +191,12 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         layers = (sensitivity.onnx_layers(float_onnx, tmp, probe, modules_called(lowered.module))
                   if float_onnx is not None else sensitivity.tflite_layers(calibrated, probe, tflite_ops(kept)))
         meta = {**loaded.metadata(), "mixdeploy.plan": plan.to_dict(), "mixdeploy.quantization": {"method": method, "io": io,
-                "calibration_images": len(calibration.images), "kept_float": kept},
+                "calibration_images": len(calibration.images), "kept_float": kept, "reduce_range": reduce_range},
                 "mixdeploy.parity": agreement.to_dict(), "mixdeploy.versions": versions(fmt)}
         FORMATS[fmt].add_metadata(tmp, meta)
         acc = accuracy(reference, candidate, evaluated.labels, loaded) if evaluated and evaluated.labels else None
-        details = contents(tmp, fmt) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget}
+        details = contents(tmp, fmt) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget,
+                                        "reduce_range": reduce_range}
         out = kept_as(out, agreement.passed and (budget is None or budget["met"]))
         os.replace(tmp, out)  # the last step: a stop before it leaves no file
     finally:
@@ -218,13 +223,13 @@ FLOAT_FOR_SPEED = {"onnx": ("first_conv",)}
 
 
 def _write(path: Path, images: np.ndarray, method: str, io: str, kept: list[str], float_onnx: Path | None,
-           calibrated: bytes | None) -> None:
+           calibrated: bytes | None, reduce_range: bool = False) -> None:
     """Write the int8 model with the `kept` groups in float: QDQ from `float_onnx` when given, else
     from the `calibrated` TFLite model with `io` input and output."""
     if float_onnx is not None:
         from .onnx_qdq import quantize_onnx
 
-        quantize_onnx(float_onnx, path, images, method, onnx_nodes(float_onnx, kept))
+        quantize_onnx(float_onnx, path, images, method, onnx_nodes(float_onnx, kept), reduce_range)
         return
     from .tflite_int8 import quantize_calibrated
 

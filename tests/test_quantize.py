@@ -1,12 +1,14 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTOS, assert_usage_error
+from conftest import PHOTOS, ROOT, assert_usage_error
 from PIL import Image
 
 from exporters.inspect_file import inspect_file
@@ -190,7 +192,7 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
                                    "--force"), "is the float file being quantized")
         # without -o, the int8 file goes next to the float one (not into the current folder)
         result = run_cli("quantize", tmp_path / f"{name}.{fmt}", "--calib", PHOTOS, "--json", "--num-calib", "8",
-                         "--eval", eval_dir)
+                         "--eval", eval_dir, *(["--reduce-range"] if fmt == "onnx" else []))
         written = tmp_path / f"{name}_int8{'' if passes else '.failed'}.{fmt}"
         if passes:
             assert result.code == 0, result.err
@@ -203,7 +205,7 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         assert report["model"] == name and report["calibration"]["used"] == 8 and report["calibration"]["evaluated"] == 2
         assert report["calibration"]["eval_skipped"] == 1 and report["calibration"]["skipped"] == 0
         assert report["passed"] == report["agreement"]["passed"] == passes and report["path"] == str(written)
-        assert report["agreement"]["tolerance"] == {"min_cosine": 0.97}
+        assert report["agreement"]["tolerance"] == {"min_cosine": 0.97} and report["reduce_range"] == (fmt == "onnx")
         assert (tmp_path / f"{name}_int8.{fmt}").exists() == passes
         info = inspect_file(written)
         default = [1, 3, 160, 192] if fmt == "onnx" else [1, 160, 192, 3]
@@ -221,6 +223,19 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
     bench = run_cli("bench", *files, "--runs", "3", "--json")  # fed in their layout, checked against PyTorch
     assert bench.code == 0, bench.err
     assert [r["parity"]["passed"] for r in json.loads(bench.out)["results"]] == [True, True]
+    if fmt == "onnx":  # --reduce-range: the same numbers on an x86 CPU without VNNI (8-bit weights differ there)
+        from devices.runners import OrtRunner
+
+        x = np.random.default_rng().standard_normal((2, 3, 160, 192), dtype=np.float32)
+        np.save(tmp_path / "x.npy", x)
+        script = ("import sys, numpy as np; from devices.runners import OrtRunner; r = OrtRunner(sys.argv[1]); "
+                  "np.save(sys.argv[3], r.run(r.feed(np.load(sys.argv[2]))))")
+        emulated = subprocess.run(["qemu-x86_64-static", "-cpu", "Haswell", sys.executable, "-c", script, files[1],
+                                   tmp_path / "x.npy", tmp_path / "haswell.npy"], capture_output=True, text=True,
+                                  cwd=ROOT, timeout=600)
+        assert emulated.returncode == 0, emulated.stderr
+        native = OrtRunner(files[1])
+        np.testing.assert_array_equal(np.load(tmp_path / "haswell.npy"), native.run(native.feed(x)))
 
 
 def test_bad_calibration_input(tmp_path, run_cli):
@@ -267,6 +282,8 @@ def test_quantize_checks_options_output_and_folders_before_the_model(tmp_path, r
     assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS), "m_int8.tflite exists")
     assert_usage_error(run_cli("quantize", float_file, "--calib", tmp_path / "nope", "--force"), "nope does not exist")
     assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS, "--method", "entropy", "--force"), "minmax")
+    assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS, "--reduce-range", "--force"),
+                       "--reduce-range is for ONNX Runtime")
     assert_usage_error(run_cli("quantize", float_file, "--calib", PHOTOS, "--format", "onnx"), "--format goes with")
     assert_usage_error(run_cli("quantize", "mixnet_s", "--calib", PHOTOS, "--eval", tmp_path / "nope", "-o",
                                tmp_path / "q.tflite"), "nope does not exist")
