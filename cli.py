@@ -441,7 +441,12 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     if not result.agreement.passed:
         problems.append(f"int8 parity out of tolerance ({result.agreement.summary()})")
     if problems:
-        if result.weights == RANDOM_INIT:
+        from quantization.onnx_qdq import saturates_here
+
+        if result.format == "onnx" and not reduce_range and saturates_here():
+            hint = ("this x86 CPU has no VNNI: ONNX Runtime's int8 kernels here saturate on 8-bit weights; "
+                    "quantize with --reduce-range")
+        elif result.weights == RANDOM_INIT:
             hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init "
                     "ones with --calibrate-bn (on export for a file)")
         elif budget and not budget["met"] and (advice := _eval_advice(budget)):

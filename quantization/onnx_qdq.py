@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+CPUINFO = Path("/proc/cpuinfo")
 
 
 class CalibrationReader:
@@ -22,6 +23,20 @@ class CalibrationReader:
 
     def __iter__(self):
         return iter(self.feeds)
+
+
+def saturates_here() -> bool:
+    """Whether ONNX Runtime's int8 kernels on this machine saturate on 8-bit weights: an x86 CPU
+    without VNNI (read from CPUINFO; False where it cannot be read)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = CPUINFO.read_text()
+    except OSError:
+        return False
+    return "flags" in flags and "vnni" not in flags
 
 
 def quantize_onnx(float_path: Path, out_path: Path, images: np.ndarray, method: str = "minmax",

@@ -271,6 +271,22 @@ def test_bad_calibration_input(tmp_path, run_cli):
     assert sorted(os.listdir(tmp_path)) == ["empty", "foreign.onnx", "single"]
 
 
+def test_an_x86_cpu_without_vnni_is_recognised(tmp_path, monkeypatch):
+    """Where ONNX Runtime's int8 kernels saturate on 8-bit weights, a failed quantize advises --reduce-range."""
+    import platform
+
+    from quantization import onnx_qdq
+
+    monkeypatch.setattr(onnx_qdq, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, saturates in (("fpu avx2 fma", True), ("fpu avx2 avx512f avx512_vnni", False), ("avx2 avx_vnni", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert onnx_qdq.saturates_here() == saturates, flags
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert not onnx_qdq.saturates_here()
+
+
 def test_quantize_checks_options_output_and_folders_before_the_model(tmp_path, run_cli, monkeypatch):
     """Rebuilding the float model takes seconds: what can be checked without it is checked first."""
     import quantization.quantize as q
