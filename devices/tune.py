@@ -20,7 +20,7 @@ from torch import nn
 from mixnet_deploy.cost_model import shape_key
 from mixnet_deploy.digests import file_sha256
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError, is_number
-from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan
+from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan, signatures
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
 from mixnet_deploy.preprocess import random_images
@@ -278,7 +278,7 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
         shapes = {shape_key(info): info for info in layers}
         # a shape is measured again when a lowering was added after it was cached
         todo = [key for key in shapes if not set(shapes[key].candidates) <= set(cache.shapes.get(key, {}))]
-        plan = Plan(target=target, source=f"tuned on {device.name}")
+        plan = Plan(target=target, source=f"tuned on {device.name}", shapes=signatures(layers))
         result = Tuning(plan, tuner.fingerprint, measured_shapes=len(todo), cached_shapes=len(shapes) - len(todo),
                         timing={"rounds": rounds, "runs": settings.runs})
         for i, key in enumerate(todo):

@@ -327,8 +327,21 @@ def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInf
     return [info for site in discover(model, input_size) if (info := layer_info(site)) is not None]
 
 
+def signatures(layers: list[LayerInfo]) -> dict[str, str]:
+    """Layer name -> what the layer is at any input size: kind, channels, kernels, stride."""
+    return {layer.name: f"{layer.kind} {layer.channels}->{layer.out_channels} kernels {layer.kernels} "
+                        f"stride {layer.stride}" for layer in layers}
+
+
 def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
-    """Raise MixdeployError when `plan` names a layer not in `layers` or a choice that layer cannot take."""
+    """Raise MixdeployError when `plan` names a layer not in `layers`, was made for a model whose layer
+    of that name is another (its shapes), or names a choice that layer cannot take."""
+    mine = signatures(layers)
+    other = next((name for name, shape in plan.shapes.items() if name in mine and shape != mine[name]), None)
+    if other:
+        raise MixdeployError(f"the plan was made for another model: its {other} is {plan.shapes[other]}, this "
+                             f"model's is {mine[other]}; make one for this model (`mixdeploy info MODEL --plan auto "
+                             "--json` prints one to start from)")
     unknown = sorted(set(plan.layers) - {layer.name for layer in layers})
     if unknown:
         raise MixdeployError(f"the plan names layers that are not MixConv layers of this model: {', '.join(unknown[:3])} "
@@ -357,7 +370,7 @@ def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
             return layer.candidates[0]
         return "fold" if "fold" in layer.candidates else "split"
 
-    return Plan({layer.name: pick(layer) for layer in layers}, target, preset)
+    return Plan({layer.name: pick(layer) for layer in layers}, target, preset, shapes=signatures(layers))
 
 
 def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,

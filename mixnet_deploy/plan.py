@@ -115,16 +115,18 @@ def depthwise_candidates(kernels: list[int], channels: list[int]) -> list[str]:
 
 @dataclass
 class Plan:
-    """Layer name -> choice, plus where the plan came from."""
+    """Layer name -> choice, plus where the plan came from and what each layer was (shapes: layer
+    name -> lower.signature, so that a plan made for another model is refused)."""
 
     layers: dict[str, str] = field(default_factory=dict)
     target: str = "onnxruntime"
     source: str = "auto"
     estimates_ms: dict[str, float] = field(default_factory=dict)
+    shapes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"version": 1, "target": self.target, "source": self.source, "layers": self.layers,
-                "estimates_ms": self.estimates_ms}
+                "estimates_ms": self.estimates_ms, "shapes": self.shapes}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -132,12 +134,14 @@ class Plan:
             raise MixdeployError("a plan is a JSON object with a 'layers' mapping of layer name -> choice")
         if data.get("version", 1) != 1 or isinstance(data.get("version"), bool):
             raise MixdeployError(f"plan version {data['version']!r} is not one this mixdeploy reads (it writes version 1)")
-        estimates = data.get("estimates_ms", {})
+        estimates, shapes = data.get("estimates_ms", {}), data.get("shapes", {})
         if (not isinstance(data.get("target", ""), str) or not isinstance(data.get("source", ""), str)
-                or not isinstance(estimates, dict) or not all(is_number(v) and v >= 0 for v in estimates.values())):
-            raise MixdeployError("a plan's target and source are strings and its estimates_ms maps layer names "
-                                 "to milliseconds, 0 or more (or leave them out)")
-        return cls(dict(data["layers"]), data.get("target", "onnxruntime"), data.get("source", "file"), dict(estimates))
+                or not isinstance(estimates, dict) or not all(is_number(v) and v >= 0 for v in estimates.values())
+                or not isinstance(shapes, dict) or not all(isinstance(v, str) for v in shapes.values())):
+            raise MixdeployError("a plan's target and source are strings, its estimates_ms maps layer names to "
+                                 "milliseconds, 0 or more, and its shapes layer names to text (or leave them out)")
+        return cls(dict(data["layers"]), data.get("target", "onnxruntime"), data.get("source", "file"), dict(estimates),
+                   dict(shapes))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

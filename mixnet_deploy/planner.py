@@ -14,6 +14,7 @@ from .lower import (
     discover,
     layer_info,
     preset_plan,
+    signatures,
 )
 from .plan import Plan
 
@@ -33,6 +34,7 @@ def auto_plan(model: nn.Module, input_size: tuple[int, int, int], target: str) -
             choice, estimates = costs.choose(site, info)
             plan.layers[site.name] = choice
             plan.estimates_ms[site.name] = round(estimates[choice], 4)
+            plan.shapes.update(signatures([info]))
     return plan
 
 
@@ -48,7 +50,8 @@ def make_plan(spec: str, model: nn.Module, input_size: tuple[int, int, int], tar
     check_plan(plan, layers)
     # the file's own target, source and estimates were made for another export: this one records
     # what it lowers (every layer, those the file leaves out by default) and where the plan came from
-    return Plan({layer.name: plan.layers.get(layer.name, default_choice(layer)) for layer in layers}, target, "file")
+    return Plan({layer.name: plan.layers.get(layer.name, default_choice(layer)) for layer in layers}, target, "file",
+                shapes=signatures(layers))
 
 
 def read_spec(spec: str) -> Plan | None:

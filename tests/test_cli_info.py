@@ -220,6 +220,10 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
     kinds = {layer.name: layer.kind for layer in analyse(loaded.module, loaded.preprocess.input_size)}
     assert part["layers"] == {**{name: "split" if kind == "depthwise" else "grouped" for name, kind in kinds.items()},
                               "blocks.2.0.conv_dw": "fold"}
+    # a plan records what each layer was: mixnet_s's is refused by mixnet_m, whose layers share its names
+    assert mine["shapes"]["blocks.2.0.conv_dw"] == "depthwise [48, 48, 48]->[48, 48, 48] kernels [3, 5, 7] stride 2"
+    assert_usage_error(run_cli("info", "mixnet_m", "--plan", tmp_path / "p.json"),
+                       "the plan was made for another model: its blocks.1.0.conv_pw is")
     table = run_cli("info", "mixnet_s", "--plan", "fold").out
     assert "blocks.5.2.conv_dw" in table and "fold" in table
     # a plan file is checked as export checks it: a choice the layer cannot take, a layer the model lacks
@@ -228,6 +232,7 @@ def test_info_prints_the_plan_an_export_would_use(run_cli, tmp_path):
                            ({"layers": {}, "estimates_ms": "x"}, "estimates_ms maps layer names to milliseconds"),
                            ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": True}}, "to milliseconds"),
                            ({"layers": {}, "estimates_ms": {"blocks.2.0.conv_dw": -1.0}}, "0 or more"),
+                           ({"layers": {}, "shapes": {"blocks.2.0.conv_dw": 3}}, "its shapes layer names to text"),
                            ({"layers": {}, "version": True}, "plan version True is not one")):
         (tmp_path / "bad.json").write_text(json.dumps({"version": 1, **plan}))
         assert_usage_error(run_cli("info", "mixnet_s", "--plan", tmp_path / "bad.json"), fragment)
