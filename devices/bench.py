@@ -184,7 +184,8 @@ class Session:
             for fmt in sorted(formats):
                 self.check_python(fmt)
         else:
-            binary = benchmark_model.find_binary(self.settings.benchmark_binary, self.info["abi"])
+            binary = benchmark_model.find_binary(self.settings.benchmark_binary, self.info["abi"],
+                                                 self.info["os"].startswith("Android"))
             self.binary = benchmark_model.install(self.device, binary)
 
     def run_benchmark_model(self, item: Prepared) -> dict:

@@ -190,32 +190,54 @@ def command(binary: str, model: str, threads: int, runs: int, warmup: int, cpus:
     return argv + list(extra or [])
 
 
-def _check_binary(path: Path, abi: str | None = None, what: str = "--benchmark-binary") -> None:
-    """An ELF executable (for `abi`'s machine when known), or a MixdeployError saying where to get one."""
+def _interpreter(elf: bytes) -> str | None:
+    """The program loader a little-endian ELF file names (PT_INTERP), None for a static one."""
+    wide = elf[4] == 2  # ELFCLASS64
+    phoff, size, count = ((int.from_bytes(elf[32:40], "little"), *(int.from_bytes(elf[i:i + 2], "little") for i in (54, 56)))
+                          if wide else (int.from_bytes(elf[28:32], "little"),
+                                        *(int.from_bytes(elf[i:i + 2], "little") for i in (42, 44))))
+    for at in range(phoff, phoff + size * count, size):
+        if int.from_bytes(elf[at:at + 4], "little") == 3:  # PT_INTERP
+            offset, length = ((int.from_bytes(elf[at + 8:at + 16], "little"), int.from_bytes(elf[at + 32:at + 40], "little"))
+                              if wide else (int.from_bytes(elf[at + 4:at + 8], "little"),
+                                            int.from_bytes(elf[at + 16:at + 20], "little")))
+            return elf[offset:offset + length].split(b"\0")[0].decode(errors="replace")
+    return None
+
+
+def _check_binary(path: Path, abi: str | None = None, what: str = "--benchmark-binary",
+                  android: bool | None = None) -> None:
+    """An ELF executable (for `abi`'s machine and, when `android` is known, that OS's loader), or a
+    MixdeployError saying where to get one."""
     if not path.is_file():
         raise MixdeployError(f"{what} {path}: no such file; {PREBUILT}")
     with path.open("rb") as f:
-        header = f.read(20)
+        header = f.read(65536)  # the program headers and the loader's name come first
     if len(header) < 20 or header[:4] != b"\x7fELF" or int.from_bytes(header[16:18], "little") not in (2, 3):
         raise MixdeployError(f"{what} {path}: not an executable ELF file; {PREBUILT}")
     machine = int.from_bytes(header[18:20], "little")
     if abi in ABI_MACHINES and machine != ABI_MACHINES[abi]:
         raise MixdeployError(f"{what} {path}: built for {MACHINES.get(machine, f'ELF machine {machine}')}, "
                              f"the device is {abi}; {PREBUILT}")
+    loader = _interpreter(header)
+    if android is not None and loader and loader.startswith("/system/") != android:
+        built, runs = ("Android", "Linux") if not android else ("Linux", "Android")
+        raise MixdeployError(f"{what} {path}: built for {built} (its loader is {loader}), the device runs {runs}; "
+                             f"{PREBUILT}")
 
 
-def find_binary(explicit: str | None, abi: str) -> Path:
-    """The benchmark_model for a device ABI: --benchmark-binary, else
+def find_binary(explicit: str | None, abi: str, android: bool | None = None) -> Path:
+    """The benchmark_model for a device ABI (and OS, when `android` is known): --benchmark-binary, else
     $MIXDEPLOY_BENCHMARK_MODEL_DIR (default ~/.cache/mixdeploy/benchmark_model)/<abi>/benchmark_model."""
     if explicit:
         path = Path(explicit).expanduser()
-        _check_binary(path, abi)
+        _check_binary(path, abi, android=android)
         return path
     path = Path(os.environ.get("MIXDEPLOY_BENCHMARK_MODEL_DIR") or CACHE).expanduser() / abi / "benchmark_model"
     if not path.is_file():
         raise MixdeployError(f"no benchmark_model for {abi}: pass --benchmark-binary PATH or put it at {path} "
                              f"(nothing here can download it); {PREBUILT}")
-    _check_binary(path, abi, what="cached benchmark_model")
+    _check_binary(path, abi, what="cached benchmark_model", android=android)
     return path
 
 

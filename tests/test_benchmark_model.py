@@ -227,6 +227,18 @@ def test_find_binary_explicit(tmp_path):
     with pytest.raises(MixdeployError) as err:
         find_binary(str(PYTHON), "arm64-v8a")
     assert "built for x86_64, the device is arm64-v8a" in _one_line(err)
+    assert find_binary(str(PYTHON), "x86_64", android=False) == PYTHON
+    with pytest.raises(MixdeployError) as err:  # Android's builds load through /system/bin/linker64
+        find_binary(str(PYTHON), "x86_64", android=True)
+    assert "built for Linux (its loader is /lib" in _one_line(err) and "the device runs Android" in str(err.value)
+    elf = PYTHON.read_bytes()
+    loader = next(name for name in (b"/lib64/ld-linux-x86-64.so.2", b"/lib/ld-linux-x86-64.so.2") if name in elf)
+    android_build = tmp_path / "android_benchmark_model"
+    android_build.write_bytes(elf.replace(loader, b"/system/bin/linker64".ljust(len(loader), b"\0"), 1))
+    with pytest.raises(MixdeployError) as err:
+        find_binary(str(android_build), "x86_64", android=False)
+    assert "built for Android (its loader is /system/bin/linker64), the device runs Linux" in _one_line(err)
+    assert find_binary(str(android_build), "x86_64", android=True) == android_build
 
 
 def test_find_binary_cache_folder(tmp_path, monkeypatch):
