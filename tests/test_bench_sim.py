@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 def leftover_workdirs(serial: str) -> list[str]:
     done = subprocess.run(["adb", "-s", serial, "shell", "ls /data/local/tmp"], capture_output=True, text=True,
                           timeout=60)
+    assert done.returncode == 0, done.stderr  # an empty list from a failed ls would pass every leftover check
     return [name for name in done.stdout.split() if name.startswith("mixdeploy.")]
 
 

@@ -49,9 +49,24 @@ def test_every_named_mixnet_builds_and_runs(name):
     assert y.shape == (1, 1000) and torch.isfinite(y).all()
 
 
-def test_tf_variant_carries_its_own_preprocessing():
-    assert load_model("tf_mixnet_s").preprocess.interpolation == "bicubic"
-    assert load_model("mixnet_s").preprocess.crop_pct == 0.875
+def test_preprocessing_is_timms_resolved_config(tmp_path):
+    """Every field is what timm's resolve_data_config gives the model, not a default: an own network
+    whose pretrained_cfg differs from ImageNet's in every field, and timm's MixNets."""
+    from timm.data import resolve_data_config
+
+    (tmp_path / "odd.py").write_text(
+        "from torch import nn\n\n\ndef build():\n    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), "
+        "nn.Flatten())\n    net.pretrained_cfg = {'input_size': (3, 200, 180), 'interpolation': 'bilinear', "
+        "'crop_pct': 0.95, 'crop_mode': 'squash', 'mean': (0.5, 0.4, 0.3), 'std': (0.2, 0.25, 0.3)}\n"
+        "    return net\n")
+    odd = load_model(f"{tmp_path}/odd.py:build").preprocess
+    assert (odd.input_size, odd.interpolation, odd.crop_pct, odd.crop_mode, odd.mean, odd.std) == (
+        (3, 200, 180), "bilinear", 0.95, "squash", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    for name in ("mixnet_s", "tf_mixnet_s", "mixnet_xl"):
+        loaded = load_model(name)
+        timm_cfg = resolve_data_config({}, model=loaded.module)
+        assert {k: getattr(loaded.preprocess, k) for k in timm_cfg} == {
+            k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in timm_cfg.items()}, name
 
 
 def test_mobilenetv2_dropin_replaces_every_depthwise_conv():

@@ -4,20 +4,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from devices.report import EMULATION_NOTE, write_report
+from devices.runners import latency_stats
 from mixnet_deploy.parity import DEPLOYED_TOLERANCE
 
 DEVICE = {"name": "adb:127.0.0.1:5555", "abi": "arm64-v8a", "model": "sdk_gphone64_arm64", "os": "Android 14",
           "cores": [{"cpu": i, "max_khz": 1800000 if i < 4 else 2400000} for i in range(8)], "big_cores": [4, 5, 6, 7],
           "governor": "schedutil", "mem_free_mb": 1234, "temps": {"zone0": 40.9}, "emulated": False}
-
-
-def latency_stats(times: np.ndarray) -> dict:
-    return {"median": float(np.median(times)), "mean": float(times.mean()), "min": float(times.min()),
-            "p90": float(np.percentile(times, 90)), "p99": float(np.percentile(times, 99)), "std": float(times.std()),
-            "runs": len(times), "raw": [round(float(t), 4) for t in times]}
 
 
 def result(file: str, precision: str, median_ms: float, cosine: float, top1: float, passed: bool = True) -> dict:
@@ -126,6 +122,14 @@ def test_report_marks_the_cores_of_the_cpus_mask(tmp_path):
     write_report(tmp_path / "r.md", unknown, RESULTS)  # a VM: no frequencies, no governor
     text = (tmp_path / "r.md").read_text()
     assert "- Cores: 2: cpu0–1 (not pinned: any core)\n" in text and "- Governor: unknown\n" in text
+
+
+def test_latency_statistics():
+    """The runner's figures of a known list of ms: the median of an even count, numpy's interpolated
+    percentiles, the population std."""
+    stats = latency_stats([float(t) for t in range(10, 0, -1)])
+    assert stats == {"median": 5.5, "mean": 5.5, "min": 1.0, "p90": pytest.approx(9.1), "p99": pytest.approx(9.91),
+                     "std": pytest.approx(8.25 ** 0.5), "runs": 10, "raw": [float(t) for t in range(10, 0, -1)]}
 
 
 def test_json_output_is_strict(capsys):
