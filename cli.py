@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # markup off: paths, model, layer and device names print as they are; styles are given as Text or style=
 out = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty(),  # logs: a line per line
               markup=False)
-err = Console(stderr=True)
+err = Console(stderr=True, markup=False)
 HEARTBEAT_S = 10.0  # how often long work reports its current step when stderr is not a terminal
 
 
@@ -443,10 +443,7 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
     if problems:
         from quantization.onnx_qdq import saturates_here
 
-        if result.format == "onnx" and not reduce_range and saturates_here():
-            hint = ("this x86 CPU has no VNNI: ONNX Runtime's int8 kernels here saturate on 8-bit weights; "
-                    "quantize with --reduce-range")
-        elif result.weights == RANDOM_INIT:
+        if result.weights == RANDOM_INIT:
             hint = ("random-init weights have no realistic activation ranges: use trained weights, or random-init "
                     "ones with --calibrate-bn (on export for a file)")
         elif budget and not budget["met"] and (advice := _eval_advice(budget)):
@@ -454,6 +451,9 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         else:
             hint = ("try more calibration images" + (", --method percentile" if method != "percentile" else "")
                     + (" or --max-drop" if max_drop is None else ""))
+        if result.format == "onnx" and not reduce_range and saturates_here():
+            hint += ("; and this x86 CPU has no VNNI: ONNX Runtime's int8 kernels here saturate on 8-bit weights "
+                     "(--reduce-range)")
         click.echo(f"mixdeploy: error: {'; '.join(problems)}; kept as {result.path}; {hint}", err=True)
         sys.exit(1)
 

@@ -196,6 +196,8 @@ def _interpreter(elf: bytes) -> str | None:
     phoff, size, count = ((int.from_bytes(elf[32:40], "little"), *(int.from_bytes(elf[i:i + 2], "little") for i in (54, 56)))
                           if wide else (int.from_bytes(elf[28:32], "little"),
                                         *(int.from_bytes(elf[i:i + 2], "little") for i in (42, 44))))
+    if size == 0 or phoff + size * count > len(elf):  # damaged, or headers past what was read
+        return None
     for at in range(phoff, phoff + size * count, size):
         if int.from_bytes(elf[at:at + 4], "little") == 3:  # PT_INTERP
             offset, length = ((int.from_bytes(elf[at + 8:at + 16], "little"), int.from_bytes(elf[at + 32:at + 40], "little"))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .transport import Transport
 
-# one POSIX sh script that works on Android's toybox and on Linux; one `key value` per line
-SCRIPT = r"""
+# one POSIX sh script that works on Android's toybox and on Linux; one `key value` per line. Sent as one
+# line: over ssh a csh login shell reads the command first, and refuses a newline inside quotes
+SCRIPT = "; ".join(r"""
 echo "uname $(uname -srm)"
 echo "abi $(getprop ro.product.cpu.abi 2>/dev/null)"
 echo "model $(getprop ro.product.model 2>/dev/null)"
@@ -16,7 +17,7 @@ for c in /sys/devices/system/cpu/cpu[0-9]*; do echo "cpu ${c##*cpu} $(cat $c/cpu
 echo "nproc $(nproc 2>/dev/null || grep -c ^processor /proc/cpuinfo)"
 echo "governor $(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null)"
 echo "memfree $(grep MemAvailable /proc/meminfo 2>/dev/null)"
-"""
+""".strip().splitlines())
 TEMPS = r"""for z in /sys/class/thermal/thermal_zone*; do [ -r $z/temp ] && echo "$(cat $z/type 2>/dev/null) $(cat $z/temp)"; done; true"""
 ABIS = {"aarch64": "arm64-v8a", "armv7l": "armeabi-v7a", "armv8l": "armeabi-v7a", "x86_64": "x86_64"}
 

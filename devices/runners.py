@@ -246,6 +246,8 @@ def _bench(args) -> dict:
         cores[str(t)] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         if t == threads[0]:  # the peak of one model on one image: not with other thread counts' runners, nor the batch
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
+    if pin:
+        pin(threads[0])  # the outputs' runner: its own thread count's cores
     np.save(args.outputs, runner.run(feed))
     return {"runtime": version, "python": sys.version.split()[0], "init_ms": init_ms, "first_inference_ms": first_ms,
             "latency_ms": latency, "peak_memory_mb": peak_kb / 1024, "model_memory_mb": (peak_kb - baseline_kb) / 1024,

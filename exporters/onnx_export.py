@@ -259,9 +259,14 @@ def write_onnx(module: nn.Module, input_size: tuple[int, int, int], path: str | 
                 output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, external_data=False, optimize=True,
             )
         except torch.onnx.OnnxExporterError as exc:
-            raise MixdeployError(f"torch.onnx.export cannot capture this model: {export_failure(exc)}; ONNX export "
-                                 "needs a forward that torch.export follows (no Python branch on a tensor's "
-                                 "value: torch.where or torch.cond instead)") from None
+            from torch.onnx._internal.exporter._errors import TorchExportError
+
+            if isinstance(exc, TorchExportError):
+                raise MixdeployError(f"torch.onnx.export cannot capture this model: {export_failure(exc)}; ONNX "
+                                     "export needs a forward that torch.export follows (no Python branch on a "
+                                     "tensor's value: torch.where or torch.cond instead)") from None
+            raise MixdeployError(f"torch.onnx.export failed: {export_failure(exc)}; --format tflite may export "
+                                 "the model") from None
         finally:
             converter_log.setLevel(level)
     model = program.model_proto

@@ -340,8 +340,8 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
     other = next((name for name, shape in plan.shapes.items() if name in mine and shape != mine[name]), None)
     if other:
         raise MixdeployError(f"the plan was made for another model: its {other} is {plan.shapes[other]}, this "
-                             f"model's is {mine[other]}; make one for this model (`mixdeploy info MODEL --plan auto "
-                             "--json` prints one to start from)")
+                             f"model's is {mine[other]}; make one for this model (the `plan` of `mixdeploy info MODEL "
+                             "--plan auto --json` is one to start from)")
     unknown = sorted(set(plan.layers) - {layer.name for layer in layers})
     if unknown:
         raise MixdeployError(f"the plan names layers that are not MixConv layers of this model: {', '.join(unknown[:3])} "

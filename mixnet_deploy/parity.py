@@ -1,7 +1,7 @@
 """Parity metrics: plain functions over arrays, shared by export checks, quantization and devices."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,11 +58,15 @@ class ParityReport:
     @classmethod
     def from_dict(cls, stored: dict) -> ParityReport | None:
         """The report `to_dict` stored (in a file's metadata), or None when it has other fields
-        (empty, or written by another version)."""
+        (empty, or written by another version). A figure stored as null (strict JSON's NaN) is NaN again."""
         try:
-            return cls(**stored)
+            report = cls(**stored)
         except TypeError:
             return None
+        for f in fields(report):
+            if f.type == "float" and getattr(report, f.name) is None:
+                setattr(report, f.name, float("nan"))
+        return report
 
 
 def float32_error(model: torch.nn.Module, x: torch.Tensor, reference: np.ndarray) -> float:

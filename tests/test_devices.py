@@ -118,8 +118,9 @@ def test_cleanup_leaves_a_group_alone_when_the_cut_command_never_started(monkeyp
     bystander = subprocess.Popen(["setsid", "sleep", "60"])  # a group of its own, standing for a reused id
     try:
         with open_device("local") as device:
+            pgid = f"{device.workdir}/.pgid"
             number = device._commands + 1  # of the command below: it records its group, then ours replaces it
-            device.shell(["sh", "-c", f"echo {bystander.pid} {number} > {device.workdir}/.pgid"])
+            device.shell(["sh", "-c", f"echo {bystander.pid} {number} > {pgid}"])
             with monkeypatch.context() as patch, pytest.raises(DeviceError):
                 patch.setattr(device, "_shell", lambda *_: (_ for _ in ()).throw(DeviceError("connection refused")))
                 device.shell(["true"])

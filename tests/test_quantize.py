@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -223,19 +224,21 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
     bench = run_cli("bench", *files, "--runs", "3", "--json")  # fed in their layout, checked against PyTorch
     assert bench.code == 0, bench.err
     assert [r["parity"]["passed"] for r in json.loads(bench.out)["results"]] == [True, True]
-    if fmt == "onnx":  # --reduce-range: the same numbers on an x86 CPU without VNNI (8-bit weights differ there)
+    if fmt == "onnx" and platform.machine() == "x86_64":
+        # --reduce-range: the numbers of a VNNI CPU on one without VNNI (8-bit weights: 13 % of max|logit| off there)
         from devices.runners import OrtRunner
 
-        x = np.random.default_rng().standard_normal((2, 3, 160, 192), dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal((2, 3, 160, 192), dtype=np.float32)
         np.save(tmp_path / "x.npy", x)
         script = ("import sys, numpy as np; from devices.runners import OrtRunner; r = OrtRunner(sys.argv[1]); "
                   "np.save(sys.argv[3], r.run(r.feed(np.load(sys.argv[2]))))")
         emulated = subprocess.run(["qemu-x86_64-static", "-cpu", "Haswell", sys.executable, "-c", script, files[1],
                                    tmp_path / "x.npy", tmp_path / "haswell.npy"], capture_output=True, text=True,
-                                  cwd=ROOT, timeout=600)
+                                  cwd=ROOT, timeout=600, check=False)
         assert emulated.returncode == 0, emulated.stderr
         native = OrtRunner(files[1])
-        np.testing.assert_array_equal(np.load(tmp_path / "haswell.npy"), native.run(native.feed(x)))
+        here = native.run(native.feed(x))  # the float stem conv may round apart by an ulp: a quantum at most
+        assert np.abs(np.load(tmp_path / "haswell.npy") - here).max() <= 0.02 * np.abs(here).max()
 
 
 def test_bad_calibration_input(tmp_path, run_cli):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from devices.report import EMULATION_NOTE, write_report
 from devices.runners import latency_stats
-from mixnet_deploy.parity import DEPLOYED_TOLERANCE
+from mixnet_deploy.parity import DEPLOYED_TOLERANCE, ParityReport, compare
 
 DEVICE = {"name": "adb:127.0.0.1:5555", "abi": "arm64-v8a", "model": "sdk_gphone64_arm64", "os": "Android 14",
           "cores": [{"cpu": i, "max_khz": 1800000 if i < 4 else 2400000} for i in range(8)], "big_cores": [4, 5, 6, 7],
@@ -91,8 +91,6 @@ def test_emulated_device_and_failed_parity_are_loud(tmp_path):
 
 
 def test_stored_parity_of_another_form_is_not_a_report():
-    from mixnet_deploy.parity import ParityReport, compare
-
     report = compare(np.eye(3), np.eye(3) * 1.01, min_cosine=0.97)
     assert ParityReport.from_dict(report.to_dict()) == report
     assert ParityReport.from_dict({"passed": True, "rel_max": 0.1}) is None and ParityReport.from_dict({}) is None
@@ -100,8 +98,6 @@ def test_stored_parity_of_another_form_is_not_a_report():
 
 def test_cosine_of_a_single_logit_model_is_taken_over_the_batch():
     """Per sample, one logit's cosine is +-1 whatever its value: a wrong output must still fail."""
-    from mixnet_deploy.parity import compare
-
     logits = np.random.default_rng(0).standard_normal((16, 1))
     assert compare(logits, logits * 1.001, min_cosine=0.97).passed
     off = logits + np.random.default_rng(1).standard_normal((16, 1)) * 3
@@ -156,6 +152,21 @@ def test_metadata_is_strict_json(tmp_path):
     FORMATS["onnx"].add_metadata(tmp_path / "m.onnx", {"mixdeploy.parity": {"cosine": float("nan"), "samples": 4}})
     stored = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(stored["mixdeploy.parity"], parse_constant=refuse) == {"cosine": None, "samples": 4}
+    report = compare(np.ones((2, 3)), np.full((2, 3), np.nan), max_rel=1e-5)  # a broken kernel's outputs
+    FORMATS["onnx"].add_metadata(tmp_path / "m.onnx", {"mixdeploy.parity": report.to_dict()})
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    back = ParityReport.from_dict(json.loads(stored["mixdeploy.parity"], parse_constant=refuse))
+    assert np.isnan(back.cosine) and not back.passed and "nan" in back.summary()  # as `info` prints it
+
+
+def test_console_prints_names_as_they_are(capsys):
+    """Paths and names reach the console as written: no markup is parsed in them (a `[/b]` raised)."""
+    from cli import err, out
+
+    out.print("a[/b] [bold]c[/bold]")
+    err.print("report: runs/[old]/r.md")
+    captured = capsys.readouterr()
+    assert captured.out == "a[/b] [bold]c[/bold]\n" and captured.err == "report: runs/[old]/r.md\n"
 
 
 def test_a_mean_standing_in_for_the_median_says_so(tmp_path):
