@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -192,17 +193,17 @@ def command(binary: str, model: str, threads: int, runs: int, warmup: int, cpus:
 
 def _interpreter(elf: bytes) -> str | None:
     """The program loader a little-endian ELF file names (PT_INTERP), None for a static one."""
-    wide = elf[4] == 2  # ELFCLASS64
-    phoff, size, count = ((int.from_bytes(elf[32:40], "little"), *(int.from_bytes(elf[i:i + 2], "little") for i in (54, 56)))
-                          if wide else (int.from_bytes(elf[28:32], "little"),
-                                        *(int.from_bytes(elf[i:i + 2], "little") for i in (42, 44))))
+    wide = elf[4] == 2  # ELFCLASS64: other offsets and widths
+    if len(elf) < 64:
+        return None
+    phoff = struct.unpack_from("<Q" if wide else "<I", elf, 32 if wide else 28)[0]
+    size, count = struct.unpack_from("<HH", elf, 54 if wide else 42)
     if size == 0 or phoff + size * count > len(elf):  # damaged, or headers past what was read
         return None
     for at in range(phoff, phoff + size * count, size):
-        if int.from_bytes(elf[at:at + 4], "little") == 3:  # PT_INTERP
-            offset, length = ((int.from_bytes(elf[at + 8:at + 16], "little"), int.from_bytes(elf[at + 32:at + 40], "little"))
-                              if wide else (int.from_bytes(elf[at + 4:at + 8], "little"),
-                                            int.from_bytes(elf[at + 16:at + 20], "little")))
+        if struct.unpack_from("<I", elf, at)[0] == 3:  # PT_INTERP
+            offset, length = (struct.unpack_from("<Q16xQ", elf, at + 8) if wide
+                              else struct.unpack_from("<I8xI", elf, at + 4))
             return elf[offset:offset + length].split(b"\0")[0].decode(errors="replace")
     return None
 

@@ -10,7 +10,7 @@ from conftest import SWEEP_SIZE, assert_usage_error
 from devices.runners import OrtRunner
 from exporters.export import export
 from mixnet_deploy import load_model
-from mixnet_deploy.parity import FLOAT32_SLACK, reference_outputs
+from mixnet_deploy.parity import FLOAT32_CEILING, FLOAT32_SLACK, reference_outputs
 from mixnet_deploy.preprocess import SAMPLE_IMAGES, random_images, sample_photos
 
 pytestmark = pytest.mark.slow
@@ -29,8 +29,10 @@ def check_export(result, path) -> None:
 def assert_float32_bound(result) -> None:
     """A float32 file within 1e-5 of max|ref|, or twice PyTorch's own float32 error when that is larger."""
     floor = result.details["torch_float32_rel_max"]
-    assert 0 < floor and result.parity.tolerance == {"max_rel": max(1e-5, FLOAT32_SLACK * floor)}
-    assert result.parity.rel_max <= result.parity.tolerance["max_rel"] <= 4e-5  # timm's models: float32 stays near
+    assert 0 < floor and result.parity.tolerance == {"max_rel": max(1e-5, min(FLOAT32_SLACK * floor, FLOAT32_CEILING))}
+    # PyTorch's own float32 error on mixnet_xl at 160x160 has reached 2.2e-5 (session 23): the allowance is
+    # capped by bench's fp32 bound; lower() checks every rewrite in float64, so no lowering bug hides in it
+    assert result.parity.rel_max <= result.parity.tolerance["max_rel"] <= FLOAT32_CEILING
 
 
 def test_mixnet_s_auto_graph_is_clean_and_tagged(tmp_path):
