@@ -230,15 +230,20 @@ def _check_binary(path: Path, abi: str | None = None, what: str = "--benchmark-b
 
 
 def find_binary(explicit: str | None, abi: str, android: bool | None = None) -> Path:
-    """The benchmark_model for a device ABI (and OS, when `android` is known): --benchmark-binary, else
-    $MIXDEPLOY_BENCHMARK_MODEL_DIR (default ~/.cache/mixdeploy/benchmark_model)/<abi>/benchmark_model."""
+    """The benchmark_model for a device ABI and OS: --benchmark-binary, else
+    $MIXDEPLOY_BENCHMARK_MODEL_DIR (default ~/.cache/mixdeploy/benchmark_model)/android-<abi>/ or
+    linux-<abi>/, or the OS-less <abi>/ of earlier versions when its build suits the device."""
     if explicit:
         path = Path(explicit).expanduser()
         _check_binary(path, abi, android=android)
         return path
-    path = Path(os.environ.get("MIXDEPLOY_BENCHMARK_MODEL_DIR") or CACHE).expanduser() / abi / "benchmark_model"
-    if not path.is_file():
-        raise MixdeployError(f"no benchmark_model for {abi}: pass --benchmark-binary PATH or put it at {path} "
+    cache = Path(os.environ.get("MIXDEPLOY_BENCHMARK_MODEL_DIR") or CACHE).expanduser()
+    folders = ([f"{'android' if android else 'linux'}-{abi}"] if android is not None else []) + [abi]
+    path = next((cache / folder / "benchmark_model" for folder in folders
+                 if (cache / folder / "benchmark_model").is_file()), None)
+    if path is None:
+        where = cache / folders[0] / "benchmark_model"
+        raise MixdeployError(f"no benchmark_model for {folders[0]}: pass --benchmark-binary PATH or put it at {where} "
                              f"(nothing here can download it); {PREBUILT}")
     _check_binary(path, abi, what="cached benchmark_model", android=android)
     return path

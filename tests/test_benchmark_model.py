@@ -213,6 +213,13 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     return message
 
 
+def _android_build() -> bytes:
+    """This Python's executable with Android's loader named in place of glibc's."""
+    elf = PYTHON.read_bytes()
+    loader = next(name for name in (b"/lib64/ld-linux-x86-64.so.2", b"/lib/ld-linux-x86-64.so.2") if name in elf)
+    return elf.replace(loader, b"/system/bin/linker64".ljust(len(loader), b"\0"), 1)
+
+
 def test_find_binary_explicit(tmp_path):
     assert find_binary(str(PYTHON), "x86_64") == PYTHON
     with pytest.raises(MixdeployError) as err:
@@ -231,27 +238,38 @@ def test_find_binary_explicit(tmp_path):
     with pytest.raises(MixdeployError) as err:  # Android's builds load through /system/bin/linker64
         find_binary(str(PYTHON), "x86_64", android=True)
     assert "built for Linux (its loader is /lib" in _one_line(err) and "the device runs Android" in str(err.value)
-    elf = PYTHON.read_bytes()
-    loader = next(name for name in (b"/lib64/ld-linux-x86-64.so.2", b"/lib/ld-linux-x86-64.so.2") if name in elf)
     android_build = tmp_path / "android_benchmark_model"
-    android_build.write_bytes(elf.replace(loader, b"/system/bin/linker64".ljust(len(loader), b"\0"), 1))
+    android_build.write_bytes(_android_build())
     with pytest.raises(MixdeployError) as err:
         find_binary(str(android_build), "x86_64", android=False)
     assert "built for Android (its loader is /system/bin/linker64), the device runs Linux" in _one_line(err)
     assert find_binary(str(android_build), "x86_64", android=True) == android_build
     cut = tmp_path / "cut_benchmark_model"  # a download cut short: its program headers are missing
-    cut.write_bytes(elf[:60])
+    cut.write_bytes(PYTHON.read_bytes()[:60])
     assert find_binary(str(cut), "x86_64", android=False) == cut
 
 
 def test_find_binary_cache_folder(tmp_path, monkeypatch):
+    """Android and Linux builds for one ABI are cached side by side; the OS-less folder of earlier
+    versions still serves a device whose OS its build suits."""
     monkeypatch.setenv("MIXDEPLOY_BENCHMARK_MODEL_DIR", str(tmp_path))
     with pytest.raises(MixdeployError) as err:
-        find_binary(None, "arm64-v8a")
-    assert str(tmp_path / "arm64-v8a" / "benchmark_model") in _one_line(err)
+        find_binary(None, "arm64-v8a", android=True)
+    assert str(tmp_path / "android-arm64-v8a" / "benchmark_model") in _one_line(err)
+    builds = {"linux-x86_64": PYTHON.read_bytes(), "android-x86_64": _android_build()}
+    for folder, build in builds.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "benchmark_model").write_bytes(build)
+    assert find_binary(None, "x86_64", android=False) == tmp_path / "linux-x86_64" / "benchmark_model"
+    assert find_binary(None, "x86_64", android=True) == tmp_path / "android-x86_64" / "benchmark_model"
+    (tmp_path / "linux-x86_64" / "benchmark_model").rename(tmp_path / "legacy")
     (tmp_path / "x86_64").mkdir()
-    (tmp_path / "x86_64" / "benchmark_model").write_bytes(PYTHON.read_bytes()[:4096])
-    assert find_binary(None, "x86_64") == tmp_path / "x86_64" / "benchmark_model"
+    (tmp_path / "legacy").rename(tmp_path / "x86_64" / "benchmark_model")
+    assert find_binary(None, "x86_64", android=False) == tmp_path / "x86_64" / "benchmark_model"
+    (tmp_path / "android-x86_64" / "benchmark_model").unlink()
+    with pytest.raises(MixdeployError) as err:  # the old folder's Linux build, for an Android device
+        find_binary(None, "x86_64", android=True)
+    assert "cached benchmark_model" in _one_line(err) and "the device runs Android" in str(err.value)
 
 
 # --- one run through a transport ------------------------------------------------------------------

@@ -271,8 +271,8 @@ def test_benchmark_model_runner_needs_a_binary(run_cli, digits_exports, tmp_path
     monkeypatch.setenv("MIXDEPLOY_BENCHMARK_MODEL_DIR", str(tmp_path))
     monkeypatch.setattr(devices.bench, "reference_outputs", lambda *_: pytest.fail("the reference came first"))
     args = ["--runner", "benchmark_model", "--parity", digits_exports["eval"], "--parity-samples", "2"]
-    assert_usage_error(run_cli("bench", digits_exports["fp32.tflite"], *args), "no benchmark_model for x86_64",
-                       str(tmp_path / "x86_64" / "benchmark_model"))
+    assert_usage_error(run_cli("bench", digits_exports["fp32.tflite"], *args), "no benchmark_model for linux-x86_64",
+                       str(tmp_path / "linux-x86_64" / "benchmark_model"))
     assert_usage_error(run_cli("bench", digits_exports["fp32.onnx"], *args, "--benchmark-binary", "/bin/ls"),
                        "runs .tflite files")
     assert_usage_error(run_cli("bench", digits_exports["fp32.tflite"], *args, "--benchmark-binary", __file__),
