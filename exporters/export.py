@@ -153,6 +153,7 @@ def export(model: str, fmt: str = "onnx", output: str | Path | None = None, *, c
                       else make_plan(plan, loaded.module, size, writer.target))
             step("lowering and verifying against the original")
             lowered = lower(loaded.module, size, chosen, check_inputs=photos)
+            chosen = lowered.plan  # with the layers' shapes, whatever the plan's source recorded
             step(f"writing {paths[name].name}")
             writer.write(lowered.module, size, tmp, options or {})  # imports the converter quietly, before versions()
             metadata = {**loaded.metadata(), "mixdeploy.plan": chosen.to_dict(), "mixdeploy.versions": versions(name)}

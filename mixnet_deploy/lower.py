@@ -376,11 +376,15 @@ def preset_plan(layers: list[LayerInfo], preset: str, target: str) -> Plan:
 def lower(model: nn.Module, input_size: tuple[int, int, int], plan: Plan,
           check_inputs: torch.Tensor | None = None) -> Lowered:
     """Rewrite `model` (left untouched) by `plan` and verify the result on fresh random inputs
-    plus `check_inputs` (e.g. real photos); raise LoweringError when it is out of tolerance."""
+    plus `check_inputs` (e.g. real photos); raise LoweringError when it is out of tolerance. The
+    returned plan records the layers' shapes."""
     model = model.eval()
     sites = discover(model, input_size)
     infos = {site.name: layer_info(site) for site in sites}
-    check_plan(plan, [info for info in infos.values() if info is not None])
+    layers = [info for info in infos.values() if info is not None]
+    check_plan(plan, layers)
+    if not plan.shapes:  # a plan from an older file, or written by hand: the returned one records them
+        plan = replace(plan, shapes=signatures(layers))
     lowered = copy.deepcopy(model)
     for site in sites:
         if site.bn is not None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from mixnet_deploy import MixConv, MixdeployError, load_model
 from mixnet_deploy.deploy_modules import BlockConv, LoweredMixConv
-from mixnet_deploy.lower import LoweringError, analyse, lower, preset_plan, verify
+from mixnet_deploy.lower import LoweringError, analyse, lower, preset_plan, signatures, verify
 from mixnet_deploy.plan import DepthwiseChoice, Plan, depthwise_candidates, pieces
 from mixnet_deploy.preprocess import sample_photos
 
@@ -455,6 +455,16 @@ def test_bad_plans_are_rejected():
         Plan.from_dict({"fold": 1})
     with pytest.raises(MixdeployError, match="plan choice None does not fit 1"):  # not lowered as split, unsaid
         lower(model, (32, 8, 8), Plan.from_dict({"layers": {"1": None}}))
+
+
+def test_a_plan_without_shapes_comes_back_with_them():
+    """A plan from an older file or written by hand is returned recording what each layer is, so the
+    file it goes into can refuse another model."""
+    model = block(MixConv(32, (3, 5)), 32)
+    lowered = lower(model, (32, 8, 8), Plan({"1": "fold"}, "litert", "file"))
+    assert lowered.plan.shapes == signatures(analyse(model, (32, 8, 8)))
+    assert lowered.plan.shapes["1"] == "depthwise [16, 16]->[16, 16] kernels [3, 5] stride 1"
+    assert (lowered.plan.layers, lowered.plan.target, lowered.plan.source) == ({"1": "fold"}, "litert", "file")
 
 
 def test_a_segment_of_zero_weights_keeps_its_bias():

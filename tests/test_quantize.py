@@ -145,7 +145,7 @@ def test_a_float_file_planned_for_int8_is_quantized_with_its_plan(tmp_path, digi
     """A float file whose plan was measured for the int8 runtime (export --tune DEVICE --precision
     int8 records target litert_int8) is quantized with that plan; one measured for float is not."""
     from exporters.export import export
-    from mixnet_deploy.lower import analyse
+    from mixnet_deploy.lower import analyse, signatures
     from mixnet_deploy.plan import Plan
     from mixnet_deploy.planner import make_plan
 
@@ -161,6 +161,7 @@ def test_a_float_file_planned_for_int8_is_quantized_with_its_plan(tmp_path, digi
         exported, = export("mixnet_s", "tflite", float_file, checkpoint=checkpoint,
                            plan=lambda *_, target=target: Plan(layers, target, "tuned on local"))
         assert exported.plan.target == target and exported.parity.passed
+        assert exported.plan.shapes == signatures(analyse(loaded.module, size))  # the tuner's plan recorded none
         result = run_cli("quantize", float_file, "--calib", root / "train", "--num-calib", "32", "--json", "-o", int8_file)
         assert result.code == 0, result.err
         reports[target] = json.loads(result.out)["plan"]
