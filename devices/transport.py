@@ -63,8 +63,10 @@ class Transport:
             f"echo $$ {self._commands} > {shlex.quote(self._workdir + '/.pgid')}; {command}")
         try:
             result = self._shell(line, timeout)
-        except BaseException:
+        except BaseException as exc:
             self._cut = self._commands
+            if isinstance(exc, DeviceTimeout):  # named by what ran on the device, not by adb's or ssh's options
+                raise DeviceTimeout(f"{self.name}: `{command[:80]}` timed out after {exc.seconds:g} s", exc.seconds) from None
             raise
         if check and result.code != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()

@@ -106,8 +106,10 @@ def test_a_command_cut_off_is_stopped_on_the_device(device):
     without a terminal; adbd signals only its shell): cleanup() kills its whole process group there."""
     seconds = f"{time.time() % 100 + 100:.3f}"  # a sleep of this test's own, found by its command line
     assert device.workdir  # created before the command, which records its process group there
-    with pytest.raises(DeviceTimeout):
+    with pytest.raises(DeviceTimeout) as err:
         device.shell(["sh", "-c", f"sleep {seconds}; echo done"], timeout=2)
+    # named by what ran on the device, not by the adb or ssh command line around it
+    assert str(err.value) == f"{device.name}: `sh -c 'sleep {seconds}; echo done'` timed out after 2 s"
     device.cleanup()
     assert not still_running(f"sleep {seconds}")
 
