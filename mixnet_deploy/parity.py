@@ -127,7 +127,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None 
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cosine = float(np.min(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
     top1_ref = ref.argmax(1)
-    top5_out = np.argsort(-out, axis=1)[:, :5]
+    top5_out = np.argsort(-out, axis=1, kind="stable")[:, :5]
     tolerance = {k: v for k, v in {"max_rel": max_rel, "min_cosine": min_cosine, "min_top1": min_top1}.items()
                  if v is not None}
     report = ParityReport(
