@@ -757,6 +757,10 @@ def main(argv: list[str] | None = None) -> None:
     except MixdeployError as exc:
         click.echo(f"mixdeploy: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except PermissionError as exc:  # a path in a folder this user may not enter, read or write
+        click.echo(f"mixdeploy: error: {exc.filename or exc}: permission denied; check the permissions of it "
+                   "and of its folders", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:  # end of input at a prompt
         click.echo("mixdeploy: aborted", err=True)
         sys.exit(130)

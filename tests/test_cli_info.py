@@ -1,6 +1,7 @@
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,29 @@ def test_unknown_model_suggests_closest(run_cli, tmp_path):
 
 def test_missing_checkpoint(run_cli, tmp_path):
     assert_usage_error(run_cli("info", "mixnet_s", "--checkpoint", tmp_path / "nope.pth"), "does not exist")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root, to give up its override")
+def test_a_path_this_user_may_not_reach_is_one_line(tmp_path):
+    """Root without its override of file permissions, as any user is, before a folder of another
+    user's that is closed to others: one line naming the path, exit 2, for every command's paths."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    os.chown(locked, 65534, 65534)
+    commands = [["export", "mixnet_s", "--format", "onnx", "-o", f"{locked}/m.onnx"],
+                ["info", "mixnet_s", "--checkpoint", f"{locked}/w.pth"],
+                ["quantize", "mixnet_s", "--format", "onnx", "--calib", str(locked)],
+                ["info", f"{locked}/m.tflite"]]
+    code = ("import json, sys, cli\nfor argv in json.loads(sys.argv[1]):\n    try:\n        cli.main(argv)\n"
+            "    except SystemExit as exc:\n        print(exc.code, flush=True)\n        print('END', file=sys.stderr, flush=True)")
+    done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code,
+                           json.dumps(commands)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    errors = done.stderr.split("END\n")[:-1]
+    assert done.stdout.split() == ["2"] * len(commands) and len(errors) == len(commands), done.stderr
+    for argv, error in zip(commands, errors):
+        assert error.count("\n") == 1 and "Traceback" not in error, (argv, error)
+        assert error.startswith("mixdeploy: error: ") and str(locked) in error, (argv, error)
+        assert "permission denied" in error or "is not readable" in error, (argv, error)  # click's, for --calib
 
 
 def test_directory_as_checkpoint(run_cli, tmp_path):
