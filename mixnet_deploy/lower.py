@@ -347,10 +347,23 @@ def check_plan(plan: Plan, layers: list[LayerInfo]) -> None:
         raise MixdeployError(f"the plan names layers that are not MixConv layers of this model: {', '.join(unknown[:3])} "
                              "(`mixdeploy info MODEL --plan auto` lists them)")
     for layer in layers:  # a null choice too: it would be lowered as the default, unsaid
-        if layer.name in plan.layers and plan.layers[layer.name] not in layer.candidates:
+        if layer.name in plan.layers and not fits(layer, plan.layers[layer.name]):
             choice = plan.layers[layer.name]
             raise MixdeployError(f"plan choice {choice!r} does not fit {layer.name}; "
                                  f"candidates: {', '.join(layer.candidates)}")
+
+
+def fits(layer: LayerInfo, choice: object) -> bool:
+    """A choice the layer can take: one of its candidates, or for a depthwise layer a candidate with
+    any @A alignment (the candidates list @16 only, and only where it moves a boundary)."""
+    if choice in layer.candidates:
+        return True
+    if layer.kind != "depthwise" or not isinstance(choice, str) or "@" not in choice:
+        return False
+    try:
+        return str(replace(DepthwiseChoice.parse(choice), align=0)) in layer.candidates
+    except MixdeployError:
+        return False
 
 
 def default_choice(layer: LayerInfo | None) -> str:

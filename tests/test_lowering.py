@@ -70,6 +70,12 @@ def test_aligned_choices_move_segment_boundaries_down_to_the_block():
     assert "split@16" in depthwise_candidates([3, 5, 7], [20, 20, 20])
     assert not any("@" in c for c in depthwise_candidates([3, 5, 7], [16, 32, 16]))  # already aligned
     assert str(DepthwiseChoice.parse("fold<=5@16+pairs")) == "fold<=5@16+pairs"
+    # a plan may align any candidate to any block, cut or not, as the README says; each lowers exactly
+    for choice, splits in (("split@8", [16, 24, 20]), ("fold<=5@16+pairs", [32, 28]), ("split@32+strips", [32, 28])):
+        lowered = lower(model, (60, 12, 12), Plan({"1": choice}))
+        assert lowered.module[1].splits == splits and lowered.parity.rel_max < 1e-10, choice
+    with pytest.raises(MixdeployError, match="does not fit"):  # the choice unaligned is no candidate either
+        lower(model, (60, 12, 12), Plan({"1": "fold<=3@16"}))
     with pytest.raises(MixdeployError):
         DepthwiseChoice.parse("split@1")
 
