@@ -330,6 +330,9 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
         raise MixdeployError("--precision fp16 goes with --format tflite or all (ONNX exports stay fp32)")
     if tune_device and plan != "auto":
         raise MixdeployError("--tune measures the plan; leave out --plan")
+    if fp16 and precision not in (None, "fp16"):
+        raise MixdeployError(f"--fp16 writes a float16 file, --precision {precision} times another; give "
+                             "--precision fp16 alone, or leave out --fp16")
     fp16 = fp16 or precision == "fp16"
     tunings: list = []
     with _progress("exporting") as step:

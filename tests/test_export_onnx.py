@@ -283,6 +283,9 @@ def test_bad_export_input(tmp_path, run_cli, monkeypatch):
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--opset", "99"), "knows opsets up to")
     assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--precision", "fp16"),
                        "--precision fp16 goes with --format tflite")
+    for precision in ("int8", "fp32"):  # a float16 file from a plan timed for another precision
+        assert_usage_error(run_cli("export", "mixnet_s", "--format", "tflite", "--tune", "local", "--fp16", "--precision",
+                                   precision), f"--precision {precision} times another", "--precision fp16 alone")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "4000x224"),
                        "at most 1024x1024")
     assert_usage_error(run_cli("export", "mixnet_s", "-o", tmp_path / "m.onnx", "--input-size", "16"), "at least 32x32")
