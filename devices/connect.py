@@ -1,7 +1,9 @@
 """`--device` to a transport: local, adb:SERIAL or a bare SERIAL, ssh:USER@HOST[:PORT]."""
 from __future__ import annotations
 
-from mixnet_deploy.errors import MixdeployError
+import shutil
+
+from mixnet_deploy.errors import DeviceError, MixdeployError
 
 from .transport import Transport
 
@@ -19,6 +21,10 @@ def open_device(spec: str) -> Transport:
         from .ssh import SshTransport
 
         return SshTransport(spec[4:])
-    from .adb import AdbTransport
+    from .adb import INSTALL, AdbTransport
 
-    return AdbTransport(spec.removeprefix("adb:"))
+    serial = spec.removeprefix("adb:")
+    if serial == spec and not shutil.which("adb"):  # a mistyped `local` reads as a serial too
+        raise DeviceError(f"adb not found, and --device {spec} is taken as an adb serial: {INSTALL}; or give local "
+                          "or ssh:USER@HOST[:PORT]")
+    return AdbTransport(serial)

@@ -235,6 +235,7 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     assert_usage_error(run_cli("bench", model, "--device", "ssh:-Fevil"), "cannot start with '-'")  # not an ssh option
     absent = run_cli("bench", model, "--device", "no-such-serial")
     assert absent.code == 1 and "adb device no-such-serial not found" in absent.err
+    assert "--device takes local, SERIAL, adb:SERIAL or ssh:USER@HOST[:PORT]" in absent.err  # a typo of local, say
     # a network serial nothing listens on: adb's own reason, and no offline entry left in `adb devices`
     port = free_port()
     refused = run_cli("bench", model, "--device", f"127.0.0.1:{port}")
@@ -248,6 +249,9 @@ def test_unreachable_devices(run_cli, tmp_path, digits_exports, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     no_adb = run_cli("bench", model, "--device", "emulator-5554")
     assert no_adb.code == 1 and "adb not found" in no_adb.err and "apt-get install adb" in no_adb.err
+    assert "taken as an adb serial" in no_adb.err and "or give local or ssh:" in no_adb.err and len(no_adb.message) == 1
+    no_adb = run_cli("bench", model, "--device", "adb:emulator-5554")  # asked for adb: only how to get it
+    assert no_adb.code == 1 and "adb not found" in no_adb.err and "taken as" not in no_adb.err
 
 
 def test_bad_bench_options(run_cli, digits_exports):
