@@ -592,7 +592,7 @@ def bench(files: tuple[str, ...], peer_model: str | None, precision: str, checkp
     if parity_dir:
         from quantization.calibration import MIN_IMAGES, check_folder
 
-        check_folder(parity_dir, min(parity_samples, MIN_IMAGES))
+        check_folder(parity_dir, MIN_IMAGES if peer_model else min(parity_samples, MIN_IMAGES))  # peers calibrate on it
     settings = Settings(counts, runs, warmup, cpus, parity_dir, parity_samples, runner, benchmark_binary, cooldown,
                         timeout, python)
     kept = None

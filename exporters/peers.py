@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -108,6 +107,5 @@ def run_checked(fn: Callable[..., Path], *args: object) -> tuple[Path | None, st
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
         return None, " | ".join(tail)[:300]
-    except Exception as exc:  # a peer failing is a result to report, not a crash
-        print(f"peer failed: {exc}", file=sys.stderr)
-        return None, str(exc)[:300]
+    except Exception as exc:  # a peer failing is a result to report (one line in the table), not a crash
+        return None, " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]

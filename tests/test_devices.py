@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_usage_error, probe_files, processes_mentioning, still_running
+from conftest import PHOTOS, assert_usage_error, probe_files, processes_mentioning, still_running
 
 from devices.bench import Settings, core_mask
 from devices.connect import open_device
@@ -370,8 +370,11 @@ def test_device_info_command(run_cli, tmp_path):
     assert_usage_error(run_cli("bench", tmp_path / "m.onnx", "--device", " "), "the device is empty")
 
 
-def test_bench_needs_files_or_peers(run_cli):
+def test_bench_needs_files_or_peers(run_cli, tmp_path):
     assert_usage_error(run_cli("bench"), "give exported FILES")
+    shutil.copy(next(PHOTOS.glob("*.jpg")), tmp_path)  # enough to check one file's parity, not to calibrate peers
+    assert_usage_error(run_cli("bench", "--compare-peers", "mixnet_s", "--parity", tmp_path, "--parity-samples", "1"),
+                       "holds 1 JPEG", "need at least 2")
     assert_usage_error(run_cli("bench", "x.onnx", "--compare-peers", "mixnet_s"), "not both")
     assert_usage_error(run_cli("bench", "x.onnx", "--input-size", "160"), "goes with --compare-peers")
     assert_usage_error(run_cli("bench", "x.onnx", "--checkpoint", "w.pth", "--precision", "int8"),
@@ -380,6 +383,19 @@ def test_bench_needs_files_or_peers(run_cli):
     assert_usage_error(run_cli("bench", "x.onnx", "--keep", "k"), "--keep goes with --compare-peers")
     assert_usage_error(run_cli("bench", "--compare-peers", "mixnet_s", "--runner", "benchmark_model"),
                        "benches ONNX files too")
+
+
+def test_a_failing_peer_is_one_line_of_the_table():
+    from exporters.peers import run_checked
+
+    def fails() -> Path:
+        raise ValueError("calibration failed:\n  node Conv_3\n\n  has no range")
+
+    def fails_in_a_subprocess() -> Path:
+        subprocess.run([sys.executable, "-c", "import sys; sys.exit('line 1\\nline 2')"], check=True, capture_output=True)
+
+    assert run_checked(fails) == (None, "calibration failed: | node Conv_3 | has no range")
+    assert run_checked(fails_in_a_subprocess) == (None, "line 1 | line 2")
 
 
 def test_bench_checks_the_report_path_before_measuring(run_cli, tmp_path):
