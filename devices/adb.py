@@ -10,7 +10,7 @@ from .transport import ShellResult, Transport, check_port, run_host
 
 INSTALL = "install Android platform-tools (Debian/Ubuntu: apt-get install adb) and put adb on PATH"
 # what the adb client prints when the device, not the command, failed
-LOST = re.compile(r"^(adb: )?error: (device .*not found|device offline|closed|no devices/emulators found|"
+LOST = re.compile(r"^(adb: )?error: (failed to get feature set: )?(device .*not found|device offline|closed|no devices/emulators found|"
                   r"protocol fault.*|connection reset.*)", re.M)
 STATES = {
     "offline": "is offline: reconnect it (`adb disconnect {s}; adb connect {s}` for a network device, else replug USB)",

@@ -150,6 +150,8 @@ def test_every_model_exports_and_converts_with_parity(tmp_path, name):
     assert onnx_file.details["inputs"][0]["shape"] == [1, 3, *SWEEP_SIZE]
     check_conversion(tflite_file)
     assert tflite_file.details["inputs"][0]["shape"] == [1, *SWEEP_SIZE, 3]
+    if name not in ("mixnet_xl", "mixnet_xxl"):  # the deep ones reach 1.1e-5 here; these 2.6-5.7e-6 (2026-12-02)
+        assert onnx_file.details["torch_float32_rel_max"] < 1e-5 and onnx_file.parity.tolerance["max_rel"] < 2e-5
 
 
 def test_mixnet_s_auto_plan_is_all_xnnpack_and_avoids_slow_kernels(tmp_path):
