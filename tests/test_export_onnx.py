@@ -238,6 +238,7 @@ def test_export_all_writes_every_file_or_none(tmp_path, monkeypatch, run_cli):
     (a re-run was refused for it) and, with --force, the files of the run before untouched."""
     from cli import Terminated
     from exporters.formats import TfliteFormat
+    from mixnet_deploy.errors import MixdeployError
 
     def stopped(*_):
         assert list(tmp_path.glob(".m.onnx.*.partial"))  # the ONNX file was written and checked by then
@@ -251,6 +252,14 @@ def test_export_all_writes_every_file_or_none(tmp_path, monkeypatch, run_cli):
     (tmp_path / "m.onnx").write_bytes(b"before")
     (tmp_path / "m.tflite").write_bytes(b"before")
     assert run_cli(*args, "--force").code == 143
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"m.onnx": b"before", "m.tflite": b"before"}
+
+    def fails(*_):
+        raise MixdeployError("the TFLite writer translates no such layer")
+
+    monkeypatch.setattr(TfliteFormat, "write", fails)
+    result = run_cli(*args, "--force")
+    assert result.code == 2 and result.message == ["mixdeploy: error: the TFLite writer translates no such layer"]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"m.onnx": b"before", "m.tflite": b"before"}
 
 

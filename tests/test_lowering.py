@@ -10,7 +10,8 @@ from mixnet_deploy import MixConv, MixdeployError, load_model
 from mixnet_deploy.deploy_modules import BlockConv, LoweredMixConv
 from mixnet_deploy.lower import LoweringError, analyse, lower, preset_plan, signatures, verify
 from mixnet_deploy.plan import DepthwiseChoice, Plan, depthwise_candidates, pieces
-from mixnet_deploy.preprocess import sample_photos
+from mixnet_deploy.parity import compare, float32_error, reference_outputs
+from mixnet_deploy.preprocess import random_images, sample_photos
 
 
 def block(mix: nn.Module, channels: int, first: int = 1) -> nn.Module:
@@ -442,6 +443,9 @@ def test_whole_models_lower_with_every_preset_and_on_photos(name):
     randomize_batchnorm(loaded.module, seed=3)
     layers = analyse(loaded.module, loaded.preprocess.input_size)
     photos = sample_photos(loaded.preprocess, 6)
+    x = torch.cat([random_images(2, loaded.preprocess.input_size), photos[:2]])
+    reference = reference_outputs(loaded.module, x)
+    floor = float32_error(loaded.module, x, reference)
     for plan in (preset_plan(layers, "split", "onnxruntime"), preset_plan(layers, "fold", "onnxruntime"),
                  Plan({layer.name: layer.candidates[-1] for layer in layers})):
         lowered = lower(loaded.module, loaded.preprocess.input_size, plan, check_inputs=photos)
@@ -449,6 +453,10 @@ def test_whole_models_lower_with_every_preset_and_on_photos(name):
         # the rewrite is verified before its float64 weights are rounded: exact but for float64 rounding
         assert lowered.parity.rel_max < 1e-10, lowered.parity.summary()
         assert all(p.dtype == torch.float32 for p in lowered.module.parameters())
+        # the float32 module returned, run as exporters take it: within float32's own error of the model
+        with torch.no_grad():
+            out = lowered.module(x).numpy()
+        assert compare(reference, out).rel_max <= max(1e-5, 2 * floor), plan.layers
 
 
 def test_bad_plans_are_rejected():
