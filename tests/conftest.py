@@ -1,6 +1,7 @@
 """Shared fixtures: the CLI run in-process, real photos, small checkpoints."""
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def digits(request):
     in pytest's cache folder."""
     import digits as d
 
-    root = Path(request.config.cache.mkdir("mixdeploy_digits_v3"))
+    recipe = hashlib.sha256((Path(__file__).parent / "digits.py").read_bytes()).hexdigest()[:12]
+    root = Path(request.config.cache.mkdir(f"mixdeploy_digits_{recipe}"))  # retrained when the recipe changes
     if not (root / "eval").is_dir():
         d.write_dataset(root)
     checkpoint = root / "mixnet_s_digits.pth"

@@ -56,6 +56,9 @@ def sshd(tmp_path_factory):
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.1)
+    else:
+        server.kill()
+        pytest.fail(f"sshd did not listen on port {port} within 5 s")
     os.environ["MIXDEPLOY_SSH_OPTIONS"] = (f"-i {home / 'user'} -o UserKnownHostsFile=/dev/null "
                                            "-o StrictHostKeyChecking=no -o LogLevel=ERROR")
     yield f"ssh:root@127.0.0.1:{port}"
