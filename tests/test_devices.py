@@ -558,25 +558,29 @@ def test_a_damaged_probe_file_is_converted_again(tmp_path, monkeypatch):
         path.name, path.name + ".sha256"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_ends_a_local_bench_and_leaves_nothing(digits_exports, tmp_path, signum):
-    """A cancelled CI job or `timeout` sends SIGTERM, Ctrl-C SIGINT: mixdeploy unwinds (exit 128 + N,
-    one line), kills the benchmark it started (it ran on, orphaned) and removes its work folders; a
-    second signal does not cut that short. Started under nohup, it ignores SIGHUP as nohup asks."""
+    """A cancelled CI job or `timeout` sends SIGTERM, Ctrl-C SIGINT, a closed terminal SIGHUP: mixdeploy
+    unwinds (exit 128 + N, one line), kills the benchmark it started (it ran on, orphaned) and removes
+    its work folders; a second signal does not cut that short. Started under nohup, it ignores SIGHUP
+    as nohup asks."""
     from conftest import HEARTBEAT
 
     exe = Path(sys.executable).with_name("mixdeploy")
-    proc = subprocess.Popen(["nohup", exe, "bench", digits_exports["fp32.onnx"], "--runs", "100000000", "--parity",
+    nohup = [] if signum == signal.SIGHUP else ["nohup"]
+    proc = subprocess.Popen([*nohup, exe, "bench", digits_exports["fp32.onnx"], "--runs", "100000000", "--parity",
                              digits_exports["eval"], "--parity-samples", "2"], env={**os.environ, "TMPDIR": str(tmp_path)},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGHUP, signal.SIGINT)])
     deadline = time.monotonic() + 120
     while not [c for c in processes_mentioning(str(tmp_path)) if c.startswith(sys.executable) and "runner.py bench" in c]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     time.sleep(1)  # the benchmark runs, under the shell that started it
-    proc.send_signal(signal.SIGHUP)
-    time.sleep(1)
-    assert proc.poll() is None
+    if nohup:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None
     proc.send_signal(signum)
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:  # more signals all through the clean-up

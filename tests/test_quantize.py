@@ -267,6 +267,25 @@ def test_mixnet_s_and_mobilenet_dropin_quantize_from_files(tmp_path, run_cli, fm
         assert np.abs(np.load(tmp_path / "haswell.npy") - here).max() <= quantum * 1.001
 
 
+def test_a_stop_while_quantizing_leaves_no_file(tmp_path, run_cli, monkeypatch):
+    """A stop (SIGTERM) after the int8 and float scratch files were written: neither stays, and with
+    --force the file of the run before is untouched."""
+    from cli import Terminated
+
+    def stopped(*_):
+        assert len(list(tmp_path.glob(".m.onnx.*.partial*"))) == 2  # the int8 file and its float source
+        raise Terminated(15)
+
+    monkeypatch.setattr("quantization.sensitivity.onnx_layers", stopped)
+    args = ["quantize", "mixnet_s", "--format", "onnx", "--calib", PHOTOS, "--input-size", "64", "-o", tmp_path / "m.onnx"]
+    result = run_cli(*args)
+    assert result.code == 143 and result.message == ["mixdeploy: stopped by SIGTERM"], result.err
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "m.onnx").write_bytes(b"before")
+    assert run_cli(*args, "--force").code == 143
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"m.onnx": b"before"}
+
+
 def test_bad_calibration_input(tmp_path, run_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
