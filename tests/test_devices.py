@@ -193,6 +193,7 @@ class Props(Transport):
     """A device whose shell prints the facts device_info asks for."""
 
     name = "props"
+    python = "python3"
 
     def __init__(self, printed: str) -> None:
         super().__init__()
@@ -207,6 +208,17 @@ def test_emulator_is_told_by_its_properties(props, emulated):
     """ro.kernel.qemu or (newer images) ro.boot.qemu set to 1: an emulator; "0" is a phone."""
     info = device_info(Props(f"uname Linux 6.1 aarch64\nandroid 14\n{props}\ncpu 0 2000000\n"))
     assert info["emulated"] is emulated and info["os"] == "Android 14"
+
+
+@pytest.mark.parametrize(("facts", "cooldown", "rest"), [("android 14\nqemu 0", None, 10.0), ("android 14\nqemu 1", None, 0.0),
+                                                      ("android", None, 0.0), ("android 14\nqemu 0", 2.5, 2.5)])
+def test_a_real_phone_rests_between_models(facts, cooldown, rest, tmp_path):
+    """A phone throttles within seconds of full load: 10 s between models by default; none on an
+    emulator or a Linux board; --cooldown wins."""
+    from devices.bench import Session
+
+    device = Props(f"uname Linux 6.1 aarch64\n{facts}\ncpu 0 2000000\n")
+    assert Session(device, Settings([1], runner="benchmark_model", cooldown=cooldown), tmp_path).cooldown() == rest
 
 
 @pytest.mark.slow
