@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,35 @@ def test_a_command_cut_off_is_stopped_on_the_device(device):
     assert str(err.value) == f"{device.name}: `sh -c 'sleep {seconds}; echo done'` timed out after 2 s"
     device.cleanup()
     assert not still_running(f"sleep {seconds}")
+
+
+@pytest.mark.slow
+def test_a_board_gone_silent_mid_command_is_lost_in_seconds(sshd):
+    """A board that freezes or drops off the network answers nothing, not even a closed connection:
+    ssh gives up after some 15 s of silence (one line), long before --timeout."""
+    device = open_device(sshd)
+    listener = subprocess.run(["pgrep", "-f", "sshd -D -e -f .*sshd_config"], capture_output=True, text=True,
+                              check=True).stdout.split()
+    frozen: list[str] = []
+
+    def freeze() -> None:  # the connection's own sshd processes, once the command runs there
+        time.sleep(2)
+        for pid in listener:
+            frozen.extend(subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split())
+        subprocess.run(["kill", "-STOP", *frozen], check=True)
+
+    thread = threading.Thread(target=freeze)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeviceError) as err:
+            device.shell(["sleep", "100"], timeout=90)
+    finally:
+        thread.join()
+        subprocess.run(["kill", "-CONT", *frozen], check=False)
+        subprocess.run(["kill", *frozen], check=False)
+    assert 10 < time.monotonic() - started < 40 and not isinstance(err.value, DeviceTimeout)
+    assert str(err.value).startswith("ssh to root@127.0.0.1 failed: ") and "\n" not in str(err.value), err.value
 
 
 def test_cleanup_leaves_a_group_alone_when_the_cut_command_never_started(monkeypatch):
