@@ -300,7 +300,7 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--tune-runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed runs per candidate in each of 3 rounds (fewer for a slow or emulated device).")
 @click.option("--cpus", help="With --tune: cores to pin to, as for bench [default: big on an Android phone].")
-@click.option("--python", "python", help="With --tune: the device's Python [default: python3].")
+@click.option("--python", "python", type=GivenPath(), help="With --tune: the device's Python [default: python3].")
 @click.option("--timeout", type=Finite(min=1, max=86400), default=900, show_default=True,
               help="With --tune: seconds one timing call (a layer's candidates, or the whole-model plans) may take.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -529,7 +529,7 @@ def _print_quantized(result) -> None:
 @click.option("--runner", type=click.Choice(["python", "benchmark_model"]), default="python", show_default=True,
               help="python3 with ai-edge-litert/onnxruntime on the device, or LiteRT's benchmark_model (.tflite).")
 @click.option("--benchmark-binary", type=GivenPath(), help="benchmark_model built for the device.")
-@click.option("--python", "python", help="The device's Python for the python runner [default: python3].")
+@click.option("--python", "python", type=GivenPath(), help="The device's Python for the python runner [default: python3].")
 @click.option("--parity", "parity_dir", type=GivenPath(), help="Photos for the parity check (default: the shipped ones).")
 @click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True,
               help="Photos of --parity run on the device (the 14 shipped ones at most without --parity).")

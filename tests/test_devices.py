@@ -313,6 +313,8 @@ def test_bad_bench_options(run_cli, digits_exports):
     for option, value, fragment in (("--timeout", "nan", "not a finite number"), ("--timeout", "1e9", "1<=x<=86400"),
                                     ("--cooldown", "inf", "0<=x<=3600"), ("--cooldown", "nan", "not a finite number")):
         assert_usage_error(run_cli("bench", model, option, value), option, fragment)
+    assert_usage_error(run_cli("bench", model, "--python", ""), "--python", "is empty")  # "$UNSET" was python3
+    assert_usage_error(run_cli("export", "mixnet_s", "--tune", "local", "--python", " "), "--python", "is empty")
 
 
 def test_benchmark_model_runner_needs_a_binary(run_cli, digits_exports, tmp_path, monkeypatch):
