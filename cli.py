@@ -176,9 +176,13 @@ def info(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: boo
         return
     if plan is not None:  # an empty --plan "$UNSET" is refused, not ignored
         read_spec(plan)
-    loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
-    stats = count(loaded.module, loaded.preprocess.input_size)
-    chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan is not None else None
+    with _progress(f"loading {model}") as step:  # seconds for a large model, minutes for a download
+        loaded = load_model(model, checkpoint, pretrained, calibrate_bn, input_size)
+        step("counting parameters and multiply-adds")
+        stats = count(loaded.module, loaded.preprocess.input_size)
+        if plan is not None:
+            step(f"planning for {target}")
+        chosen = make_plan(plan, loaded.module, loaded.preprocess.input_size, target) if plan is not None else None
     if as_json:
         report = {
             "model": loaded.name, "weights": loaded.weights, "params": stats.params, "macs": stats.macs,
@@ -226,7 +230,8 @@ def _file_info(path: str, as_json: bool) -> None:
     from exporters.tflite_inspect import delegation_text
     from mixnet_deploy.parity import ParityReport
 
-    report = inspect_file(path)
+    with _progress(f"reading {Path(path).name}"):  # a .tflite file loads TensorFlow's converter (seconds)
+        report = inspect_file(path)
     if as_json:
         _echo_json(report)
         return
@@ -683,7 +688,8 @@ def device_info_command(spec: str, as_json: bool) -> None:
     from devices.connect import open_device
     from devices.device_info import device_info
 
-    with open_device(spec) as transport:
+    with _progress(f"connecting to {spec}") as step, open_device(spec) as transport:  # ssh: up to 30 s
+        step(f"asking {transport.name} for its facts")
         info = device_info(transport)
     if as_json:
         _echo_json(info)

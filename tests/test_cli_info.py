@@ -23,6 +23,20 @@ def test_info_json_has_counted_params_and_macs(run_cli):
     assert any(layer["kernel_sizes"] == [3, 5, 7, 9, 11] for layer in report["mixconv_layers"])
 
 
+def test_info_shows_its_progress(run_cli, monkeypatch):
+    """Loading and planning take seconds (a download minutes): without a terminal, heartbeat lines
+    on stderr; stdout holds the JSON alone."""
+    import cli
+    from conftest import HEARTBEAT
+
+    monkeypatch.setattr(cli, "HEARTBEAT_S", 0.01)
+    result = run_cli("info", "mixnet_m", "--plan", "auto", "--json")
+    assert result.code == 0 and json.loads(result.out)["plan"]["layers"], result.err
+    steps = {HEARTBEAT.sub("", line) for line in result.err.splitlines()}
+    assert "loading mixnet_m" in steps and steps <= {"loading mixnet_m", "counting parameters and multiply-adds",
+                                                     "planning for onnxruntime"}, steps
+
+
 def test_info_table_says_random_init(run_cli):
     result = run_cli("info", "mixnet_m")
     assert result.code == 0
