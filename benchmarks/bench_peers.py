@@ -48,6 +48,8 @@ def main() -> None:
                 print(f"| {run['model']['name']} | {run['model']['precision']} | {r['source']} | {r['format']} | "
                       f"{r['size_bytes'] / 1e6:.1f} | {threads} | {lat['median']:.2f} | {ratio:.2f}x | "
                       f"{r['parity']['top1_agreement']:.0%} | {'PASS' if r['parity']['passed'] else 'FAIL'} |")
+        for label, why in run["missing_peers"].items():  # a peer that is not here, or failed, says so
+            print(f"| {run['model']['name']} | {run['model']['precision']} | {label} | | | | | | | {why} |")
 
 
 if __name__ == "__main__":

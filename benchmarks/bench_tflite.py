@@ -55,13 +55,13 @@ def main() -> None:
             torch.save(loaded.module.state_dict(), ckpt)
             ours, = export(name, "tflite", work / f"{name}.tflite", checkpoint=ckpt, plan="auto")
             files = {"mixdeploy": ours.path}
-            for peer, fn in (("onnx2tf", peers.onnx2tf), ("litert_torch", peers.litert_torch)):
-                if peers.available()[peer]:
-                    path, why = peers.run_checked(fn, loaded.module, name, work / peer)
-                    if path is not None:
-                        files[peer] = path
-                    else:
-                        failures[f"{name}/{peer}"] = why
+            for peer in ("onnx2tf", "litert_torch"):  # a missing or failed peer is recorded, not dropped
+                path, why = peers.convert(peer, loaded.module, name, work / peer)
+                if path is not None:
+                    files[peer] = path
+                else:
+                    failures[f"{name}/{peer}"] = why
+                    print(f"{name}: {peer} {why}", file=sys.stderr)
             photos = sample_photos(loaded.preprocess)
             with torch.no_grad():
                 reference = loaded.module(photos).numpy()
@@ -87,6 +87,8 @@ def main() -> None:
         ratio = f"{r['ratio_to_faster_peer']:.2f}x" if r["ratio_to_faster_peer"] else "n/a"
         print(f"| {r['model']} | {r['threads']} | {cell('mixdeploy')} | {cell('onnx2tf')} | {cell('litert_torch')} | "
               f"{ratio} | {r['fp32_floor_ms']:.2f} | {r['ratio_to_floor']:.2f}x |")
+    for key, why in failures.items():  # n/a above: why
+        print(f"{key}: {why}")
 
 
 if __name__ == "__main__":

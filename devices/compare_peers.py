@@ -37,21 +37,15 @@ def _peer_files(model, spec: str, size: tuple[int, int, int], work: Path, precis
         missing[label] = f"failed: {why}"
     else:
         files[label] = plain
-    for peer, convert in (("onnx2tf", peers.onnx2tf), ("litert_torch", peers.litert_torch)):
+    for peer in ("onnx2tf", "litert_torch"):
         if precision == "int8" and peer == "litert_torch":
             continue  # its int8 path needs a PT2E quantizer recipe, not a converter flag
         label = f"{peer}{' -oiqt' if precision == 'int8' else ''}"
-        if not peers.available()[peer]:
-            missing[label] = f"not installed here (bash benchmarks/peers/setup.sh creates {peers.VENVS / peer})"
-            continue
         step(f"peer: {label}")
-        if peer == "onnx2tf":
-            path, why = peers.run_checked(convert, model, name, work / peer, calib if precision == "int8" else None,
-                                          size)
-        else:
-            path, why = peers.run_checked(convert, model, name, work / peer, size, spec)
+        args = (calib if precision == "int8" else None, size) if peer == "onnx2tf" else (size, spec)
+        path, why = peers.convert(peer, model, name, work / peer, *args)
         if path is None:
-            missing[label] = f"failed: {why}"
+            missing[label] = why
         else:
             files[label] = path
     return files, missing

@@ -109,3 +109,12 @@ def run_checked(fn: Callable[..., Path], *args: object) -> tuple[Path | None, st
         return None, " | ".join(tail)[:300]
     except Exception as exc:  # a peer failing is a result to report (one line in the table), not a crash
         return None, " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+
+
+def convert(peer: str, *args: object) -> tuple[Path | None, str | None]:
+    """A converter peer's file (onnx2tf or litert_torch, given its converter's arguments), or (None,
+    why): its environment is missing here, or how it failed. Benchmarks record the reason."""
+    if not available()[peer]:
+        return None, f"not installed here (bash benchmarks/peers/setup.sh creates {VENVS / peer})"
+    path, why = run_checked({"onnx2tf": onnx2tf, "litert_torch": litert_torch}[peer], *args)
+    return path, None if path is not None else f"failed: {why}"
