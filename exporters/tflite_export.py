@@ -3,6 +3,7 @@ TensorFlow function with constant weights, then converted with the TFLite conver
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import itertools
 import operator
@@ -153,7 +154,7 @@ def _module(tf, x, mod: nn.Module):
         for m in mod:
             x = _module(tf, x, m)
         return x
-    act = next((f for kind, f in ACTIVATIONS.items() if isinstance(mod, kind)), None)
+    act = _activation(mod)
     if act is not None:
         return act(tf, x, mod)
     if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
@@ -186,7 +187,17 @@ ACTIVATIONS = {
     nn.PReLU: lambda tf, x, mod: tf.nn.relu(x) - tf.nn.relu(-x) * _prelu_weight(tf, x, mod),
     nn.Softmax: lambda tf, x, mod: tf.nn.softmax(x, axis=_axes(_softmax_dim(mod.dim, len(x.shape)), len(x.shape))[0]),
 }
+# for int8: the converter fuses x * relu6(x + 3) / 6 into HARD_SWISH, which XNNPACK does not take in
+# int8 (LiteRT 2.3: the graph split around every one); written so, it stays an ADD and MULs it takes
+INT8_ACTIVATIONS = {nn.Hardswish: lambda tf, x, _: tf.nn.relu6(x + 3.0) * (x * (1.0 / 6.0))}
+_FOR_INT8 = contextvars.ContextVar("for_int8", default=False)  # set while a converter for int8 traces
 F = torch.nn.functional
+
+
+def _activation(mod: nn.Module) -> Callable | None:
+    """How an activation module is written (its int8 form while tracing for int8), or None."""
+    forms = {**ACTIVATIONS, **INT8_ACTIVATIONS} if _FOR_INT8.get() else ACTIVATIONS
+    return next((f for kind, f in forms.items() if isinstance(mod, kind)), None)
 
 
 def _prelu_weight(tf, x, mod: nn.PReLU):
@@ -391,8 +402,8 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
         dim = _arg(args, kwargs, 1, "dim") if target == "size" else None
         return _nchw(args[0]) if dim is None else _nchw(args[0])[dim]
     if target in FUNCTIONS:
-        kind = FUNCTIONS[target]
-        return ACTIVATIONS[kind](tf, args[0], _as_module(kind, args[1:], kwargs))
+        mod = _as_module(FUNCTIONS[target], args[1:], kwargs)
+        return _activation(mod)(tf, args[0], mod)
     if target in POOLS:
         kind = POOLS[target]
         names = MAX_POOL_ARGS if kind is nn.MaxPool2d else AVG_POOL_ARGS
@@ -504,7 +515,12 @@ def converter(module: nn.Module, input_size: tuple[int, int, int], fp16: bool = 
     """A TFLite converter for `module`: fp32, fp16 weights, or (with a representative dataset) full int8."""
     tf = tensorflow()
     forward = to_tf_function(module, input_size, input_layout)
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
+    for_int8 = _FOR_INT8.set(representative is not None)
+    try:  # traced here, with the activations of its precision
+        traced = forward.get_concrete_function()
+    finally:
+        _FOR_INT8.reset(for_int8)
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([traced], forward)
     if fp16:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.target_spec.supported_types = [tf.float16]
