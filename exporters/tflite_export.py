@@ -189,6 +189,7 @@ ACTIVATIONS = {
 }
 # for int8: the converter fuses x * relu6(x + 3) / 6 into HARD_SWISH, which XNNPACK does not take in
 # int8 (LiteRT 2.3: the graph split around every one); written so, it stays an ADD and MULs it takes
+# (average pooling likewise: _average)
 INT8_ACTIVATIONS = {nn.Hardswish: lambda tf, x, _: tf.nn.relu6(x + 3.0) * (x * (1.0 / 6.0))}
 _FOR_INT8 = contextvars.ContextVar("for_int8", default=False)  # set while a converter for int8 traces
 F = torch.nn.functional
@@ -240,7 +241,7 @@ def _pool(tf, x, mod: nn.MaxPool2d | nn.AvgPool2d):
     exact); average pooling counting the padding pads zeros."""
     h, w = int(x.shape[1]), int(x.shape[2])
     k, s, p = _pool_pads(mod, h, w)
-    pool = tf.nn.max_pool2d if isinstance(mod, nn.MaxPool2d) else tf.nn.avg_pool2d
+    pool = tf.nn.max_pool2d if isinstance(mod, nn.MaxPool2d) else lambda *a: _average(tf, *a)
     if p == 0:
         return pool(x, k, s, "VALID")
     if same_pads(h, k, s, 1) + same_pads(w, k, s, 1) == (p, p, p, p) and (pool is tf.nn.max_pool2d
@@ -255,6 +256,24 @@ def _pool(tf, x, mod: nn.MaxPool2d | nn.AvgPool2d):
         raise MixdeployError("the TFLite writer cannot translate AvgPool2d(count_include_pad=False) with this "
                              "padding at this input size")
     return pool(tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]]), k, s, "VALID")
+
+
+def _average(tf, x, k: int, s: int, padding: str):
+    """AVERAGE_POOL_2D; for int8 (XNNPACK takes no int8 AVERAGE_POOL_2D) a depthwise conv of 1/k^2
+    weights, scaled where a SAME window reaches the padding by k^2 / its pixels inside the map, as TF's
+    SAME average leaves the padding out."""
+    if not _FOR_INT8.get():
+        return tf.nn.avg_pool2d(x, k, s, padding)
+    weight = np.full((k, k, int(x.shape[3]), 1), 1.0 / k**2, np.float32)
+    y = tf.nn.depthwise_conv2d(x, tf.constant(weight), [1, s, s, 1], padding)
+    if padding == "VALID":
+        return y
+    inside = []  # per axis: how many of each window's k pixels lie inside the map
+    for n, out in ((int(x.shape[1]), int(y.shape[1])), (int(x.shape[2]), int(y.shape[2]))):
+        starts = np.arange(out) * s - max((out - 1) * s + k - n, 0) // 2
+        inside.append(np.minimum(starts + k, n) - np.maximum(starts, 0))
+    scale = k**2 / np.outer(*inside)
+    return y if np.all(scale == 1) else y * tf.constant(scale[None, :, :, None].astype(np.float32))
 
 
 def _batchnorm(tf, x, bn: nn.BatchNorm2d):

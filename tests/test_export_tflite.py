@@ -291,6 +291,38 @@ def test_other_activations_convert_and_run_in_xnnpack(tmp_path):
         write_tflite(CosineNet().eval(), (8, 4, 4), tmp_path / "c.tflite")
 
 
+def test_int8_average_pooling_is_a_depthwise_conv_in_xnnpack(tmp_path):
+    """XNNPACK takes no int8 AVERAGE_POOL_2D: for int8 the writer makes each average pooling a depthwise
+    conv of 1/k^2 weights (SAME windows scaled by how many of their pixels are inside), exact in float."""
+    from torch import nn
+
+    import exporters.tflite_export as writer
+    from quantization.tflite_int8 import quantize_tflite
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2, 2), nn.Conv2d(32, 16, 1),
+                          nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.AvgPool2d(3, 2, 1)).eval()
+    size = (3, 31, 31)  # odd: windows that reach the padding on one side only
+    lowered = lower(model, size, Plan({})).module
+    calib, fresh = (torch.randn(n, *size) for n in (32, 8))
+    with torch.no_grad():
+        reference = model(fresh).numpy()
+    for_int8 = writer._FOR_INT8.set(True)
+    try:  # the int8 form, computed in float by TensorFlow: the same numbers
+        forward = writer.to_tf_function(lowered, size)
+        out = np.concatenate([forward(image[None])[writer.OUTPUT_NAME].numpy() for image in fresh.numpy().transpose(0, 2, 3, 1)])
+    finally:
+        writer._FOR_INT8.reset(for_int8)
+    assert np.abs(out.transpose(0, 3, 1, 2) - reference).max() <= 1e-5 * np.abs(reference).max()
+    quantize_tflite(lowered, size, tmp_path / "q.tflite", calib.numpy())
+    int8 = delegation(tmp_path / "q.tflite")
+    assert "AVERAGE_POOL_2D" not in int8["ops"] and int8["not_delegated"] == {} and int8["partitions"] == 1, int8
+    quantized = LiteRtRunner(tmp_path / "q.tflite").run(fresh.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert compare(reference, quantized, min_cosine=0.99).passed
+    write_tflite(lowered, size, tmp_path / "f.tflite")  # float keeps AVERAGE_POOL_2D, which XNNPACK takes there
+    assert delegation(tmp_path / "f.tflite")["ops"]["AVERAGE_POOL_2D"] == 3
+
+
 class OwnLayers(torch.nn.Module):
     """What users' own networks are made of besides MixNet's layers: their own MixConv (split, convs,
     cat), max and average pooling with PyTorch's padding and TF's, a BatchNorm no conv precedes,
