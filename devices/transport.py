@@ -116,11 +116,14 @@ STALE = Path.home() / ".cache" / "mixdeploy" / "stale-workdirs.json"
 
 def _stop_in(folder: str) -> str:
     """Shell code that kills the process group of the last command run in a work folder left behind
-    when the device was lost, if that group still runs it (its leader's command line names the
-    folder: a process id reused since is left alone)."""
+    when the device was lost, if a process of that group still has the folder on its command line (a
+    group id reused since is left alone). Its leader may be gone: a hang-up ends the shell, while
+    what the shell started runs on."""
     pgid, path = shlex.quote(folder + "/.pgid"), shlex.quote(folder)
-    return (f"read pg _ < {pgid} 2>/dev/null && tr '\\0' ' ' < /proc/$pg/cmdline 2>/dev/null | grep -qF {path} "
-            "&& kill -9 -$pg 2>/dev/null; ")
+    return (f"read pg _ < {pgid} 2>/dev/null && for p in /proc/[0-9]*; do "
+            "{ read -r s < $p/stat; } 2>/dev/null || continue; set -- ${s##*) }; "  # after the command name: state ppid pgrp
+            f"[ \"$3\" = \"$pg\" ] && tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -qF {path} "
+            "&& kill -9 -$pg 2>/dev/null && break; done; ")
 
 
 @contextlib.contextmanager

@@ -165,9 +165,11 @@ def test_cleanup_leaves_a_group_alone_when_the_cut_command_never_started(monkeyp
         bystander.wait()
 
 
-def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connection(sshd, monkeypatch, tmp_path):
+@pytest.mark.parametrize("leader", ["alive", "hung up"])
+def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connection(sshd, monkeypatch, tmp_path, leader):
     """The connection drops while a command runs (ssh leaves it running there) and the clean-up
-    cannot reach the device: the next connection kills what still runs in the folder, then removes it."""
+    cannot reach the device: the next connection kills what still runs in the folder, then removes it,
+    also when the group's leader is gone (a hang-up ends the shell; what it started runs on)."""
     import devices.transport
 
     monkeypatch.setattr(devices.transport, "STALE", tmp_path / "stale.json")
@@ -176,6 +178,10 @@ def test_a_command_left_running_by_a_lost_device_is_stopped_on_the_next_connecti
     work = device.workdir
     with pytest.raises(DeviceTimeout):  # named after its folder, as a runner is by its script's path
         device.shell(["sh", "-c", f"sleep {seconds}; echo done", work], timeout=2)
+    if leader == "hung up":  # the device is this machine: its shell, the group's leader, killed by a hang-up
+        os.kill(int(Path(work, ".pgid").read_text().split()[0]), signal.SIGHUP)
+        time.sleep(0.5)
+        assert processes_mentioning(f"sh -c sleep {seconds}; echo done {work}")  # its child runs on
 
     def lost(*_):
         raise DeviceError("lost")
