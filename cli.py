@@ -5,6 +5,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -305,7 +306,7 @@ def _render_parity(title: str, report) -> Table:
 @click.option("--tune-runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed runs per candidate in each of 3 rounds (fewer for a slow or emulated device).")
 @click.option("--cpus", help="With --tune: cores to pin to, as for bench [default: big on an Android phone].")
-@click.option("--python", "python", type=GivenPath(), help="With --tune: the device's Python [default: python3].")
+@click.option("--python", "python", type=GivenPath(readable=False), help="With --tune: the device's Python [default: python3].")
 @click.option("--timeout", type=Finite(min=1, max=86400), default=900, show_default=True,
               help="With --tune: seconds one timing call (a layer's candidates, or the whole-model plans) may take.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -534,7 +535,7 @@ def _print_quantized(result) -> None:
 @click.option("--runner", type=click.Choice(["python", "benchmark_model"]), default="python", show_default=True,
               help="python3 with ai-edge-litert/onnxruntime on the device, or LiteRT's benchmark_model (.tflite).")
 @click.option("--benchmark-binary", type=GivenPath(), help="benchmark_model built for the device.")
-@click.option("--python", "python", type=GivenPath(), help="The device's Python for the python runner [default: python3].")
+@click.option("--python", "python", type=GivenPath(readable=False), help="The device's Python for the python runner [default: python3].")
 @click.option("--parity", "parity_dir", type=GivenPath(), help="Photos for the parity check (default: the shipped ones).")
 @click.option("--parity-samples", type=click.IntRange(min=1), default=32, show_default=True,
               help="Photos of --parity run on the device (the 14 shipped ones at most without --parity).")
@@ -751,6 +752,16 @@ def _terminate(signum: int, _frame) -> None:
     raise Terminated(signum)
 
 
+def _denied(exc: PermissionError) -> str:
+    """What a PermissionError was refused, by the path the user gave (not our .NAME.PID.partial file)."""
+    if exc.filename is None:
+        return f"permission denied ({exc.strerror or exc}); check the permissions of the files and folders given"
+    path = Path(os.fsdecode(exc.filename))
+    if partial := re.fullmatch(r"\.(.+)\.\d+\.partial.*", path.name):
+        path = path.with_name(partial.group(1))
+    return f"{path}: permission denied; check the permissions of it and of its folders"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -767,8 +778,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"mixdeploy: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except PermissionError as exc:  # a path in a folder this user may not enter, read or write
-        click.echo(f"mixdeploy: error: {exc.filename or exc}: permission denied; check the permissions of it "
-                   "and of its folders", err=True)
+        click.echo(f"mixdeploy: error: {_denied(exc)}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:  # end of input at a prompt
         click.echo("mixdeploy: aborted", err=True)

@@ -65,8 +65,7 @@ class AdbTransport(Transport):
         if state is None:
             listed = ", ".join(device_states(timeout)) or "none"
             raise DeviceError(f"adb device {serial} not found (adb devices lists: {listed}); "
-                              "check the cable or `adb connect HOST:PORT` (--device takes local, SERIAL, adb:SERIAL or "
-                              "ssh:USER@HOST[:PORT])")
+                              "check the cable or `adb connect HOST:PORT`")
         if state != "device":
             known = next((key for key in STATES if state.startswith(key)), None)  # adb adds advice to some states
             raise DeviceError(f"adb device {serial} " + (STATES[known].format(s=serial) if known else f"is {state}"))

