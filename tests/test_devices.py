@@ -131,7 +131,7 @@ def _sshd_sessions_above(command: str) -> list[int]:
     sessions = []
     while pid > 1:
         pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent
-        if cmdline(pid).startswith(b"sshd: "):  # "sshd: root@notty", "sshd: root [priv]"
+        if cmdline(pid).startswith(b"sshd: ") and b"[listener]" not in cmdline(pid):  # "sshd: root@notty"
             sessions.append(pid)
     return sessions
 
