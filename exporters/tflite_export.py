@@ -187,18 +187,18 @@ ACTIVATIONS = {
     nn.PReLU: lambda tf, x, mod: tf.nn.relu(x) - tf.nn.relu(-x) * _prelu_weight(tf, x, mod),
     nn.Softmax: lambda tf, x, mod: tf.nn.softmax(x, axis=_axes(_softmax_dim(mod.dim, len(x.shape)), len(x.shape))[0]),
 }
-# for int8: the converter fuses x * relu6(x + 3) / 6 into HARD_SWISH, which XNNPACK does not take in
-# int8 (LiteRT 2.3: the graph split around every one); written so, it stays an ADD and MULs it takes
-# (average pooling likewise: _average)
-INT8_ACTIVATIONS = {nn.Hardswish: lambda tf, x, _: tf.nn.relu6(x + 3.0) * (x * (1.0 / 6.0))}
+# the activations as written for int8: the converter fuses x * relu6(x + 3) / 6 into HARD_SWISH, which
+# XNNPACK does not take in int8 (LiteRT 2.3: the graph split around every one); written so, hard-swish
+# stays an ADD and MULs it takes (average pooling likewise: _average)
+INT8_ACTIVATIONS = {**ACTIVATIONS, nn.Hardswish: lambda tf, x, _: tf.nn.relu6(x + 3.0) * (x * (1.0 / 6.0))}
 _FOR_INT8 = contextvars.ContextVar("for_int8", default=False)  # set while a converter for int8 traces
 F = torch.nn.functional
 
 
 def _activation(mod: nn.Module) -> Callable | None:
     """How an activation module is written (its int8 form while tracing for int8), or None."""
-    forms = {**ACTIVATIONS, **INT8_ACTIVATIONS} if _FOR_INT8.get() else ACTIVATIONS
-    return next((f for kind, f in forms.items() if isinstance(mod, kind)), None)
+    return next((f for kind, f in (INT8_ACTIVATIONS if _FOR_INT8.get() else ACTIVATIONS).items()
+                 if isinstance(mod, kind)), None)
 
 
 def _prelu_weight(tf, x, mod: nn.PReLU):

@@ -69,6 +69,11 @@ class ParityReport:
         return report
 
 
+def top_classes(out: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k highest classes, best first; ties (int8 outputs have them) to the lower class, as argmax."""
+    return np.argsort(-out, axis=1, kind="stable")[:, :k]
+
+
 def float32_error(model: torch.nn.Module, x: torch.Tensor, reference: np.ndarray) -> float:
     """rel_max of the model run by PyTorch in float32 against its float64 `reference` on `x`: what
     float32 arithmetic alone costs on these inputs, the floor below which no float32 file can be held."""
@@ -127,7 +132,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, max_rel: float | None 
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cosine = float(np.min(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
     top1_ref = ref.argmax(1)
-    top5_out = np.argsort(-out, axis=1, kind="stable")[:, :5]
+    top5_out = top_classes(out, 5)
     tolerance = {k: v for k, v in {"max_rel": max_rel, "min_cosine": min_cosine, "min_top1": min_top1}.items()
                  if v is not None}
     report = ParityReport(

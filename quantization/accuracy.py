@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixnet_deploy.models import LoadedModel
+from mixnet_deploy.parity import top_classes
 
 
 def class_index(folder: str, loaded: LoadedModel) -> int | None:
@@ -27,8 +28,8 @@ def accuracy(reference: np.ndarray, candidate: np.ndarray, folders: list[str], l
         return None
     t = np.asarray(targets)
 
-    def topk(out: np.ndarray, k: int) -> float:  # ties (int8 outputs have them) to the first class, as argmax
-        return float(np.mean([ti in row for ti, row in zip(t, np.argsort(-out, 1, kind="stable")[:, :k])]) * 100)
+    def topk(out: np.ndarray, k: int) -> float:
+        return float(np.mean([ti in row for ti, row in zip(t, top_classes(out, k))]) * 100)
 
     result = {"float_top1": topk(reference, 1), "int8_top1": topk(candidate, 1),
               "float_top5": topk(reference, 5), "int8_top5": topk(candidate, 5)}

@@ -148,9 +148,10 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     target = FORMATS[fmt].target + "_int8"
     step(f"planning and lowering for {target}")
     # a float file exported with --tune DEVICE --precision int8 carries the plan measured for int8
-    lowered = lower(loaded.module, size, Plan.from_dict(file_plan) if file_plan and file_plan.get("target") == target
-                    else make_plan("auto", loaded.module, size, target), check_inputs=calibration.images[:4])
-    plan = lowered.plan
+    chosen = (Plan.from_dict(file_plan) if file_plan and file_plan.get("target") == target
+              else make_plan("auto", loaded.module, size, target))
+    lowered = lower(loaded.module, size, chosen, check_inputs=calibration.images[:4])
+    plan = lowered.plan  # with the layers' shapes, also for a file exported before plans recorded them
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # this process's own (two at once)
     float_onnx = tmp.with_name(tmp.name + ".float.onnx") if fmt == "onnx" else None
     with torch.no_grad():  # in batches: a large --eval folder would not fit in memory at once
