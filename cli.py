@@ -421,14 +421,15 @@ def _tuner(device: Transport, precision: str, settings: Settings, tunings: list,
               help="With --eval: images evaluated (a seeded random sample).")
 @click.option("--max-drop", type=Finite(min=0, max=100), help="Keep sensitive layers in float until "
               "top-1 agreement with float is within POINTS of 100 %.", metavar="POINTS")
-@click.option("--reduce-range", is_flag=True, help="ONNX: 7-bit weights, for x86 CPUs without VNNI (their AVX2 "
-              "int8 kernels saturate on 8-bit weights; ARM and VNNI kernels do not).")
+@click.option("--reduce-range/--no-reduce-range", default=None, help="ONNX: 7-bit weights, for x86 CPUs without "
+              "VNNI (their AVX2 int8 kernels saturate on 8-bit weights; ARM and VNNI kernels do not). Default: on "
+              "where this machine is such a CPU, else off.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def quantize(source: str, calib: str, output: str | None, fmt: str | None, checkpoint: str | None, pretrained: bool,
              calibrate_bn: bool, input_size: tuple[int, int] | None, num_calib: int,
              method: str, io: str | None, eval_dir: str | None, num_eval: int, max_drop: float | None,
-             reduce_range: bool, force: bool, as_json: bool) -> None:
+             reduce_range: bool | None, force: bool, as_json: bool) -> None:
     """int8 post-training quantization of FILE_OR_MODEL, calibrated on the images under --calib."""
     from mixnet_deploy.models import RANDOM_INIT
     from quantization.quantize import quantize as run_quantize
@@ -460,9 +461,9 @@ def quantize(source: str, calib: str, output: str | None, fmt: str | None, check
         else:
             hint = ("try more calibration images" + (", --method percentile" if method != "percentile" else "")
                     + (" or --max-drop" if max_drop is None else ""))
-        if result.format == "onnx" and not reduce_range and saturates_here():
+        if result.format == "onnx" and not result.details["reduce_range"] and saturates_here():
             hint += ("; and this x86 CPU has no VNNI: ONNX Runtime's int8 kernels here saturate on 8-bit weights "
-                     "(--reduce-range)")
+                     "(leave out --no-reduce-range)")
         click.echo(f"mixdeploy: error: {'; '.join(problems)}; kept as {result.path}; {hint}", err=True)
         sys.exit(1)
 
@@ -487,6 +488,9 @@ def _print_quantized(result) -> None:
                                           f"{result.method} calibration on {cal['used']} images "
                                           f"({cal['skipped']} unreadable skipped)"))
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in result.details.get("ops", {}).items()))
+    if result.details.get("reduce_range_auto"):
+        out.print("weights in 7 bits: this x86 CPU has no VNNI, and ONNX Runtime's int8 kernels here saturate on 8-bit "
+                  "ones (--no-reduce-range keeps 8 bits, for ARM or VNNI targets; parity here then fails)")
     a = result.agreement
     skipped = f" ({cal['eval_skipped']} unreadable skipped)" if cal["eval_skipped"] else ""
     out.print(f"vs float on {cal['evaluated']} held-out images{skipped}: top-1 agreement {a.top1_agreement:.1%}, "
@@ -780,6 +784,10 @@ def main(argv: list[str] | None = None) -> None:
     except PermissionError as exc:  # a path in a folder this user may not enter, read or write
         click.echo(f"mixdeploy: error: {_denied(exc)}", err=True)
         sys.exit(2)
+    except MemoryError:
+        click.echo("mixdeploy: error: out of memory: use fewer images (--num-calib, --num-eval, --parity-samples) "
+                   "or a smaller --input-size, or a machine with more memory", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:  # end of input at a prompt
         click.echo("mixdeploy: aborted", err=True)
         sys.exit(130)

@@ -1,6 +1,7 @@
 """Android devices (and anything that speaks adb) through the `adb` client of platform-tools."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -71,11 +72,6 @@ class AdbTransport(Transport):
             raise DeviceError(f"adb device {serial} " + (STATES[known].format(s=serial) if known else f"is {state}"))
         self.tmp_root = self._tmp_root()
 
-    def _tmp_root(self) -> str:
-        """Android's shell-writable folder, else /tmp (Linux boards)."""
-        probe = self.shell("test -d /data/local/tmp && echo /data/local/tmp || echo /tmp", timeout=30)
-        return probe.stdout.strip() or "/tmp"
-
     def _checked(self, args: list[str], timeout: float) -> ShellResult:
         """adb -s SERIAL ARGS; a lost device becomes a DeviceError."""
         result = adb(["-s", self.serial, *args], timeout)
@@ -94,7 +90,7 @@ class AdbTransport(Transport):
             raise DeviceError(f"adb {verb} {source} to {self.serial}:{target} failed: {detail[-1] if detail else ''}")
 
     def push(self, local: Path | str, remote: str) -> None:
-        self._copy("push", str(local), remote)
+        self._copy("push", os.path.abspath(local), remote)  # absolute: a name starting with '-' is no option
 
     def pull(self, remote: str, local: Path | str) -> None:
-        self._copy("pull", remote, str(local))
+        self._copy("pull", remote, os.path.abspath(local))

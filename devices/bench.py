@@ -22,7 +22,7 @@ from mixnet_deploy.preprocess import SAMPLE_IMAGES
 from . import benchmark_model, runners
 from .device_info import big_cores, cpu_mask, device_info, temperatures
 from .runners import latency_stats
-from .transport import Transport
+from .transport import ShellResult, Transport
 
 
 class RunTimeout(DeviceTimeout):
@@ -167,12 +167,7 @@ class Session:
             argv += ["--affinity", ",".join(f"{t}={mask}" for t, mask in self.masks.items())]
         with _run_limit():
             done = self.device.shell(argv, timeout=s.timeout, check=False)
-        lines = done.stdout.strip().splitlines()
-        if done.code != 0 or not lines:
-            detail = (done.stderr or done.stdout).strip().splitlines()
-            raise DeviceError(f"the runner failed on {self.device.name} for {item.path.name} (exit {done.code})"
-                              + (f": {detail[-1]}" if detail else ""))
-        measured = json.loads(lines[-1])
+        measured = runner_result(done, f"the runner failed on {self.device.name} for {item.path.name}")
         self.device.pull(f"{work}/outputs.npy", self.host / "outputs.npy")
         measured["outputs"] = np.load(self.host / "outputs.npy")
         measured["latency_ms"] = {t: latency_stats(raw) for t, raw in measured["latency_ms"].items()}
@@ -266,6 +261,19 @@ class Session:
         return 10.0 if self.info["os"].startswith("Android") and not self.info["emulated"] else 0.0
 
 
+def runner_result(done: ShellResult, failure: str) -> dict:
+    """The JSON line the runner prints last; else a DeviceError `failure (exit N): what it said` (a shell
+    that merges stderr and exits 0, such as adb before Android 7, prints no JSON)."""
+    lines = done.stdout.strip().splitlines()
+    try:
+        if done.code == 0 and lines:
+            return json.loads(lines[-1])
+    except ValueError:
+        pass
+    detail = (done.stderr or done.stdout).strip().splitlines()
+    raise DeviceError(f"{failure} (exit {done.code})" + (f": {detail[-1].strip()[:200]}" if detail else ""))
+
+
 def check_files(files: list[str], runner: str) -> dict[str, str]:
     """Each file's format, once every file is checked to exist as .onnx/.tflite and suit `runner`."""
     formats = {file: exported_format(file) for file in files}
@@ -289,6 +297,7 @@ def bench(files: list[str], device: Transport, settings: Settings,
     The device's work folder is removed whatever happens."""
     formats = check_files(files, settings.runner)
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
+        device.reserve(step)
         # the device and its runner before reading the files (TensorFlow loads in seconds) and the
         # PyTorch reference (minutes for a large model): a missing runtime or binary fails at once
         session = Session(device, settings, Path(host))

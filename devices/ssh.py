@@ -1,4 +1,4 @@
-"""ARM Linux boards over OpenSSH (ssh and scp, key authentication, never a password prompt)."""
+"""ARM Linux boards over OpenSSH (key authentication, never a password prompt)."""
 from __future__ import annotations
 
 import os
@@ -28,7 +28,8 @@ class SshTransport(Transport):
             raise MixdeployError(f"device ssh:{target}: a user or host cannot start with '-'")
         check_port(port, f"ssh:{target}")
         self.name = f"ssh:{target}"
-        self.destination = f"{user}@{self.host}" if user else self.host
+        host = self.host.strip("[]")  # an IPv6 literal: brackets only in our ssh:USER@[ADDR]:PORT form
+        self.destination = f"{user}@{host}" if user else host
         try:
             extra = shlex.split(os.environ.get("MIXDEPLOY_SSH_OPTIONS", ""))
         except ValueError as exc:
@@ -38,28 +39,33 @@ class SshTransport(Transport):
         # the user's options first: ssh keeps the first value of each
         self.options = [*extra, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", "-o",
                         "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
-        self.port = port or "22"
-        self.shell("true", timeout=timeout)
+        self.port = ["-p", port] if port else []  # none given: ~/.ssh/config's Port, else 22
+        self.tmp_root = self._tmp_root()  # Termux has no /tmp; this also checks that the board answers
 
-    def _ssh_failed(self, result: ShellResult) -> DeviceError:
-        lines = result.stderr.strip().splitlines()
-        return DeviceError(f"ssh to {self.destination} failed: {lines[-1] if lines else 'exit 255'}")
-
-    def _shell(self, command: str, timeout: float) -> ShellResult:
+    def _ssh(self, command: str, timeout: float, stdin: str | None = None, stdout: str | None = None) -> ShellResult:
+        """ssh HOST COMMAND; its input from, or its output to, a host file when given. A failed
+        connection (exit 255) is a DeviceError."""
         # the login shell reads the line: it may be fish or csh, so it hands the command to sh (exec: same process group)
-        result = run_host(["ssh", *self.options, "-p", self.port, self.destination, "exec sh -c " + shlex.quote(command)],
-                          timeout, INSTALL)
+        result = run_host(["ssh", *self.options, *self.port, self.destination, "exec sh -c " + shlex.quote(command)],
+                          timeout, INSTALL, stdin=stdin, stdout=stdout)
         if result.code == 255:
-            raise self._ssh_failed(result)
+            lines = result.stderr.strip().splitlines()
+            raise DeviceError(f"ssh to {self.destination} failed: {lines[-1] if lines else 'exit 255'}")
         return result
 
-    def _scp(self, source: str, target: str) -> None:
-        result = run_host(["scp", "-q", *self.options, "-P", self.port, source, target], 600, INSTALL)
+    def _shell(self, command: str, timeout: float) -> ShellResult:
+        return self._ssh(command, timeout)
+
+    def _copy(self, what: str, command: str, stdin: str | None = None, stdout: str | None = None) -> None:
+        """Files go through ssh itself (`cat`), not scp: boards without an sftp-server (Dropbear,
+        OpenWrt) take them, and $MIXDEPLOY_SSH_OPTIONS mean the same for every copy."""
+        result = self._ssh(command, 600, stdin=stdin, stdout=stdout)
         if result.code != 0:
-            raise self._ssh_failed(result)
+            lines = result.stderr.strip().splitlines()
+            raise DeviceError(f"{what} failed: {lines[-1] if lines else f'exit {result.code}'}")
 
     def push(self, local: Path | str, remote: str) -> None:
-        self._scp(os.path.abspath(local), f"{self.destination}:{remote}")  # absolute: scp reads `a:b` as a host
+        self._copy(f"copying {Path(local).name} to {self.name}:{remote}", "cat > " + shlex.quote(remote), stdin=str(local))
 
     def pull(self, remote: str, local: Path | str) -> None:
-        self._scp(f"{self.destination}:{remote}", os.path.abspath(local))
+        self._copy(f"copying {self.name}:{remote}", "cat " + shlex.quote(remote), stdout=str(local))

@@ -6,12 +6,13 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError
 
@@ -36,6 +37,7 @@ class Transport:
 
     def __init__(self) -> None:
         self._workdir: str | None = None
+        self._lock: IO[str] | None = None  # held from reserve() to cleanup(): one mixdeploy run per device
         self._commands = 0  # numbered in the work folder's .pgid, with their process group
         self._cut = 0  # the number of a command cut off (timeout, lost connection, a stop): it may still run there
         self.runtimes: dict[tuple[str, str], str] = {}  # (python, format) -> "module version" there, asked once
@@ -83,8 +85,45 @@ class Transport:
                 if stale.get(self.name):
                     folders = stale.pop(self.name)
                     self._shell("".join(map(_stop_in, folders)) + shlex.join(["rm", "-rf", *folders]), 60)
-            self._workdir = self.shell(["mktemp", "-d", f"{self.tmp_root}/mixdeploy.XXXXXX"]).stdout.strip()
+            made = self.shell(["mktemp", "-d", f"{self.tmp_root}/mixdeploy.XXXXXX"]).stdout.strip()
+            self._workdir = made.splitlines()[-1] if made else ""  # after anything the login files printed
+            if not self._workdir.startswith("/"):
+                raise DeviceError(f"{self.name}: mktemp printed no folder ({made[-80:]!r})")
         return self._workdir
+
+    def _tmp_root(self) -> str:
+        """The first writable of Android's shell folder, $TMPDIR (Termux sets it) and /tmp."""
+        probe = self.shell('for d in /data/local/tmp "${TMPDIR:-/tmp}" /tmp; do '
+                           '[ -d "$d" ] && [ -w "$d" ] && echo "$d" && break; done', timeout=30)
+        found = probe.stdout.strip().splitlines()
+        return found[-1] if found else "/tmp"
+
+    def reserve(self, step: Callable[[str], None] = lambda _: None) -> None:
+        """Wait until no other mixdeploy run on this host uses this device (two runs would time each
+        other), then hold it until cleanup(). A HOME that cannot be written: no lock."""
+        if self._lock is not None:
+            return
+        path = LOCKS / (re.sub(r"[^\w.\-]", "_", self.name) + ".lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path, "a+")  # noqa: SIM115 - held until cleanup()
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            step(f"waiting for another mixdeploy run on {self.name} (pid {holder}) to finish")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except BaseException:  # a stop while waiting
+                lock.close()
+                raise
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
 
     def cleanup(self) -> None:
         """Stop a command that was cut off (ssh and adb leave it running on the device: their device
@@ -103,6 +142,9 @@ class Transport:
                     raise
             finally:
                 self._workdir, self._cut = None, 0
+        if self._lock is not None:
+            self._lock.close()  # closing releases the lock
+            self._lock = None
 
     def __enter__(self) -> "Transport":
         return self
@@ -112,6 +154,7 @@ class Transport:
 
 
 STALE = Path.home() / ".cache" / "mixdeploy" / "stale-workdirs.json"
+LOCKS = STALE.parent / "locks"  # one file per device name, locked while a run uses the device
 
 
 def _stop_in(folder: str) -> str:
@@ -148,27 +191,31 @@ def _stale() -> Iterator[dict[str, list[str]]]:
             write_atomic(STALE, json.dumps(stale).encode())
 
 
-def run_host(argv: list[str], timeout: float, what: str) -> ShellResult:
+def run_host(argv: list[str], timeout: float, what: str, stdin: str | None = None,
+             stdout: str | None = None) -> ShellResult:
     """Run a host command (adb, ssh, a local shell); a missing program or a timeout is a DeviceError.
     The command runs in a process group of its own, killed whole on a timeout or when mixdeploy is
     stopped (a shell's children, such as a local benchmark, would otherwise run on). Its input is
-    empty: adb and ssh forward theirs to the device, and would eat a calling script's input."""
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    except FileNotFoundError:
-        raise DeviceError(f"{argv[0]} not found: {what}") from None
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):  # the whole group may have ended meanwhile
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):  # a process that left the group may hold the pipes
-            proc.communicate(timeout=5)
-        if isinstance(exc, subprocess.TimeoutExpired):
-            raise DeviceTimeout(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s", timeout) from None
-        raise
-    return ShellResult(proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+    the file `stdin`, else empty: adb and ssh forward theirs to the device, and would eat a calling
+    script's input. Its output goes to the file `stdout` when given (the result's stdout is then "")."""
+    with contextlib.ExitStack() as files:
+        source = files.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
+        sink = files.enter_context(open(stdout, "wb")) if stdout else subprocess.PIPE
+        try:
+            proc = subprocess.Popen(argv, stdin=source, stdout=sink, stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError:
+            raise DeviceError(f"{argv[0]} not found: {what}") from None
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # the whole group may have ended meanwhile
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a process that left the group may hold the pipes
+                proc.communicate(timeout=5)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise DeviceTimeout(f"`{shlex.join(argv)[:100]}` timed out after {timeout:g} s", timeout) from None
+            raise
+    return ShellResult(proc.returncode, (out or b"").decode(errors="replace"), err.decode(errors="replace"))
 
 
 def check_port(port: str | None, device: str) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from mixnet_deploy.cost_model import shape_key
 from mixnet_deploy.digests import file_sha256
-from mixnet_deploy.errors import DeviceError, DeviceTimeout, MixdeployError, is_number
+from mixnet_deploy.errors import DeviceTimeout, MixdeployError, is_number
 from mixnet_deploy.lower import LayerInfo, analyse, lower, preset_plan, signatures
 from mixnet_deploy.plan import Plan
 from mixnet_deploy.planner import make_plan
@@ -27,7 +27,7 @@ from mixnet_deploy.preprocess import random_images
 from mixnet_deploy.probes import VERSION, probe, probe_input
 
 from .atomic import write_atomic
-from .bench import Session, Settings
+from .bench import Session, Settings, runner_result
 from .transport import Transport
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -148,10 +148,7 @@ class Tuner:
                                 "emulated device",
                                 limit) from None
         device.shell(["rm", "-f", *remote.values()], check=False)
-        if done.code != 0 or not done.stdout.strip():
-            detail = (done.stderr or done.stdout).strip().splitlines()
-            raise DeviceError(f"timing on {device.name} failed (exit {done.code})" + (f": {detail[-1]}" if detail else ""))
-        ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+        ms = runner_result(done, f"timing on {device.name} failed")["ms"]
         return {name: ms[remote[name]] for name in files}
 
 
@@ -271,6 +268,7 @@ def tune(model: nn.Module, input_size: tuple[int, int, int], device: Transport, 
     target = target or ("litert" if fmt == "tflite" else "onnxruntime") + ("_int8" if precision == "int8" else "")
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-tune-") as tmp:
         host = Path(tmp)
+        device.reserve(lambda text: step(text, 0, 1))
         step(f"connecting to {device.name}", 0, 1)
         settings = settings or Settings([1], runs=20, warmup=3)
         tuner = Tuner(device, fmt, precision, settings, rounds, host)

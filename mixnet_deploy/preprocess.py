@@ -105,15 +105,21 @@ def eval_transform(cfg: PreprocessConfig) -> Callable[[Image.Image], torch.Tenso
 WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG); convert("RGB") would clip it
 
 
+MAX_ASPECT = 100  # longer side / shorter side; above it an image is no photo (a 1x20000 banner)
+
+
 def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor], channels: int = 3) -> torch.Tensor:
     """One image decoded with Pillow as RGB, or grayscale for a one-channel model (16-bit grayscale
-    scaled to 8 bits), and passed through `transform`."""
+    scaled to 8 bits), and passed through `transform`. A ValueError for one more than MAX_ASPECT
+    times longer than wide."""
     # images of 1-2x Pillow's pixel limit decode (above it they raise); a palette PNG's transparency
     # warns on stderr mid-run: it is dropped, as timm's own loader drops it (convert("RGB"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
         with Image.open(path) as img:
+            if max(img.size) > MAX_ASPECT * min(img.size):  # its shorter side resized to ~256: gigabytes
+                raise ValueError(f"{path.name} is {img.width}x{img.height}: more than {MAX_ASPECT}:1")
             if img.mode in WIDE_GRAY:
                 img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             return transform(img.convert("L" if channels == 1 else "RGB"))

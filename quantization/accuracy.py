@@ -8,11 +8,11 @@ from mixnet_deploy.parity import top_classes
 
 
 def class_index(folder: str, loaded: LoadedModel) -> int | None:
-    """A folder name as a class index: a number, a label of the model, or an ImageNet synset."""
+    """A folder name as a class index: a label of the model, a number, or an ImageNet synset."""
+    if loaded.labels and folder in loaded.labels:  # first: labels "1".."10" are not indices 1..10
+        return loaded.labels.index(folder)
     if folder.isascii() and folder.isdigit():  # not '²', which isdigit() takes
         return int(folder)
-    if loaded.labels and folder in loaded.labels:
-        return loaded.labels.index(folder)
     if loaded.labels and len(loaded.labels) == 1000 and folder.startswith("n") and folder[1:].isdigit():
         from timm.data import ImageNetInfo
 

@@ -45,11 +45,20 @@ def _folder(folder: str | Path) -> Path:
     return folder
 
 
-def _image_files(folder: str | Path) -> Iterator[Path]:
+def _image_files(folder: str | Path, unreadable: list[tuple[str, str]] | None = None) -> Iterator[Path]:
     """The JPEG, PNG, WebP and BMP files under `folder`, recursively (symlinked class folders too, each
-    real folder once), as the walk finds them."""
+    real folder once), as the walk finds them. A subfolder that cannot be listed is added to
+    `unreadable`; `folder` itself raises (PermissionError: one line naming it)."""
+    top = _folder(folder)
+
+    def refused(exc: OSError) -> None:
+        if Path(exc.filename) == top:
+            raise exc
+        if unreadable is not None:
+            unreadable.append((exc.filename, type(exc).__name__))
+
     seen = set()
-    for current, subfolders, files in os.walk(_folder(folder), followlinks=True):
+    for current, subfolders, files in os.walk(top, onerror=refused, followlinks=True):
         if os.path.realpath(current) in seen:  # a link back up, or a second link to one folder
             subfolders.clear()
             continue
@@ -58,9 +67,10 @@ def _image_files(folder: str | Path) -> Iterator[Path]:
         yield from (p for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES and (p := Path(current, f)).is_file())
 
 
-def find_images(folder: str | Path) -> list[Path]:
-    """Every JPEG, PNG, WebP and BMP under `folder`, recursively, in a stable order."""
-    return sorted(_image_files(folder))
+def find_images(folder: str | Path, unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Every JPEG, PNG, WebP and BMP under `folder`, recursively, in a stable order; subfolders that
+    cannot be listed are added to `unreadable`."""
+    return sorted(_image_files(folder, unreadable))
 
 
 def check_folder(folder: str | Path, minimum: int = MIN_IMAGES) -> Path:
@@ -81,20 +91,22 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
     files, and so quantize's held-out last fifth too); unreadable ones are skipped and listed. `step`
     reports progress (the caller's spinner or heartbeat)."""
     folder = Path(folder)
-    paths = find_images(folder)
+    skipped: list[tuple[str, str]] = []  # files, and folders that could not be listed (their classes missing)
+    paths = find_images(folder, skipped)
     layout = [p.relative_to(folder).parts for p in paths]
     labelled = all(len(parts) == 2 for parts in layout) and len({parts[0] for parts in layout}) > 1
     if limit is not None:
         random.Random(SAMPLE_SEED).shuffle(paths)
     transform = eval_transform(cfg)
-    tensors, used, skipped = [], [], []
+    used: list[Path] = []
     total = len(paths) if limit is None else min(limit, len(paths))
+    images = torch.empty((total, *cfg.input_size))  # filled in place: no second copy of them all at the end
     for path in paths:
-        if limit is not None and len(used) >= limit:
+        if len(used) >= total:
             break
         step(f"reading {folder} [{len(used)}/{total}]")
         try:
-            tensors.append(read_image(path, transform, cfg.input_size[0]))
+            images[len(used)] = read_image(path, transform, cfg.input_size[0])
             used.append(path)
         # a damaged file: Pillow raises SyntaxError for a broken PNG chunk, EOFError or struct.error for a cut one
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
@@ -104,4 +116,4 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, limit: int | None = N
         raise MixdeployError(f"{folder} has {len(used)} usable image(s) (need at least {minimum}; "
                              f"{len(skipped)} unreadable); add JPEG, PNG, WebP or BMP photos")
     labels = [p.relative_to(folder).parts[0] for p in used] if labelled else None
-    return ImageSet(torch.stack(tensors), used, labels, skipped)
+    return ImageSet(images[:len(used)], used, labels, skipped)

@@ -27,6 +27,7 @@ from .accuracy import accuracy
 from . import NUM_CALIB
 from .calibration import MIN_IMAGES, check_folder, load_folder
 from .keep_float import GROUPS, onnx_nodes, tflite_ops
+from .onnx_qdq import saturates_here
 
 IO_TYPES = ("int8", "uint8", "float32")
 TFLITE_METHODS = ("minmax", "percentile")  # entropy is ONNX Runtime's alone
@@ -87,7 +88,7 @@ def _source(source: str, checkpoint: str | None, pretrained: bool, calibrate_bn:
 def quantize(source: str, calib: str | Path, output: str | Path | None = None, *, fmt: str | None = None,
              checkpoint: str | None = None, pretrained: bool = False, num_calib: int = NUM_CALIB, method: str = "minmax",
              io: str | None = None, eval_dir: str | Path | None = None, num_eval: int = 1000, force: bool = False,
-             max_drop: float | None = None, reduce_range: bool = False,
+             max_drop: float | None = None, reduce_range: bool | None = None,
              calibrate_bn: bool = False, input_size: tuple[int, int] | None = None,
              step: Callable[[str], None] = lambda _: None) -> QuantizeResult:
     """Quantize SOURCE to int8 with images under `calib`; evaluate on (a sample of `num_eval` images
@@ -97,7 +98,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     holds (FLOAT_FOR_SPEED groups are float from the start). io defaults to int8 for TFLite and
     float32 (the only choice) for ONNX. A file out of the int8 tolerance (DEPLOYED_TOLERANCE) is
     kept as NAME.failed.EXT: see the result's path and agreement.passed. reduce_range: ONNX weights
-    in 7 bits (see onnx_qdq.quantize_onnx)."""
+    in 7 bits (see onnx_qdq.quantize_onnx); None: where this machine's ONNX Runtime would saturate on
+    8 bits, whose parity could not be checked here (details' reduce_range_auto says so)."""
     from exporters.formats import FORMATS
 
     # everything that can be checked without the model first: rebuilding it takes seconds
@@ -122,6 +124,8 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
     if fmt == "tflite" and reduce_range:
         raise MixdeployError("--reduce-range is for ONNX Runtime's x86 kernels without VNNI; LiteRT's int8 kernels "
                              "take 8-bit weights exactly: leave it out for tflite")
+    auto_range = fmt == "onnx" and reduce_range is None and saturates_here()
+    reduce_range = bool(reduce_range) or auto_range
     if fmt == "tflite" and method not in TFLITE_METHODS:
         raise MixdeployError(f"--method {method} is ONNX Runtime's only; use {' or '.join(TFLITE_METHODS)} for tflite")
     default = Path(source).with_name(f"{Path(source).stem}_int8.{fmt}") if from_file else Path(f"{file_stem(source)}_int8.{fmt}")
@@ -197,7 +201,7 @@ def quantize(source: str, calib: str | Path, output: str | Path | None = None, *
         FORMATS[fmt].add_metadata(tmp, meta)
         acc = accuracy(reference, candidate, evaluated.labels, loaded) if evaluated and evaluated.labels else None
         details = contents(tmp, fmt) | {"layers_losing_most": layers[:LAYERS_SHOWN], "max_drop": budget,
-                                        "reduce_range": reduce_range}
+                                        "reduce_range": reduce_range, "reduce_range_auto": auto_range}
         out = kept_as(out, agreement.passed and (budget is None or budget["met"]))
         os.replace(tmp, out)  # the last step: a stop before it leaves no file
     finally:

@@ -50,10 +50,12 @@ class Result:
 
 @pytest.fixture(autouse=True)
 def private_stale_list(tmp_path_factory, monkeypatch):
-    """The work folders a lost device left behind are listed in the suite's own file, not the user's."""
+    """The work folders a lost device left behind are listed in the suite's own file, and devices are
+    locked in the suite's own folder, not the user's."""
     import devices.transport
 
     monkeypatch.setattr(devices.transport, "STALE", tmp_path_factory.getbasetemp() / "stale-workdirs.json")
+    monkeypatch.setattr(devices.transport, "LOCKS", tmp_path_factory.getbasetemp() / "device-locks")
 
 
 @pytest.fixture
@@ -105,19 +107,26 @@ def still_running(text: str, within: float = 15) -> list[str]:
     return found
 
 
+DIGITS_MODEL = ROOT / "tests" / "data" / "mixnet_s_digits.pth"  # digits.train()'s output, shipped
+
+
 @pytest.fixture(scope="session")
 def digits(request):
-    """(dataset root, checkpoint) of mixnet_s trained on scikit-learn's digits; built once and cached
-    in pytest's cache folder."""
+    """(dataset root, checkpoint) of mixnet_s trained on scikit-learn's digits: the shipped one while
+    tests/digits.py is the recipe it was trained with, else trained here once and cached in pytest's
+    cache folder."""
     import digits as d
+    import torch
 
     recipe = hashlib.sha256((Path(__file__).parent / "digits.py").read_bytes()).hexdigest()[:12]
-    root = Path(request.config.cache.mkdir(f"mixdeploy_digits_{recipe}"))  # retrained when the recipe changes
+    root = Path(request.config.cache.mkdir(f"mixdeploy_digits_{recipe}"))
     if not (root / "eval").is_dir():
         d.write_dataset(root)
+    if torch.load(DIGITS_MODEL, weights_only=True).get("recipe") == recipe:
+        return root, DIGITS_MODEL
     checkpoint = root / "mixnet_s_digits.pth"
     if not checkpoint.exists():
-        d.train(root)
+        d.train(root, recipe)
     return root, checkpoint
 
 

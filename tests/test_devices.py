@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -36,6 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     """A real OpenSSH server on loopback accepting a fresh key for root; yields the --device value."""
@@ -46,10 +56,14 @@ def sshd(tmp_path_factory):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", home / "user"], check=True)
     shutil.copy(home / "user.pub", home / "authorized_keys")
     port = free_port()
+    (home / "tmp").mkdir()
+    # no sftp subsystem (as on Dropbear and OpenWrt boards): files must travel without one; a $TMPDIR (as
+    # in Termux, which has no /tmp) that work folders must follow; IPv6 loopback too where this machine has it
     (home / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {home / 'host'}\nAuthorizedKeysFile {home / 'authorized_keys'}\n"
+        f"Port {port}\nListenAddress 127.0.0.1\n" + ("ListenAddress ::1\n" if ipv6_loopback() else "") +
+        f"HostKey {home / 'host'}\nAuthorizedKeysFile {home / 'authorized_keys'}\n"
         f"PidFile {home / 'sshd.pid'}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n"
-        "UsePAM no\nSubsystem sftp internal-sftp\n")
+        f"UsePAM no\nSetEnv TMPDIR={home / 'tmp'}\n")
     Path("/run/sshd").mkdir(exist_ok=True)
     server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", home / "sshd_config"], stderr=subprocess.DEVNULL)
     for _ in range(50):
@@ -77,18 +91,19 @@ def device(request):
         yield transport
 
 
-def test_transport_shell_push_pull_and_cleanup(device, tmp_path):
+def test_transport_shell_push_pull_and_cleanup(device, tmp_path, monkeypatch):
     result = device.shell(["sh", "-c", "echo out; echo err >&2; exit 3"], check=False)
     assert (result.code, result.stdout, result.stderr) == (3, "out\n", "err\n")
     assert device.shell(["printf", "%s", TRICKY]).stdout == TRICKY
     with pytest.raises(DeviceError, match="exit code 3"):
         device.shell(["sh", "-c", "exit 3"])
     blob = np.random.default_rng().integers(0, 256, 300_000, dtype=np.uint8).tobytes()
-    (tmp_path / "blob").write_bytes(blob)
-    remote = f"{device.workdir}/blob"
-    device.push(tmp_path / "blob", remote)
-    device.pull(remote, tmp_path / "back")
-    assert (tmp_path / "back").read_bytes() == blob
+    (tmp_path / "-blob").write_bytes(blob)
+    remote = f"{device.workdir}/{TRICKY}"
+    monkeypatch.chdir(tmp_path)
+    device.push("-blob", remote)  # a relative name that starts like an option
+    device.pull(remote, "-back")
+    assert (tmp_path / "-back").read_bytes() == blob
     work = device.workdir
     device.cleanup()
     assert device.shell(["test", "-e", work], check=False).code == 1
@@ -116,6 +131,85 @@ def test_a_command_cut_off_is_stopped_on_the_device(device):
     assert str(err.value) == f"{device.name}: `sh -c 'sleep {seconds}; echo done'` timed out after 2 s"
     device.cleanup()
     assert not still_running(f"sleep {seconds}")
+
+
+def test_ssh_reaches_a_board_by_its_ssh_config_entry_or_ipv6_address(sshd, tmp_path, monkeypatch):
+    """Without a port, ssh takes the one ~/.ssh/config gives (mixdeploy passed -p 22 over it);
+    an IPv6 address in brackets reaches ssh without them."""
+    port = sshd.rsplit(":", 1)[1]
+    (tmp_path / "config").write_text(f"Host board\n  HostName 127.0.0.1\n  Port {port}\n")
+    monkeypatch.setenv("MIXDEPLOY_SSH_OPTIONS", os.environ["MIXDEPLOY_SSH_OPTIONS"] + f" -F {tmp_path / 'config'}")
+    with open_device("ssh:root@board") as board:
+        assert board.shell(["echo", "hi"]).stdout == "hi\n"
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    with open_device(f"ssh:root@[::1]:{port}") as board:
+        assert board.shell(["echo", "hi"]).stdout == "hi\n"
+
+
+def test_work_folders_follow_the_boards_tmpdir(sshd):
+    """Termux (Python on a phone, over ssh) has no /tmp: its $TMPDIR is where work folders go."""
+    with open_device(sshd) as board:
+        tmpdir = board.shell(["sh", "-c", 'echo "$TMPDIR"']).stdout.strip()
+        assert tmpdir != "/tmp" and board.tmp_root == tmpdir
+        assert board.workdir.startswith(tmpdir + "/mixdeploy.")
+
+
+def test_a_login_shell_that_prints_does_not_spoil_the_work_folder():
+    """Startup files that print (a banner in .bashrc over ssh) come before mktemp's line."""
+    from devices.local import LocalTransport
+
+    class Chatty(LocalTransport):
+        def _shell(self, command: str, timeout: float) -> ShellResult:
+            done = super()._shell(command, timeout)
+            return ShellResult(done.code, "Welcome to the board!\n" + done.stdout, done.stderr)
+
+    with Chatty() as board:
+        work = board.workdir
+        assert Path(work).is_dir() and Path(work).name.startswith("mixdeploy.")
+    assert not Path(work).exists()
+
+
+def test_one_run_at_a_time_per_device(tmp_path):
+    """A second mixdeploy run on a device waits for the first (both would time each other's load),
+    saying whose run it waits for; the lock goes with the first run's end."""
+    import devices.transport
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, devices.transport as t; from pathlib import Path; "
+         f"t.LOCKS = Path({str(devices.transport.LOCKS)!r}); d = t.Transport(); d.name = 'local'; d.reserve(); "
+         "print('held', flush=True); sys.stdin.read(); d.cleanup()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline() == "held\n"
+        said, reserved = [], threading.Event()
+        device = open_device("local")
+        waiter = threading.Thread(target=lambda: (device.reserve(said.append), reserved.set()), daemon=True)
+        waiter.start()
+        time.sleep(1.5)
+        assert not reserved.is_set()
+        assert said == [f"waiting for another mixdeploy run on local (pid {holder.pid}) to finish"]
+        holder.stdin.close()  # the first run ends
+        assert reserved.wait(15)
+        device.reserve()  # held already: no second wait on our own lock
+        device.cleanup()
+        with open_device("local") as again:  # released
+            again.reserve(said.append)
+        assert len(said) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_runner_that_prints_no_result_is_one_line(run_cli, digits_exports, tmp_path):
+    """Output that is not the runner's JSON (an old adb merges stderr and exits 0; a --python wrapper
+    that prints after the runner) is one line naming the file and what was printed."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\n{shlex.quote(sys.executable)} \"$@\"\necho 'python3: not found'\n")
+    wrapper.chmod(0o755)
+    result = run_cli("bench", digits_exports["fp32.tflite"], "--device", "local", "--python", wrapper, "--runs", "2")
+    assert result.code == 1 and len(result.message) == 1, result.err
+    assert result.message[0].endswith("the runner failed on local for fp32.tflite (exit 0): python3: not found")
 
 
 def _sshd_sessions_above(command: str) -> list[int]:
@@ -490,12 +584,12 @@ def test_tune_on_this_machine(run_cli, digits, tmp_path, tune_cache, monkeypatch
 
     _, checkpoint = digits
     args = ["export", "mixnet_s", "--checkpoint", checkpoint, "--format", "tflite", "--tune", "local", "--json",
-            "--force", "-o", tmp_path / "tuned.tflite"]
+            "--force", "-o", tmp_path / "tuned.tflite", "--tune-runs", "5"]  # the mechanism, not the figures
     first = run_cli(*args)
     assert first.code == 0, first.err
     report = json.loads(first.out)[0]
     tuning = report["tuning"]
-    assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0 and tuning["timing"]["runs"] == 20
+    assert tuning["measured_shapes"] > 10 and tuning["cached_shapes"] == 0 and tuning["timing"]["runs"] == 5
     assert sum(tuning["probes"].values()) == probe_files(checkpoint)  # reused if the ARM device's tuning ran first
     # (whether a close call is swapped depends on this run's timings: the scripted test below asserts the swaps)
     assert set(tuning["whole_model_ms"]) - {"per-layer"} == {"tuned", "auto", "split", "fold"}
