@@ -67,7 +67,7 @@ def test_finds_images_recursively_and_skips_unreadable(tmp_path, monkeypatch):
     assert (reasons["closed"], reasons["thin.png"]) == ("PermissionError", "ValueError")
     monkeypatch.setattr(os, "scandir", lambda path: refuse(tmp_path / "closed"))  # the folder given: one line
     with pytest.raises(PermissionError):
-        find_images(tmp_path)
+        find_images(tmp_path / "closed")
 
 
 def test_symlinked_class_folders_are_read_once(tmp_path):
