@@ -353,7 +353,7 @@ def export(model: str, checkpoint: str | None, pretrained: bool, calibrate_bn: b
             check_outputs(model, fmt, output, force, options)
             step(f"connecting to {tune_device}")
             device = open_device(tune_device)
-            check_runner(device, settings, {"onnx", "tflite"} if fmt == "all" else {fmt})
+            check_runner(device, settings, {"onnx", "tflite"} if fmt == "all" else {fmt}, step)
             plan = _tuner(device, precision or ("fp16" if fp16 else "fp32"), settings, tunings, step)
         results = run_export(model, fmt, output, checkpoint=checkpoint, pretrained=pretrained, plan=plan,
                              force=force, options=options, calibrate_bn=calibrate_bn, input_size=input_size,
@@ -784,7 +784,9 @@ def main(argv: list[str] | None = None) -> None:
     except PermissionError as exc:  # a path in a folder this user may not enter, read or write
         click.echo(f"mixdeploy: error: {_denied(exc)}", err=True)
         sys.exit(2)
-    except MemoryError:
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "not enough memory" not in str(exc):  # PyTorch's allocator says so
+            raise
         click.echo("mixdeploy: error: out of memory: use fewer images (--num-calib, --num-eval, --parity-samples) "
                    "or a smaller --input-size, or a machine with more memory", err=True)
         sys.exit(1)

@@ -266,8 +266,8 @@ def runner_result(done: ShellResult, failure: str) -> dict:
     that merges stderr and exits 0, such as adb before Android 7, prints no JSON)."""
     lines = done.stdout.strip().splitlines()
     try:
-        if done.code == 0 and lines:
-            return json.loads(lines[-1])
+        if done.code == 0 and lines and isinstance(result := json.loads(lines[-1]), dict):
+            return result
     except ValueError:
         pass
     detail = (done.stderr or done.stdout).strip().splitlines()
@@ -283,9 +283,11 @@ def check_files(files: list[str], runner: str) -> dict[str, str]:
     return formats
 
 
-def check_runner(device: Transport, settings: Settings, formats: set[str]) -> None:
+def check_runner(device: Transport, settings: Settings, formats: set[str],
+                 step: Callable[[str], None] = lambda _: None) -> None:
     """The device reached and its runner ready for `formats`, before minutes of other work (exports)."""
     with device, tempfile.TemporaryDirectory(prefix="mixdeploy-bench-") as host:
+        device.reserve(step)
         Session(device, settings, Path(host)).ready(formats)
 
 

@@ -98,7 +98,7 @@ def compare_peers(name: str, device: Transport, settings: Settings, precision: s
     from quantization.quantize import quantize
 
     step(f"checking the runtimes on {device.name}")
-    check_runner(device, settings, {"onnx", "tflite"})  # before the exports: they take minutes
+    check_runner(device, settings, {"onnx", "tflite"}, step)  # before the exports: they take minutes
     loaded = load_model(name, checkpoint, pretrained, calibrate_bn, input_size)
     stem = file_stem(name)
     with _work_folder(keep) as work:

@@ -11,6 +11,7 @@ from mixnet_deploy.errors import DeviceError, MixdeployError
 from .transport import ShellResult, Transport, check_port, run_host
 
 INSTALL = "install an OpenSSH client (Debian/Ubuntu: apt-get install openssh-client)"
+MARK = "mixdeploy-file-starts-here:"
 
 
 class SshTransport(Transport):
@@ -68,4 +69,7 @@ class SshTransport(Transport):
         self._copy(f"copying {Path(local).name} to {self.name}:{remote}", "cat > " + shlex.quote(remote), stdin=str(local))
 
     def pull(self, remote: str, local: Path | str) -> None:
-        self._copy(f"copying {self.name}:{remote}", "cat " + shlex.quote(remote), stdout=str(local))
+        # after a marker: what the board's login files print (a banner in .bashrc) comes first
+        self._copy(f"copying {self.name}:{remote}", f"printf %s {MARK}; cat {shlex.quote(remote)}", stdout=str(local))
+        data = Path(local).read_bytes()
+        Path(local).write_bytes(data[data.index(MARK.encode()) + len(MARK):])

@@ -94,13 +94,13 @@ class Transport:
     def _tmp_root(self) -> str:
         """The first writable of Android's shell folder, $TMPDIR (Termux sets it) and /tmp."""
         probe = self.shell('for d in /data/local/tmp "${TMPDIR:-/tmp}" /tmp; do '
-                           '[ -d "$d" ] && [ -w "$d" ] && echo "$d" && break; done', timeout=30)
+                           '[ -d "$d" ] && [ -w "$d" ] && echo "$d" && break; done; true', timeout=30)
         found = probe.stdout.strip().splitlines()
         return found[-1] if found else "/tmp"
 
     def reserve(self, step: Callable[[str], None] = lambda _: None) -> None:
-        """Wait until no other mixdeploy run on this host uses this device (two runs would time each
-        other), then hold it until cleanup(). A HOME that cannot be written: no lock."""
+        """Wait until no other mixdeploy run on this host uses this device, as named by --device (two
+        runs would time each other), then hold it until cleanup(). A HOME that cannot be written: no lock."""
         if self._lock is not None:
             return
         path = LOCKS / (re.sub(r"[^\w.\-]", "_", self.name) + ".lock")
@@ -142,6 +142,10 @@ class Transport:
                     raise
             finally:
                 self._workdir, self._cut = None, 0
+                self._release()
+        self._release()
+
+    def _release(self) -> None:
         if self._lock is not None:
             self._lock.close()  # closing releases the lock
             self._lock = None

@@ -122,7 +122,7 @@ def digits(request):
     root = Path(request.config.cache.mkdir(f"mixdeploy_digits_{recipe}"))
     if not (root / "eval").is_dir():
         d.write_dataset(root)
-    if torch.load(DIGITS_MODEL, weights_only=True).get("recipe") == recipe:
+    if DIGITS_MODEL.exists() and torch.load(DIGITS_MODEL, weights_only=True).get("recipe") == recipe:
         return root, DIGITS_MODEL
     checkpoint = root / "mixnet_s_digits.pth"
     if not checkpoint.exists():

@@ -155,19 +155,23 @@ def test_work_folders_follow_the_boards_tmpdir(sshd):
         assert board.workdir.startswith(tmpdir + "/mixdeploy.")
 
 
-def test_a_login_shell_that_prints_does_not_spoil_the_work_folder():
-    """Startup files that print (a banner in .bashrc over ssh) come before mktemp's line."""
-    from devices.local import LocalTransport
+def test_a_board_whose_login_files_print_still_copies_files(sshd, tmp_path):
+    """A banner printed by the login shell's files (bash reads .bashrc over ssh) lands before every
+    command's output: the work folder and pulled files are read past it."""
+    from devices.ssh import SshTransport
 
-    class Chatty(LocalTransport):
-        def _shell(self, command: str, timeout: float) -> ShellResult:
-            done = super()._shell(command, timeout)
-            return ShellResult(done.code, "Welcome to the board!\n" + done.stdout, done.stderr)
+    class Chatty(SshTransport):  # the banner printed before each command, as such a login shell does
+        def _ssh(self, command: str, timeout: float, stdin: str | None = None, stdout: str | None = None) -> ShellResult:
+            return super()._ssh("echo 'Welcome to the board!'; " + command, timeout, stdin, stdout)
 
-    with Chatty() as board:
-        work = board.workdir
-        assert Path(work).is_dir() and Path(work).name.startswith("mixdeploy.")
-    assert not Path(work).exists()
+    blob = np.random.default_rng().integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    (tmp_path / "blob").write_bytes(blob)
+    with Chatty(sshd.removeprefix("ssh:")) as board:
+        assert board.shell(["true"]).stdout == "Welcome to the board!\n"
+        assert board.shell(["test", "-d", board.workdir]).code == 0
+        board.push(tmp_path / "blob", f"{board.workdir}/blob")
+        board.pull(f"{board.workdir}/blob", tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == blob
 
 
 def test_one_run_at_a_time_per_device(tmp_path):
