@@ -50,8 +50,7 @@ class SshTransport(Transport):
         result = run_host(["ssh", *self.options, *self.port, self.destination, "exec sh -c " + shlex.quote(command)],
                           timeout, INSTALL, stdin=stdin, stdout=stdout)
         if result.code == 255:
-            lines = result.stderr.strip().splitlines()
-            raise DeviceError(f"ssh to {self.destination} failed: {lines[-1] if lines else 'exit 255'}")
+            raise _failed(f"ssh to {self.destination}", result)
         return result
 
     def _shell(self, command: str, timeout: float) -> ShellResult:
@@ -62,8 +61,7 @@ class SshTransport(Transport):
         OpenWrt) take them, and $MIXDEPLOY_SSH_OPTIONS mean the same for every copy."""
         result = self._ssh(command, 600, stdin=stdin, stdout=stdout)
         if result.code != 0:
-            lines = result.stderr.strip().splitlines()
-            raise DeviceError(f"{what} failed: {lines[-1] if lines else f'exit {result.code}'}")
+            raise _failed(what, result)
 
     def push(self, local: Path | str, remote: str) -> None:
         self._copy(f"copying {Path(local).name} to {self.name}:{remote}", "cat > " + shlex.quote(remote), stdin=str(local))
@@ -73,3 +71,9 @@ class SshTransport(Transport):
         self._copy(f"copying {self.name}:{remote}", f"printf %s {MARK}; cat {shlex.quote(remote)}", stdout=str(local))
         data = Path(local).read_bytes()
         Path(local).write_bytes(data[data.index(MARK.encode()) + len(MARK):])
+
+
+def _failed(what: str, result: ShellResult) -> DeviceError:
+    """`WHAT failed: the last line ssh printed` (or its exit code)."""
+    lines = result.stderr.strip().splitlines()
+    return DeviceError(f"{what} failed: {lines[-1] if lines else f'exit {result.code}'}")
