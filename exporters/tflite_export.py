@@ -28,6 +28,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MAX_SPLIT = 4  # XNNPACK delegates SPLIT with 2-4 equal outputs, never SPLIT_V
 MAX_CONCAT = 5  # ... and CONCATENATION with 2-5 inputs
+GLOBAL_POOL = (1, (1, 1), [1, 1])  # adaptive pooling's output sizes that mean global average pooling
 
 
 def tensorflow() -> ModuleType:
@@ -157,7 +158,7 @@ def _module(tf, x, mod: nn.Module):
     act = _activation(mod)
     if act is not None:
         return act(tf, x, mod)
-    if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
+    if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in GLOBAL_POOL:
         return tf.reduce_mean(x, [1, 2], keepdims=True)
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _pool(tf, x, mod)
@@ -432,7 +433,7 @@ def _function(tf, node: fx.Node, args: list, kwargs: dict):
             raise MixdeployError(f"{target.__name__}(training=True) drops at random in eval mode too; pass "
                                  "training=self.training")
         return args[0]
-    if target is F.adaptive_avg_pool2d and args[1] in (1, (1, 1)):
+    if target is F.adaptive_avg_pool2d and args[1] in GLOBAL_POOL:  # torch.fx passes output_size by position
         return tf.reduce_mean(args[0], [1, 2], keepdims=True)
     name = getattr(target, "__name__", target)
     raise MixdeployError(f"the TFLite writer cannot translate {name}(); export --format onnx, or open an issue with "

@@ -99,6 +99,12 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     state = {**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")}, **unwrapped(state, own.keys())}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    cfg = getattr(model, "pretrained_cfg", None)
+    head = cfg.get("classifier") if isinstance(cfg, dict) else None  # timm's name(s) of its classifier(s)
+    heads = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head or ()))
+    if missing and not unexpected and heads and all(k.startswith(heads) for k in missing):
+        raise MixdeployError(f"checkpoint {source} has no classifier ({missing[0]}): the weights of a feature "
+                             "extractor? mixdeploy exports classifiers; save the model with its head")
     if missing or unexpected:
         parts = [f"checkpoint {source} does not fit {arch}"]
         if missing:

@@ -239,7 +239,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if input_size is not None:
         preprocess = replace(preprocess, input_size=(preprocess.input_size[0], *input_size))
     sha256 = file_sha256(checkpoint) if checkpoint else state_sha256(module) if pretrained else None
-    classes = _classes(name, module, preprocess.input_size) if own else module.num_classes  # timm's say
+    # an own network or a drop-in may run at no other size (a window partition): tried once, here
+    tried = own or name.startswith(DROPIN_PREFIX)
+    classes = _classes(name, module, preprocess.input_size) if tried else module.num_classes  # timm's say
     loaded = LoadedModel(name, module, preprocess, None, weights, classes, sha256, code)
     if calibrate_bn:  # at the input size the model is exported for
         calibrate_batchnorm(module, preprocess)
@@ -254,15 +256,17 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
 
 
 def _classes(name: str, module: nn.Module, size: tuple[int, int, int]) -> int:
-    """The classes of the user's own network, which must map an image batch to one tensor of logits
-    (batch, classes)."""
+    """The classes of the user's own network or a drop-in, which must map an image batch of `size`
+    to one tensor of logits (batch, classes)."""
     try:
         with torch.no_grad():
             out = module(torch.zeros(2, *size))
     except Exception as exc:
+        advice = ("give a size it runs at with --input-size" if name.startswith(DROPIN_PREFIX) else
+                  "give its input size with --input-size, or its input_size (channels too), mean and std in a "
+                  "pretrained_cfg on the module or a checkpoint's preprocess")
         raise MixdeployError(f"{name} fails on a (2, {', '.join(map(str, size))}) input: {type(exc).__name__}: "
-                             f"{exc}; give its input size with --input-size, or its input_size (channels too), mean and std "
-                             "in a pretrained_cfg on the module or a checkpoint's preprocess") from None
+                             f"{exc}; {advice}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise MixdeployError(f"{name} returns {shape}; mixdeploy exports classifiers returning logits "
@@ -276,16 +280,19 @@ def calibrate_batchnorm(model: nn.Module, preprocess: PreprocessConfig) -> None:
     from .preprocess import sample_photos
 
     photos = sample_photos(preprocess)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        model(torch.cat([photos, photos.flip(3)]))
-    for bn in norms:
-        bn.momentum = 0.1
-    model.eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    model.eval()  # dropout and drop-path stay off (a BatchNormAct2d's own too): the model as it runs
+    try:
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches below
+            bn.training = True
+        with torch.no_grad():
+            model(torch.cat([photos, photos.flip(3)]))
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum, bn.training = momentum, False
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -312,7 +319,9 @@ def reload(meta: dict) -> LoadedModel:
     # built at the exported size (a network may run at no other); a calibrated export of an earlier
     # mixdeploy, without calibrated_at, had its statistics set at the model's own size
     old_calibration = weights == CALIBRATED and "mixdeploy.calibrated_at" not in meta
-    at = tuple(size[1:]) if size and not old_calibration else None
+    # a size out of --input-size's bounds can only be the network's own (its pretrained_cfg): built as is
+    own_size = size and not MIN_SIDE <= min(size[1:]) <= max(size[1:]) <= MAX_SIDE
+    at = tuple(size[1:]) if size and not old_calibration and not own_size else None
     if weights in (RANDOM_INIT, CALIBRATED, "pretrained"):
         loaded = load_model(name, pretrained=weights == "pretrained", calibrate_bn=weights == CALIBRATED, input_size=at)
         if meta.get("mixdeploy.weights_sha256") not in (None, loaded.sha256):

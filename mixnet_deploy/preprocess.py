@@ -52,7 +52,7 @@ class PreprocessConfig:
             raise MixdeployError(f"{source}: 'preprocess' must map some of {', '.join(base)} to values"
                                  + (f"; unknown: {', '.join(extra)}" if extra else ""))
         ok = {
-            "input_size": lambda v: len(v) == 3 and v[0] in CHANNELS and all(isinstance(s, int) and MIN_SIDE <= s <= MAX_SIDE for s in v[1:]),
+            "input_size": lambda v: len(v) == 3 and type(v[0]) is int and v[0] in CHANNELS and all(isinstance(s, int) and MIN_SIDE <= s <= MAX_SIDE for s in v[1:]),
             "mean": lambda v: len(v) in CHANNELS and all(is_number(x) for x in v),
             "std": lambda v: len(v) in CHANNELS and all(is_number(x) and x > 0 for x in v),
             "crop_pct": lambda v: is_number(v) and 0 < v <= 1,
@@ -108,18 +108,37 @@ WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG); 
 MAX_ASPECT = 100  # longer side / shorter side; above it an image is no photo (a 1x20000 banner)
 
 
+# EXIF orientation -> the turn that shows the image upright (Pillow's ImageOps.exif_transpose, without
+# rewriting the EXIF block: that fails on some phones' GPS and maker data)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+ORIENTATION_TAG = 0x0112
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says (unchanged without one, or with an unreadable EXIF block)."""
+    try:
+        turn = UPRIGHT.get(img.getexif().get(ORIENTATION_TAG))
+    except Exception:  # a damaged EXIF block is no reason to drop the photo: its pixels decode
+        turn = None
+    return img.transpose(turn) if turn is not None else img
+
+
 def read_image(path: Path, transform: Callable[[Image.Image], torch.Tensor], channels: int = 3) -> torch.Tensor:
     """One image decoded with Pillow as RGB, or grayscale for a one-channel model (16-bit grayscale
-    scaled to 8 bits), and passed through `transform`. A ValueError for one more than MAX_ASPECT
-    times longer than wide."""
+    scaled to 8 bits), turned upright by its EXIF orientation, and passed through `transform`. A
+    ValueError for one more than MAX_ASPECT times longer than wide."""
     # images of 1-2x Pillow's pixel limit decode (above it they raise); a palette PNG's transparency
     # warns on stderr mid-run: it is dropped, as timm's own loader drops it (convert("RGB"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        warnings.filterwarnings("ignore", "(Possibly )?[Cc]orrupt EXIF|Metadata Warning", UserWarning)
         with Image.open(path) as img:
             if max(img.size) > MAX_ASPECT * min(img.size):  # its shorter side resized to ~256: gigabytes
                 raise ValueError(f"{path.name} is {img.width}x{img.height}: more than {MAX_ASPECT}:1")
+            img = _upright(img)
             if img.mode in WIDE_GRAY:
                 img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             return transform(img.convert("L" if channels == 1 else "RGB"))

@@ -327,8 +327,8 @@ def test_int8_average_pooling_is_a_depthwise_conv_in_xnnpack(tmp_path):
 class OwnLayers(torch.nn.Module):
     """What users' own networks are made of besides MixNet's layers: their own MixConv (split, convs,
     cat), max and average pooling with PyTorch's padding and TF's, a BatchNorm no conv precedes,
-    leaky ReLU, ELU, PReLU, dropout, softmax, chunk, slices, cat, arithmetic, and a 5x5 map flattened
-    with view into a Linear."""
+    leaky ReLU, ELU, PReLU, dropout, softmax, chunk, slices, cat, arithmetic, adaptive pooling, and a
+    5x5 map flattened with view into a Linear."""
 
     def __init__(self):
         from test_lowering import SplitCat
@@ -355,7 +355,8 @@ class OwnLayers(torch.nn.Module):
         x = torch.cat([F.leaky_relu(a, 0.2), self.elu(b[:, :x.size(1) // 4]), F.elu(x[:, 12:])], 1)
         x = F.avg_pool2d(self.drop(self.prelu(x * F.relu6(x + 3) / 6 - 0.5)), 2)  # 5 x 5
         logits = self.fc(F.dropout(x.view(x.size(dim=0), -1), 0.2, self.training))
-        return F.softmax(logits + x[:, 3].mean((1, 2)).reshape(-1, 1), dim=1)  # an int index on channels
+        pooled = F.adaptive_avg_pool2d(x[:, :5], [1, 1]).flatten(1)  # its size as a list
+        return F.softmax(logits + x[:, 3].mean((1, 2)).reshape(-1, 1) + pooled, dim=1)  # an int index on channels
 
 
 class Lambda(torch.nn.Module):

@@ -102,6 +102,10 @@ def test_tf_dropin_replaces_the_tf_same_padded_depthwise_convs_too(run_cli):
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
     assert_usage_error(run_cli("info", "mixconv_efficientnet_cc_b0_4e"), "blocks.4.0.conv_dw: a CondConv2d")
+    # MaxViT partitions its maps into 8x8 windows: at 224 its 28x28 maps do not divide into them
+    assert_usage_error(run_cli("info", "mixconv_maxvit_rmlp_pico_rw_256", "--input-size", "224"),
+                       "mixconv_maxvit_rmlp_pico_rw_256 fails on a (2, 3, 224, 224) input: AssertionError",
+                       "; give a size it runs at with --input-size")
 
 
 def perturbed(state: dict) -> dict:
@@ -228,6 +232,12 @@ def test_safetensors_checkpoint_with_other_class_count(tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), model(x))
+    from mixnet_deploy.errors import MixdeployError
+
+    torch.save(timm.create_model("mixnet_s", num_classes=0).state_dict(), tmp_path / "features.pth")
+    with pytest.raises(MixdeployError, match=r"features.pth has no classifier \(classifier.weight\): the weights of a "
+                                             r"feature extractor\? mixdeploy exports classifiers"):
+        load_model("mixnet_s", checkpoint=tmp_path / "features.pth")
 
 
 def test_a_dropin_checkpoint_with_its_own_class_count_and_head(tmp_path):

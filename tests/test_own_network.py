@@ -107,6 +107,14 @@ def gray():  # one-channel images
     return model
 
 
+def small():  # 28x28 digits, below --input-size's least; a dropout before a BatchNorm of its own momentum
+    model = nn.Sequential(nn.Conv2d(1, 24, 3, 1, 1), nn.Dropout2d(0.5), nn.BatchNorm2d(24, momentum=0.01), nn.ReLU(),
+                          mix_block(24, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+    model.pretrained_cfg = {{"input_size": (1, 28, 28), "crop_pct": 1.0, "interpolation": "bilinear",
+                            "mean": (0.5,), "std": (0.25,)}}
+    return model
+
+
 def mismatched():
     model = gray()
     model.pretrained_cfg = {{**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5)}}
@@ -257,6 +265,28 @@ def test_own_grayscale_network(tmp_path, monkeypatch, run_cli):
     layers = [r["layer"] for r in json.loads(quantized.out)["layers_losing_most"]]  # modules, and the logits
     assert "output" in layers and not [name for name in layers if set(name) & set("/:;")], layers
     assert inspect_file("gray_int8.tflite")["inputs"][0]["shape"] == [1, 64, 64, 1]
+
+
+@pytest.mark.slow
+def test_own_small_network_calibrated_as_it_runs(tmp_path, monkeypatch, run_cli):
+    """A 28x28 network (its pretrained_cfg's size, which --input-size would refuse) exports with its
+    BatchNorm calibrated as the network runs deployed (dropout off, the same statistics every time, its
+    own momentum kept), and quantize rebuilds it from the file at that size."""
+    write_network(tmp_path, "smallnet")
+    monkeypatch.chdir(tmp_path)
+    from mixnet_deploy.models import load_model
+
+    stats = []
+    for seed in (0, 1):  # dropout in training mode would draw from torch's generator
+        torch.manual_seed(seed)
+        bn = load_model("smallnet.py:small", calibrate_bn=True).module[2]
+        stats.append(torch.cat([bn.running_mean, bn.running_var]))
+    assert torch.equal(*stats) and bn.momentum == 0.01 and not bn.training
+    exported = run_cli("export", "smallnet.py:small", "--format", "onnx", "--calibrate-bn", "--json")
+    assert exported.code == 0 and json.loads(exported.out)[0]["parity"]["passed"], exported.err
+    quantized = run_cli("quantize", "small.onnx", "--calib", PHOTOS, "--json")
+    assert quantized.code == 0 and json.loads(quantized.out)["agreement"]["passed"], quantized.err
+    assert inspect_file("small_int8.onnx")["inputs"][0]["shape"] == [1, 1, 28, 28]
 
 
 def test_own_network_module_with_a_checkpoint(tmp_path, monkeypatch, run_cli):

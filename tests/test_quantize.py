@@ -37,6 +37,25 @@ def test_calibration_preprocessing_equals_timms_eval_transform():
         assert repr(eval_transform(loaded.preprocess)) == repr(timm_transform)
 
 
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
+    """A phone stores a portrait photo as landscape pixels with EXIF orientation 6 (turn 90 degrees
+    clockwise); calibration and accuracy read it as its gallery shows it."""
+    loaded = load_model("mixnet_s")
+    with Image.open(PHOTOS / "coffee.jpg") as img:  # 600x400: the turn is visible in the crop
+        pixels = img.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels.save(tmp_path / "tagged.png", exif=exif)
+    pixels.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+    pixels.save(tmp_path / "plain.png")
+    pixels.save(tmp_path / "damaged.png", exif=b"Exif\x00\x00not a TIFF header")  # read as it is
+    tagged, upright, plain, damaged = load_images(
+        [tmp_path / f"{n}.png" for n in ("tagged", "upright", "plain", "damaged")], loaded.preprocess)
+    assert torch.equal(tagged, upright) and not torch.allclose(tagged, plain, atol=0.1) and torch.equal(damaged, plain)
+    found = load_folder(tmp_path, loaded.preprocess, minimum=4)  # damaged, plain, tagged, upright
+    assert not found.skipped and torch.equal(found.images[2], upright)
+
+
 def test_finds_images_recursively_and_skips_unreadable(tmp_path, monkeypatch):
     """Damaged files, an image no photo is (150:1), a subfolder that cannot be listed: skipped, each
     with its reason; the folder given, unreadable, raises (the CLI says it in one line)."""
@@ -438,7 +457,7 @@ def test_int8_block_pieces_on_tiny_maps_load_in_xnnpack(tmp_path):
     from mixnet_deploy.probes import probe, probe_input
     from quantization.tflite_int8 import quantize_tflite
 
-    info = LayerInfo("x", "depthwise", [72] * 5, [72] * 5, [3, 5, 7, 9, 11], 2, (2, 2), (1, 1), ["fold+block3"])
+    info = LayerInfo("x", "depthwise", [72] * 5, [72] * 5, [3, 5, 7, 9, 11], 2, (2, 2), ["fold+block3"])
     calib = np.random.default_rng(0).standard_normal((8, *probe_input(info))).astype(np.float32)
     module = probe(info, "fold+block3").module
     quantize_tflite(module, probe_input(info), tmp_path / "t.tflite", calib)
@@ -497,7 +516,7 @@ def test_percentile_calibration_clips_a_rare_outlier(tmp_path):
     from mixnet_deploy.probes import probe
     from quantization.tflite_int8 import quantize_tflite
 
-    info = LayerInfo("x", "pointwise", [16, 16], [16, 16], [1, 1], 1, (16, 16), (16, 16), ["split"])
+    info = LayerInfo("x", "pointwise", [16, 16], [16, 16], [1, 1], 1, (16, 16), ["split"])
     torch.manual_seed(0)
     module = probe(info, "split").module
     rng = np.random.default_rng(0)
