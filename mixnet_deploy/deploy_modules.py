@@ -130,11 +130,13 @@ LEAVES = (DeployConv, BlockConv, LoweredMixConv, ExpandedMixConv)
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        from timm.layers import Linear
+        from timm.layers import BatchNormAct2d, Linear
 
         # a Linear that computes nn.Linear's (timm's, in MobileNetV3/V4 heads) is one piece; another is traced
         linear = isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, Linear.forward)
-        return isinstance(module, LEAVES) or linear or super().is_leaf_module(module, name)
+        # so is timm's BatchNorm + activation, where no conv precedes it (its forward reads x.ndim)
+        leaf = LEAVES + (BatchNormAct2d,)
+        return isinstance(module, leaf) or linear or super().is_leaf_module(module, name)
 
 
 class Untraceable(MixdeployError):

@@ -326,12 +326,13 @@ def test_int8_average_pooling_is_a_depthwise_conv_in_xnnpack(tmp_path):
 
 class OwnLayers(torch.nn.Module):
     """What users' own networks are made of besides MixNet's layers: their own MixConv (split, convs,
-    cat), max and average pooling with PyTorch's padding and TF's, a BatchNorm no conv precedes,
-    leaky ReLU, ELU, PReLU, dropout, softmax, chunk, slices, cat, arithmetic, adaptive pooling, and a
+    cat), max and average pooling with PyTorch's padding and TF's, BatchNorms no conv precedes (timm's
+    with its activation too), leaky ReLU, ELU, PReLU, dropout, softmax, chunk, slices, cat, arithmetic, adaptive pooling, and a
     5x5 map flattened with view into a Linear."""
 
     def __init__(self):
         from test_lowering import SplitCat
+        from timm.layers import BatchNormAct2d
         from torch import nn
 
         super().__init__()
@@ -339,6 +340,7 @@ class OwnLayers(torch.nn.Module):
         self.bn_mix, self.act = nn.BatchNorm2d(16), nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(3, 2, 1)  # padding (1, 1), where TF's SAME pads (0, 1) at 20 px
         self.avg, self.bn = nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(16)
+        self.bn_act = BatchNormAct2d(16, act_layer=nn.SiLU)  # timm's, after an add: not folded either
         self.prelu, self.elu, self.drop = nn.PReLU(16), nn.ELU(0.7), nn.Dropout2d()
         nn.init.uniform_(self.prelu.weight, -0.5, 0.5)  # a slope per channel
         self.fc = nn.Linear(16 * 5 * 5, 5)
@@ -348,6 +350,7 @@ class OwnLayers(torch.nn.Module):
 
         x = self.pool(self.act(self.bn_mix(self.mix(self.stem(x)))))  # 10 x 10
         x = self.bn(self.avg(x) + F.max_pool2d(x, 3, 1, 1))  # the second pads as TF's SAME does
+        x = self.bn_act(x + 0.5)
         top, bottom = torch.split(x, 5, dim=2)  # along rows, then columns
         x = torch.cat(tensors=[bottom, top], dim=2)
         x = torch.cat([x[:, :, :, 6:], x[:, :, :, :6]], dim=-1)
