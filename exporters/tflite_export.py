@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 import torch.fx as fx
-from timm.layers import BatchNormAct2d
 from torch import nn
 
 from mixnet_deploy.conv_groups import batchnorm_affine, same_pads
@@ -164,6 +163,8 @@ def _module(tf, x, mod: nn.Module):
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _pool(tf, x, mod)
     if isinstance(mod, nn.BatchNorm2d):
+        from timm.layers import BatchNormAct2d  # imported here: reading a .tflite file needs no timm (2 s)
+
         x = _batchnorm(tf, x, mod)  # timm's BatchNormAct2d adds its dropout (none in eval) and activation
         return _module(tf, x, mod.act) if isinstance(mod, BatchNormAct2d) else x
     if isinstance(mod, nn.Flatten):

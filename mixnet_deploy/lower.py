@@ -77,6 +77,12 @@ def _feed(previous: Site | None, groups: list[ConvGroup]) -> tuple[int, int] | N
     return sum(g.in_channels for g in pw), len(pw)
 
 
+def _made_by(produced_by: dict[int, tuple[weakref.ref, Site]], tensor: torch.Tensor) -> Site | None:
+    """The site whose output `tensor` is (None for another tensor, one that took a freed output's id too)."""
+    ref, site = produced_by.get(id(tensor), (None, None))
+    return site if ref is not None and ref() is tensor else None
+
+
 class _Reads(TorchFunctionMode):
     """How many ops read or change each of the `watched` tensors (ops computing tensors, or assigning
     to one: not .shape or .dim()), by the name of the site that made it."""
@@ -90,8 +96,8 @@ class _Reads(TorchFunctionMode):
         # in-place ops return the tensor they change (relu_, +=), all but an assignment
         if func is torch.Tensor.__setitem__ or any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(out)):
             for leaf in tree_leaves((args, kwargs)):
-                ref, site = self.watched.get(id(leaf), (None, None)) if isinstance(leaf, torch.Tensor) else (None, None)
-                if ref is not None and ref() is leaf:
+                site = _made_by(self.watched, leaf) if isinstance(leaf, torch.Tensor) else None
+                if site is not None:
                     self.count[site.name] += 1
         return out
 
@@ -117,9 +123,9 @@ def discover(model: nn.Module, input_size: tuple[int, int, int]) -> list[Site]:
 
     def bn_hook(name):
         def hook(mod, inp, out):
-            made, site = produced_by.get(id(inp[0]), (None, None))
+            site = _made_by(produced_by, inp[0])
             # a BatchNorm without running statistics normalises by the batch's own: it cannot be folded
-            if made is not None and made() is inp[0] and site.bn is None and mod.running_mean is not None:
+            if site is not None and site.bn is None and mod.running_mean is not None:
                 site.bn = name
         return hook
 

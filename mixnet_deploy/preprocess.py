@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch import nn
 
 from .errors import MixdeployError, is_number
@@ -113,13 +113,12 @@ MAX_ASPECT = 100  # longer side / shorter side; above it an image is no photo (a
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
            8: Image.Transpose.ROTATE_90}
-ORIENTATION_TAG = 0x0112
 
 
 def _upright(img: Image.Image) -> Image.Image:
     """`img` turned as its EXIF orientation says (unchanged without one, or with an unreadable EXIF block)."""
     try:
-        turn = UPRIGHT.get(img.getexif().get(ORIENTATION_TAG))
+        turn = UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
     except Exception:  # a damaged EXIF block is no reason to drop the photo: its pixels decode
         turn = None
     return img.transpose(turn) if turn is not None else img
